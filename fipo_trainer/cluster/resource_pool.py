@@ -1,0 +1,237 @@
+"""Resource pools: placement groups with one bundle per GPU (or per CPU slot on CPU).
+
+Why placement groups: a role's ranks are reserved together (all or nothing, so a job never
+half-starts and then waits forever), and bundle ``i`` pins rank ``i`` of every role placed
+on the pool to one node/GPU. Two placements are supported:
+
+* ``split``: actor and rollout each get their own pool (separate GPUs).
+* ``colocated``: one pool; actor rank ``i`` and rollout worker ``i`` share bundle ``i``
+  (half of its GPU/CPU each, so Ray puts them on the same device; vLLM sleeps while
+  the actor updates).
+
+On CPU machines a "slot" is a fraction of a core (default 0.5 CPU): Ray's CPU counts are
+logical, threads are set by ``OMP_NUM_THREADS``, and fractions let a 2-core machine host
+two actor ranks and a rollout worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import ray
+from ray.exceptions import GetTimeoutError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_SLOT = 0.5  # CPUs per worker slot on CPU-only clusters
+DEFAULT_CPUS_PER_GPU_SLOT = 1.0
+PLACEMENTS = ("split", "colocated")
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def cluster_has_gpus() -> bool:
+    """Whether workers should ask Ray for GPUs (``FIPO_FORCE_CPU=1`` says no)."""
+    if os.environ.get("FIPO_FORCE_CPU", "0") == "1":
+        return False
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+@dataclass
+class ResourcePool:
+    """A placement group of identical bundles (see the module docstring)."""
+
+    name: str
+    bundles: list[dict[str, float]]
+    strategy: str
+    pg: PlacementGroup
+
+    @classmethod
+    def create(
+        cls,
+        num_bundles: int,
+        *,
+        cpus_per_bundle: float | None = None,
+        gpus_per_bundle: float | None = None,
+        strategy: str = "PACK",
+        name: str = "pool",
+        timeout_s: float = 120.0,
+    ) -> ResourcePool:
+        """Reserve ``num_bundles`` bundles; raise a clear error if Ray cannot place them."""
+        if num_bundles < 1:
+            raise ValueError(f"resource pool {name!r}: num_bundles must be >= 1, got {num_bundles}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"resource pool {name!r}: strategy {strategy!r} not in {STRATEGIES}")
+        if gpus_per_bundle is None:
+            gpus_per_bundle = 1.0 if cluster_has_gpus() else 0.0
+        if cpus_per_bundle is None:
+            cpus_per_bundle = DEFAULT_CPUS_PER_GPU_SLOT if gpus_per_bundle > 0 else DEFAULT_CPU_SLOT
+        if cpus_per_bundle <= 0 and gpus_per_bundle <= 0:
+            raise ValueError(f"resource pool {name!r}: a bundle needs CPUs or GPUs")
+        bundle = {"CPU": float(cpus_per_bundle)}
+        if gpus_per_bundle > 0:
+            bundle["GPU"] = float(gpus_per_bundle)
+        bundles = [dict(bundle) for _ in range(num_bundles)]
+        pg = placement_group(bundles, strategy=strategy, name=f"fipo_{name}")
+        try:
+            ray.get(pg.ready(), timeout=timeout_s)
+        except GetTimeoutError:
+            remove_placement_group(pg)
+            raise RuntimeError(
+                f"resource pool {name!r}: Ray could not reserve {num_bundles} x {bundle} "
+                f"(strategy {strategy}) within {timeout_s:.0f}s. Cluster total "
+                f"{_fmt(ray.cluster_resources())}, available {_fmt(ray.available_resources())}. "
+                "Lower the world size or the per-worker CPUs/GPUs, or add nodes."
+            ) from None
+        logger.info("resource pool %s: %d x %s", name, num_bundles, bundle)
+        return cls(name=name, bundles=bundles, strategy=strategy, pg=pg)
+
+    def __len__(self) -> int:
+        return len(self.bundles)
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.bundles[0].get("GPU", 0) > 0
+
+    def scheduling(self, bundle_index: int) -> PlacementGroupSchedulingStrategy:
+        """Ray scheduling strategy that pins a task/actor to one bundle."""
+        if not 0 <= bundle_index < len(self):
+            raise IndexError(
+                f"pool {self.name!r} has {len(self)} bundles, asked for {bundle_index}"
+            )
+        return PlacementGroupSchedulingStrategy(
+            placement_group=self.pg,
+            placement_group_bundle_index=bundle_index,
+            placement_group_capture_child_tasks=False,
+        )
+
+    def remove(self) -> None:
+        """Release the reservation (actors in it must be gone first)."""
+        try:
+            remove_placement_group(self.pg)
+        except Exception as err:  # pragma: no cover - already removed / Ray down
+            logger.debug("removing pool %s: %s", self.name, err)
+
+
+@dataclass(frozen=True)
+class RolePlacement:
+    """Where one role's workers go: which bundles of a pool and what each worker asks for."""
+
+    pool: ResourcePool
+    bundle_indices: tuple[int, ...]
+    num_cpus_per_worker: float
+    num_gpus_per_worker: float
+
+    @property
+    def world_size(self) -> int:
+        return len(self.bundle_indices)
+
+    @classmethod
+    def whole_pool(cls, pool: ResourcePool, share: int = 1) -> RolePlacement:
+        """One worker per bundle, taking ``1/share`` of each bundle."""
+        b = pool.bundles[0]
+        return cls(
+            pool=pool,
+            bundle_indices=tuple(range(len(pool))),
+            num_cpus_per_worker=b.get("CPU", 0.0) / share,
+            num_gpus_per_worker=b.get("GPU", 0.0) / share,
+        )
+
+
+def plan_placement(
+    mode: str,
+    *,
+    actor_world_size: int,
+    rollout_world_size: int,
+    rollout_gpus_per_worker: int = 1,
+    use_gpu: bool | None = None,
+    cpus_per_slot: float | None = None,
+    strategy: str = "PACK",
+    timeout_s: float = 120.0,
+) -> dict[str, RolePlacement]:
+    """Reserve resources for the actor and rollout roles; returns ``{"actor", "rollout"}``.
+
+    ``rollout_gpus_per_worker`` is the rollout tensor-parallel size on GPU (ignored on CPU).
+    """
+    if mode not in PLACEMENTS:
+        raise ValueError(f"placement {mode!r} is unknown; choose one of {PLACEMENTS}")
+    if actor_world_size < 1 or rollout_world_size < 1:
+        raise ValueError(
+            f"world sizes must be >= 1 (actor {actor_world_size}, rollout {rollout_world_size})"
+        )
+    use_gpu = cluster_has_gpus() if use_gpu is None else use_gpu
+    gpu = 1.0 if use_gpu else 0.0
+    if mode == "split":
+        actor_pool = ResourcePool.create(
+            actor_world_size,
+            cpus_per_bundle=cpus_per_slot,
+            gpus_per_bundle=gpu,
+            strategy=strategy,
+            name="actor",
+            timeout_s=timeout_s,
+        )
+        try:
+            rollout_pool = ResourcePool.create(
+                rollout_world_size,
+                cpus_per_bundle=cpus_per_slot,
+                gpus_per_bundle=gpu * rollout_gpus_per_worker,
+                strategy=strategy,
+                name="rollout",
+                timeout_s=timeout_s,
+            )
+        except Exception:
+            actor_pool.remove()
+            raise
+        return {
+            "actor": RolePlacement.whole_pool(actor_pool),
+            "rollout": RolePlacement.whole_pool(rollout_pool),
+        }
+    if use_gpu and rollout_gpus_per_worker != 1:
+        raise ValueError(
+            "placement=colocated needs rollout tensor_parallel_size=1 (one rollout worker per "
+            f"actor GPU), got {rollout_gpus_per_worker}; use placement=split for tensor parallel"
+        )
+    if rollout_world_size > actor_world_size:
+        raise ValueError(
+            f"placement=colocated puts rollout worker i on actor rank i's slot: rollout world "
+            f"size {rollout_world_size} must be <= actor world size {actor_world_size}"
+        )
+    pool = ResourcePool.create(
+        actor_world_size,
+        cpus_per_bundle=cpus_per_slot,
+        gpus_per_bundle=gpu,
+        strategy=strategy,
+        name="colocated",
+        timeout_s=timeout_s,
+    )
+    half = RolePlacement.whole_pool(pool, share=2)
+    return {
+        "actor": half,
+        "rollout": RolePlacement(
+            pool=pool,
+            bundle_indices=tuple(range(rollout_world_size)),
+            num_cpus_per_worker=half.num_cpus_per_worker,
+            num_gpus_per_worker=half.num_gpus_per_worker,
+        ),
+    }
+
+
+def release(placements: dict[str, RolePlacement] | Sequence[RolePlacement]) -> None:
+    """Remove the pools behind some placements (each pool once)."""
+    items = placements.values() if isinstance(placements, dict) else placements
+    seen: set[int] = set()
+    for p in items:
+        if id(p.pool) not in seen:
+            seen.add(id(p.pool))
+            p.pool.remove()
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    keep = {k: round(v, 2) for k, v in resources.items() if k in ("CPU", "GPU", "memory")}
+    if "memory" in keep:
+        keep["memory"] = f"{keep['memory'] / 2**30:.1f}GiB"
+    return str(keep)

@@ -1,0 +1,295 @@
+"""A group of N Ray actors of one worker class: placement, rank env, health check, dispatch.
+
+Why a health check: a worker that raises in ``__init__`` (bad model path, OOM) otherwise
+shows up as a hang in the other ranks' collective init. Start-up waits for every rank's
+``health()`` with a deadline and names the rank that failed, with its error, or the ranks
+that never answered and what the cluster had free.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError, RayError
+
+from fipo_trainer.cluster.dispatch import restore_order
+from fipo_trainer.cluster.resource_pool import ResourcePool, RolePlacement, cluster_has_gpus
+from fipo_trainer.cluster.worker import DistInfo, Worker, free_port, node_ip
+from fipo_trainer.data.batch import Batch
+from fipo_trainer.platform import worker_env
+
+logger = logging.getLogger(__name__)
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class WorkerStartupError(RuntimeError):
+    """A worker of a group failed or timed out while starting."""
+
+
+class WorkerCallError(RuntimeError):
+    """A method call on one rank of a group raised."""
+
+
+def _probe_master() -> tuple[str, int]:
+    return node_ip(), free_port()
+
+
+def _error_summary(err: BaseException, max_lines: int = 25) -> str:
+    """The useful tail of a Ray error (the worker's traceback and exception line)."""
+    text = _ANSI.sub("", str(err)).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip() and set(ln.strip()) != {"^"}]
+    return "\n".join(lines[-max_lines:])
+
+
+class WorkerGroup:
+    """N Ray actors of ``worker_cls`` (a ``Worker`` subclass), rank ``i`` on bundle ``i``.
+
+    ``pool`` may be a ``ResourcePool`` (one worker per bundle), a ``RolePlacement`` (which
+    bundles and how much of each), or None (a private pool is created and removed with the
+    group). Every actor starts with ``worker_env()`` plus RANK/WORLD_SIZE/MASTER_ADDR/
+    MASTER_PORT/LOCAL_RANK; MASTER_ADDR/PORT are a free port on rank 0's node.
+    """
+
+    def __init__(
+        self,
+        worker_cls: type[Worker],
+        world_size: int,
+        *,
+        init_kwargs: dict[str, Any] | None = None,
+        pool: ResourcePool | RolePlacement | None = None,
+        name: str = "workers",
+        num_cpus_per_worker: float | None = None,
+        num_gpus_per_worker: float | None = None,
+        startup_timeout_s: float = 600.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        if world_size < 1:
+            raise ValueError(f"worker group {name!r}: world_size must be >= 1, got {world_size}")
+        if not (isinstance(worker_cls, type) and issubclass(worker_cls, Worker)):
+            raise TypeError(f"worker group {name!r}: {worker_cls!r} must subclass cluster.Worker")
+        self.name = name
+        self.world_size = world_size
+        self.worker_cls = worker_cls
+        self._owned_pool: ResourcePool | None = None
+        placement = self._resolve_placement(pool, num_cpus_per_worker, num_gpus_per_worker)
+        self.placement = placement
+        self.actors: list[Any] = []
+        try:
+            self._start(placement, init_kwargs or {}, env or {}, startup_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ----------------------------------------------------------------- start-up
+    def _resolve_placement(
+        self,
+        pool: ResourcePool | RolePlacement | None,
+        num_cpus: float | None,
+        num_gpus: float | None,
+    ) -> RolePlacement:
+        if pool is None:
+            gpus = num_gpus if num_gpus is not None else (1.0 if cluster_has_gpus() else 0.0)
+            self._owned_pool = ResourcePool.create(
+                self.world_size,
+                cpus_per_bundle=num_cpus,
+                gpus_per_bundle=gpus,
+                name=self.name,
+            )
+            pool = self._owned_pool
+        placement = RolePlacement.whole_pool(pool) if isinstance(pool, ResourcePool) else pool
+        if placement.world_size < self.world_size:
+            raise ValueError(
+                f"worker group {self.name!r}: world_size {self.world_size} but its placement "
+                f"has only {placement.world_size} bundles"
+            )
+        return RolePlacement(
+            pool=placement.pool,
+            bundle_indices=placement.bundle_indices[: self.world_size],
+            num_cpus_per_worker=(
+                num_cpus if num_cpus is not None else placement.num_cpus_per_worker
+            ),
+            num_gpus_per_worker=(
+                num_gpus if num_gpus is not None else placement.num_gpus_per_worker
+            ),
+        )
+
+    def _start(
+        self,
+        placement: RolePlacement,
+        init_kwargs: dict[str, Any],
+        extra_env: dict[str, str],
+        timeout_s: float,
+    ) -> None:
+        pool = placement.pool
+        master_addr, master_port = ray.get(
+            ray.remote(num_cpus=0)(_probe_master)
+            .options(scheduling_strategy=pool.scheduling(placement.bundle_indices[0]))
+            .remote(),
+            timeout=max(timeout_s, 1.0),
+        )
+        base_env = dict(worker_env())
+        if os.environ.get("FIPO_FORCE_CPU"):
+            base_env["FIPO_FORCE_CPU"] = os.environ["FIPO_FORCE_CPU"]
+        remote_cls = ray.remote(self.worker_cls)
+        for rank, bundle in enumerate(placement.bundle_indices):
+            info = DistInfo(
+                rank=rank,
+                world_size=self.world_size,
+                master_addr=master_addr,
+                master_port=master_port,
+                # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so device 0.
+                local_rank=0,
+                group_name=self.name,
+            )
+            actor = remote_cls.options(
+                num_cpus=placement.num_cpus_per_worker,
+                num_gpus=placement.num_gpus_per_worker,
+                scheduling_strategy=pool.scheduling(bundle),
+                runtime_env={"env_vars": {**base_env, **extra_env, **info.env()}},
+                max_restarts=0,
+            ).remote(**init_kwargs)
+            self.actors.append(actor)
+        self._health_check(timeout_s)
+
+    def _health_check(self, timeout_s: float) -> None:
+        start = time.monotonic()
+        pending = {a.health.remote(): rank for rank, a in enumerate(self.actors)}
+        self.worker_info: list[dict[str, Any]] = [{} for _ in self.actors]
+        while pending:
+            left = timeout_s - (time.monotonic() - start)
+            if left <= 0:
+                ranks = sorted(pending.values())
+                raise WorkerStartupError(
+                    f"worker group {self.name!r} ({self.worker_cls.__name__}): rank(s) {ranks} "
+                    f"did not finish __init__ within {timeout_s:.0f}s. Ray available resources: "
+                    f"{_avail()}. If they wait for resources, lower num_cpus/num_gpus per "
+                    "worker; if start-up is just slow (first DeepSpeed init compiles a comm "
+                    "op, ~45 s on CPU), raise startup_timeout_s."
+                )
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(left, 5.0))
+            for ref in ready:
+                rank = pending.pop(ref)
+                try:
+                    self.worker_info[rank] = ray.get(ref)
+                except RayError as err:
+                    raise WorkerStartupError(
+                        f"worker group {self.name!r}: rank {rank} "
+                        f"({self.worker_cls.__name__}) failed to start:\n{_error_summary(err)}"
+                    ) from err
+        logger.info(
+            "worker group %s: %d x %s ready in %.1fs",
+            self.name,
+            self.world_size,
+            self.worker_cls.__name__,
+            time.monotonic() - start,
+        )
+
+    # ----------------------------------------------------------------- calls
+    def execute_all_async(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
+        """Call ``method`` on every rank with the same arguments; returns the refs."""
+        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def execute_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Call ``method`` on every rank; results in rank order. Fails fast on any error."""
+        return self.get(self.execute_all_async(method, *args, **kwargs), method)
+
+    def execute_rank(self, rank: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call ``method`` on one rank only (it must not need the other ranks)."""
+        return self.get([getattr(self.actors[rank], method).remote(*args, **kwargs)], method)[0]
+
+    def execute_per_rank(
+        self, method: str, per_rank_args: Sequence[tuple], **kwargs: Any
+    ) -> list[Any]:
+        """Call ``method(*per_rank_args[r], **kwargs)`` on each rank ``r``."""
+        if len(per_rank_args) != self.world_size:
+            raise ValueError(f"need {self.world_size} argument tuples, got {len(per_rank_args)}")
+        refs = [
+            getattr(a, method).remote(*args, **kwargs)
+            for a, args in zip(self.actors, per_rank_args)
+        ]
+        return self.get(refs, method)
+
+    def get(self, refs: Sequence[ray.ObjectRef], what: str = "call") -> list[Any]:
+        """``ray.get`` that raises as soon as one rank fails, naming it (no waiting for
+        the other ranks, which may be stuck in a collective with the failed one)."""
+        index = {ref: i for i, ref in enumerate(refs)}
+        results: list[Any] = [None] * len(refs)
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                try:
+                    results[index[ref]] = ray.get(ref)
+                except RayActorError as err:
+                    raise WorkerCallError(
+                        f"worker group {self.name!r}: rank {index[ref]} died during {what}:\n"
+                        f"{_error_summary(err)}"
+                    ) from err
+                except RayError as err:
+                    raise WorkerCallError(
+                        f"worker group {self.name!r}: rank {index[ref]} raised in {what}:\n"
+                        f"{_error_summary(err)}"
+                    ) from err
+        return results
+
+    def dispatch_dp(
+        self,
+        method: str,
+        batch: Batch,
+        *args: Any,
+        partitions: Sequence[Sequence[int]] | None = None,
+        **kwargs: Any,
+    ) -> Batch | list[Any]:
+        """Give rank ``r`` the rows ``partitions[r]`` of ``batch`` (default: equal
+        consecutive chunks) and gather. ``Batch`` results are concatenated back into the
+        original row order; anything else comes back as a per-rank list."""
+        if partitions is None:
+            if len(batch) % self.world_size:
+                raise ValueError(
+                    f"{len(batch)} rows cannot be split evenly across {self.world_size} "
+                    f"ranks of {self.name!r}; make the batch size a multiple of the world size"
+                )
+            size = len(batch) // self.world_size
+            partitions = [list(range(r * size, (r + 1) * size)) for r in range(self.world_size)]
+        if len(partitions) != self.world_size:
+            raise ValueError(f"{len(partitions)} partitions for {self.world_size} ranks")
+        inverse = restore_order(partitions)
+        if len(inverse) != len(batch):
+            raise ValueError(f"partitions cover {len(inverse)} rows but the batch has {len(batch)}")
+        shards = [batch[np.asarray(p, dtype=np.int64)] for p in partitions]
+        results = self.execute_per_rank(method, [(s, *args) for s in shards], **kwargs)
+        if all(isinstance(r, Batch) for r in results):
+            return Batch.concat(results)[inverse]
+        return results
+
+    # ----------------------------------------------------------------- teardown
+    def shutdown(self) -> None:
+        """Kill the actors and release a pool this group created."""
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception as err:  # pragma: no cover - already dead
+                logger.debug("kill %s: %s", self.name, err)
+        self.actors = []
+        if self._owned_pool is not None:
+            self._owned_pool.remove()
+            self._owned_pool = None
+
+    def __len__(self) -> int:
+        return self.world_size
+
+
+def _avail() -> dict[str, float]:
+    try:
+        res = ray.available_resources()
+        return {k: round(v, 2) for k, v in res.items() if k in ("CPU", "GPU")}
+    except Exception:  # pragma: no cover
+        return {}

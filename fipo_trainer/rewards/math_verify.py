@@ -1,0 +1,103 @@
+"""Symbolic grader built on Hugging Face's ``math-verify`` (MATH-style ``\\boxed{}`` answers).
+
+The final answer is whichever comes last in the response: the last ``\\boxed{...}`` (or
+``\\fbox{...}``) or the last ``Answer:`` line. It is parsed in math mode (``$...$``) unless it
+already has ``$`` or contains English words, which plain-text extraction skips. The ground
+truth is parsed as LaTeX (wrapped in ``\\boxed{}`` unless it already carries ``$`` or
+``\\boxed``), then compared with ``math_verify.verify``. math-verify's own timeouts use
+``signal.alarm``, which only works on the main thread, so they are disabled here:
+:class:`~fipo_trainer.rewards.pool.RewardPool` enforces time limits by killing the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from functools import lru_cache
+
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+from .config import SCORE_FORMATS
+from .dapo import ANSWER_PATTERN, INVALID_PRED
+
+__all__ = ["compute_score", "extract_final_answer"]
+
+_EXTRACTION = (LatexExtractionConfig(), ExprExtractionConfig())
+_BOX_OPENERS = ("\\boxed{", "\\fbox{")
+_BRACES = re.compile(r"[{}]")
+# An English word (not a \command, not a one/two-letter variable): "5 dollars", "The answer is 7".
+_WORD = re.compile(r"(?<![\\A-Za-z])(?!and\b)[A-Za-z]{3,}")
+
+
+class _DropTimeoutDisabledWarning(logging.Filter):
+    # We disable math-verify's signal timeouts on purpose; its warning about that is noise.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Timeout is disabled" not in record.getMessage()
+
+
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(_DropTimeoutDisabledWarning())
+
+
+def _last_boxed(text: str) -> tuple[int, str] | None:
+    """(start index, content) of the last balanced \\boxed{...} / \\fbox{...}, or None."""
+    start, opener = max((text.rfind(o), o) for o in _BOX_OPENERS)
+    if start < 0:
+        return None
+    depth = 0
+    for match in _BRACES.finditer(text, start + len(opener) - 1):
+        depth += 1 if match.group() == "{" else -1
+        if depth == 0:
+            return start, text[start + len(opener) : match.start()]
+    return None  # unbalanced: the model was cut off inside the box
+
+
+def extract_final_answer(response: str) -> str | None:
+    """Text of the final answer (box content or "Answer:" line), whichever is later; or None."""
+    boxed = _last_boxed(response)
+    answer = None
+    for answer in ANSWER_PATTERN.finditer(response):  # noqa: B007 - keep the last match
+        pass
+    if answer is not None and (boxed is None or answer.start() > boxed[0]):
+        return answer.group(1).strip()
+    return None if boxed is None else boxed[1].strip()
+
+
+@lru_cache(maxsize=4096)
+def _parse_gold(ground_truth: str) -> tuple:
+    # n responses per prompt share one ground truth: parse it once.
+    text = (
+        ground_truth
+        if ("$" in ground_truth or "\\boxed" in ground_truth)
+        else ("\\boxed{" + ground_truth + "}")
+    )
+    return tuple(parse(text, _EXTRACTION, parsing_timeout=None))
+
+
+def _parse_answer(answer: str) -> list:
+    """Parse the extracted answer: math mode unless it carries $ or English words."""
+    if "$" in answer:
+        return parse(answer, _EXTRACTION, parsing_timeout=None)
+    if _WORD.search(answer):  # plain-text extraction skips the words ("5 dollars" -> 5)
+        parsed = parse(answer, _EXTRACTION, parsing_timeout=None)
+        if parsed:
+            return parsed
+    return parse("$" + answer + "$", _EXTRACTION, parsing_timeout=None)
+
+
+def compute_score(response: str, ground_truth: str, *, score_format: str = "pm1") -> dict:
+    """Grade one response with math-verify.
+
+    Returns ``{"score", "acc", "pred"}``; score is +1/-1 (``score_format="pm1"``) or 1/0
+    (``"binary"``); ``pred`` is the extracted answer text, ``"[INVALID]"`` when there is none.
+    """
+    if score_format not in SCORE_FORMATS:
+        raise ValueError(f"score_format={score_format!r}; use one of {list(SCORE_FORMATS)}")
+    right, wrong = SCORE_FORMATS[score_format]
+    answer = extract_final_answer(response)
+    if not answer:
+        return {"score": wrong, "acc": False, "pred": INVALID_PRED}
+    parsed = _parse_answer(answer)
+    gold = _parse_gold(str(ground_truth))
+    correct = bool(parsed) and bool(gold) and verify(list(gold), parsed, timeout_seconds=None)
+    return {"score": right if correct else wrong, "acc": correct, "pred": answer}

@@ -1,0 +1,459 @@
+"""Process-pool grading with per-item timeouts and crash isolation.
+
+Why a small pool of our own: ``concurrent.futures`` cannot kill one hung task, and
+math-verify's ``signal.alarm`` timeouts do not work off the main thread (we run inside Ray
+actors). Each worker reports every graded item, so the parent always knows which item is
+running and since when. An item past ``timeout_s`` gets its worker killed; an item whose
+worker dies (``os._exit``, segfault, OOM kill) is charged to that item; in both cases the item
+gets the failure score, the rest of its chunk is re-queued and the worker is replaced. Workers
+are fresh interpreters (spawn semantics, never fork: threads of torch / Ray in the parent cannot
+deadlock them) started with ``python -m fipo_trainer.rewards._worker``, which unlike
+multiprocessing's spawn does not re-run the trainer's ``__main__`` in every worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import weakref
+from collections import defaultdict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+from .config import RewardConfig
+from .custom import load_custom_function, split_spec
+from .dapo import INVALID_PRED, TAIL_CHARS
+from .overlong import overlong_penalties
+
+__all__ = ["RewardPool", "RewardResult"]
+
+logger = logging.getLogger(__name__)
+
+TIMEOUT_PRED = "[TIMEOUT]"
+ERROR_PRED = "[ERROR]"
+_MAX_STARTUP_FAILURES = 3
+_LOGGED_FAILURES = 5
+
+
+@dataclass
+class RewardResult:
+    """Per-item verdicts of one :meth:`RewardPool.grade` call, in input order."""
+
+    scores: list[float]  # grader score + overlong penalty
+    acc: list[bool]  # grader verdict (never changed by shaping)
+    preds: list[str]
+    status: list[str]  # "ok" | "timeout" | "error"
+    overlong_penalties: list[float]
+    metrics: dict[str, float] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)  # item index -> failure message
+
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+class _Worker:
+    __slots__ = (
+        "conn",
+        "fatal",
+        "item_started",
+        "pos",
+        "proc",
+        "ready",
+        "sentinel",
+        "started_at",
+        "task",
+    )
+
+    def __init__(self, proc: subprocess.Popen, conn: Connection, sentinel: int | None) -> None:
+        self.proc = proc
+        self.conn = conn
+        self.sentinel = sentinel  # pidfd: readable once the process has exited
+        self.ready = False
+        self.fatal: str | None = None
+        self.task: list[tuple] | None = None
+        self.pos = 0
+        self.started_at = time.monotonic()
+        self.item_started = 0.0
+
+    @property
+    def handles(self) -> list:
+        return [self.conn] if self.sentinel is None else [self.conn, self.sentinel]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def release(self, *, kill: bool) -> None:
+        if kill and self.alive():
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        self.conn.close()
+        if self.sentinel is not None:
+            os.close(self.sentinel)
+            self.sentinel = None
+
+
+def _stop_workers(workers: list[_Worker]) -> None:
+    for w in workers:
+        with contextlib.suppress(OSError, ValueError):
+            w.conn.send(None)
+    deadline = time.monotonic() + 2.0
+    for w in workers:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            w.proc.wait(max(0.0, deadline - time.monotonic()))
+        w.release(kill=True)
+    workers.clear()
+
+
+class RewardPool:
+    """Grades batches of responses in worker processes; see the module docstring.
+
+    Use as a context manager or call :meth:`close`. Not thread-safe: one ``grade`` at a time.
+    """
+
+    def __init__(self, config: RewardConfig | None = None, *, start: bool = True) -> None:
+        self.config = config if config is not None else RewardConfig()
+        if self.config.custom_function is not None:
+            # Fail here, with a clear message, rather than inside every worker.
+            path, name = split_spec(self.config.custom_function)
+            load_custom_function(self.config.custom_function)
+            # absolute path: the workers must find the same file whatever their cwd
+            self.config = dataclasses.replace(self.config, custom_function=f"{path}:{name}")
+        self._workers: list[_Worker] = []
+        self._closed = False
+        self._startup_failures = 0
+        self.totals: dict[str, int] = defaultdict(int)  # cumulative counters across batches
+        self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
+        if start:
+            self._fill()
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def num_workers(self) -> int:
+        return self.config.resolved_num_workers
+
+    def _spawn(self) -> _Worker:
+        parent_sock, child_sock = socket.socketpair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        fd = child_sock.fileno()
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fipo_trainer.rewards._worker", str(fd)],
+                pass_fds=(fd,),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        finally:
+            child_sock.close()
+        conn = Connection(parent_sock.detach())
+        sentinel = None
+        with contextlib.suppress(AttributeError, OSError):  # pidfd: Linux >= 5.3
+            sentinel = os.pidfd_open(proc.pid)
+        conn.send(self.config)
+        return _Worker(proc, conn, sentinel)
+
+    def _fill(self) -> None:
+        while len(self._workers) < self.num_workers:
+            self._workers.append(self._spawn())
+
+    def _retire(self, w: _Worker, *, kill: bool) -> None:
+        w.release(kill=kill)
+        self._workers.remove(w)
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Block until every worker has started and warmed up (optional: grade() also waits)."""
+        self._check_open()
+        self._fill()
+        limit = self.config.startup_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit
+        while not all(w.ready for w in self._workers):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"reward workers not ready after {limit:.0f} s")
+            busy = [w for w in self._workers if not w.ready]
+            wait([h for w in busy for h in w.handles], timeout=min(left, 1.0))
+            for w in busy:
+                self._drain(w, None)
+            self._fill()
+
+    def close(self) -> None:
+        """Stop all workers (idempotent)."""
+        self._closed = True
+        self._finalizer()
+
+    def __enter__(self) -> RewardPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("RewardPool is closed; create a new one")
+
+    # ------------------------------------------------------------------ grading
+    def grade(
+        self,
+        responses: Sequence[str],
+        ground_truths: Sequence[Any],
+        data_sources: Sequence[str],
+        response_lengths: Sequence[int] | None = None,
+        extra_infos: Sequence[Any] | None = None,
+    ) -> RewardResult:
+        """Grade N responses; every item gets a verdict, whatever its grader does.
+
+        ``response_lengths`` (tokens) is needed when overlong shaping is enabled;
+        ``extra_infos`` is passed to custom reward functions that accept it.
+        """
+        self._check_open()
+        cfg = self.config
+        n = len(responses)
+        self._validate(responses, ground_truths, data_sources, response_lengths, extra_infos)
+        t0 = time.perf_counter()
+
+        route = {ds: cfg.grader_for(ds) for ds in set(map(str, data_sources))}
+        by_grader: dict[str, list[int]] = defaultdict(list)
+        for i, ds in enumerate(data_sources):
+            by_grader[route[str(ds)]].append(i)
+
+        queue: deque[list[tuple]] = deque()
+        for grader in sorted(by_grader, key=lambda g: g == "dapo"):  # slow graders first
+            idxs = by_grader[grader]
+            size = cfg.dapo_chunk_size if grader == "dapo" else cfg.chunk_size
+            for s in range(0, len(idxs), size):
+                queue.append(
+                    [
+                        self._item(i, grader, responses, ground_truths, data_sources, extra_infos)
+                        for i in idxs[s : s + size]
+                    ]
+                )
+
+        out = _Outcome(n)
+        restarts_before = self.totals["worker_restarts"]
+        self._fill()
+        while out.remaining:
+            self._dispatch(queue)
+            self._wait_and_collect(out, queue)
+
+        result = self._finish(out, data_sources, response_lengths, time.perf_counter() - t0)
+        result.metrics["reward/worker_restarts"] = float(
+            self.totals["worker_restarts"] - restarts_before
+        )
+        return result
+
+    @staticmethod
+    def _item(i, grader, responses, ground_truths, data_sources, extra_infos) -> tuple:
+        response = responses[i]
+        if grader == "dapo":
+            response = response[-TAIL_CHARS:]  # the rule never looks further back: less IPC
+        extra = extra_infos[i] if (extra_infos is not None and grader == "custom") else None
+        return (i, grader, response, str(ground_truths[i]), str(data_sources[i]), extra)
+
+    @staticmethod
+    def _validate(responses, ground_truths, data_sources, response_lengths, extra_infos) -> None:
+        n = len(responses)
+        named = {"ground_truths": ground_truths, "data_sources": data_sources}
+        if response_lengths is not None:
+            named["response_lengths"] = response_lengths
+        if extra_infos is not None:
+            named["extra_infos"] = extra_infos
+        for name, seq in named.items():
+            if len(seq) != n:
+                raise ValueError(f"grade(): {name} has {len(seq)} items but responses has {n}")
+        for i, r in enumerate(responses):
+            if not isinstance(r, str):
+                raise ValueError(f"grade(): responses[{i}] is {type(r).__name__}, expected str")
+        for i, g in enumerate(ground_truths):
+            if g is None:
+                raise ValueError(
+                    f"grade(): ground_truths[{i}] is None (check reward_model.ground_truth)"
+                )
+
+    def _dispatch(self, queue: deque) -> None:
+        for w in self._workers:
+            if not queue:
+                return
+            if w.ready and w.task is None:
+                task = queue.popleft()
+                try:
+                    w.conn.send(task)
+                except (OSError, ValueError):  # died while idle: re-queue, the sentinel fires
+                    queue.appendleft(task)
+                    continue
+                w.task, w.pos, w.item_started = task, 0, time.monotonic()
+
+    def _wait_and_collect(self, out: _Outcome, queue: deque) -> None:
+        cfg = self.config
+        now = time.monotonic()
+        deadlines = [w.item_started + cfg.timeout_s for w in self._workers if w.task]
+        deadlines += [w.started_at + cfg.startup_timeout_s for w in self._workers if not w.ready]
+        timeout = max(0.0, min(deadlines) - now) if deadlines else None
+        handles = [h for w in self._workers for h in w.handles]
+        ready = set(wait(handles, timeout=timeout))
+        for w in list(self._workers):
+            if w.conn in ready or w.sentinel in ready:
+                self._drain(w, out, queue)
+
+        now = time.monotonic()
+        for w in list(self._workers):
+            if w.task and now - w.item_started >= cfg.timeout_s:
+                idx = w.task[w.pos][0]
+                out.fail(idx, "timeout", f"grader exceeded reward.timeout_s={cfg.timeout_s:g} s")
+                self.totals["timeouts"] += 1
+                self._requeue_rest(w, queue)
+                self._retire(w, kill=True)
+                self.totals["worker_restarts"] += 1
+            elif not w.ready and now - w.started_at >= cfg.startup_timeout_s:
+                self._retire(w, kill=True)
+                raise RuntimeError(
+                    f"a reward worker did not start within reward.startup_timeout_s="
+                    f"{cfg.startup_timeout_s:g} s (slow imports or a hanging custom module?)"
+                )
+        self._fill()
+
+    def _drain(self, w: _Worker, out: _Outcome | None, queue: deque | None = None) -> None:
+        """Read every message a worker sent; handle its death if it is gone."""
+        dead = False
+        try:
+            while w.conn.poll():
+                self._handle(w, w.conn.recv(), out)
+        except (EOFError, OSError):
+            dead = True
+        if w.fatal is not None:
+            message = w.fatal
+            self._retire(w, kill=True)
+            raise RuntimeError(f"reward worker failed to start:\n{message}")
+        if not dead and w.alive():
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            w.proc.wait(5)
+        code = w.proc.returncode
+        if w.task and out is not None and queue is not None:
+            idx = w.task[w.pos][0]
+            out.fail(idx, "error", f"grader process died (exit code {code})")
+            self.totals["errors"] += 1
+            self._requeue_rest(w, queue)
+        if not w.ready:
+            self._startup_failures += 1
+            if self._startup_failures >= _MAX_STARTUP_FAILURES:
+                self._retire(w, kill=True)
+                raise RuntimeError(
+                    f"reward workers keep dying at start-up (last exit code {code}); "
+                    "check memory limits and that fipo_trainer imports in a fresh process"
+                )
+        self._retire(w, kill=True)
+        self.totals["worker_restarts"] += 1
+
+    def _handle(self, w: _Worker, msg: tuple, out: _Outcome | None) -> None:
+        kind = msg[0]
+        if kind == "r" or kind == "e":
+            assert out is not None and w.task is not None and msg[1] == w.task[w.pos][0], msg
+            if kind == "r":
+                out.ok(msg[1], msg[2], msg[3], msg[4])
+            else:
+                out.fail(msg[1], "error", msg[2])
+                self.totals["errors"] += 1
+            w.pos += 1
+            w.item_started = time.monotonic()
+        elif kind == "d":
+            w.task = None
+        elif kind == "ready":
+            w.ready = True
+            self._startup_failures = 0
+        elif kind == "fatal":
+            w.fatal = msg[1]
+
+    @staticmethod
+    def _requeue_rest(w: _Worker, queue: deque) -> None:
+        rest = w.task[w.pos + 1 :] if w.task else []
+        if rest:
+            queue.appendleft(rest)
+        w.task = None
+
+    def _finish(self, out, data_sources, response_lengths, elapsed: float) -> RewardResult:
+        cfg = self.config
+        n = out.n
+        for i in range(n):
+            if out.status[i] != "ok":
+                out.scores[i] = cfg.failure_score
+        if cfg.overlong_buffer_enable:
+            if response_lengths is None:
+                raise ValueError(
+                    "grade(): reward.overlong_buffer_enable is set but response_lengths is None"
+                )
+            penalties = overlong_penalties(
+                response_lengths,
+                cfg.max_response_length,
+                cfg.overlong_buffer_len,
+                cfg.overlong_penalty_factor,
+            )
+        else:
+            penalties = [0.0] * n
+        scores = [s + p for s, p in zip(out.scores, penalties)]
+
+        timeouts = out.status.count("timeout")
+        errors = out.status.count("error")
+        for i, msg in itertools.islice(out.errors.items(), _LOGGED_FAILURES):
+            logger.warning("reward item %d (%s): %s", i, out.status[i], msg)
+        self.totals["items"] += n
+
+        metrics: dict[str, float] = {
+            "reward/timeouts": float(timeouts),
+            "reward/errors": float(errors),
+            "reward/grade_time_s": elapsed,
+            "reward/items_per_s": n / elapsed if elapsed > 0 else 0.0,
+        }
+        if n:
+            metrics["reward/score_mean"] = sum(scores) / n
+            metrics["reward/acc_mean"] = sum(out.acc) / n
+            metrics["reward/invalid_frac"] = out.preds.count(INVALID_PRED) / n
+            metrics["reward/overlong_penalty_mean"] = sum(penalties) / n
+            metrics["reward/overlong_frac"] = sum(p < 0 for p in penalties) / n
+            per_source: dict[str, list[bool]] = defaultdict(list)
+            for ds, a in zip(data_sources, out.acc):
+                per_source[str(ds)].append(a)
+            for ds, accs in per_source.items():
+                metrics[f"reward/acc/{ds}"] = sum(accs) / len(accs)
+        return RewardResult(
+            scores=scores,
+            acc=list(out.acc),
+            preds=list(out.preds),
+            status=list(out.status),
+            overlong_penalties=penalties,
+            metrics=metrics,
+            errors=dict(out.errors),
+        )
+
+
+class _Outcome:
+    """Per-item results being filled in; ``remaining`` counts items without a verdict."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.remaining = n
+        self.scores: list[float] = [0.0] * n
+        self.acc: list[bool] = [False] * n
+        self.preds: list[str] = [""] * n
+        self.status: list[str | None] = [None] * n
+        self.errors: dict[int, str] = {}
+
+    def ok(self, i: int, score: float, acc: bool, pred: str) -> None:
+        self.scores[i], self.acc[i], self.preds[i], self.status[i] = score, acc, pred, "ok"
+        self.remaining -= 1
+
+    def fail(self, i: int, status: str, message: str) -> None:
+        pred = TIMEOUT_PRED if status == "timeout" else ERROR_PRED
+        self.acc[i], self.preds[i], self.status[i] = False, pred, status
+        self.errors[i] = message
+        self.remaining -= 1

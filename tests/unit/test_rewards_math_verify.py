@@ -1,0 +1,63 @@
+"""math-verify grader: extraction rules and symbolic equivalence (real math-verify, no mocks)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fipo_trainer.rewards.math_verify import compute_score, extract_final_answer
+
+
+@pytest.mark.parametrize(
+    ("response", "ground_truth"),
+    [
+        ("So the answer is \\boxed{\\frac{3}{4}}.", "0.75"),
+        ("\\boxed{\\frac12}", "\\frac{1}{2}"),
+        ("\\boxed{\\sqrt{2}/2}", "\\frac{\\sqrt{2}}{2}"),
+        ("\\boxed{\\dfrac{\\pi}{2}}", "\\frac{\\pi}{2}"),
+        ("\\fbox{12}", "12"),
+        ("Answer: 5 dollars", "5"),
+        ("Answer: x = 5", "5"),
+        ("Answer: $\\frac{3}{4}$", "\\frac{3}{4}"),
+        ("Answer: \\frac12", "0.5"),
+        ("Answer: 1,000", "1000"),
+        ("Answer: 10\\%", "10"),
+        ("Answer: (1, 2)", "(1,2)"),
+        ("Answer: 1 and 2", "1, 2"),
+        ("\\boxed{\\text{(C)}}", "C"),
+        ("long reasoning...\n\\boxed{5} is wrong. Answer: 6", "6"),  # the later one wins
+        ("Answer: $\\boxed{6}$", "6"),
+    ],
+)
+def test_equivalent_answers_are_accepted(response: str, ground_truth: str) -> None:
+    out = compute_score(response, ground_truth)
+    assert out["acc"] is True and out["score"] == 1.0, out
+
+
+@pytest.mark.parametrize(
+    ("response", "ground_truth", "pred"),
+    [
+        ("\\boxed{4}", "5", "4"),
+        ("Answer: 3, 4", "3", "3, 4"),
+        ("Answer: 0.5", "\\frac{1}{3}", "0.5"),
+        ("no final answer", "5", "[INVALID]"),
+        ("", "5", "[INVALID]"),
+        ("\\boxed{5", "5", "[INVALID]"),  # cut off inside the box
+        ("\\boxed{}", "5", "[INVALID]"),
+    ],
+)
+def test_wrong_or_missing_answers_are_rejected(response: str, ground_truth: str, pred: str) -> None:
+    assert compute_score(response, ground_truth) == {"score": -1.0, "acc": False, "pred": pred}
+
+
+def test_binary_score_format() -> None:
+    assert compute_score("\\boxed{5}", "5", score_format="binary")["score"] == 1.0
+    assert compute_score("\\boxed{4}", "5", score_format="binary")["score"] == 0.0
+    with pytest.raises(ValueError, match="score_format"):
+        compute_score("\\boxed{4}", "5", score_format="percent")
+
+
+def test_extract_final_answer() -> None:
+    assert extract_final_answer("a \\boxed{1} b \\boxed{x^{2}} c") == "x^{2}"
+    assert extract_final_answer("\\boxed{\\frac{1}{2}}\nAnswer:  7 ") == "7"
+    assert extract_final_answer("Answer: 7\nthen \\boxed{8}") == "8"
+    assert extract_final_answer("nothing here") is None
