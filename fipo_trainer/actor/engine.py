@@ -135,6 +135,9 @@ def build_engine(config: ActorConfig, world_size: int, platform: Platform):
     """(engine, keepalive): a DeepSpeed engine with AdamW + warm-up/constant LambdaLR."""
     import deepspeed
 
+    # DeepSpeed's comm layer must wrap the already-initialised torch.distributed group
+    # before zero.Init (ZeRO-3 loading) asks it for the world size.
+    deepspeed.init_distributed(dist_backend=platform.dist_backend, auto_mpi_discovery=False)
     ds_config = build_deepspeed_config(config, world_size, platform)
     model, keepalive = load_model(config, platform, ds_config)
     _, optim_offload = offload_settings(config, platform)

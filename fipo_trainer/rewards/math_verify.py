@@ -25,6 +25,9 @@ __all__ = ["compute_score", "extract_final_answer"]
 _EXTRACTION = (LatexExtractionConfig(), ExprExtractionConfig())
 _BOX_OPENERS = ("\\boxed{", "\\fbox{")
 _BRACES = re.compile(r"[{}]")
+# Real answers never nest this deep; sympy's parser takes minutes on such input.
+_MAX_BRACE_DEPTH = 64
+_MAX_PRED_CHARS = 1000
 # An English word (not a \command, not a one/two-letter variable): "5 dollars", "The answer is 7".
 _WORD = re.compile(r"(?<![\\A-Za-z])(?!and\b)[A-Za-z]{3,}")
 
@@ -74,6 +77,15 @@ def _parse_gold(ground_truth: str) -> tuple:
     return tuple(parse(text, _EXTRACTION, parsing_timeout=None))
 
 
+def _too_deep(text: str) -> bool:
+    depth = 0
+    for match in _BRACES.finditer(text):
+        depth += 1 if match.group() == "{" else -1
+        if depth > _MAX_BRACE_DEPTH:
+            return True
+    return False
+
+
 def _parse_answer(answer: str) -> list:
     """Parse the extracted answer: math mode unless it carries $ or English words."""
     if "$" in answer:
@@ -89,7 +101,8 @@ def compute_score(response: str, ground_truth: str, *, score_format: str = "pm1"
     """Grade one response with math-verify.
 
     Returns ``{"score", "acc", "pred"}``; score is +1/-1 (``score_format="pm1"``) or 1/0
-    (``"binary"``); ``pred`` is the extracted answer text, ``"[INVALID]"`` when there is none.
+    (``"binary"``); ``pred`` is the extracted answer text (first 1000 characters), ``"[INVALID]"``
+    when there is none. Answers nesting braces more than 64 deep are wrong without parsing.
     """
     if score_format not in SCORE_FORMATS:
         raise ValueError(f"score_format={score_format!r}; use one of {list(SCORE_FORMATS)}")
@@ -97,7 +110,10 @@ def compute_score(response: str, ground_truth: str, *, score_format: str = "pm1"
     answer = extract_final_answer(response)
     if not answer:
         return {"score": wrong, "acc": False, "pred": INVALID_PRED}
+    pred = answer[:_MAX_PRED_CHARS]
+    if _too_deep(answer):
+        return {"score": wrong, "acc": False, "pred": pred}
     parsed = _parse_answer(answer)
     gold = _parse_gold(str(ground_truth))
     correct = bool(parsed) and bool(gold) and verify(list(gold), parsed, timeout_seconds=None)
-    return {"score": right if correct else wrong, "acc": correct, "pred": answer}
+    return {"score": right if correct else wrong, "acc": correct, "pred": pred}

@@ -103,11 +103,11 @@ class _Worker:
             self.sentinel = None
 
 
-def _stop_workers(workers: list[_Worker]) -> None:
-    for w in workers:
+def _stop_workers(workers: list[_Worker], graceful: bool = True) -> None:
+    for w in workers if graceful else ():
         with contextlib.suppress(OSError, ValueError):
             w.conn.send(None)
-    deadline = time.monotonic() + 2.0
+    deadline = time.monotonic() + (2.0 if graceful else 0.0)
     for w in workers:
         with contextlib.suppress(subprocess.TimeoutExpired):
             w.proc.wait(max(0.0, deadline - time.monotonic()))
@@ -242,9 +242,15 @@ class RewardPool:
         out = _Outcome(n)
         restarts_before = self.totals["worker_restarts"]
         self._fill()
-        while out.remaining:
-            self._dispatch(queue)
-            self._wait_and_collect(out, queue)
+        try:
+            while out.remaining:
+                self._dispatch(queue)
+                self._wait_and_collect(out, queue)
+        except BaseException:
+            # Interrupted (Ctrl-C, start-up failure): workers may still hold this batch's
+            # items, so start the next batch from fresh workers.
+            _stop_workers(self._workers, graceful=False)
+            raise
 
         result = self._finish(out, data_sources, response_lengths, time.perf_counter() - t0)
         result.metrics["reward/worker_restarts"] = float(

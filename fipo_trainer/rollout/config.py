@@ -54,7 +54,7 @@ class SamplingConfig:
         return self.temperature == 0
 
 
-@dataclass(frozen=True)
+@dataclass
 class ValSamplingConfig:
     """Validation overrides (``max_tokens=None`` keeps the training response length)."""
 

@@ -44,7 +44,11 @@ def test_custom_routing_and_formats() -> None:
         ({"num_workers": 0}, "reward.num_workers"),
         ({"overlong_buffer_enable": True}, "reward.max_response_length"),
         (
-            {"overlong_buffer_enable": True, "max_response_length": 100, "overlong_buffer_len": 200},
+            {
+                "overlong_buffer_enable": True,
+                "max_response_length": 100,
+                "overlong_buffer_len": 200,
+            },
             "reward.overlong_buffer_len",
         ),
     ],
@@ -98,8 +102,10 @@ def test_caller_passes_optional_arguments(tmp_path: Path) -> None:
         "    return (data_source, solution_str, ground_truth, extra_info)\n"
         "def kw(response, ground_truth, **kwargs):\n    return sorted(kwargs)\n",
     )
-    call = {name: make_caller(load_custom_function(f"{path}:{name}")) for name in
-            ("two", "with_source", "verl_style", "kw")}
+    call = {
+        name: make_caller(load_custom_function(f"{path}:{name}"))
+        for name in ("two", "with_source", "verl_style", "kw")
+    }
     args = ("resp", "gt", "ds", {"k": 1})
     assert call["two"](*args) == ("resp", "gt")
     assert call["with_source"](*args) == ("resp", "gt", "ds")

@@ -1,0 +1,163 @@
+"""Worker groups on a real local Ray cluster: ranks/env, dispatch, start-up failures."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import ray
+import torch
+
+from fipo_trainer.cluster import (
+    ResourcePool,
+    Worker,
+    WorkerCallError,
+    WorkerGroup,
+    WorkerStartupError,
+    init_ray,
+    plan_placement,
+    release,
+    shutdown_ray,
+)
+from fipo_trainer.data.batch import Batch
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+class EchoWorker(Worker):
+    def __init__(self, tag: str = "x") -> None:
+        super().__init__()
+        self.tag = tag
+
+    def env(self) -> dict[str, str]:
+        keys = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "DS_ACCELERATOR")
+        return {k: os.environ.get(k, "") for k in keys} | {"tag": self.tag}
+
+    def double(self, batch: Batch) -> Batch:
+        return Batch({"y": batch["x"] * 2, "rank": torch.full((len(batch),), self.rank)})
+
+    def fail_on(self, rank: int) -> int:
+        if self.rank == rank:
+            raise RuntimeError(f"deliberate failure on rank {rank}")
+        return self.rank
+
+    def allreduce(self) -> float:
+        import torch.distributed as dist
+
+        from fipo_trainer.cluster import init_torch_distributed
+
+        init_torch_distributed(self.dist_info, "gloo", timeout_s=60)
+        t = torch.tensor([float(self.rank + 1)])
+        dist.all_reduce(t)
+        return float(t.item())
+
+
+class BrokenWorker(Worker):
+    def __init__(self, bad_rank: int = 1) -> None:
+        super().__init__()
+        if self.rank == bad_rank:
+            raise FileNotFoundError("model path /nonexistent/model does not exist")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    init_ray(num_cpus=2)
+    yield
+    shutdown_ray()
+
+
+def test_ranks_env_and_collective():
+    group = WorkerGroup(EchoWorker, 2, init_kwargs={"tag": "hello"}, name="echo", num_cpus_per_worker=0.25)
+    try:
+        envs = group.execute_all("env")
+        assert [e["RANK"] for e in envs] == ["0", "1"]
+        assert {e["WORLD_SIZE"] for e in envs} == {"2"}
+        assert len({(e["MASTER_ADDR"], e["MASTER_PORT"]) for e in envs}) == 1
+        assert {e["OMP_NUM_THREADS"] for e in envs} == {"1"}  # worker_env() on CPU
+        assert {e["DS_ACCELERATOR"] for e in envs} == {"cpu"}
+        assert {e["tag"] for e in envs} == {"hello"}
+        assert group.execute_rank(1, "fail_on", 0) == 1
+        # Master address/port really work for torch.distributed (gloo).
+        assert group.execute_all("allreduce") == [3.0, 3.0]
+    finally:
+        group.shutdown()
+
+
+def test_dispatch_dp_restores_row_order():
+    group = WorkerGroup(EchoWorker, 2, name="dispatch", num_cpus_per_worker=0.25)
+    try:
+        batch = Batch({"x": torch.arange(6.0)})
+        out = group.dispatch_dp("double", batch)
+        assert out["y"].tolist() == [0, 2, 4, 6, 8, 10]
+        assert out["rank"].tolist() == [0, 0, 0, 1, 1, 1]
+        parts = [[5, 0, 3], [1, 4, 2]]
+        out = group.dispatch_dp("double", batch, partitions=parts)
+        assert out["y"].tolist() == [0, 2, 4, 6, 8, 10]
+        assert out["rank"].tolist() == [0, 1, 1, 0, 1, 0]
+        with pytest.raises(ValueError, match="cannot be split evenly"):
+            group.dispatch_dp("double", Batch({"x": torch.arange(5.0)}))
+    finally:
+        group.shutdown()
+
+
+def test_method_error_names_the_rank():
+    group = WorkerGroup(EchoWorker, 2, name="failing", num_cpus_per_worker=0.25)
+    try:
+        with pytest.raises(WorkerCallError, match=r"rank 1 raised in fail_on[\s\S]*deliberate failure"):
+            group.execute_all("fail_on", 1)
+    finally:
+        group.shutdown()
+
+
+def test_worker_raising_in_init_gives_clear_error_fast():
+    start = time.monotonic()
+    with pytest.raises(WorkerStartupError) as info:
+        WorkerGroup(BrokenWorker, 2, name="broken", num_cpus_per_worker=0.25, startup_timeout_s=120)
+    msg = str(info.value)
+    assert "'broken'" in msg and "rank 1" in msg and "BrokenWorker" in msg
+    assert "FileNotFoundError" in msg and "/nonexistent/model" in msg
+    assert time.monotonic() - start < 60
+    # Its actors and private placement group are gone: the whole cluster is free again.
+    deadline = time.monotonic() + 10
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == pytest.approx(2)
+
+
+def test_unplaceable_pool_fails_with_resources_in_message():
+    with pytest.raises(RuntimeError, match=r"could not reserve 2 x \{'CPU': 8.0\}.*Cluster total"):
+        ResourcePool.create(2, cpus_per_bundle=8, gpus_per_bundle=0, name="huge", timeout_s=2)
+
+
+def test_startup_timeout_names_pending_ranks():
+    pool = ResourcePool.create(2, cpus_per_bundle=0.5, gpus_per_bundle=0, name="tight")
+    try:
+        # Each worker asks for more than its bundle holds: Ray can never schedule rank 0 / 1.
+        with pytest.raises(WorkerStartupError, match=r"rank\(s\) \[0, 1\] did not finish __init__ within 3s"):
+            WorkerGroup(EchoWorker, 2, pool=pool, name="starved", num_cpus_per_worker=1.0, startup_timeout_s=3)
+    finally:
+        pool.remove()
+
+
+@pytest.mark.parametrize("mode", ["split", "colocated"])
+def test_placements(mode):
+    placements = plan_placement(mode, actor_world_size=2, rollout_world_size=1, cpus_per_slot=0.5)
+    try:
+        actor, rollout = placements["actor"], placements["rollout"]
+        if mode == "split":
+            assert actor.pool is not rollout.pool
+            assert actor.num_cpus_per_worker == 0.5
+        else:
+            assert actor.pool is rollout.pool
+            assert actor.num_cpus_per_worker == rollout.num_cpus_per_worker == 0.25
+        a = WorkerGroup(EchoWorker, 2, pool=actor, name=f"{mode}-actor")
+        r = WorkerGroup(EchoWorker, 1, pool=rollout, name=f"{mode}-rollout")
+        try:
+            assert [e["RANK"] for e in a.execute_all("env")] == ["0", "1"]
+            assert r.execute_all("env")[0]["WORLD_SIZE"] == "1"
+        finally:
+            a.shutdown()
+            r.shutdown()
+    finally:
+        release(placements)

@@ -1,0 +1,113 @@
+"""The canonical per-response batch layout built from engine outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fipo_trainer.data.batch import Batch
+from fipo_trainer.rollout.assemble import (
+    assemble_responses,
+    build_rollout_batch,
+    prompt_token_lists,
+    rollout_metrics,
+)
+from fipo_trainer.rollout.base import RolloutOutput, check_prompts
+
+PAD = 0
+
+
+def _outputs():
+    # prompt 0 -> two responses (one stops with EOS=9, one truncated); prompt 1 -> two
+    return [
+        RolloutOutput(0, (5, 9), (-0.5, -0.1), "stop"),
+        RolloutOutput(0, (6, 7, 8), (-1.0, -2.0, -3.0), "length"),
+        RolloutOutput(1, (9,), (-0.2,), "stop"),
+        RolloutOutput(1, (4, 4, 9), (-0.3, -0.3, -0.4), "stop"),
+    ]
+
+
+def test_assemble_shapes_masks_positions():
+    prompts = [[11, 12, 13], [21]]
+    t = assemble_responses(prompts, _outputs(), n=2, pad_token_id=PAD, response_length=4)
+    assert t["prompts"].shape == (4, 3) and t["responses"].shape == (4, 4)
+    assert t["prompts"][2].tolist() == [PAD, PAD, 21]  # left-padded
+    assert t["responses"][0].tolist() == [5, 9, PAD, PAD]  # right-padded, EOS kept
+    assert torch.equal(t["input_ids"], torch.cat([t["prompts"], t["responses"]], 1))
+    assert t["attention_mask"][2].tolist() == [0, 0, 1, 1, 0, 0, 0]
+    assert t["position_ids"][2].tolist() == [0, 0, 0, 1, 1, 1, 1]
+    assert t["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 5, 5]
+    assert t["response_mask"].dtype == torch.float32
+    assert t["response_mask"].sum(1).tolist() == [2, 3, 1, 3]
+    assert t["rollout_log_probs"][1].tolist() == [-1.0, -2.0, -3.0, 0.0]
+
+
+def test_assemble_keeps_given_prompt_width_and_rejects_misordered_outputs():
+    t = assemble_responses([[1], [2]], _outputs(), n=2, pad_token_id=PAD, response_length=3, prompt_width=5)
+    assert t["prompts"].shape == (4, 5)
+    bad = _outputs()
+    bad[1], bad[2] = bad[2], bad[1]
+    with pytest.raises(ValueError, match="belongs to prompt 1, expected 0"):
+        assemble_responses([[1], [2]], bad, n=2, pad_token_id=PAD, response_length=3)
+    with pytest.raises(ValueError, match="response_length"):
+        assemble_responses([[1], [2]], _outputs(), n=2, pad_token_id=PAD, response_length=2)
+    with pytest.raises(ValueError, match="4 responses for 2 prompts x n=3"):
+        assemble_responses([[1], [2]], _outputs(), n=3, pad_token_id=PAD, response_length=3)
+
+
+def test_prompt_token_lists_from_tensors_or_lists():
+    ids = torch.tensor([[PAD, 11, 12], [PAD, PAD, 21]])
+    mask = (ids != PAD).long()
+    prompts, width = prompt_token_lists(Batch({"input_ids": ids, "attention_mask": mask}))
+    assert prompts == [[11, 12], [21]] and width == 3
+    prompts, width = prompt_token_lists(Batch(non_tensors={"prompt_token_ids": [[1, 2], [3]]}))
+    assert prompts == [[1, 2], [3]] and width is None
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        prompt_token_lists(Batch(non_tensors={"prompt_text": ["a", "b"]}))
+
+
+def test_build_rollout_batch_expands_uid_and_fields():
+    ids = torch.tensor([[PAD, 11, 12], [PAD, PAD, 21]])
+    prompt_batch = Batch(
+        {"input_ids": ids, "attention_mask": (ids != PAD).long(), "prompt_len": torch.tensor([2, 1])},
+        {"uid": ["a", "b"], "ground_truth": ["3", "4"], "data_source": ["x", "y"]},
+        {"step": 1},
+    )
+    out = build_rollout_batch(
+        prompt_batch, _outputs(), n=2, pad_token_id=PAD, response_length=4,
+        response_text=["r0", "r1", "r2", "r3"], seconds=2.0,
+    )
+    assert len(out) == 4
+    assert list(out["uid"]) == ["a", "a", "b", "b"]
+    assert list(out["ground_truth"]) == ["3", "3", "4", "4"]
+    assert list(out["finish_reason"]) == ["stop", "length", "stop", "stop"]
+    assert out["prompt_len"].tolist() == [2, 2, 1, 1]
+    assert out["input_ids"].shape == (4, 7) and out["prompts"].shape == (4, 3)
+    assert out.meta["step"] == 1
+    m = out.meta["rollout_metrics"]
+    assert m["rollout/response_tokens"] == 9 and m["rollout/tokens_per_s"] == 4.5
+    assert m["rollout/truncated_frac"] == 0.25
+
+
+def test_missing_uid_gets_one_per_prompt():
+    out = build_rollout_batch(
+        Batch(non_tensors={"prompt_token_ids": [[1], [2]]}), _outputs(), n=2, pad_token_id=PAD,
+        response_length=4, response_text=["a"] * 4,
+    )
+    uids = list(out["uid"])
+    assert uids[0] == uids[1] != uids[2] == uids[3]
+    assert "prompt_token_ids" not in out.non_tensors
+    assert isinstance(out["uid"], np.ndarray)
+
+
+def test_metrics_and_prompt_checks():
+    assert rollout_metrics([], 0.0)["rollout/tokens_per_s"] == 0.0
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        check_prompts([[1], []], 10, None)
+    with pytest.raises(ValueError, match="prompt 0 has token id 12 outside"):
+        check_prompts([[1, 12]], 10, None)
+    with pytest.raises(ValueError, match="max_model_len=3"):
+        check_prompts([[1, 2, 3]], 10, 3)
+    with pytest.raises(ValueError, match="2 tokens but 1 log-probs"):
+        RolloutOutput(0, (1, 2), (-1.0,), "stop")

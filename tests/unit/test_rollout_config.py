@@ -1,0 +1,63 @@
+"""RolloutConfig / SamplingConfig validation and the training vs validation blocks."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from fipo_trainer.rollout.config import RolloutConfig, SamplingConfig, ValSamplingConfig
+from fipo_trainer.rollout.worker import rollout_config_from
+
+
+def test_defaults_validate_and_split_train_val():
+    cfg = RolloutConfig(n=4, temperature=0.9, top_p=0.95, top_k=20, max_tokens=64, seed=7)
+    cfg.validate()
+    train = cfg.sampling()
+    assert (train.n, train.temperature, train.top_p, train.top_k, train.max_tokens) == (4, 0.9, 0.95, 20, 64)
+    assert train.seed is None  # fresh samples every step; the engine seed fixes the run
+    val = cfg.val_sampling()
+    assert (val.n, val.temperature, val.max_tokens, val.greedy) == (1, 0.0, 64, True)
+    cfg.val = ValSamplingConfig(n=8, temperature=1.0, top_p=0.7, max_tokens=32, seed=3)
+    val = cfg.val_sampling()
+    assert (val.n, val.top_p, val.max_tokens, val.seed) == (8, 0.7, 32, 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"engine": "sglang"}, "rollout.engine"),
+        ({"n": 0}, r"rollout\.n must be >= 1"),
+        ({"temperature": -1.0}, "rollout.temperature"),
+        ({"top_p": 0.0}, "rollout.top_p"),
+        ({"top_k": 0}, "rollout.top_k"),
+        ({"max_tokens": 0}, "rollout.max_tokens"),
+        ({"max_model_len": 64, "max_tokens": 64}, "rollout.max_model_len"),
+        ({"tensor_parallel_size": 0}, "rollout.tensor_parallel_size"),
+        ({"gpu_memory_utilization": 1.5}, "rollout.gpu_memory_utilization"),
+        ({"dtype": "fp8"}, "rollout.dtype"),
+        ({"sleep_level": 3}, "rollout.sleep_level"),
+        ({"temperature": 0.0, "n": 4}, "identical greedy"),
+        ({"val": ValSamplingConfig(n=4, temperature=0.0)}, r"rollout\.val\.n"),
+    ],
+)
+def test_bad_values_name_the_key(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RolloutConfig(**kwargs).validate()
+
+
+def test_sampling_config_validates_alone():
+    SamplingConfig(n=2, temperature=0.5).validate()
+    with pytest.raises(ValueError, match="val.top_p"):
+        SamplingConfig(top_p=2.0).validate("val")
+
+
+def test_structured_config_and_dict_round_trip():
+    node = OmegaConf.structured(RolloutConfig)
+    node.n = 2
+    node.val.temperature = 0.6
+    node.val.n = 3
+    as_dict = OmegaConf.to_container(node)
+    cfg = rollout_config_from(as_dict)
+    assert isinstance(cfg.val, ValSamplingConfig) and cfg.val.n == 3 and cfg.n == 2
+    with pytest.raises(ValueError, match="unknown rollout config keys"):
+        rollout_config_from({"temprature": 1.0})
