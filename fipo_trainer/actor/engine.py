@@ -108,13 +108,19 @@ def build_optimizer(model: torch.nn.Module, config: ActorConfig) -> torch.optim.
 
 
 def load_model(config: ActorConfig, platform: Platform, ds_config: dict[str, Any]):
-    """Load the HF causal LM; under ZeRO-3 it is created partitioned (zero.Init).
+    """Load the HF causal LM (dropout disabled); under ZeRO-3 it is created partitioned.
 
     Returns (model, keepalive): keep ``keepalive`` referenced while the engine lives, it is
     what tells transformers to load under ZeRO-3.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    # Dropout off: old log-probs and the training forward must be the same function
+    # (the module stays in train mode for gradient checkpointing).
+    hf_config = AutoConfig.from_pretrained(config.model_path)
+    for key, value in list(vars(hf_config).items()):
+        if "dropout" in key and isinstance(value, float):
+            setattr(hf_config, key, 0.0)
     keepalive = None
     if config.zero_stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
@@ -122,6 +128,7 @@ def load_model(config: ActorConfig, platform: Platform, ds_config: dict[str, Any
         keepalive = HfDeepSpeedConfig(ds_config)
     model = AutoModelForCausalLM.from_pretrained(
         config.model_path,
+        config=hf_config,
         dtype=platform.dtype,
         attn_implementation=platform.attn_implementation,
     )

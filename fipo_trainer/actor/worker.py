@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,13 @@ class DeepSpeedActorWorker(Worker):
 
     def __init__(self, config: ActorConfig | dict[str, Any]) -> None:
         super().__init__()
+        # DeepSpeed's comm layer calls torch's deprecated collective names on every step.
+        warnings.filterwarnings(
+            "ignore",
+            message=r".*is deprecated.*",
+            category=FutureWarning,
+            module=r"torch\.distributed",
+        )
         self.config = ActorConfig.coerce(config)
         self.platform = current_platform()
         if self.platform.is_cuda:
@@ -172,6 +180,7 @@ class DeepSpeedActorWorker(Worker):
         width = batch["responses"].shape[1]
         prompt_width = input_ids.shape[1] - width
         lengths = attn.sum(-1).tolist()
+        self.engine.train()  # same mode as update_policy (dropout is disabled at load)
         out = torch.zeros(len(batch), width, dtype=torch.float32)
         ent_out = torch.zeros(len(batch), width, dtype=torch.float32) if with_entropy else None
         for rows in self._mini_batches(batch):
@@ -391,6 +400,50 @@ class DeepSpeedActorWorker(Worker):
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 out[name] = t.detach().cpu().clone()
         return out
+
+    # ------------------------------------------------------------------ weight sync
+    # (added by the rollout helper; protocol in fipo_trainer.cluster.weight_sync)
+    def init_weight_sync(
+        self,
+        host: str | None,
+        port: int,
+        world_size: int,
+        *,
+        timeout_s: float = 300.0,
+        group_name: str = "default",
+        connect: bool = True,
+    ) -> tuple[str, int] | None:
+        """Rank 0: become rank 0 of the actor->rollout sync group (``port=0``: a free port).
+
+        Returns (host, port). With ``connect=False`` only the store is opened; then call
+        ``connect_weight_sync`` concurrently with the rollout workers' ``init_weight_sync``.
+        """
+        if self.rank != 0:
+            return None
+        from fipo_trainer.cluster.weight_sync import WeightSyncSender
+
+        self._weight_sync = WeightSyncSender(
+            world_size, host, port, timeout_s=timeout_s, group_name=group_name, connect=connect
+        )
+        return self._weight_sync.host, self._weight_sync.port
+
+    def connect_weight_sync(self) -> None:
+        if self.rank == 0:
+            self._weight_sync.connect()
+
+    def sync_weights(self, bucket_bytes: int = SYNC_BUCKET_BYTES) -> dict[str, float]:
+        """Broadcast the current weights from rank 0 to the rollout workers (``sync/*``
+        metrics on rank 0, {} elsewhere). Under ZeRO-3 call it on every rank: the gathers
+        are collectives."""
+        stream = self.state_dict_for_sync(bucket_bytes)
+        if self.rank != 0:
+            for _ in stream:
+                pass
+            return {}
+        sender = getattr(self, "_weight_sync", None)
+        if sender is None:
+            raise RuntimeError("sync_weights() before init_weight_sync() on actor rank 0")
+        return sender.send(stream, bucket_bytes).metrics()
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str) -> str:

@@ -109,7 +109,7 @@ def get_policy_loss(name: str) -> PolicyLossFn:
     if name not in POLICY_LOSSES:
         raise ValueError(
             f"unknown policy loss {name!r}; registered: {sorted(POLICY_LOSSES)} "
-            "(set actor.policy_loss.name, or register one with @register_policy_loss)"
+            "(set actor.loss_name, or register one with @register_policy_loss)"
         )
     return POLICY_LOSSES[name]
 

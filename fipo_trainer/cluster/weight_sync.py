@@ -101,9 +101,13 @@ def plan_buckets(
     size = 0
     for name, tensor in named_tensors:
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"weight {name!r} is a {type(tensor).__name__}, expected a torch.Tensor")
+            raise TypeError(
+                f"weight {name!r} is a {type(tensor).__name__}, expected a torch.Tensor"
+            )
         if str(tensor.dtype) not in _DTYPES:
-            raise ValueError(f"weight {name!r} has dtype {tensor.dtype}, which weight sync cannot send")
+            raise ValueError(
+                f"weight {name!r} has dtype {tensor.dtype}, which weight sync cannot send"
+            )
         nbytes = _aligned(tensor.numel() * tensor.element_size())
         if bucket and size + nbytes > bucket_bytes:
             yield bucket
@@ -131,7 +135,9 @@ def pack_bucket(
     return metas, flat
 
 
-def unpack_bucket(metas: list[TensorMeta], flat: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+def unpack_bucket(
+    metas: list[TensorMeta], flat: torch.Tensor
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Views of ``flat`` with each tensor's dtype and shape (no copy)."""
     for m in metas:
         chunk = flat[m.offset : m.offset + m.nbytes]
@@ -139,7 +145,9 @@ def unpack_bucket(metas: list[TensorMeta], flat: torch.Tensor) -> Iterator[tuple
 
 
 def _encode(metas: list[TensorMeta]) -> bytes:
-    return json.dumps([[m.name, m.dtype, list(m.shape), m.offset, m.nbytes] for m in metas]).encode()
+    return json.dumps(
+        [[m.name, m.dtype, list(m.shape), m.offset, m.nbytes] for m in metas]
+    ).encode()
 
 
 def _decode(raw: bytes) -> list[TensorMeta]:
@@ -177,7 +185,9 @@ class _Endpoint:
         store: dist.Store | None = None,
     ):
         if world_size < 2:
-            raise ValueError(f"weight sync needs the sender and >= 1 receiver, got world_size={world_size}")
+            raise ValueError(
+                f"weight sync needs the sender and >= 1 receiver, got world_size={world_size}"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"weight sync rank {rank} is outside world_size {world_size}")
         plat = current_platform()
@@ -205,7 +215,12 @@ class _Endpoint:
             ) from exc
         logger.info(
             "weight sync rank %d/%d joined %s:%d (%s) in %.2fs",
-            rank, world_size, host, self.port, self.backend, time.perf_counter() - start,
+            rank,
+            world_size,
+            host,
+            self.port,
+            self.backend,
+            time.perf_counter() - start,
         )
 
     def _make_group(self, store: dist.Store, timeout: datetime.timedelta):
@@ -270,13 +285,21 @@ class WeightSyncSender(_Endpoint):
             return
         backend, timeout_s, group_name = self._args
         super().__init__(
-            self.host, self.port, self.world_size, 0,
-            backend=backend, timeout_s=timeout_s, group_name=group_name, store=self._store,
+            self.host,
+            self.port,
+            self.world_size,
+            0,
+            backend=backend,
+            timeout_s=timeout_s,
+            group_name=group_name,
+            store=self._store,
         )
         self._connected = True
 
     def send(
-        self, named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEFAULT_BUCKET_BYTES
+        self,
+        named_tensors: Iterable[tuple[str, torch.Tensor]],
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     ) -> SyncStats:
         """Broadcast the stream in buckets; returns what was sent (and how long it took)."""
         if not self._connected:
@@ -286,7 +309,9 @@ class WeightSyncSender(_Endpoint):
         for bucket in plan_buckets(named_tensors, bucket_bytes):
             metas, flat = pack_bucket(bucket, self.device)
             header = torch.frombuffer(bytearray(_encode(metas)), dtype=torch.uint8).to(self.device)
-            self._broadcast(torch.tensor([header.numel(), flat.numel()], dtype=torch.int64, device=self.device))
+            self._broadcast(
+                torch.tensor([header.numel(), flat.numel()], dtype=torch.int64, device=self.device)
+            )
             self._broadcast(header)
             self._broadcast(flat)
             stats.buckets += 1
@@ -313,9 +338,17 @@ class WeightSyncReceiver(_Endpoint):
         group_name: str = "default",
     ):
         if rank == 0:
-            raise ValueError("rank 0 is the sender (actor rank 0); rollout workers take ranks 1..W-1")
+            raise ValueError(
+                "rank 0 is the sender (actor rank 0); rollout workers take ranks 1..W-1"
+            )
         super().__init__(
-            host, port, world_size, rank, backend=backend, timeout_s=timeout_s, group_name=group_name
+            host,
+            port,
+            world_size,
+            rank,
+            backend=backend,
+            timeout_s=timeout_s,
+            group_name=group_name,
         )
         self.last_stats = SyncStats()
 
@@ -340,3 +373,103 @@ class WeightSyncReceiver(_Endpoint):
             yield from unpack_bucket(metas, flat)
         stats.seconds = time.perf_counter() - start
         self.last_stats = stats
+
+
+# --------------------------------------------------------------------------- driver side
+def _handles(group) -> list:
+    """Ray actor handles of a ``WorkerGroup`` or of a role object holding one (``.workers``)."""
+    inner = getattr(group, "workers", group)
+    actors = getattr(inner, "actors", None)
+    if actors is None:
+        raise TypeError(
+            f"expected a WorkerGroup (or an object with .workers), got {type(group).__name__}"
+        )
+    return list(actors)
+
+
+def _wait_all(labelled_refs: list[tuple[str, object]], timeout_s: float | None) -> list:
+    """Wait for refs of several roles at once; the first failure is raised naming its role/rank
+    (the others may be blocked in a collective with it and would never return)."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayError
+
+    label = {ref: name for name, ref in labelled_refs}
+    order = [ref for _, ref in labelled_refs]
+    results: dict = {}
+    pending = list(order)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while pending:
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not ready:
+            raise GetTimeoutError(
+                f"weight sync: {[label[r] for r in pending]} did not finish within {timeout_s:.0f}s"
+            )
+        for ref in ready:
+            try:
+                results[ref] = ray.get(ref)
+            except RayError as err:
+                raise RuntimeError(f"weight sync: {label[ref]} failed: {err}") from err
+    return [results[r] for r in order]
+
+
+def connect_weight_sync(
+    actor_group, rollout_group, *, timeout_s: float = 300.0, group_name: str = "default"
+) -> tuple[str, int]:
+    """Form the sync group: actor rank 0 (rank 0) + every rollout worker (ranks 1..R).
+
+    Actor rank 0 needs ``init_weight_sync(host, port, world_size, timeout_s=, group_name=,
+    connect=False)`` returning its (host, port) (``port=0``: a free one) and
+    ``connect_weight_sync()``; rollout workers need
+    ``init_weight_sync(host, port, world_size, rank, timeout_s=, group_name=)``.
+    """
+    actors, rollouts = _handles(actor_group), _handles(rollout_group)
+    world = 1 + len(rollouts)
+    opened = actors[0].init_weight_sync.remote(
+        None, 0, world, timeout_s=timeout_s, group_name=group_name, connect=False
+    )
+    host, port = _wait_all([("actor rank 0", opened)], timeout_s)[0]
+    refs = [("actor rank 0", actors[0].connect_weight_sync.remote())]
+    refs += [
+        (
+            f"rollout worker {i}",
+            r.init_weight_sync.remote(
+                host, port, world, i + 1, timeout_s=timeout_s, group_name=group_name
+            ),
+        )
+        for i, r in enumerate(rollouts)
+    ]
+    _wait_all(refs, timeout_s + 30)
+    return host, port
+
+
+def sync_weights(
+    actor_group,
+    rollout_group,
+    *,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    timeout_s: float | None = 600.0,
+) -> dict[str, float]:
+    """Push the actor's current weights to every rollout engine; returns ``sync/*`` metrics.
+
+    Every actor rank runs ``sync_weights`` (ZeRO-3 gathers are collectives), rank 0 sends;
+    every rollout worker runs ``receive_weights`` and loads the stream into its engine.
+    """
+    actors, rollouts = _handles(actor_group), _handles(rollout_group)
+    start = time.perf_counter()
+    refs = [(f"actor rank {i}", a.sync_weights.remote(bucket_bytes)) for i, a in enumerate(actors)]
+    refs += [(f"rollout worker {i}", r.receive_weights.remote()) for i, r in enumerate(rollouts)]
+    results = _wait_all(refs, timeout_s)
+    sent: dict[str, float] = results[0]
+    received: list[dict[str, float]] = results[len(actors) :]
+    for i, got in enumerate(received):
+        if got.get("sync/bytes") != sent.get("sync/bytes"):
+            raise RuntimeError(
+                f"weight sync: rollout worker {i} received {got.get('sync/bytes')} bytes, actor sent "
+                f"{sent.get('sync/bytes')}"
+            )
+    return {
+        **sent,
+        "sync/wall_seconds": time.perf_counter() - start,
+        "sync/load_seconds_max": max((g["sync/seconds"] for g in received), default=0.0),
+    }

@@ -23,7 +23,11 @@ _ANSWER_RE = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
 
 @dataclass(frozen=True)
 class ArithmeticTask:
-    """Settings of the arithmetic task; ``digits`` bounds both operands (``*`` uses a 1-digit right operand)."""
+    """Settings of the arithmetic task.
+
+    Each operand has 1..``digits`` digits (length drawn uniformly, so short, easy problems
+    give a freshly warm-started model partial accuracy); ``*`` uses a 1-digit right operand.
+    """
 
     digits: int = 2
     ops: tuple[str, ...] = ("+", "-")
@@ -43,14 +47,18 @@ class ArithmeticTask:
 
 def sample_problem(rng: random.Random, task: ArithmeticTask) -> tuple[str, int]:
     """Draw one ``(expression, result)``; subtraction keeps results non-negative."""
-    hi = 10**task.digits - 1
     op = rng.choice(task.ops)
-    a = rng.randint(0, hi)
-    b = rng.randint(0, 9) if op == "*" else rng.randint(0, hi)
+    a = _operand(rng, rng.randint(1, task.digits))
+    b = rng.randint(0, 9) if op == "*" else _operand(rng, rng.randint(1, task.digits))
     if op == "-" and b > a:
         a, b = b, a
     result = a + b if op == "+" else a - b if op == "-" else a * b
     return f"{a}{op}{b}", result
+
+
+def _operand(rng: random.Random, digits: int) -> int:
+    """A number with exactly ``digits`` digits (0 counts as one digit)."""
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
 
 
 def solution_text(expr: str, result: int) -> str:

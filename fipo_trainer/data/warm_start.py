@@ -27,7 +27,9 @@ def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def sft_tensors(tokenizer: Any, pairs: Sequence[tuple[list[dict[str, str]], str]]) -> dict[str, torch.Tensor]:
+def sft_tensors(
+    tokenizer: Any, pairs: Sequence[tuple[list[dict[str, str]], str]]
+) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``/``attention_mask``/``labels`` (labels only on the response + EOS)."""
     seqs, labels = [], []
     for messages, response in pairs:
@@ -112,5 +114,7 @@ def greedy_accuracy(
             pad_token_id=pad,
         )
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        correct += sum(is_correct(t, r["reward_model"]["ground_truth"]) for t, r in zip(texts, chunk))
+        correct += sum(
+            is_correct(t, r["reward_model"]["ground_truth"]) for t, r in zip(texts, chunk)
+        )
     return correct / max(1, len(rows))

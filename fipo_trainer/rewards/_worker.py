@@ -85,6 +85,14 @@ def _exit_when_orphaned(parent_pid: int) -> None:
             os._exit(3)
 
 
+def _describe(exc: BaseException) -> str:
+    try:
+        text = f"{type(exc).__name__}: {exc}"
+    except Exception:  # an exception whose __str__ fails
+        text = type(exc).__name__
+    return text[:2000]
+
+
 def worker_main(conn: Connection) -> None:
     """Serve grading tasks on ``conn`` until told to stop or the parent goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and shuts us down
@@ -110,7 +118,7 @@ def worker_main(conn: Connection) -> None:
                 score, acc, pred = graders[grader](response, ground_truth, data_source, extra_info)
                 message = ("r", idx, float(score), bool(acc), str(pred))
             except BaseException as exc:  # a grader must never take the worker down
-                message = ("e", idx, f"{type(exc).__name__}: {exc}"[:2000])
+                message = ("e", idx, _describe(exc))
             conn.send(message)
         conn.send(("d",))
 

@@ -47,7 +47,8 @@ class RewardConfig:
     num_workers: int | None = None
     #: Items per task sent to a worker: the cheap DAPO rule is batched to cut IPC cost.
     dapo_chunk_size: int = 128
-    chunk_size: int = 8
+    #: Items per task for other graders (math-verify chunks keep a prompt's group together).
+    chunk_size: int = 16
     #: Seconds a new worker may take to import and warm up before grade() gives up.
     startup_timeout_s: float = 180.0
     # DAPO overlong reward shaping (on the response length in tokens).
@@ -58,6 +59,11 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         self.routes = {str(k): str(v) for k, v in dict(self.routes).items()}
+        self.validate(complete=False)
+
+    def validate(self, complete: bool = True) -> None:
+        """Check every field (again, after edits); ``complete=False`` allows
+        ``max_response_length`` to be filled in later by the trainer."""
         for source, grader in self.routes.items():
             if grader not in BUILTIN_GRADERS:
                 raise ValueError(
@@ -85,17 +91,19 @@ class RewardConfig:
             )
         if self.dapo_chunk_size < 1 or self.chunk_size < 1:
             raise ValueError("reward.dapo_chunk_size and reward.chunk_size must be >= 1")
-        if self.overlong_buffer_enable:
-            if self.max_response_length is None:
+        if not self.overlong_buffer_enable:
+            return
+        if self.max_response_length is None:
+            if complete:
                 raise ValueError(
                     "reward.overlong_buffer_enable needs reward.max_response_length "
-                    "(set it to rollout.response_length)"
+                    "(the rollout's maximum response length in tokens)"
                 )
-            if not 0 < self.overlong_buffer_len <= self.max_response_length:
-                raise ValueError(
-                    f"reward.overlong_buffer_len = {self.overlong_buffer_len} must be in "
-                    f"(0, max_response_length={self.max_response_length}]"
-                )
+        elif not 0 < self.overlong_buffer_len <= self.max_response_length:
+            raise ValueError(
+                f"reward.overlong_buffer_len = {self.overlong_buffer_len} must be in "
+                f"(0, max_response_length={self.max_response_length}]"
+            )
 
     @property
     def correct_score(self) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -122,6 +123,6 @@ def normalize_result(value: Any) -> tuple[float, bool, str]:
 
 def _finite(value: Any) -> float:
     score = float(value)
-    if score != score or score in (float("inf"), float("-inf")):
+    if not math.isfinite(score):
         raise ValueError(f"custom reward returned a non-finite score {score}")
     return score

@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -94,7 +95,10 @@ class _Worker:
 
     def release(self, *, kill: bool) -> None:
         if kill and self.alive():
-            self.proc.kill()
+            try:  # the worker leads its own process group: take its children down too
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                self.proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
         self.conn.close()
@@ -123,6 +127,7 @@ class RewardPool:
 
     def __init__(self, config: RewardConfig | None = None, *, start: bool = True) -> None:
         self.config = config if config is not None else RewardConfig()
+        self.config.validate()
         if self.config.custom_function is not None:
             # Fail here, with a clear message, rather than inside every worker.
             path, name = split_spec(self.config.custom_function)
@@ -142,6 +147,11 @@ class RewardPool:
     def num_workers(self) -> int:
         return self.config.resolved_num_workers
 
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the current workers (for monitoring; they change on replacement)."""
+        return [w.proc.pid for w in self._workers]
+
     def _spawn(self) -> _Worker:
         parent_sock, child_sock = socket.socketpair()
         env = dict(os.environ)
@@ -153,6 +163,7 @@ class RewardPool:
                 pass_fds=(fd,),
                 stdin=subprocess.DEVNULL,
                 env=env,
+                start_new_session=True,
             )
         finally:
             child_sock.close()
@@ -160,7 +171,8 @@ class RewardPool:
         sentinel = None
         with contextlib.suppress(AttributeError, OSError):  # pidfd: Linux >= 5.3
             sentinel = os.pidfd_open(proc.pid)
-        conn.send(self.config)
+        with contextlib.suppress(OSError):  # died at once: _drain sees it and reports
+            conn.send(self.config)
         return _Worker(proc, conn, sentinel)
 
     def _fill(self) -> None:
@@ -218,6 +230,7 @@ class RewardPool:
         """
         self._check_open()
         cfg = self.config
+        cfg.validate()  # fields may have been edited since the pool was built
         n = len(responses)
         self._validate(responses, ground_truths, data_sources, response_lengths, extra_infos)
         t0 = time.perf_counter()
@@ -230,6 +243,8 @@ class RewardPool:
         queue: deque[list[tuple]] = deque()
         for grader in sorted(by_grader, key=lambda g: g == "dapo"):  # slow graders first
             idxs = by_grader[grader]
+            if grader == "math_verify":  # a group's responses share a worker's parsed gold
+                idxs.sort(key=lambda i: str(ground_truths[i]))
             size = cfg.dapo_chunk_size if grader == "dapo" else cfg.chunk_size
             for s in range(0, len(idxs), size):
                 queue.append(
@@ -263,11 +278,14 @@ class RewardPool:
         response = responses[i]
         if grader == "dapo":
             response = response[-TAIL_CHARS:]  # the rule never looks further back: less IPC
-        extra = extra_infos[i] if (extra_infos is not None and grader == "custom") else None
-        return (i, grader, response, str(ground_truths[i]), str(data_sources[i]), extra)
+        if grader == "custom":  # user functions get the ground truth and extra_info as they are
+            extra = extra_infos[i] if extra_infos is not None else None
+            return (i, grader, response, ground_truths[i], str(data_sources[i]), extra)
+        return (i, grader, response, str(ground_truths[i]), str(data_sources[i]), None)
 
-    @staticmethod
-    def _validate(responses, ground_truths, data_sources, response_lengths, extra_infos) -> None:
+    def _validate(
+        self, responses, ground_truths, data_sources, response_lengths, extra_infos
+    ) -> None:
         n = len(responses)
         named = {"ground_truths": ground_truths, "data_sources": data_sources}
         if response_lengths is not None:
@@ -277,6 +295,10 @@ class RewardPool:
         for name, seq in named.items():
             if len(seq) != n:
                 raise ValueError(f"grade(): {name} has {len(seq)} items but responses has {n}")
+        if self.config.overlong_buffer_enable and response_lengths is None:
+            raise ValueError(
+                "grade(): reward.overlong_buffer_enable is set but response_lengths is None"
+            )
         for i, r in enumerate(responses):
             if not isinstance(r, str):
                 raise ValueError(f"grade(): responses[{i}] is {type(r).__name__}, expected str")
@@ -285,6 +307,14 @@ class RewardPool:
                 raise ValueError(
                     f"grade(): ground_truths[{i}] is None (check reward_model.ground_truth)"
                 )
+        if self.config.custom_function is None:
+            for i, g in enumerate(ground_truths):
+                if isinstance(g, (list, tuple, dict, set)) or getattr(g, "ndim", 0) > 0:
+                    raise ValueError(
+                        f"grade(): ground_truths[{i}] is a {type(g).__name__}; the built-in "
+                        "graders compare against one answer string (use reward.custom_function "
+                        "for structured ground truths)"
+                    )
 
     def _dispatch(self, queue: deque) -> None:
         for w in self._workers:
@@ -304,7 +334,7 @@ class RewardPool:
         now = time.monotonic()
         deadlines = [w.item_started + cfg.timeout_s for w in self._workers if w.task]
         deadlines += [w.started_at + cfg.startup_timeout_s for w in self._workers if not w.ready]
-        timeout = max(0.0, min(deadlines) - now) if deadlines else None
+        timeout = max(0.0, min(deadlines) - now) if deadlines else 5.0
         handles = [h for w in self._workers for h in w.handles]
         ready = set(wait(handles, timeout=timeout))
         for w in list(self._workers):
@@ -314,10 +344,12 @@ class RewardPool:
         now = time.monotonic()
         for w in list(self._workers):
             if w.task and now - w.item_started >= cfg.timeout_s:
-                idx = w.task[w.pos][0]
-                out.fail(idx, "timeout", f"grader exceeded reward.timeout_s={cfg.timeout_s:g} s")
-                self.totals["timeouts"] += 1
-                self._requeue_rest(w, queue)
+                if w.pos < len(w.task):  # else it hangs after its last item: nothing to charge
+                    idx = w.task[w.pos][0]
+                    message = f"grader exceeded reward.timeout_s={cfg.timeout_s:g} s"
+                    out.fail(idx, "timeout", message)
+                    self.totals["timeouts"] += 1
+                    self._requeue_rest(w, queue)
                 self._retire(w, kill=True)
                 self.totals["worker_restarts"] += 1
             elif not w.ready and now - w.started_at >= cfg.startup_timeout_s:
@@ -345,7 +377,7 @@ class RewardPool:
         with contextlib.suppress(subprocess.TimeoutExpired):
             w.proc.wait(5)
         code = w.proc.returncode
-        if w.task and out is not None and queue is not None:
+        if w.task and w.pos < len(w.task) and out is not None and queue is not None:
             idx = w.task[w.pos][0]
             out.fail(idx, "error", f"grader process died (exit code {code})")
             self.totals["errors"] += 1
@@ -394,10 +426,6 @@ class RewardPool:
             if out.status[i] != "ok":
                 out.scores[i] = cfg.failure_score
         if cfg.overlong_buffer_enable:
-            if response_lengths is None:
-                raise ValueError(
-                    "grade(): reward.overlong_buffer_enable is set but response_lengths is None"
-                )
             penalties = overlong_penalties(
                 response_lengths,
                 cfg.max_response_length,

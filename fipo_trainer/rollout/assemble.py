@@ -60,7 +60,9 @@ def assemble_responses(
     width = max((len(p) for p in prompts), default=0)
     if prompt_width is not None:
         if prompt_width < width:
-            raise ValueError(f"prompt_width {prompt_width} is shorter than the longest prompt ({width})")
+            raise ValueError(
+                f"prompt_width {prompt_width} is shorter than the longest prompt ({width})"
+            )
         width = prompt_width
     rows = len(outputs)
     prompt_t = torch.full((rows, width), pad_token_id, dtype=torch.long)
@@ -71,14 +73,18 @@ def assemble_responses(
     for row, out in enumerate(outputs):
         expected = row // n
         if out.prompt_index != expected:
-            raise ValueError(f"response {row} belongs to prompt {out.prompt_index}, expected {expected}")
+            raise ValueError(
+                f"response {row} belongs to prompt {out.prompt_index}, expected {expected}"
+            )
         p = prompts[expected]
         if len(p):
             prompt_t[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
             prompt_mask[row, width - len(p) :] = 1
         length = len(out.token_ids)
         if length > response_length:
-            raise ValueError(f"response {row} has {length} tokens > response_length {response_length}")
+            raise ValueError(
+                f"response {row} has {length} tokens > response_length {response_length}"
+            )
         if length:
             resp_t[row, :length] = torch.tensor(out.token_ids, dtype=torch.long)
             resp_mask[row, :length] = 1
@@ -129,15 +135,23 @@ def build_rollout_batch(
     response_length: int,
     response_text: Sequence[str],
     seconds: float = 0.0,
+    prompt_width: int | None = None,
 ) -> Batch:
     """The per-response ``Batch`` for a prompt ``batch`` and the engine's outputs."""
     prompts, width = prompt_token_lists(batch)
+    width = prompt_width or width
     tensors = assemble_responses(
-        prompts, outputs, n=n, pad_token_id=pad_token_id,
-        response_length=response_length, prompt_width=width,
+        prompts,
+        outputs,
+        n=n,
+        pad_token_id=pad_token_id,
+        response_length=response_length,
+        prompt_width=width,
     )
     extra_tensors = {
-        k: t.repeat_interleave(n, dim=0) for k, t in batch.tensors.items() if k not in _PROMPT_TENSORS
+        k: t.repeat_interleave(n, dim=0)
+        for k, t in batch.tensors.items()
+        if k not in _PROMPT_TENSORS
     }
     non_tensors = expand_non_tensors(batch, n)
     non_tensors["response_text"] = np.array(list(response_text), dtype=object)

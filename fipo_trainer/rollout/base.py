@@ -66,7 +66,9 @@ class RolloutEngine(Protocol):
     def shutdown(self) -> None: ...
 
 
-def check_prompts(prompt_token_ids: Sequence[Sequence[int]], vocab_size: int, max_len: int | None) -> None:
+def check_prompts(
+    prompt_token_ids: Sequence[Sequence[int]], vocab_size: int, max_len: int | None
+) -> None:
     """Reject empty prompts, out-of-vocabulary ids and over-long prompts with the row number."""
     for i, ids in enumerate(prompt_token_ids):
         if len(ids) == 0:

@@ -36,13 +36,17 @@ class SamplingConfig:
         if self.n < 1:
             raise ValueError(f"{prefix}.n must be >= 1, got {self.n}")
         if self.temperature < 0:
-            raise ValueError(f"{prefix}.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise ValueError(
+                f"{prefix}.temperature must be >= 0 (0 = greedy), got {self.temperature}"
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"{prefix}.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k == 0 or self.top_k < -1:
             raise ValueError(f"{prefix}.top_k must be -1 (off) or >= 1, got {self.top_k}")
         if self.max_tokens < 1:
-            raise ValueError(f"{prefix}.max_tokens (response length) must be >= 1, got {self.max_tokens}")
+            raise ValueError(
+                f"{prefix}.max_tokens (response length) must be >= 1, got {self.max_tokens}"
+            )
         if self.temperature == 0 and self.n > 1:
             raise ValueError(
                 f"{prefix}.n={self.n} with temperature=0 gives {self.n} identical greedy responses; "
@@ -106,7 +110,9 @@ class RolloutConfig:
         if self.engine not in ("vllm", "hf"):
             raise ValueError(f"rollout.engine must be 'vllm' or 'hf', got {self.engine!r}")
         if self.tensor_parallel_size < 1:
-            raise ValueError(f"rollout.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+            raise ValueError(
+                f"rollout.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}"
+            )
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
                 f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"

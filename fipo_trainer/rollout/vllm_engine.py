@@ -167,16 +167,19 @@ class VllmEngine:
         )
 
     # --- generation -----------------------------------------------------------------
-    def _sampling_params(self, sampling: SamplingConfig):
+    def _sampling_params(self, sampling: SamplingConfig, prompt_index: int = 0):
+        """vLLM's parameters; a per-call seed becomes ``seed + prompt_index`` so that equal
+        prompts in one call still draw different samples."""
         from vllm import SamplingParams
 
+        seed = None if sampling.seed is None else (sampling.seed + prompt_index) % (2**31 - 1)
         return SamplingParams(
             n=sampling.n,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k if sampling.top_k > 0 else -1,
             max_tokens=sampling.max_tokens,
-            seed=sampling.seed,
+            seed=seed,
             stop_token_ids=list(sampling.stop_token_ids) or None,
             ignore_eos=sampling.ignore_eos,
             logprobs=0,  # 0 = only the sampled token's log-prob
@@ -194,12 +197,18 @@ class VllmEngine:
             return []
         check_prompts(prompt_token_ids, self.vocab_size, self.max_model_len)
         prompts = [{"prompt_token_ids": list(map(int, ids))} for ids in prompt_token_ids]
-        results = self._llm.generate(prompts, self._sampling_params(sampling), use_tqdm=False)
+        if sampling.seed is None:
+            params = self._sampling_params(sampling)
+        else:
+            params = [self._sampling_params(sampling, i) for i in range(len(prompts))]
+        results = self._llm.generate(prompts, params, use_tqdm=False)
         outputs: list[RolloutOutput] = []
         for i, result in enumerate(results):
             completions = sorted(result.outputs, key=lambda c: c.index)
             if len(completions) != sampling.n:
-                raise RuntimeError(f"vLLM returned {len(completions)} responses for prompt {i}, expected {sampling.n}")
+                raise RuntimeError(
+                    f"vLLM returned {len(completions)} responses for prompt {i}, expected {sampling.n}"
+                )
             for c in completions:
                 outputs.append(
                     RolloutOutput(

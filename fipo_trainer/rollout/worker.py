@@ -31,7 +31,9 @@ def rollout_config_from(value: RolloutConfig | dict[str, Any]) -> RolloutConfig:
     if isinstance(value, RolloutConfig):
         return value
     if not isinstance(value, dict):
-        raise TypeError(f"rollout config must be a RolloutConfig or dict, got {type(value).__name__}")
+        raise TypeError(
+            f"rollout config must be a RolloutConfig or dict, got {type(value).__name__}"
+        )
     known = {f.name for f in dataclasses.fields(RolloutConfig)}
     unknown = sorted(set(value) - known)
     if unknown:
@@ -61,12 +63,18 @@ class RolloutWorker(Worker):
 
     # --- generation -----------------------------------------------------------------
     def generate_batch(
-        self, batch: Batch, sampling: SamplingConfig | None = None, *, validate: bool = False
+        self,
+        batch: Batch,
+        sampling: SamplingConfig | None = None,
+        *,
+        validate: bool = False,
+        prompt_width: int | None = None,
     ) -> Batch:
         """n responses per prompt row, consecutive, each carrying its prompt's ``uid``.
 
         ``sampling=None`` uses the config's training block (``validate=True``: the ``val``
-        block). Metrics of the call are in ``meta["rollout_metrics"]``.
+        block). ``prompt_width`` left-pads prompts to a common width (default: the input's
+        padded width, or the longest prompt). Metrics are in ``meta["rollout_metrics"]``.
         """
         if sampling is None:
             sampling = self.config.val_sampling() if validate else self.config.sampling()
@@ -74,7 +82,9 @@ class RolloutWorker(Worker):
         start = time.perf_counter()
         outputs = self.engine.generate(prompts, sampling)
         seconds = time.perf_counter() - start
-        texts = self.tokenizer.batch_decode([list(o.token_ids) for o in outputs], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(
+            [list(o.token_ids) for o in outputs], skip_special_tokens=True
+        )
         out = build_rollout_batch(
             batch,
             outputs,
@@ -83,6 +93,7 @@ class RolloutWorker(Worker):
             response_length=sampling.max_tokens,
             response_text=texts,
             seconds=seconds,
+            prompt_width=prompt_width,
         )
         out.meta["weights_version"] = self.weights_version
         return out
@@ -121,7 +132,9 @@ class RolloutWorker(Worker):
     def receive_weights(self) -> dict[str, float]:
         """Receive one broadcast from actor rank 0 and load it into the engine."""
         if self._receiver is None:
-            raise RuntimeError("receive_weights() before init_weight_sync(); join the sync group first")
+            raise RuntimeError(
+                "receive_weights() before init_weight_sync(); join the sync group first"
+            )
         start = time.perf_counter()
         self.engine.wake()
         stream = self._receiver.receive()
@@ -131,7 +144,9 @@ class RolloutWorker(Worker):
             # Drain whatever the engine did not consume, so the sender never blocks.
             leftover = sum(1 for _ in stream)
         if leftover:
-            raise RuntimeError(f"the rollout engine stopped after {count} tensors; {leftover} were not loaded")
+            raise RuntimeError(
+                f"the rollout engine stopped after {count} tensors; {leftover} were not loaded"
+            )
         self.weights_version += 1
         stats = self._receiver.last_stats
         return {
@@ -154,7 +169,9 @@ class RolloutWorker(Worker):
         self.engine.shutdown()
 
 
-def generate_on_workers(group, batch: Batch, sampling: SamplingConfig | None = None, *, validate: bool = False) -> Batch:
+def generate_on_workers(
+    group, batch: Batch, sampling: SamplingConfig | None = None, *, validate: bool = False
+) -> Batch:
     """Split prompt rows across a ``WorkerGroup`` of ``RolloutWorker`` and join the results.
 
     (``WorkerGroup.dispatch_dp`` assumes a method returns one row per input row; generation
@@ -163,9 +180,13 @@ def generate_on_workers(group, batch: Batch, sampling: SamplingConfig | None = N
     """
     if len(batch) == 0:
         raise ValueError("generate_on_workers got an empty prompt batch")
+    prompts, width = prompt_token_lists(batch)
+    width = width or max(len(p) for p in prompts)  # one prompt width for every shard
     shards = batch.chunk(min(group.world_size, len(batch)))
     refs = [
-        group.actors[r].generate_batch.remote(shard, sampling, validate=validate)
+        group.actors[r].generate_batch.remote(
+            shard, sampling, validate=validate, prompt_width=width
+        )
         for r, shard in enumerate(shards)
     ]
     results: list[Batch] = group.get(refs, "generate_batch")

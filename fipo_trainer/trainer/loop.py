@@ -199,9 +199,12 @@ class RLTrainer:
             actor_world_size=res.actor_world_size,
             rollout_world_size=res.rollout_workers,
             rollout_gpus_per_worker=cfg.rollout.tensor_parallel_size,
+            cpus_per_slot=None if res.gpus_per_node else res.cpus_per_actor_worker,
         )
         self.reward_pool = RewardPool(cfg.reward)
-        self.actor = ActorGroup(cfg.actor, res.actor_world_size, pool=self.placements["actor"])
+        self.actor = ActorGroup(
+            cfg.actor.to_actor_config(), res.actor_world_size, pool=self.placements["actor"]
+        )
         self.rollout = WorkerGroup(
             RolloutWorker,
             res.rollout_workers,
@@ -211,33 +214,14 @@ class RLTrainer:
         )
         self._roles_started = True
 
-    def _init_weight_sync(self) -> None:
-        """Dedicated collective group: actor rank 0 (rank 0) + every rollout worker."""
-        from fipo_trainer.cluster.worker import free_port, node_ip
-
-        host = self.actor.workers.execute_rank(0, "run", node_ip)
-        port = self.actor.workers.execute_rank(0, "run", free_port)
-        world = 1 + self.rollout.world_size
-        refs = [
-            a.init_weight_sync.remote(host, port, world, 1 + r)
-            for r, a in enumerate(self.rollout.actors)
-        ]
-        sender = self.actor.workers.actors[0].init_weight_sync.remote(host, port, world)
-        self.rollout.get([*refs, sender], "init_weight_sync")
-        self._sync_ready = True
-
     def sync_weights(self) -> dict[str, float]:
-        """Actor rank 0 → all rollout engines, bucketed; returns sync metrics."""
+        """Actor → every rollout engine over the dedicated sync group, in buckets."""
+        from fipo_trainer.cluster.weight_sync import connect_weight_sync, sync_weights
+
         if not self._sync_ready:
-            self._init_weight_sync()
-        start = time.perf_counter()
-        recv = [a.receive_weights.remote() for a in self.rollout.actors]
-        send = self.actor.workers.actors[0].sync_weights.remote()
-        results = self.rollout.get([send, *recv], "weight sync")
-        sent = results[0] or {}
-        metrics = {k: float(v) for k, v in sent.items() if isinstance(v, (int, float))}
-        metrics["sync/seconds"] = time.perf_counter() - start
-        return metrics
+            connect_weight_sync(self.actor.workers, self.rollout)
+            self._sync_ready = True
+        return sync_weights(self.actor.workers, self.rollout)
 
     # ----------------------------------------------------------------- data
     def _build_data(self) -> None:

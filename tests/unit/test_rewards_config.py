@@ -42,7 +42,6 @@ def test_custom_routing_and_formats() -> None:
         ({"score_format": "0-10"}, "reward.score_format"),
         ({"timeout_s": 0}, "reward.timeout_s"),
         ({"num_workers": 0}, "reward.num_workers"),
-        ({"overlong_buffer_enable": True}, "reward.max_response_length"),
         (
             {
                 "overlong_buffer_enable": True,
@@ -56,6 +55,14 @@ def test_custom_routing_and_formats() -> None:
 def test_invalid_config_names_the_key(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         RewardConfig(**kwargs)
+
+
+def test_max_response_length_may_be_filled_in_later() -> None:
+    cfg = RewardConfig(overlong_buffer_enable=True)  # a trainer sets max_response_length later
+    with pytest.raises(ValueError, match=r"reward\.max_response_length"):
+        cfg.validate()
+    cfg.max_response_length = 20480
+    cfg.validate()
 
 
 def test_overlong_penalty_matches_dapo_schedule() -> None:

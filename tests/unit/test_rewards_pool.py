@@ -10,6 +10,9 @@ import pytest
 from fipo_trainer.rewards import RewardConfig, RewardPool, dapo
 from fipo_trainer.rewards import math_verify as mv
 
+# A regression that loses an item would make grade() wait forever: fail instead.
+pytestmark = pytest.mark.timeout(90)
+
 TIMEOUT_S = 2.0
 # A timed-out item costs the timeout plus a worker restart (a fresh interpreter, < 2 s here).
 PER_FAILURE_BUDGET_S = TIMEOUT_S + 4.0
@@ -34,6 +37,13 @@ def score(response, ground_truth, data_source=None, extra_info=None):
         raise ValueError("boom")
     if response == "nan":
         return float("nan")
+    if response == "child-hang":  # a grader that starts its own process, then hangs
+        import subprocess
+
+        child = subprocess.Popen(["sleep", "1000"])
+        with open(extra_info["pid_file"], "w") as f:
+            f.write(str(child.pid))
+        time.sleep(10_000)
     if response == "echo":
         return {"score": 0.5, "acc": True, "pred": f"{data_source}|{extra_info}"}
     return 1.0 if response == ground_truth else 0.0
@@ -160,6 +170,18 @@ def test_custom_function_gets_data_source_and_extra_info(custom_pool: RewardPool
     assert result.scores == [0.5] and result.acc == [True]
 
 
+def test_timeout_kills_the_graders_children(custom_pool: RewardPool, tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    result = custom_pool.grade(["child-hang"], ["1"], ["s"], extra_infos=[{"pid_file": pid_file}])
+    assert result.status == ["timeout"]
+    child_pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{child_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # killed with the worker's process group; init reaps it
+    status = Path(f"/proc/{child_pid}/stat")
+    assert not status.exists() or status.read_text().split(") ")[1].startswith("Z")
+
+
 def test_overlong_shaping_keeps_acc() -> None:
     cfg = RewardConfig(
         routes={},
@@ -182,6 +204,19 @@ def test_overlong_shaping_keeps_acc() -> None:
             pool.grade(["Answer: 1"], ["1"], ["x"])
 
 
+def test_worker_start_up_failure_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "fragile.py"
+    path.write_text(
+        "import sys\n"
+        "if sys.argv[0].endswith('_worker.py'):\n"
+        "    raise ImportError('missing dependency inside the worker')\n"
+        "def score(response, ground_truth):\n    return 1.0\n"
+    )
+    pool = RewardPool(RewardConfig(custom_function=f"{path}:score", num_workers=1))
+    with pool, pytest.raises(RuntimeError, match="missing dependency inside the worker"):
+        pool.grade(["a"], ["a"], ["s"])
+
+
 def test_bad_input_and_lifecycle(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"missing\.py"):
         RewardPool(RewardConfig(custom_function=f"{tmp_path}/missing.py:f"))
@@ -192,6 +227,8 @@ def test_bad_input_and_lifecycle(tmp_path: Path) -> None:
         pool.grade(["a", b"b"], ["1", "1"], ["x", "x"])
     with pytest.raises(ValueError, match=r"ground_truths\[0\] is None"):
         pool.grade(["a"], [None], ["x"])
+    with pytest.raises(ValueError, match=r"ground_truths\[1\] is a list.*custom_function"):
+        pool.grade(["a", "b"], ["1", ["1", "2"]], ["x", "x"])
     empty = pool.grade([], [], [])
     assert empty.scores == [] and empty.metrics["reward/timeouts"] == 0
     procs = [w.proc for w in pool._workers]

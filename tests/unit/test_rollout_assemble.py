@@ -44,7 +44,9 @@ def test_assemble_shapes_masks_positions():
 
 
 def test_assemble_keeps_given_prompt_width_and_rejects_misordered_outputs():
-    t = assemble_responses([[1], [2]], _outputs(), n=2, pad_token_id=PAD, response_length=3, prompt_width=5)
+    t = assemble_responses(
+        [[1], [2]], _outputs(), n=2, pad_token_id=PAD, response_length=3, prompt_width=5
+    )
     assert t["prompts"].shape == (4, 5)
     bad = _outputs()
     bad[1], bad[2] = bad[2], bad[1]
@@ -70,13 +72,22 @@ def test_prompt_token_lists_from_tensors_or_lists():
 def test_build_rollout_batch_expands_uid_and_fields():
     ids = torch.tensor([[PAD, 11, 12], [PAD, PAD, 21]])
     prompt_batch = Batch(
-        {"input_ids": ids, "attention_mask": (ids != PAD).long(), "prompt_len": torch.tensor([2, 1])},
+        {
+            "input_ids": ids,
+            "attention_mask": (ids != PAD).long(),
+            "prompt_len": torch.tensor([2, 1]),
+        },
         {"uid": ["a", "b"], "ground_truth": ["3", "4"], "data_source": ["x", "y"]},
         {"step": 1},
     )
     out = build_rollout_batch(
-        prompt_batch, _outputs(), n=2, pad_token_id=PAD, response_length=4,
-        response_text=["r0", "r1", "r2", "r3"], seconds=2.0,
+        prompt_batch,
+        _outputs(),
+        n=2,
+        pad_token_id=PAD,
+        response_length=4,
+        response_text=["r0", "r1", "r2", "r3"],
+        seconds=2.0,
     )
     assert len(out) == 4
     assert list(out["uid"]) == ["a", "a", "b", "b"]
@@ -92,8 +103,12 @@ def test_build_rollout_batch_expands_uid_and_fields():
 
 def test_missing_uid_gets_one_per_prompt():
     out = build_rollout_batch(
-        Batch(non_tensors={"prompt_token_ids": [[1], [2]]}), _outputs(), n=2, pad_token_id=PAD,
-        response_length=4, response_text=["a"] * 4,
+        Batch(non_tensors={"prompt_token_ids": [[1], [2]]}),
+        _outputs(),
+        n=2,
+        pad_token_id=PAD,
+        response_length=4,
+        response_text=["a"] * 4,
     )
     uids = list(out["uid"])
     assert uids[0] == uids[1] != uids[2] == uids[3]
@@ -111,3 +126,17 @@ def test_metrics_and_prompt_checks():
         check_prompts([[1, 2, 3]], 10, 3)
     with pytest.raises(ValueError, match="2 tokens but 1 log-probs"):
         RolloutOutput(0, (1, 2), (-1.0,), "stop")
+
+
+def test_common_prompt_width_for_list_prompts():
+    out = build_rollout_batch(
+        Batch(non_tensors={"prompt_token_ids": [[1], [2, 3]]}),
+        _outputs(),
+        n=2,
+        pad_token_id=PAD,
+        response_length=4,
+        response_text=["a"] * 4,
+        prompt_width=6,
+    )
+    assert out["prompts"].shape == (4, 6) and out["prompts"][3].tolist() == [0, 0, 0, 0, 2, 3]
+    assert out["input_ids"].shape == (4, 10)

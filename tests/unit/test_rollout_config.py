@@ -13,7 +13,13 @@ def test_defaults_validate_and_split_train_val():
     cfg = RolloutConfig(n=4, temperature=0.9, top_p=0.95, top_k=20, max_tokens=64, seed=7)
     cfg.validate()
     train = cfg.sampling()
-    assert (train.n, train.temperature, train.top_p, train.top_k, train.max_tokens) == (4, 0.9, 0.95, 20, 64)
+    assert (train.n, train.temperature, train.top_p, train.top_k, train.max_tokens) == (
+        4,
+        0.9,
+        0.95,
+        20,
+        64,
+    )
     assert train.seed is None  # fresh samples every step; the engine seed fixes the run
     val = cfg.val_sampling()
     assert (val.n, val.temperature, val.max_tokens, val.greedy) == (1, 0.0, 64, True)
@@ -47,7 +53,7 @@ def test_bad_values_name_the_key(kwargs, message):
 
 def test_sampling_config_validates_alone():
     SamplingConfig(n=2, temperature=0.5).validate()
-    with pytest.raises(ValueError, match="val.top_p"):
+    with pytest.raises(ValueError, match=r"val\.top_p"):
         SamplingConfig(top_p=2.0).validate("val")
 
 

@@ -1,0 +1,186 @@
+"""Console entry points: ``fipo-train`` (Hydra), ``fipo-eval``, ``fipo-data``, ``fipo-plot``.
+
+Why the config directory is located at run time: the Hydra tree (``configs/``, with the
+top-level ``recipes/`` linked in as the ``recipe`` group) lives next to the package in the
+repository, so an editable install finds it from this file; ``FIPO_CONFIG_DIR`` points
+elsewhere (a copied tree, a container). Heavy modules are imported inside the commands so
+``--help`` and ``--dry-run`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+CONFIG_DIR_ENV = "FIPO_CONFIG_DIR"
+CONFIG_NAME = "config"
+DRY_RUN_FLAG = "--dry-run"
+
+__all__ = [
+    "compose_config",
+    "config_dir",
+    "data_main",
+    "dry_run",
+    "eval_main",
+    "plot_main",
+    "train_main",
+]
+
+
+def config_dir() -> Path:
+    """The Hydra config directory: ``$FIPO_CONFIG_DIR`` or ``configs/`` of this checkout."""
+    env = os.environ.get(CONFIG_DIR_ENV)
+    path = Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+    if not (path / f"{CONFIG_NAME}.yaml").is_file():
+        raise FileNotFoundError(
+            f"Hydra config tree not found at {path} (no {CONFIG_NAME}.yaml): install "
+            f"fipo-trainer editable from its repository (pip install -e .) or set "
+            f"{CONFIG_DIR_ENV} to the repository's configs/ directory"
+        )
+    return path.resolve()
+
+
+def compose_config(overrides: Sequence[str] = (), *, directory: str | Path | None = None):
+    """Compose ``config.yaml`` with Hydra overrides (``recipe=NAME``, ``a.b=1``), no run dir."""
+    from hydra import compose, initialize_config_dir
+
+    import fipo_trainer.trainer.config  # noqa: F401 - registers the schema
+
+    with initialize_config_dir(str(directory or config_dir()), version_base=None):
+        return compose(config_name=CONFIG_NAME, overrides=list(overrides))
+
+
+def dry_run(overrides: Sequence[str]) -> int:
+    """Print the converted, derived config and the validation result; start nothing."""
+    from fipo_trainer.trainer.config import (
+        ConfigError,
+        config_to_yaml,
+        load_config,
+        validate_config,
+    )
+
+    try:
+        cfg = load_config(compose_config(overrides), build_model=False)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    text = config_to_yaml(cfg)
+    if cfg.model.tiny.enable and not cfg.model.path:
+        text = "# model.path: built at start from model.tiny (cached)\n" + text
+    print(text, end="")
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    try:
+        validate_config(cfg)  # logs its warnings
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print("config OK (dry run: nothing started)", file=sys.stderr)
+    return 0
+
+
+def _train_task(cfg) -> None:
+    """The Hydra task: convert (building the tiny model if asked), validate, run the loop."""
+    from fipo_trainer.trainer.config import ConfigError, load_config, validate_config
+
+    try:
+        # Validate before building the tiny model, then again with its path filled in;
+        # both before the heavy imports and before Ray starts.
+        validate_config(load_config(cfg, build_model=False))
+        train_cfg = load_config(cfg)
+        validate_config(train_cfg)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        sys.exit(2)
+    from fipo_trainer.trainer.loop import run_training
+
+    run_training(train_cfg)
+
+
+def train_main(argv: Sequence[str] | None = None) -> None:
+    """``fipo-train [--dry-run] [recipe=NAME] [key=value ...]`` (Hydra flags such as
+    ``--cfg job``, ``--help``, ``--multirun`` work as usual)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if DRY_RUN_FLAG in args:
+        sys.exit(dry_run([a for a in args if a != DRY_RUN_FLAG]))
+    import hydra
+
+    import fipo_trainer.trainer.config  # noqa: F401 - registers the schema
+
+    sys.argv = [sys.argv[0] if sys.argv else "fipo-train", *args]
+    main = hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base=None)
+    main(_train_task)()
+
+
+def eval_main(argv: Sequence[str] | None = None) -> None:
+    """``fipo-eval``: see fipo_trainer.trainer.evaluate."""
+    from fipo_trainer.trainer.evaluate import main
+
+    sys.exit(main(list(sys.argv[1:] if argv is None else argv)))
+
+
+def plot_main(argv: Sequence[str] | None = None) -> None:
+    """``fipo-plot``: see fipo_trainer.trainer.plot."""
+    from fipo_trainer.trainer.plot import main
+
+    sys.exit(main(list(sys.argv[1:] if argv is None else argv)))
+
+
+def _data_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fipo-data", description="Write the built-in datasets and models to disk."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    ar = sub.add_parser(
+        "arithmetic",
+        help="write the synthetic arithmetic task (rows of 'builtin:arithmetic') as files",
+    )
+    ar.add_argument("--out-dir", default="data/arithmetic", help="output directory")
+    ar.add_argument("--num-train", type=int, default=2000)
+    ar.add_argument("--num-val", type=int, default=64)
+    ar.add_argument("--digits", type=int, default=2)
+    ar.add_argument("--seed", type=int, default=0)
+    ar.add_argument("--format", choices=("parquet", "jsonl"), default="parquet")
+    tm = sub.add_parser(
+        "tiny-model", help="build (or reuse) the built-in tiny model; print its path"
+    )
+    tm.add_argument("--out-dir", default=None, help="default: the cache directory")
+    tm.add_argument("--hidden-size", type=int, default=64)
+    tm.add_argument("--num-layers", type=int, default=2)
+    tm.add_argument("--warm-start-steps", type=int, default=0)
+    tm.add_argument("--digits", type=int, default=2)
+    tm.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def data_main(argv: Sequence[str] | None = None) -> None:
+    """``fipo-data arithmetic|tiny-model ...``."""
+    args = _data_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.command == "arithmetic":
+        from fipo_trainer.data.synthetic import ArithmeticTask, make_rows, write_rows
+
+        task = ArithmeticTask(digits=args.digits)
+        out = Path(args.out_dir)
+        for split, count in (("train", args.num_train), ("val", args.num_val)):
+            rows = make_rows(count, seed=args.seed, task=task, split=split)
+            path = write_rows(rows, out / f"{split}.{args.format}")
+            print(f"{split}: {len(rows)} rows -> {path}")
+        return
+    from fipo_trainer.data.tiny_model import build_tiny_model
+
+    path = build_tiny_model(
+        args.out_dir,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        warm_start_steps=args.warm_start_steps,
+        task_digits=args.digits,
+        seed=args.seed,
+    )
+    print(path)
+
+
+if __name__ == "__main__":
+    train_main()

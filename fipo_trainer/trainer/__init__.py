@@ -1,0 +1,1 @@
+"""The RL loop and its services: config, checkpoints, tracking, validation metrics, plots, evaluation."""

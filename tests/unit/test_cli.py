@@ -1,0 +1,115 @@
+"""CLI wiring: Hydra composition from any directory, --cfg job, --dry-run, fipo-data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from fipo_trainer import cli
+from fipo_trainer.trainer.config import load_config
+
+BIN = Path(sys.executable).parent
+
+
+def run(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        args, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_cfg_job_prints_the_composed_recipe_without_running(tmp_path):
+    res = run(
+        [
+            sys.executable,
+            "-m",
+            "fipo_trainer.cli",
+            "--cfg",
+            "job",
+            "recipe=fipo_qwen2.5_32b_aime24",
+        ],
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    printed = OmegaConf.create(res.stdout)
+    assert printed.actor.ulysses_sequence_parallel_size == 8
+    assert printed.data.gen_batch_size == 2048
+    assert list(tmp_path.iterdir()) == []  # no run directory, nothing started
+
+
+def test_console_script_dry_run_prints_the_final_config(tmp_path):
+    script = BIN / "fipo-train"
+    assert script.exists(), "the package is not installed in this venv (pip install -e .)"
+    res = run([str(script), "--dry-run", "trainer.total_training_steps=7"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "config OK" in res.stderr
+    cfg = load_config(OmegaConf.create(res.stdout), build_model=False)
+    assert cfg.trainer.total_training_steps == 7
+    assert cfg.rollout.max_model_len == 56  # derived values are filled in
+    assert cfg.trainer.experiment_name == "quickstart_cpu"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_reports_validation_errors(tmp_path):
+    res = run(
+        [sys.executable, "-m", "fipo_trainer.cli", "--dry-run", "recipe=fipo_qwen2.5_32b_aime24"],
+        tmp_path,
+    )
+    assert res.returncode == 2
+    assert "actor.ulysses_sequence_parallel_size=8: sequence parallel is not implemented" in (
+        res.stderr
+    )
+    assert "data.train_files" in res.stderr
+
+
+def test_hydra_main_validates_before_starting_anything(tmp_path):
+    run_dir = tmp_path / "run"
+    res = run(
+        [str(BIN / "fipo-train"), "model=default", f"trainer.run_dir={run_dir}"],
+        tmp_path,
+    )
+    assert res.returncode == 2, res.stderr
+    assert "model.path is empty" in res.stderr
+    assert (run_dir / ".hydra" / "config.yaml").is_file()  # Hydra's record of the run
+
+
+def test_unknown_recipe_is_a_hydra_error():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="nope"):
+        cli.compose_config(["recipe=nope"])
+
+
+def test_config_dir_override_and_clear_error(monkeypatch, tmp_path):
+    assert (cli.config_dir() / "config.yaml").is_file()
+    monkeypatch.setenv(cli.CONFIG_DIR_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=cli.CONFIG_DIR_ENV):
+        cli.config_dir()
+
+
+def test_fipo_data_writes_the_builtin_arithmetic_rows(tmp_path, capsys):
+    import pandas as pd
+
+    from fipo_trainer.data.synthetic import make_rows
+
+    cli.data_main(["arithmetic", "--out-dir", str(tmp_path), "--num-train", "5", "--num-val", "3"])
+    train = pd.read_parquet(tmp_path / "train.parquet")
+    assert len(train) == 5 and len(pd.read_parquet(tmp_path / "val.parquet")) == 3
+    expected = make_rows(5, seed=0, split="train")
+    assert list(train["reward_model"].map(lambda r: r["ground_truth"])) == [
+        r["reward_model"]["ground_truth"] for r in expected
+    ]
+    assert "train: 5 rows" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("entry", "prog"), [("eval_main", "fipo-eval"), ("plot_main", "fipo-plot")]
+)
+def test_eval_and_plot_entry_points_delegate(entry, prog, capsys):
+    with pytest.raises(SystemExit) as info:
+        getattr(cli, entry)(["--help"])
+    assert info.value.code == 0
+    assert prog in capsys.readouterr().out

@@ -1,0 +1,120 @@
+"""Tracker: jsonl contents and resume, console with and without a terminal, tensorboard, errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from fipo_trainer.trainer.tracking import METRICS_FILE, Tracker, read_metrics
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _tracker(tmp_path, backends=("jsonl",), start_step=0, console=None, total=5):
+    return Tracker(list(backends), tmp_path, "proj", "exp", {"lr": 1e-6}, total, start_step, console=console)
+
+
+def test_jsonl_one_object_per_step_flushed_and_non_finite_as_null(tmp_path):
+    t = _tracker(tmp_path)
+    t.log({"reward/score_mean": 0.5, "actor/ppo_kl": float("nan"), "x": float("inf")}, step=1)
+    # readable before close: flushed every step
+    assert _lines(tmp_path / METRICS_FILE) == [
+        {"step": 1, "reward/score_mean": 0.5, "actor/ppo_kl": None, "x": None}
+    ]
+    t.log({"n": np.float32(2.0), "t": torch.tensor(3.0), "b": True, "s": "text"}, step=2)
+    t.close()
+    rows = _lines(tmp_path / METRICS_FILE)
+    assert rows[1] == {"step": 2, "n": 2.0, "t": 3.0, "b": 1.0}  # the string is dropped
+    with pytest.raises(RuntimeError, match="after close"):
+        t.log({"a": 1.0}, step=3)
+
+
+def test_resume_drops_steps_after_the_checkpoint_and_appends(tmp_path):
+    with _tracker(tmp_path) as t:
+        for step in range(0, 6):
+            t.log({"v": float(step)}, step=step)
+    # a crash mid-write leaves a torn last line
+    with (tmp_path / METRICS_FILE).open("a") as f:
+        f.write('{"step": 6, "v"')
+    with _tracker(tmp_path, start_step=3) as t:
+        for step in (4, 5, 6):
+            t.log({"v": 10.0 * step}, step=step)
+    rows = read_metrics(tmp_path / METRICS_FILE)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
+    assert [r["v"] for r in rows] == [0, 1, 2, 3, 40, 50, 60]
+    # a fresh run (start_step 0) starts a new file
+    with _tracker(tmp_path) as t:
+        t.log({"v": -1.0}, step=1)
+    assert _lines(tmp_path / METRICS_FILE) == [{"step": 1, "v": -1.0}]
+
+
+def test_console_without_terminal_prints_plain_lines(tmp_path):
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=False, width=60)
+    with _tracker(tmp_path, ("console",), console=console) as t:
+        for step in (1, 2):
+            t.log({"reward/score_mean": 0.25 * step, "val/mean@4": 0.5, "val/a/mean@4": 0.1, "actor/entropy": 1.5}, step)
+    out = buf.getvalue()
+    assert "\x1b[" not in out  # no escape codes in logs
+    lines = [line for line in out.splitlines() if "step " in line]
+    assert len(lines) == 2, out
+    assert "step 2/5" in lines[1] and "score=0.5" in lines[1] and "mean@4=0.5" in lines[1]
+    assert "ent=1.5" in lines[1] and "eta" in lines[0]
+    assert (tmp_path / METRICS_FILE).exists()  # jsonl is always on
+
+
+def test_console_with_terminal_shows_a_progress_bar(tmp_path):
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=100)
+    with _tracker(tmp_path, ("console",), start_step=2, console=console, total=4) as t:
+        t.log({"reward/acc_mean": 0.75}, step=3)
+        t.log({"reward/acc_mean": 1.0}, step=4)
+    out = buf.getvalue()
+    assert "resumed at step 2" in out and "acc=0.75" in out and "4/4" in out
+
+
+def _next_second():
+    """Event files sort by their name, which starts with the creation second: keep writers apart."""
+    time.sleep(1.01 - time.time() % 1)
+
+
+def test_tensorboard_scalars_and_resume_purge(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with _tracker(tmp_path, ("tensorboard",)) as t:
+        for step in range(1, 6):
+            t.log({"reward/score_mean": float(step), "nan": math.nan}, step)
+    _next_second()
+    with _tracker(tmp_path, ("tensorboard",), start_step=3) as t:
+        t.log({"reward/score_mean": 40.0}, 4)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    events = acc.Scalars("reward/score_mean")
+    assert [(e.step, e.value) for e in events] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    assert acc.Tags()["tensors"] == ["config/text_summary"]  # written once, by the fresh run
+    # a fresh run in the same directory hides the earlier run's curves
+    _next_second()
+    with _tracker(tmp_path, ("tensorboard",)) as t:
+        t.log({"reward/score_mean": -1.0}, 1)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("reward/score_mean")] == [(1, -1.0)]
+
+
+def test_bad_logger_names_and_missing_optional_packages(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"trainer\.loggers"):
+        _tracker(tmp_path, ("jsonl", "mlflow"))
+    for name in ("wandb", "swanlab"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+        with pytest.raises(ImportError, match=r"pip install fipo-trainer\[loggers\]"):
+            _tracker(tmp_path, ("console", name))
