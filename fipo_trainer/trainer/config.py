@@ -125,7 +125,13 @@ class TrainDataConfig:
     data_dir: str = "data"
     prompt_key: str = "prompt"  # column with the chat messages
     apply_chat_template: bool = True  # tokenizer chat template + generation prompt
-    truncation: str = "left"  # left | right | error (prompts longer than max_prompt_length)
+    truncation: str = "left"  # filter | left | right | error (prompts > max_prompt_length)
+    schema: str = "auto"  # auto | verl | raw (problem/answer columns + prompt_template)
+    problem_key: str = "problem"
+    answer_key: str = "answer"
+    prompt_template: str = "{problem}"
+    skip_bad_rows: bool = False  # skip malformed rows (counted and logged) instead of failing
+    max_samples: int | None = None  # keep the first N valid rows of each split (quick runs)
     max_prompt_length: int = 2048
     max_response_length: int = 20480  # rollout.max_tokens and reward.max_response_length
     train_batch_size: int = 512  # prompts per step (groups kept after dynamic sampling)
@@ -518,8 +524,10 @@ def _check_data(cfg: TrainConfig, r: _Report) -> None:
                         f"data.{key}: unknown built-in dataset {name!r}; built-ins: "
                         f"{[BUILTIN_PREFIX + b for b in BUILTIN_DATASETS]}"
                     )
-    if data.truncation not in ("left", "right", "error"):
-        r.error(f"data.truncation must be left, right or error, got {data.truncation!r}")
+    if data.truncation not in ("filter", "left", "right", "error"):
+        r.error(
+            f"data.truncation must be filter, left, right or error, got {data.truncation!r}"
+        )
     syn = data.synthetic
     if not 1 <= syn.digits <= 9:
         r.error(f"data.synthetic.digits must be in 1..9, got {syn.digits}")

@@ -227,8 +227,8 @@ class RLTrainer:
     def _build_data(self) -> None:
         from fipo_trainer.trainer.data_source import PromptSource
 
-        self.prompts = PromptSource.for_training(self.cfg)
-        self.val_prompts = PromptSource.for_validation(self.cfg)
+        self.prompts = PromptSource.for_split(self.cfg, "train")
+        self.val_prompts = PromptSource.for_split(self.cfg, "val")
 
     # ----------------------------------------------------------------- one step
     def generate_and_grade(self, prompts: Batch, sampling, timings: dict[str, float]) -> tuple[Batch, dict]:

@@ -68,13 +68,19 @@ def test_long_prompts_are_filtered_counted_and_logged(tok, caplog):
 
 
 def test_truncation_modes(tok, tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [good_row(0, prompt=[{"role": "user", "content": "x" * 50 + "END"}])])
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [good_row(0, prompt=[{"role": "user", "content": "x" * 50 + "END"}])]
+    )
     left = PromptDataset(path, tok, DataConfig(max_prompt_length=20, truncation="left"))
-    assert len(left[0].prompt_ids) == 20 and tok.decode(left[0].prompt_ids).endswith("END<|end|><|assistant|>")
+    assert len(left[0].prompt_ids) == 20 and tok.decode(left[0].prompt_ids).endswith(
+        "END<|end|><|assistant|>"
+    )
     assert left.stats.truncated == 1
     right = PromptDataset(path, tok, DataConfig(max_prompt_length=20, truncation="right"))
     assert tok.decode(right[0].prompt_ids).startswith("<|user|>xxx")
-    with pytest.raises(DataError, match=r"d\.jsonl row 0: prompt has 56 tokens > data.max_prompt_length=20"):
+    with pytest.raises(
+        DataError, match=r"d\.jsonl row 0: prompt has 56 tokens > data.max_prompt_length=20"
+    ):
         PromptDataset(path, tok, DataConfig(max_prompt_length=20, truncation="error"))
     with pytest.raises(DataError, match="no usable prompts"):
         PromptDataset(path, tok, DataConfig(max_prompt_length=20, truncation="filter"))
@@ -90,7 +96,10 @@ def test_several_files_and_max_samples(tok):
 
 # ------------------------------------------------------------------------ raw schema / plain
 def test_raw_schema_with_template_and_system_prompt(tok, tmp_path):
-    rows = [{"problem": "1+1", "answer": 2}, {"problem": "2+3", "answer": "5", "data_source": "mine"}]
+    rows = [
+        {"problem": "1+1", "answer": 2},
+        {"problem": "2+3", "answer": "5", "data_source": "mine"},
+    ]
     path = write_jsonl(tmp_path / "raw.jsonl", rows)
     cfg = DataConfig(prompt_template="Q: {problem}\nEnd with Answer:", system_prompt="Be brief.")
     ds = PromptDataset(path, tok, cfg)
@@ -100,7 +109,10 @@ def test_raw_schema_with_template_and_system_prompt(tok, tmp_path):
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Q: 1+1\nEnd with Answer:"},
     ]
-    assert tok.decode(ds[0].prompt_ids) == "<|system|>Be brief.<|end|><|user|>Q: 1+1\nEnd with Answer:<|end|><|assistant|>"
+    assert (
+        tok.decode(ds[0].prompt_ids)
+        == "<|system|>Be brief.<|end|><|user|>Q: 1+1\nEnd with Answer:<|end|><|assistant|>"
+    )
     assert ds[0].extra_info["problem"] == "1+1"
 
 
@@ -127,11 +139,20 @@ def test_synthetic_parquet_roundtrip(tok, tmp_path):
 @pytest.mark.parametrize(
     "bad, message",
     [
-        ({"reward_model": {"style": "rule"}}, r"row 2: field 'reward_model.ground_truth' is missing"),
+        (
+            {"reward_model": {"style": "rule"}},
+            r"row 2: field 'reward_model.ground_truth' is missing",
+        ),
         ({"reward_model": None}, r"row 2: field 'reward_model' must be a dict"),
-        ({"prompt": "What is 2?"}, r"row 2: field 'prompt' must be a non-empty list of chat messages"),
+        (
+            {"prompt": "What is 2?"},
+            r"row 2: field 'prompt' must be a non-empty list of chat messages",
+        ),
         ({"prompt": []}, r"row 2: field 'prompt' must be a non-empty list"),
-        ({"prompt": [{"role": "user", "content": 7}]}, r"row 2: prompt\[0\]\.content must be a string, got int"),
+        (
+            {"prompt": [{"role": "user", "content": 7}]},
+            r"row 2: prompt\[0\]\.content must be a string, got int",
+        ),
         ({"prompt": ["hi"]}, r"row 2: prompt\[0\] must be a dict"),
         ({"data_source": None}, r"row 2: field 'data_source' must be a non-empty string"),
         ({"extra_info": [1]}, r"row 2: field 'extra_info' must be a dict"),
@@ -153,7 +174,9 @@ def test_bad_rows_name_file_row_and_field(tok, tmp_path, bad, message):
 def test_bad_rows_in_parquet(tok, tmp_path):
     rows = [good_row(0), good_row(1, reward_model={"style": "rule", "ground_truth": None})]
     path = write_rows(rows, tmp_path / "bad.parquet")
-    with pytest.raises(DataError, match=r"bad\.parquet row 1: field 'reward_model.ground_truth' is missing"):
+    with pytest.raises(
+        DataError, match=r"bad\.parquet row 1: field 'reward_model.ground_truth' is missing"
+    ):
         PromptDataset(path, tok, DataConfig())
 
 
@@ -170,7 +193,9 @@ def test_bad_files(tok, tmp_path):
     with pytest.raises(DataError, match="cannot read parquet"):
         read_records(tmp_path / "corrupt.parquet")
     path = write_jsonl(tmp_path / "cols.jsonl", [{"question": "q", "solution": "s"}])
-    with pytest.raises(DataError, match=r"cannot tell the schema from columns \['question', 'solution'\]"):
+    with pytest.raises(
+        DataError, match=r"cannot tell the schema from columns \['question', 'solution'\]"
+    ):
         PromptDataset(path, tok, DataConfig())
     raw = PromptDataset(path, tok, DataConfig(problem_key="question", answer_key="solution"))
     assert raw[0].ground_truth == "s"
@@ -189,7 +214,10 @@ def test_config_validation():
 
 # ------------------------------------------------------------------------ collate
 def test_collate_left_pads_into_a_batch(tok, tmp_path):
-    rows = [good_row(5), good_row(123456, prompt=[{"role": "user", "content": "longer prompt here"}])]
+    rows = [
+        good_row(5),
+        good_row(123456, prompt=[{"role": "user", "content": "longer prompt here"}]),
+    ]
     ds = PromptDataset(write_jsonl(tmp_path / "d.jsonl", rows), tok, DataConfig())
     b = ds.collate([1, 0], uid_prefix="s3r0")
     n0, n1 = len(ds[1].prompt_ids), len(ds[0].prompt_ids)
