@@ -164,6 +164,7 @@ def _write(
         from fipo_trainer.data.warm_start import warm_start
 
         info["warm_start"] = warm_start(model, tokenizer, settings)
+        logger.info("tiny model warm start: %s", info["warm_start"])
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
     _verify(target)

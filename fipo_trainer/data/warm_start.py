@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from tqdm.auto import tqdm
 
 from fipo_trainer.data.synthetic import ArithmeticTask, is_correct, make_rows, make_sft_pairs
 
@@ -46,8 +47,13 @@ def sft_tensors(
     }
 
 
-def warm_start(model: Any, tokenizer: Any, settings: TinyModelSettings) -> dict[str, float]:
-    """Train ``model`` in place for ``settings.warm_start_steps`` AdamW steps (seeded)."""
+def warm_start(
+    model: Any, tokenizer: Any, settings: TinyModelSettings, *, eval_prompts: int = 128
+) -> dict[str, Any]:
+    """Train ``model`` in place for ``settings.warm_start_steps`` AdamW steps (seeded).
+
+    Returns losses, seconds and the greedy accuracy on ``eval_prompts`` held-out problems.
+    """
     task = ArithmeticTask(digits=settings.task_digits, ops=tuple(settings.task_ops))
     steps, bs = settings.warm_start_steps, settings.warm_start_batch_size
     data = sft_tensors(tokenizer, make_sft_pairs(steps * bs, seed=settings.seed, task=task))
@@ -59,26 +65,39 @@ def warm_start(model: Any, tokenizer: Any, settings: TinyModelSettings) -> dict[
     )
     model.train()
     start, losses = time.perf_counter(), []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
-        for step in range(steps):
-            rows = slice(step * bs, (step + 1) * bs)
-            batch = {k: v[rows] for k, v in data.items()}
-            width = int(batch["attention_mask"].sum(1).max())
-            batch = {k: v[:, :width] for k, v in batch.items()}
-            loss = model(**batch).loss
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optim.step()
-            sched.step()
-            losses.append(loss.item())
-    model.eval()
+    threads = torch.get_num_threads()
+    # one thread: same float reductions wherever it runs (deterministic cache contents), and
+    # faster than two for a model this small on a shared 2-core machine
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)
+            for step in tqdm(range(steps), desc="tiny-model warm start", disable=None, leave=False):
+                rows = slice(step * bs, (step + 1) * bs)
+                batch = {k: v[rows] for k, v in data.items()}
+                width = int(batch["attention_mask"].sum(1).max())
+                batch = {k: v[:, :width] for k, v in batch.items()}
+                loss = model(**batch).loss
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optim.step()
+                sched.step()
+                losses.append(loss.item())
+        seconds = time.perf_counter() - start
+        model.eval()
+        accuracy = (
+            greedy_accuracy(model, tokenizer, n=eval_prompts, task=task) if eval_prompts else None
+        )
+    finally:
+        torch.set_num_threads(threads)
     return {
         "steps": steps,
         "first_loss": losses[0],
         "final_loss": sum(losses[-5:]) / len(losses[-5:]),
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
+        "greedy_accuracy": accuracy,
+        "eval_prompts": eval_prompts,
     }
 
 
