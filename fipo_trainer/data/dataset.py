@@ -338,26 +338,41 @@ class PromptDataset:
     def __getitem__(self, i: int) -> PromptItem:
         return self.items[i]
 
-    def collate(self, indices: Sequence[int], *, uid_prefix: str | None = None) -> Batch:
-        """Left-padded prompt Batch of the given rows."""
+    def collate(
+        self, indices: Sequence[int], *, uid_prefix: str | None = None, pad_to: int | None = None
+    ) -> Batch:
+        """Left-padded prompt Batch of the given rows (see `collate_prompts`)."""
         return collate_prompts(
-            [self.items[i] for i in indices], self.tokenizer.pad_token_id, uid_prefix=uid_prefix
+            [self.items[i] for i in indices],
+            self.tokenizer.pad_token_id,
+            uid_prefix=uid_prefix,
+            pad_to=pad_to,
         )
 
 
 def collate_prompts(
-    items: Sequence[PromptItem], pad_token_id: int | None, *, uid_prefix: str | None = None
+    items: Sequence[PromptItem],
+    pad_token_id: int | None,
+    *,
+    uid_prefix: str | None = None,
+    pad_to: int | None = None,
 ) -> Batch:
     """Prompt Batch: left-padded ``input_ids``/``attention_mask``/``position_ids`` tensors plus
     ``uid``/``data_source``/``ground_truth``/``extra_info``/``raw_prompt``/``source`` per row.
 
-    ``uid`` is ``f"{uid_prefix}-{k}"`` (k = position in the batch) or a random UUID.
+    ``uid`` is ``f"{uid_prefix}-{k}"`` (k = position in the batch) or a random UUID. The width
+    is the longest prompt, or ``pad_to`` (e.g. max_prompt_length) so that batches of
+    different rounds share one width and concatenate without re-padding.
     """
     if not items:
         raise ValueError("cannot collate an empty list of prompts")
     if pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to eos)")
     width = max(len(it.prompt_ids) for it in items)
+    if pad_to is not None:
+        if pad_to < width:
+            raise ValueError(f"pad_to={pad_to} is shorter than the longest prompt ({width} tokens)")
+        width = pad_to
     ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
     for k, it in enumerate(items):

@@ -28,6 +28,22 @@ from fipo_trainer.rollout.config import RolloutConfig, SamplingConfig
 
 logger = logging.getLogger(__name__)
 
+
+class _DropBufferReloadWarning(logging.Filter):
+    """vLLM warns on every weight reload that RotaryEmbedding "failed to load weights": its
+    only tensors are computed buffers, never in a checkpoint, and vLLM restores them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.getMessage().endswith("Failed to load weights")
+            and str(record.args and record.args[0]).endswith("RotaryEmbedding")
+        )
+
+
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+    _DropBufferReloadWarning()
+)
+
 # vLLM keeps its parallel state in module globals: one in-process engine per process.
 _live_in_process_engine: list[VllmEngine] = []
 

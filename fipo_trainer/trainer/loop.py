@@ -466,6 +466,8 @@ class RLTrainer:
             for step in range(start_step + 1, total + 1):
                 metrics = self.train_step(step)
                 metrics["train/epoch"] = float(self.prompts.epoch)
+                if step == start_step + 1:
+                    metrics.update(self.data_metrics())
                 if cfg.trainer.test_freq > 0 and (step % cfg.trainer.test_freq == 0 or step == total):
                     val = self.validate()
                     metrics.update(val)
@@ -490,6 +492,17 @@ class RLTrainer:
 
             result.plot = plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
         return result
+
+    def data_metrics(self) -> dict[str, float]:
+        """What loading the datasets dropped (logged once, with the first step)."""
+        out = {}
+        for split, source in (("train", self.prompts), ("val", self.val_prompts)):
+            stats = source.dataset.stats
+            prefix = "data/" if split == "train" else "data/val_"
+            out[f"{prefix}prompts"] = float(len(source))
+            out[f"{prefix}skipped_bad_rows"] = float(stats.skipped_bad)
+            out[f"{prefix}dropped_too_long"] = float(stats.dropped_too_long)
+        return out
 
     def _dump_records(self) -> list[dict[str, Any]]:
         b = self._last_rollouts

@@ -66,7 +66,9 @@ def test_three_steps_write_everything_and_load(tmp_path):
         # influence weights leave 1 (high-only clip: max > 1)
         assert row["actor/optimizer_steps"] > 1
         assert row["actor/influence_weights_max"] > 1.0
-    assert any(k.startswith("val/") for k in metrics[0]) and any(k.startswith("val/") for k in metrics[3])
+    assert any(k.startswith("val/") for k in metrics[0]) and any(
+        k.startswith("val/") for k in metrics[3]
+    )
 
     # run directory: tensorboard, rollout dumps, plot, checkpoint, HF export
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents*"))
@@ -113,4 +115,57 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
         for key in ("reward/score_mean", "response_length/mean", "sampling/groups_kept"):
             assert part[step][key] == full[step][key], (step, key)
         for key in ("actor/pg_loss", "actor/grad_norm", "actor/ppo_kl"):
-            assert part[step][key] == pytest.approx(full[step][key], rel=1e-4, abs=1e-6), (step, key)
+            assert part[step][key] == pytest.approx(full[step][key], rel=1e-4, abs=1e-6), (
+                step,
+                key,
+            )
+
+
+def test_grader_timeout_and_bad_data_row_do_not_stop_training(tmp_path):
+    """A reward function that hangs on some answers and a malformed data row: training
+    finishes, the hung items get the failure score and are counted, the row is skipped."""
+    from fipo_trainer.data.synthetic import ArithmeticTask, make_rows, write_rows
+
+    rows = make_rows(15, seed=3, task=ArithmeticTask(digits=1))
+    rows.append(
+        {
+            **rows[0],
+            "prompt": [{"role": "user", "content": "What is 3+4?"}],
+            "reward_model": {"style": "rule", "ground_truth": "7"},
+        }
+    )
+    rows.append(
+        {"data_source": "arithmetic", "prompt": [{"role": "user", "content": "What is 1+1?"}]}
+    )
+    train_file = write_rows(rows, tmp_path / "train.jsonl")
+    reward_file = tmp_path / "hanging_reward.py"
+    reward_file.write_text(
+        "import time\n"
+        "from fipo_trainer.rewards.dapo import compute_score as dapo\n"
+        "def score(response, ground_truth):\n"
+        "    if ground_truth == '7':\n"
+        "        time.sleep(3600)\n"
+        "    return dapo(response, ground_truth)\n"
+    )
+    run_dir = tmp_path / "run"
+    result = train(
+        run_dir,
+        f"data.train_files=[{train_file}]",
+        "data.skip_bad_rows=true",
+        "data.shuffle=false",
+        "data.train_batch_size=8",
+        "data.gen_batch_size=8",
+        "algorithm.filter_groups.enable=false",
+        f"reward.custom_function={reward_file}:score",
+        "reward.timeout_s=1.0",
+        "trainer.total_training_steps=2",
+        "trainer.test_freq=0",
+        "trainer.val_before_train=false",
+        "trainer.plot=false",
+        "trainer.export_hf=false",
+    )
+    assert result.steps == 2
+    metrics = read_metrics(run_dir)
+    assert metrics[1]["data/skipped_bad_rows"] == 1
+    assert sum(metrics[s]["reward/timeouts"] for s in (1, 2)) == 8  # the 3+4 prompt, n = 8
+    assert all(math.isfinite(metrics[s]["actor/pg_loss"]) for s in (1, 2))

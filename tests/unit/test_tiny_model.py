@@ -11,13 +11,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
-from fipo_trainer.data.synthetic import make_rows, solution_text
+from fipo_trainer.data.synthetic import ArithmeticTask, make_rows, solution_text
 from fipo_trainer.data.tiny_model import (
     MARKER_FILE,
     TinyModelSettings,
     build_tiny_model,
     read_info,
 )
+from fipo_trainer.data.warm_start import greedy_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +171,29 @@ def test_parallel_builders_do_not_collide(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no temp dirs left
     AutoModelForCausalLM.from_pretrained(built)
     assert read_info(built)["settings"]["seed"] == 7
+
+
+def test_warm_start_is_deterministic_and_lowers_the_loss(tmp_path):
+    a = build_tiny_model(cache_dir=tmp_path / "a", warm_start_steps=20, task_digits=1)
+    b = build_tiny_model(cache_dir=tmp_path / "b", warm_start_steps=20, task_digits=1)
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    cold = load_file(
+        build_tiny_model(cache_dir=tmp_path / "a", task_digits=1) / "model.safetensors"
+    )
+    assert not torch.equal(cold["lm_head.weight"], wa["lm_head.weight"])
+    info = read_info(a)["warm_start"]
+    assert info["steps"] == 20 and info["final_loss"] < 0.5 * info["first_loss"]
+    assert 0.0 <= info["greedy_accuracy"] <= 1.0
+
+
+def test_warm_start_gives_rl_a_starting_accuracy(tmp_path):
+    """Measured: digits=1, 200 steps -> ~0.85-1.0 greedy accuracy in a few seconds."""
+    path = build_tiny_model(cache_dir=tmp_path, warm_start_steps=200, task_digits=1)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    # re-measured here on other held-out prompts, with the model as loaded from disk
+    rows = make_rows(128, seed=99, task=ArithmeticTask(digits=1), split="test")
+    accuracy = greedy_accuracy(model, tok, rows)
+    assert accuracy >= 0.5, f"greedy accuracy after warm start only {accuracy:.2f}"
+    assert read_info(path)["warm_start"]["greedy_accuracy"] >= 0.5
