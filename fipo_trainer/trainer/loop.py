@@ -117,6 +117,21 @@ def take_groups(batch: Batch, n_groups: int) -> Batch:
     return batch[np.asarray(rows, dtype=np.int64)]
 
 
+def concat_rollouts(batches: list[Batch], pad_token_id: int) -> Batch:
+    """Join rollout batches of several generation rounds.
+
+    Each round's prompts are left-padded to that round's longest prompt, so prompt-side
+    tensors are left-padded to a common width (responses share `max_tokens` already).
+    """
+    pad = {
+        "input_ids": (pad_token_id, "left"),
+        "prompts": (pad_token_id, "left"),
+        "attention_mask": (0, "left"),
+        "position_ids": (0, "left"),
+    }
+    return Batch.concat(batches, pad={k: v for k, v in pad.items() if k in batches[0].tensors})
+
+
 def finite_or_raise(metrics: dict[str, float], keys: tuple[str, ...]) -> list[str]:
     """Names of `keys` whose values are NaN/Inf."""
     return [k for k in keys if k in metrics and not math.isfinite(metrics[k])]
@@ -291,7 +306,8 @@ class RLTrainer:
                 break
             logger.info("step %d: %d/%d groups kept after %d rounds", step, kept_groups, target, rounds)
 
-        everything = Batch.concat(all_rollouts)
+        pad_id = self.prompts.dataset.tokenizer.pad_token_id
+        everything = concat_rollouts(all_rollouts, pad_id)
         metrics = {
             "sampling/gen_rounds": float(rounds),
             "sampling/groups_generated": float(generated_groups),
@@ -311,7 +327,7 @@ class RLTrainer:
         usable -= usable % mini  # whole mini-batches only
         if usable == 0:
             return None, metrics
-        batch = take_groups(Batch.concat(kept), usable)
+        batch = take_groups(concat_rollouts(kept, pad_id), usable)
         batch.meta["rollout_n"] = n
         metrics["sampling/groups_trained"] = float(usable)
         return batch, metrics
@@ -537,6 +553,43 @@ class RLTrainer:
                 release(self.placements)
 
 
+def validation_summary(validations: list[dict[str, float]]) -> tuple[str, float, float] | None:
+    """(metric, first value, best value) of the overall mean@k validation accuracy."""
+    if not validations:
+        return None
+    keys = sorted(k for k in validations[0] if k.startswith("val/mean@"))
+    if not keys:
+        return None
+    key = keys[0]
+    values = [v[key] for v in validations if key in v]
+    return key, values[0], max(values)
+
+
+def print_summary(result: TrainResult) -> None:
+    """Where everything went, and how validation moved."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fipo-train: {result.steps} steps", show_header=False)
+    rows = [
+        ("run directory", result.run_dir),
+        ("metrics", result.run_dir / "metrics.jsonl"),
+        ("tensorboard", result.run_dir / "tensorboard"),
+        ("rollout dumps", result.run_dir / "rollouts"),
+        ("curves (PNG)", result.plot),
+        ("checkpoint", result.checkpoint),
+        ("HF export", result.export_dir),
+    ]
+    summary = validation_summary(result.validations)
+    if summary:
+        key, first, best = summary
+        rows.append((key, f"first {first:.3f} -> best {best:.3f} ({best - first:+.3f})"))
+    for name, value in rows:
+        if value is not None:
+            table.add_row(name, str(value))
+    Console().print(table)
+
+
 def run_training(cfg: TrainConfig) -> TrainResult:
     """Run a whole training job from a validated config; always tears the roles down."""
     trainer = RLTrainer(cfg)
@@ -544,5 +597,5 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         result = trainer.fit()
     finally:
         trainer.shutdown()
-    logger.info("run directory: %s", result.run_dir)
+    print_summary(result)
     return result

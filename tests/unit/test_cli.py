@@ -95,7 +95,11 @@ def test_fipo_data_writes_the_builtin_arithmetic_rows(tmp_path, capsys):
 
     from fipo_trainer.data.synthetic import make_rows
 
-    cli.data_main(["arithmetic", "--out-dir", str(tmp_path), "--num-train", "5", "--num-val", "3"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.data_main(
+            ["arithmetic", "--out-dir", str(tmp_path), "--num-train", "5", "--num-val", "3"]
+        )
+    assert exit_info.value.code == 0
     train = pd.read_parquet(tmp_path / "train.parquet")
     assert len(train) == 5 and len(pd.read_parquet(tmp_path / "val.parquet")) == 3
     expected = make_rows(5, seed=0, split="train")

@@ -152,22 +152,36 @@ def test_bad_settings(kwargs, message, tmp_path):
         build_tiny_model(cache_dir=tmp_path, **kwargs)
 
 
-def _build_in_child(cache: str, queue) -> None:
-    queue.put(str(build_tiny_model(cache_dir=cache, seed=7)))
+def _build_in_child(cache: str, barrier, queue) -> None:
+    import logging
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("fipo_trainer.data.tiny_model")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    barrier.wait()  # both builders start at the same moment
+    path = build_tiny_model(cache_dir=cache, seed=7)
+    queue.put((str(path), any("built concurrently" in r for r in records)))
 
 
 def test_parallel_builders_do_not_collide(tmp_path):
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_build_in_child, args=(str(tmp_path), queue)) for _ in range(2)]
+    queue, barrier = ctx.Queue(), ctx.Barrier(2)
+    procs = [
+        ctx.Process(target=_build_in_child, args=(str(tmp_path), barrier, queue)) for _ in range(2)
+    ]
     for p in procs:
         p.start()
+    results = [queue.get(timeout=180) for _ in procs]
     for p in procs:
-        p.join(timeout=180)
+        p.join(timeout=30)
         assert p.exitcode == 0
-    paths = {queue.get(timeout=5) for _ in procs}
-    assert len(paths) == 1
-    built = Path(paths.pop())
+    assert len({path for path, _ in results}) == 1
+    # both built; the second rename lost the race and fell back to the winner's directory
+    assert sorted(lost for _, lost in results) == [False, True]
+    built = Path(results[0][0])
     assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no temp dirs left
     AutoModelForCausalLM.from_pretrained(built)
     assert read_info(built)["settings"]["seed"] == 7
