@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fipo_trainer.algorithms.policy_loss import PolicyLossConfig, get_policy_loss
+from fipo_trainer.plugins import import_plugins
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ class ActorConfig:
     log_prob_max_token_len_per_gpu: int | None = None
     # Policy loss: a name in fipo_trainer.algorithms.policy_loss.POLICY_LOSSES + its knobs.
     loss_name: str = "fipo"
+    # Files (path/to/losses.py) or modules imported by every actor rank (and the driver)
+    # before `loss_name` is looked up, so losses registered there with @register_policy_loss
+    # exist where the update runs.
+    loss_plugins: list[str] = field(default_factory=list)
     policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     compute_entropy: bool = False  # entropy of the policy as a metric / extra output
     logits_chunk_size: int = 2048  # rows of the vocab projection processed in fp32 at once
@@ -89,6 +94,7 @@ class ActorConfig:
             raise ValueError(
                 "actor.log_prob_max_token_len_per_gpu must be >= 1 or null (= the update's budget)"
             )
+        import_plugins(self.loss_plugins, "actor.loss_plugins")
         get_policy_loss(self.loss_name)  # raises with the registered names
         self.policy_loss.validate()
 

@@ -76,7 +76,8 @@ def build_deepspeed_config(
         "train_batch_size": world_size,
         "gradient_clipping": float(config.grad_clip),
         "zero_optimization": zero,
-        "bf16": {"enabled": platform.dtype == torch.bfloat16},
+        # check_grad_overflow: a non-finite gradient norm skips the optimizer step (fp32 too).
+        "bf16": {"enabled": platform.dtype == torch.bfloat16, "check_grad_overflow": True},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,

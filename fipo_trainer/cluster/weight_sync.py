@@ -23,7 +23,6 @@ import contextlib
 import datetime
 import json
 import logging
-import socket
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fipo_trainer.cluster.worker import node_ip
 from fipo_trainer.platform import current_platform
 
 logger = logging.getLogger(__name__)
@@ -152,21 +152,6 @@ def _encode(metas: list[TensorMeta]) -> bytes:
 
 def _decode(raw: bytes) -> list[TensorMeta]:
     return [TensorMeta(n, d, tuple(s), o, b) for n, d, s, o, b in json.loads(raw.decode())]
-
-
-def node_ip() -> str:
-    """This node's address as Ray sees it (falls back to the hostname's address)."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except Exception:  # Ray missing or not in a Ray process: use the socket answer
-        pass
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
 
 
 class _Endpoint:

@@ -60,13 +60,18 @@ class DistInfo:
 
 
 def node_ip() -> str:
-    """This node's IP as Ray sees it (falls back to the hostname's address)."""
+    """This node's IP as Ray sees it (falls back to the hostname's address, then loopback)."""
     try:
         import ray
 
-        return ray.util.get_node_ip_address()
-    except Exception:
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except Exception:  # Ray missing or not in a Ray process: use the socket answer
+        pass
+    try:
         return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 def free_port() -> int:

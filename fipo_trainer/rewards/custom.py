@@ -8,14 +8,13 @@ arguments are passed by name whenever every required parameter has a known name.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import inspect
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from fipo_trainer.plugins import import_file
 
 __all__ = ["load_custom_function", "make_caller", "normalize_result", "split_spec"]
 
@@ -36,23 +35,7 @@ def split_spec(spec: str) -> tuple[Path, str]:
 def load_custom_function(spec: str) -> Callable[..., Any]:
     """Import the file and return its function; clear errors when either is missing."""
     path, func_name = split_spec(spec)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"reward.custom_function: file {str(path)!r} does not exist (from {spec!r})"
-        )
-    module_name = "fipo_custom_reward_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    module = sys.modules.get(module_name)
-    if module is None:
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        if module_spec is None or module_spec.loader is None:
-            raise ValueError(f"reward.custom_function: cannot import {str(path)!r} as Python")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_name] = module
-        try:
-            module_spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[module_name]
-            raise
+    module = import_file(path, f"reward.custom_function ({spec!r})")
     func = getattr(module, func_name, None)
     if func is None:
         names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))

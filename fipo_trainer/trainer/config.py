@@ -472,15 +472,22 @@ def _check_model(cfg: TrainConfig, r: _Report) -> None:
 def _check_components(cfg: TrainConfig, r: _Report) -> None:
     """Run the components' own validation, with messages naming the full key."""
     from fipo_trainer.algorithms.policy_loss import POLICY_LOSSES
+    from fipo_trainer.plugins import import_plugins
 
     actor = cfg.actor
     overrides: dict[str, Any] = {}
     if not actor.model_path:  # reported as model.path (or built later from model.tiny)
         overrides["model_path"] = cfg.model.path or "<model.path>"
+    try:
+        import_plugins(actor.loss_plugins, "actor.loss_plugins")
+    except (OSError, ImportError, ValueError) as err:
+        r.error(str(err))
+        overrides["loss_plugins"] = []
     if actor.loss_name not in POLICY_LOSSES:
         r.error(
             f"actor.loss_name={actor.loss_name!r} is not a registered policy loss; use one of "
-            f"{sorted(POLICY_LOSSES)} (or algorithm=fipo|dapo|grpo)"
+            f"{sorted(POLICY_LOSSES)} (or algorithm=fipo|dapo|grpo; a loss of your own is "
+            "registered by a file listed in actor.loss_plugins)"
         )
         overrides["loss_name"] = "vanilla"
     try:

@@ -190,7 +190,6 @@ class RLTrainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.trainer.run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._roles_started = False
         self.actor = None
         self.rollout = None
         self.reward_pool = None
@@ -227,7 +226,6 @@ class RLTrainer:
             pool=self.placements["rollout"],
             name="rollout",
         )
-        self._roles_started = True
 
     def sync_weights(self) -> dict[str, float]:
         """Actor → every rollout engine over the dedicated sync group, in buckets."""
@@ -246,7 +244,9 @@ class RLTrainer:
         self.val_prompts = PromptSource.for_split(self.cfg, "val")
 
     # ----------------------------------------------------------------- one step
-    def generate_and_grade(self, prompts: Batch, sampling, timings: dict[str, float]) -> tuple[Batch, dict]:
+    def generate_and_grade(
+        self, prompts: Batch, sampling, timings: dict[str, float]
+    ) -> tuple[Batch, dict]:
         from fipo_trainer.rollout.worker import generate_on_workers
 
         with timed(timings, "gen"):
@@ -277,7 +277,9 @@ class RLTrainer:
         rollout_stats: list[dict] = []
         while True:
             rounds += 1
-            prompts = self.prompts.next_batch(cfg.data.gen_batch_size, uid_prefix=f"s{step}r{rounds}")
+            prompts = self.prompts.next_batch(
+                cfg.data.gen_batch_size, uid_prefix=f"s{step}r{rounds}"
+            )
             sampling = dataclasses.replace(
                 cfg.rollout.sampling(), seed=step_seed(cfg.trainer.seed, step, rounds)
             )
@@ -304,7 +306,9 @@ class RLTrainer:
                         "algorithm.filter_groups.on_exhausted=proceed to train on what was kept"
                     )
                 break
-            logger.info("step %d: %d/%d groups kept after %d rounds", step, kept_groups, target, rounds)
+            logger.info(
+                "step %d: %d/%d groups kept after %d rounds", step, kept_groups, target, rounds
+            )
 
         pad_id = self.prompts.dataset.tokenizer.pad_token_id
         everything = concat_rollouts(all_rollouts, pad_id)
@@ -372,12 +376,13 @@ class RLTrainer:
                     message + "; stopping (trainer.nan_policy=stop). Lower actor.lr or set "
                     "trainer.nan_policy=skip to skip such steps"
                 )
-            logger.warning("%s; step skipped (trainer.nan_policy=skip)", message)
+            # DeepSpeed already dropped every optimizer step whose gradient norm was
+            # non-finite; the run goes on with the next step.
+            logger.warning("%s; update skipped (trainer.nan_policy=skip)", message)
             metrics["actor/nan_skipped"] = 1.0
         metrics.update(actor_metrics)
         with timed(timings, "sync"):
             metrics.update(self.sync_weights())
-        self._last_batch = batch
         total = time.perf_counter() - step_start
         tokens = float(batch["attention_mask"].sum())
         n_devices = max(cfg.resources.actor_world_size, 1)
@@ -416,7 +421,13 @@ class RLTrainer:
             metrics = compute_validation_metrics(records)
             lengths = rollout["response_mask"].float().sum(-1)
             metrics["val/response_length_mean"] = float(lengths.mean())
-        return {**metrics, **{k.replace("timing_s/", "timing_s/val_"): v for k, v in timings.items() if k != "timing_s/validate"}, "timing_s/validate": timings["timing_s/validate"]}
+        # gen/reward time spent inside validation, kept apart from the training step's
+        stage_times = {
+            key.replace("timing_s/", "timing_s/val_"): value
+            for key, value in timings.items()
+            if key != "timing_s/validate"
+        }
+        return {**metrics, **stage_times, "timing_s/validate": timings["timing_s/validate"]}
 
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self, step: int) -> Path:
@@ -484,13 +495,17 @@ class RLTrainer:
                 metrics["train/epoch"] = float(self.prompts.epoch)
                 if step == start_step + 1:
                     metrics.update(self.data_metrics())
-                if cfg.trainer.test_freq > 0 and (step % cfg.trainer.test_freq == 0 or step == total):
+                if cfg.trainer.test_freq > 0 and (
+                    step % cfg.trainer.test_freq == 0 or step == total
+                ):
                     val = self.validate()
                     metrics.update(val)
                     result.validations.append({"step": step, **val})
                 if cfg.trainer.rollout_dump_freq > 0 and step % cfg.trainer.rollout_dump_freq == 0:
                     dump_rollouts(self.run_dir, step, self._dump_records())
-                if cfg.trainer.save_freq > 0 and (step % cfg.trainer.save_freq == 0 or step == total):
+                if cfg.trainer.save_freq > 0 and (
+                    step % cfg.trainer.save_freq == 0 or step == total
+                ):
                     with timed(metrics, "save"):
                         result.checkpoint = self.save_checkpoint(step)
                     last_ckpt_step = step

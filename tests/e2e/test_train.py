@@ -169,3 +169,49 @@ def test_grader_timeout_and_bad_data_row_do_not_stop_training(tmp_path):
     assert metrics[1]["data/skipped_bad_rows"] == 1
     assert sum(metrics[s]["reward/timeouts"] for s in (1, 2)) == 8  # the 3+4 prompt, n = 8
     assert all(math.isfinite(metrics[s]["actor/pg_loss"]) for s in (1, 2))
+
+
+NAN_LOSS_PLUGIN = """
+import torch
+from fipo_trainer.algorithms.policy_loss import register_policy_loss, vanilla_policy_loss
+
+@register_policy_loss("test_nan")
+def nan_loss(old_log_prob, log_prob, advantages, response_mask, config):
+    terms = vanilla_policy_loss(old_log_prob, log_prob, advantages, response_mask, config)
+    terms.loss_mat = terms.loss_mat * torch.tensor(float("nan"))
+    return terms
+"""
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_non_finite_loss_skips_or_stops_with_a_clear_message(tmp_path, policy):
+    """A loss plugin (imported by every actor rank) that returns NaN: `skip` trains on,
+    counting the step; `stop` raises a message naming the metric and the config key."""
+    from fipo_trainer.trainer.loop import TrainingStopped
+
+    plugin = tmp_path / "nan_loss.py"
+    plugin.write_text(NAN_LOSS_PLUGIN)
+    args = [
+        f"actor.loss_plugins=[{plugin}]",
+        "actor.loss_name=test_nan",
+        f"trainer.nan_policy={policy}",
+        "trainer.total_training_steps=2",
+        "trainer.test_freq=0",
+        "trainer.val_before_train=false",
+        "trainer.plot=false",
+        "trainer.export_hf=false",
+        "algorithm.filter_groups.on_exhausted=proceed",
+    ]
+    run_dir = tmp_path / "run"
+    if policy == "stop":
+        with pytest.raises(TrainingStopped, match=r"non-finite actor/pg_loss.*trainer\.nan_policy"):
+            train(run_dir, *args)
+        return
+    result = train(run_dir, *args)
+    assert result.steps == 2
+    rows = read_metrics(run_dir)
+    trained = [s for s in (1, 2) if "actor/pg_loss" in rows[s]]
+    assert trained, "no step reached the update"
+    for s in trained:
+        assert rows[s]["actor/nan_skipped"] == 1.0
+        assert rows[s]["actor/pg_loss"] is None  # NaN is written as null
