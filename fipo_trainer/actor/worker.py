@@ -48,6 +48,7 @@ from fipo_trainer.algorithms.policy_loss import compute_policy_terms
 from fipo_trainer.cluster.worker import Worker, init_torch_distributed
 from fipo_trainer.data.batch import Batch
 from fipo_trainer.platform import current_platform
+from fipo_trainer.plugins import import_plugins
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ class DeepSpeedActorWorker(Worker):
             module=r"torch\.distributed",
         )
         self.config = ActorConfig.coerce(config)
+        # Losses registered by user files must exist in this process too (a pickled config
+        # does not re-run its validation).
+        import_plugins(self.config.loss_plugins, "actor.loss_plugins")
         self.platform = current_platform()
         if self.platform.is_cuda:
             torch.cuda.set_device(self.dist_info.local_rank)

@@ -127,11 +127,11 @@ def test_grader_timeout_and_bad_data_row_do_not_stop_training(tmp_path):
     from fipo_trainer.data.synthetic import ArithmeticTask, make_rows, write_rows
 
     rows = make_rows(15, seed=3, task=ArithmeticTask(digits=1))
-    rows.append(
+    rows.append(  # the only row whose answer is 777: its grader hangs
         {
             **rows[0],
-            "prompt": [{"role": "user", "content": "What is 3+4?"}],
-            "reward_model": {"style": "rule", "ground_truth": "7"},
+            "prompt": [{"role": "user", "content": "What is 700+77?"}],
+            "reward_model": {"style": "rule", "ground_truth": "777"},
         }
     )
     rows.append(
@@ -143,7 +143,7 @@ def test_grader_timeout_and_bad_data_row_do_not_stop_training(tmp_path):
         "import time\n"
         "from fipo_trainer.rewards.dapo import compute_score as dapo\n"
         "def score(response, ground_truth):\n"
-        "    if ground_truth == '7':\n"
+        "    if ground_truth == '777':\n"
         "        time.sleep(3600)\n"
         "    return dapo(response, ground_truth)\n"
     )
@@ -167,7 +167,7 @@ def test_grader_timeout_and_bad_data_row_do_not_stop_training(tmp_path):
     assert result.steps == 2
     metrics = read_metrics(run_dir)
     assert metrics[1]["data/skipped_bad_rows"] == 1
-    assert sum(metrics[s]["reward/timeouts"] for s in (1, 2)) == 8  # the 3+4 prompt, n = 8
+    assert sum(metrics[s]["reward/timeouts"] for s in (1, 2)) == 8  # the 700+77 prompt, n = 8
     assert all(math.isfinite(metrics[s]["actor/pg_loss"]) for s in (1, 2))
 
 
@@ -183,16 +183,22 @@ def nan_loss(old_log_prob, log_prob, advantages, response_mask, config):
 """
 
 
+@pytest.fixture(scope="module")
+def nan_loss_plugin(tmp_path_factory):
+    """One file for the module: registering the same loss name from two files is an error."""
+    plugin = tmp_path_factory.mktemp("plugins") / "nan_loss.py"
+    plugin.write_text(NAN_LOSS_PLUGIN)
+    return plugin
+
+
 @pytest.mark.parametrize("policy", ["skip", "stop"])
-def test_non_finite_loss_skips_or_stops_with_a_clear_message(tmp_path, policy):
+def test_non_finite_loss_skips_or_stops_with_a_clear_message(tmp_path, nan_loss_plugin, policy):
     """A loss plugin (imported by every actor rank) that returns NaN: `skip` trains on,
     counting the step; `stop` raises a message naming the metric and the config key."""
     from fipo_trainer.trainer.loop import TrainingStopped
 
-    plugin = tmp_path / "nan_loss.py"
-    plugin.write_text(NAN_LOSS_PLUGIN)
     args = [
-        f"actor.loss_plugins=[{plugin}]",
+        f"actor.loss_plugins=[{nan_loss_plugin}]",
         "actor.loss_name=test_nan",
         f"trainer.nan_policy={policy}",
         "trainer.total_training_steps=2",
