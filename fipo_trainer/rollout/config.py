@@ -97,8 +97,10 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1
     max_tokens: int = 256
-    # Engine RNG seed (run reproducibility). Training calls carry no per-call seed so that
-    # every step draws fresh samples; ``val.seed`` may pin validation sampling.
+    # Engine RNG seed. The trainer also passes a per-call seed derived from (trainer.seed,
+    # step, generation round), so every round draws fresh samples and a resumed run draws
+    # exactly what an uninterrupted one would; ``val.seed`` pins validation sampling
+    # (default: trainer.seed).
     seed: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False

@@ -347,6 +347,9 @@ class RLTrainer:
             )
             metrics["actor/skipped"] = 1.0
             return {**metrics, **timings}
+        if cfg.rollout.free_cache_engine:  # colocated: give the memory to the actor
+            with timed(timings, "rollout_sleep"):
+                self.rollout.execute_all("sleep")  # the weight sync below wakes it
         with timed(timings, "old_log_prob"):
             old = self.actor.compute_log_prob(batch)
         batch.tensors["old_log_probs"] = old["old_log_probs"]

