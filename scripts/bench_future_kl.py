@@ -4,6 +4,7 @@ Prints time, peak extra memory, speed-up and max abs difference for B = 8 and
 L in {1024, 4096, 16384, 20480} (float32). Each measurement runs in a fresh child process so
 peak memory (ru_maxrss on CPU, max_memory_allocated on CUDA) belongs to that call alone.
 Usage: python scripts/bench_future_kl.py [--device cpu|cuda] [--lengths 1024 4096 ...]
+(default: the CPU table, then the GPU table when CUDA is available)
 """
 
 from __future__ import annotations
@@ -67,32 +68,62 @@ def worker(impl: str, length: int, device: str, repeats: int) -> dict:
 
 
 def run_child(impl: str, length: int, device: str, repeats: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, str(length), "--device", device, "--repeats", str(repeats)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        impl,
+        str(length),
+        "--device",
+        device,
+        "--repeats",
+        str(repeats),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 20480])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "LENGTH"))
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.device, args.repeats)))
+        device = args.device or "cpu"
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), device, args.repeats)))
         return
 
     console = Console(width=140)
-    table = Table(title=f"future_kl vs future_kl_reference (B={BATCH}, float32, {args.device}, half-life 32)")
-    for col in ("L", "ours s", "ref s", "speed-up", "ours peak MiB", "ref peak MiB", "B·L·4 MiB", "max |diff|"):
+    devices = (
+        [args.device] if args.device else ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+    )
+    for device in devices:
+        console.print(_table(device, args.lengths, args.repeats, console))
+
+
+def _table(device: str, lengths: list[int], repeats: int, console: Console) -> Table:
+    table = Table(
+        title=f"future_kl vs future_kl_reference (B={BATCH}, float32, {device}, half-life 32)"
+    )
+    for col in (
+        "L",
+        "ours s",
+        "ref s",
+        "speed-up",
+        "ours peak MiB",
+        "ref peak MiB",
+        "B·L·4 MiB",
+        "max |diff|",
+    ):
         table.add_column(col, justify="right")
-    for length in args.lengths:
-        with console.status(f"L = {length}"):
-            ours = run_child("ours", length, args.device, args.repeats)
-            ref = run_child("ref", length, args.device, 1 if length > 4096 else args.repeats)
-        a = torch.load(f"/tmp/fkl_ours_{length}_{args.device}.pt")
-        b = torch.load(f"/tmp/fkl_ref_{length}_{args.device}.pt")
+    for length in lengths:
+        with console.status(f"{device} L = {length}"):
+            ours = run_child("ours", length, device, repeats)
+            ref = run_child("ref", length, device, 1 if length > 4096 else repeats)
+        a = torch.load(f"/tmp/fkl_ours_{length}_{device}.pt")
+        b = torch.load(f"/tmp/fkl_ref_{length}_{device}.pt")
         mib = 1024**2
         table.add_row(
             str(length),
@@ -104,7 +135,7 @@ def main() -> None:
             f"{BATCH * length * 4 / mib:.2f}",
             f"{(a - b).abs().max().item():.2e}",
         )
-    console.print(table)
+    return table
 
 
 if __name__ == "__main__":
