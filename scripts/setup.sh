@@ -36,7 +36,15 @@ if [[ "$PLATFORM" == cpu ]]; then
   "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 else
   echo "[setup] CUDA machine: extras [$EXTRAS]"
-  "${PIP[@]}" install -q -e ".[$EXTRAS]"
+  # vLLM first (it pins the CUDA torch it was built for); flash-attn compiles against that
+  # torch, so it needs --no-build-isolation (as in docker/Dockerfile); then the project.
+  "${PIP[@]}" install -q "vllm>=0.33"
+  if "${PIP[@]}" install -q --no-build-isolation "flash-attn>=2.7"; then
+    "${PIP[@]}" install -q -e ".[$EXTRAS]"  # the gpu extra is satisfied by now
+  else
+    echo "[setup] flash-attn did not build: attention falls back to sdpa (fipo_trainer.platform)"
+    "${PIP[@]}" install -q -e ".[${EXTRAS/gpu/dev}]"
+  fi
 fi
 
 "$VENV/bin/python" -c "import torch, fipo_trainer; print('[setup] torch', torch.__version__)"
