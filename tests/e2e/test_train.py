@@ -172,6 +172,16 @@ def test_grader_timeout_and_bad_data_row_do_not_stop_training(tmp_path):
     assert all(math.isfinite(metrics[s]["actor/pg_loss"]) for s in (1, 2))
 
 
+# Two training steps, nothing but the update: for tests about one mechanism.
+SHORT_RUN = [
+    "trainer.total_training_steps=2",
+    "trainer.test_freq=0",
+    "trainer.val_before_train=false",
+    "trainer.plot=false",
+    "trainer.export_hf=false",
+    "algorithm.filter_groups.on_exhausted=proceed",
+]
+
 NAN_LOSS_PLUGIN = """
 import torch
 from fipo_trainer.algorithms.policy_loss import register_policy_loss, vanilla_policy_loss
@@ -202,12 +212,7 @@ def test_non_finite_loss_skips_or_stops_with_a_clear_message(tmp_path, nan_loss_
         f"actor.loss_plugins=[{nan_loss_plugin}]",
         "actor.loss_name=test_nan",
         f"trainer.nan_policy={policy}",
-        "trainer.total_training_steps=2",
-        "trainer.test_freq=0",
-        "trainer.val_before_train=false",
-        "trainer.plot=false",
-        "trainer.export_hf=false",
-        "algorithm.filter_groups.on_exhausted=proceed",
+        *SHORT_RUN,
     ]
     run_dir = tmp_path / "run"
     if policy == "stop":
@@ -231,12 +236,7 @@ def test_colocated_placement_trains(tmp_path):
         tmp_path / "run",
         "resources.placement=colocated",
         "rollout.free_cache_engine=true",
-        "trainer.total_training_steps=2",
-        "trainer.test_freq=0",
-        "trainer.val_before_train=false",
-        "trainer.plot=false",
-        "trainer.export_hf=false",
-        "algorithm.filter_groups.on_exhausted=proceed",
+        *SHORT_RUN,
     )
     assert result.steps == 2
     rows = read_metrics(tmp_path / "run")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fipo_trainer.data.tiny_model import build_tiny_model
+from fipo_trainer.data.warm_start import prompt_ids
 from fipo_trainer.rollout import RolloutConfig, SamplingConfig, build_engine
 
 pytestmark = pytest.mark.integration
@@ -32,15 +33,7 @@ def _prompts(path, k=8):
     tok = AutoTokenizer.from_pretrained(path)
     pairs = [(12, 34), (5, 77), (40, 2), (9, 9), (31, 18), (66, 20), (3, 45), (80, 11)][:k]
     return [
-        tok(
-            tok.apply_chat_template(
-                [{"role": "user", "content": f"What is {a}+{b}?"}],
-                tokenize=False,
-                add_generation_prompt=True,
-            ),
-            add_special_tokens=False,
-        )["input_ids"]
-        for a, b in pairs
+        prompt_ids(tok, [{"role": "user", "content": f"What is {a}+{b}?"}]) for a, b in pairs
     ], tok
 
 

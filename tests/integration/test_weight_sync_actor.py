@@ -19,6 +19,7 @@ from fipo_trainer.cluster import WorkerGroup, init_ray, plan_placement, release,
 from fipo_trainer.cluster.weight_sync import connect_weight_sync, sync_weights
 from fipo_trainer.data.batch import Batch
 from fipo_trainer.data.tiny_model import build_tiny_model
+from fipo_trainer.data.warm_start import prompt_ids
 from fipo_trainer.rollout import RolloutConfig, SamplingConfig
 from fipo_trainer.rollout.worker import RolloutWorker, generate_on_workers
 
@@ -34,17 +35,7 @@ def _prompt_batch(path) -> Batch:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
-    rows = [
-        tok(
-            tok.apply_chat_template(
-                [{"role": "user", "content": f"What is {a}+{b}?"}],
-                tokenize=False,
-                add_generation_prompt=True,
-            ),
-            add_special_tokens=False,
-        )["input_ids"]
-        for a, b in PAIRS
-    ]
+    rows = [prompt_ids(tok, [{"role": "user", "content": f"What is {a}+{b}?"}]) for a, b in PAIRS]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
     for i, r in enumerate(rows):
