@@ -17,6 +17,9 @@ from fipo_trainer.plugins import import_plugins
 
 logger = logging.getLogger(__name__)
 
+LR_WARMUP_UNITS = ("train_step", "optimizer_step")
+LOSS_SCALES = ("reference", "global")
+
 
 @dataclass
 class ActorConfig:
@@ -25,9 +28,13 @@ class ActorConfig:
     model_path: str = ""
     tokenizer_path: str | None = None  # default: model_path
     zero_stage: int = 2  # 2 or 3
-    # Optimizer: AdamW, linear warm-up over `lr_warmup_steps` optimizer steps, then constant.
+    # Optimizer: AdamW, linear warm-up over `lr_warmup_steps`, then constant.
     lr: float = 1e-6
     lr_warmup_steps: int = 10
+    # What a warm-up step counts. train_step (verl 0.5, the paper): factor s / warmup where s
+    # = training steps completed before this one (the first step runs at lr 0), held for
+    # every mini-batch of the step. optimizer_step: min(1, (k + 1) / warmup) per optimizer step.
+    lr_warmup_unit: str = "optimizer_step"
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -41,6 +48,11 @@ class ActorConfig:
     use_dynamic_bsz: bool = True
     ppo_max_token_len_per_gpu: int = 22528  # packed tokens per micro-batch per rank
     micro_batch_size_per_gpu: int = 4  # rows per micro-batch when use_dynamic_bsz is false
+    # Loss normaliser. reference (verl 0.5, the paper): each micro-batch's loss is its own
+    # aggregate x (micro-batch rows / mini-batch rows per rank) with token-budget micro-batches,
+    # or / (number of micro-batches) with fixed-size ones. global: the mini-batch-wide
+    # normaliser (all micro-batches and ranks; current verl), independent of the cut.
+    loss_scale: str = "global"
     # Budget for compute_log_prob; None = the update's, which makes the first mini-batch's
     # log-probs bitwise equal to the old log-probs (ratio == 1 exactly).
     log_prob_max_token_len_per_gpu: int | None = None
@@ -53,6 +65,9 @@ class ActorConfig:
     policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     compute_entropy: bool = False  # entropy of the policy as a metric / extra output
     logits_chunk_size: int = 2048  # rows of the vocab projection processed in fp32 at once
+    # Hugging Face config overrides (e.g. {"max_position_embeddings": 32768} for the 7B
+    # recipes' context extension), applied identically to the actor and to vLLM.
+    override_config: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     dist_timeout_s: float = 1800.0
 
@@ -72,6 +87,15 @@ class ActorConfig:
             raise ValueError(f"actor.lr must be > 0, got {self.lr}")
         if self.lr_warmup_steps < 0:
             raise ValueError(f"actor.lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        if self.lr_warmup_unit not in LR_WARMUP_UNITS:
+            raise ValueError(
+                f"actor.lr_warmup_unit must be one of {LR_WARMUP_UNITS}, got {self.lr_warmup_unit!r}"
+            )
+        if self.loss_scale not in LOSS_SCALES:
+            raise ValueError(
+                f"actor.loss_scale must be one of {LOSS_SCALES} (reference = verl 0.5 / the paper, "
+                f"global = micro-batch-invariant), got {self.loss_scale!r}"
+            )
         if self.weight_decay < 0:
             raise ValueError(f"actor.weight_decay must be >= 0, got {self.weight_decay}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
