@@ -19,16 +19,14 @@ Layout::
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
-import tempfile
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fipo_trainer.fsutil import atomic_dir, atomic_file, discard_dir, remove_leftovers
 
 __all__ = ["CHECKPOINTS_DIR", "POINTER_FILE", "STATE_FILE", "CheckpointManager", "step_of"]
 
@@ -39,8 +37,6 @@ POINTER_FILE = "latest_checkpointed_iteration.txt"
 STATE_FILE = "trainer_state.pt"
 _PREFIX = "global_step_"
 _NAME_RE = re.compile(rf"^{_PREFIX}(\d+)$")
-_TMP_PREFIX = ".tmp-"  # in-progress saves
-_OLD_PREFIX = ".old-"  # checkpoints being replaced or deleted
 
 
 def step_of(path: str | Path) -> int:
@@ -72,20 +68,6 @@ def _latest_in(root: Path) -> Path | None:
         logger.warning("%s names %r, which is not a complete checkpoint; using the newest one", pointer, text)
     found = _complete_in(root)
     return found[-1] if found else None
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable (best effort: not every filesystem supports it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class CheckpointManager:
@@ -138,41 +120,21 @@ class CheckpointManager:
         if state.setdefault("step", step) != step:
             raise ValueError(f"trainer_state['step']={state['step']} but save() was called for step {step}")
         self.root.mkdir(parents=True, exist_ok=True)
-        self._remove_leftovers()
+        remove_leftovers(self.root)
 
         final = self.root / f"{_PREFIX}{step}"
-        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{_PREFIX}{step}-", dir=self.root))
-        try:
+        with atomic_dir(final) as tmp:  # re-saving a step (after a resume) swaps it out
             write_fn(tmp)
-            with (tmp / STATE_FILE).open("wb") as f:
+            with atomic_file(tmp / STATE_FILE, "wb") as f:
                 torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            if final.exists():  # re-saving a step (e.g. after a resume): swap it out
-                old = self.root / f"{_OLD_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
-                os.rename(final, old)
-                os.rename(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _fsync_dir(self.root)
         self._write_pointer(step)
         self._prune(keep=final)
         logger.info("saved checkpoint %s", final)
         return final
 
     def _write_pointer(self, step: int) -> None:
-        pointer = self.root / POINTER_FILE
-        tmp = pointer.with_name(f"{_TMP_PREFIX}{POINTER_FILE}")
-        with tmp.open("w") as f:
+        with atomic_file(self.root / POINTER_FILE) as f:
             f.write(f"{step}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, pointer)
-        _fsync_dir(self.root)
 
     def _prune(self, keep: Path) -> None:
         if self.keep_last is None:
@@ -180,20 +142,8 @@ class CheckpointManager:
         others = [p for p in self.checkpoints() if p != keep]
         excess = len(others) + 1 - self.keep_last
         for path in others[: max(excess, 0)]:
-            # rename first: a crash mid-delete must not leave a gutted "global_step_N"
-            doomed = self.root / f"{_OLD_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(path, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            discard_dir(path)
             logger.info("removed old checkpoint %s (trainer.max_ckpt_to_keep=%d)", path, self.keep_last)
-
-    def _remove_leftovers(self) -> None:
-        """Temp and half-deleted directories left by a killed process."""
-        for p in self.root.iterdir():
-            if p.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ resuming
     def resolve_resume(self, mode: str | None) -> Path | None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from fipo_trainer.fsutil import atomic_file
 
 __all__ = ["REQUIRED_FIELDS", "dump_rollouts", "jsonable", "rollout_path"]
 
@@ -50,13 +51,10 @@ def dump_rollouts(run_dir: str | Path, step: int, records: Sequence[Mapping[str,
     if step < 0:
         raise ValueError(f"dump_rollouts: step must be >= 0, got {step}")
     path = rollout_path(run_dir, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_file(path) as f:
         for record in records:
             row = {key: record.get(key) for key in REQUIRED_FIELDS}
             row.update(record)
             row["step"] = int(step)
             f.write(json.dumps(jsonable(row), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
