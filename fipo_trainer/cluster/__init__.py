@@ -9,8 +9,14 @@ from fipo_trainer.cluster.resource_pool import (
     plan_placement,
     release,
 )
+from fipo_trainer.cluster.waiting import (
+    WorkerCallError,
+    WorkerStartupError,
+    WorkerTimeoutError,
+    wait_labelled,
+)
 from fipo_trainer.cluster.worker import DistInfo, Worker, init_torch_distributed
-from fipo_trainer.cluster.worker_group import WorkerCallError, WorkerGroup, WorkerStartupError
+from fipo_trainer.cluster.worker_group import WorkerGroup
 
 __all__ = [
     "DistInfo",
@@ -20,6 +26,7 @@ __all__ = [
     "WorkerCallError",
     "WorkerGroup",
     "WorkerStartupError",
+    "WorkerTimeoutError",
     "balanced_partition",
     "cluster_has_gpus",
     "dp_partition",
@@ -29,4 +36,5 @@ __all__ = [
     "release",
     "restore_order",
     "shutdown_ray",
+    "wait_labelled",
 ]

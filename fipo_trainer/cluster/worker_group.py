@@ -10,43 +10,31 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError, RayError
 
 from fipo_trainer.cluster.dispatch import restore_order
 from fipo_trainer.cluster.resource_pool import ResourcePool, RolePlacement, cluster_has_gpus
+from fipo_trainer.cluster.waiting import (
+    WorkerCallError,
+    WorkerStartupError,
+    wait_labelled,
+)
 from fipo_trainer.cluster.worker import DistInfo, Worker, free_port, node_ip
 from fipo_trainer.data.batch import Batch
 from fipo_trainer.platform import worker_env
 
+__all__ = ["WorkerCallError", "WorkerGroup", "WorkerStartupError"]
+
 logger = logging.getLogger(__name__)
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-class WorkerStartupError(RuntimeError):
-    """A worker of a group failed or timed out while starting."""
-
-
-class WorkerCallError(RuntimeError):
-    """A method call on one rank of a group raised."""
 
 
 def _probe_master() -> tuple[str, int]:
     return node_ip(), free_port()
-
-
-def _error_summary(err: BaseException, max_lines: int = 25) -> str:
-    """The useful tail of a Ray error (the worker's traceback and exception line)."""
-    text = _ANSI.sub("", str(err)).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip() and set(ln.strip()) != {"^"}]
-    return "\n".join(lines[-max_lines:])
 
 
 class WorkerGroup:
@@ -81,7 +69,7 @@ class WorkerGroup:
         self._owned_pool: ResourcePool | None = None
         placement = self._resolve_placement(pool, num_cpus_per_worker, num_gpus_per_worker)
         self.placement = placement
-        self.actors: list[Any] = []
+        self._actors: list[Any] = []
         try:
             self._start(placement, init_kwargs or {}, env or {}, startup_timeout_s)
         except BaseException:
@@ -156,93 +144,103 @@ class WorkerGroup:
                 runtime_env={"env_vars": {**base_env, **extra_env, **info.env()}},
                 max_restarts=0,
             ).remote(**init_kwargs)
-            self.actors.append(actor)
+            self._actors.append(actor)
         self._health_check(timeout_s)
 
     def _health_check(self, timeout_s: float) -> None:
         start = time.monotonic()
-        pending = {a.health.remote(): rank for rank, a in enumerate(self.actors)}
-        self.worker_info: list[dict[str, Any]] = [{} for _ in self.actors]
-        while pending:
-            left = timeout_s - (time.monotonic() - start)
-            if left <= 0:
-                ranks = sorted(pending.values())
-                raise WorkerStartupError(
-                    f"worker group {self.name!r} ({self.worker_cls.__name__}): rank(s) {ranks} "
-                    f"did not finish __init__ within {timeout_s:.0f}s. Ray available resources: "
-                    f"{_avail()}. If they wait for resources, lower num_cpus/num_gpus per "
-                    "worker; if start-up is just slow (first DeepSpeed init compiles a comm "
-                    "op, ~45 s on CPU), raise startup_timeout_s."
-                )
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(left, 5.0))
-            for ref in ready:
-                rank = pending.pop(ref)
-                try:
-                    self.worker_info[rank] = ray.get(ref)
-                except RayError as err:
-                    raise WorkerStartupError(
-                        f"worker group {self.name!r}: rank {rank} "
-                        f"({self.worker_cls.__name__}) failed to start:\n{_error_summary(err)}"
-                    ) from err
+        cls = self.worker_cls.__name__
+        labels = [f"{self._label(rank)} ({cls})" for rank in range(self.world_size)]
+
+        def timed_out(pending: list[str]) -> str:
+            ranks = sorted(labels.index(p) for p in pending)
+            return (
+                f"worker group {self.name!r} ({cls}): rank(s) {ranks} did not finish __init__ "
+                f"within {timeout_s:.0f}s. Ray available resources: {_avail()}. If they wait "
+                "for resources, lower num_cpus/num_gpus per worker; if start-up is just slow "
+                "(first DeepSpeed init compiles a comm op, ~45 s on CPU), raise "
+                "startup_timeout_s."
+            )
+
+        refs = [(label, a.health.remote()) for label, a in zip(labels, self._actors)]
+        self.worker_info: list[dict[str, Any]] = wait_labelled(
+            refs,
+            what="start-up",
+            timeout_s=timeout_s,
+            error=WorkerStartupError,
+            on_timeout=timed_out,
+        )
         logger.info(
             "worker group %s: %d x %s ready in %.1fs",
             self.name,
             self.world_size,
-            self.worker_cls.__name__,
+            cls,
             time.monotonic() - start,
         )
 
     # ----------------------------------------------------------------- calls
-    def execute_all_async(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
-        """Call ``method`` on every rank with the same arguments; returns the refs."""
-        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+    def _label(self, rank: int) -> str:
+        return f"worker group {self.name!r}: rank {rank}"
 
-    def execute_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        """Call ``method`` on every rank; results in rank order. Fails fast on any error."""
-        return self.get(self.execute_all_async(method, *args, **kwargs), method)
+    def _method(self, fn: Callable[..., Any]) -> str:
+        """The method name of ``fn``, a function of the worker class (``MyWorker.step``)."""
+        if isinstance(fn, str):
+            raise TypeError(
+                f"worker group {self.name!r}: pass the worker class's function "
+                f"(e.g. {self.worker_cls.__name__}.{fn}), not the string {fn!r}"
+            )
+        name = getattr(fn, "__name__", None)
+        if name is None or not callable(getattr(self.worker_cls, name, None)):
+            raise AttributeError(
+                f"worker group {self.name!r}: {self.worker_cls.__name__} has no method "
+                f"{name or fn!r}"
+            )
+        return name
 
-    def execute_rank(self, rank: int, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call ``method`` on one rank only (it must not need the other ranks)."""
-        return self.get([getattr(self.actors[rank], method).remote(*args, **kwargs)], method)[0]
+    def submit(
+        self, fn: Callable[..., Any], *args: Any, ranks: Sequence[int] | None = None, **kwargs: Any
+    ) -> list[tuple[str, ray.ObjectRef]]:
+        """Start ``fn(*args, **kwargs)`` on ``ranks`` (default: all) without waiting.
 
-    def execute_per_rank(
-        self, method: str, per_rank_args: Sequence[tuple], **kwargs: Any
-    ) -> list[Any]:
-        """Call ``method(*per_rank_args[r], **kwargs)`` on each rank ``r``."""
-        if len(per_rank_args) != self.world_size:
-            raise ValueError(f"need {self.world_size} argument tuples, got {len(per_rank_args)}")
-        refs = [
-            getattr(a, method).remote(*args, **kwargs)
-            for a, args in zip(self.actors, per_rank_args)
+        Returns ``(label, ref)`` pairs for :func:`cluster.waiting.wait_labelled` (used where
+        calls on several groups must be awaited together, e.g. the weight sync)."""
+        method = self._method(fn)
+        ranks = range(self.world_size) if ranks is None else ranks
+        return [
+            (self._label(r), getattr(self._actors[r], method).remote(*args, **kwargs))
+            for r in ranks
         ]
-        return self.get(refs, method)
 
-    def get(self, refs: Sequence[ray.ObjectRef], what: str = "call") -> list[Any]:
-        """``ray.get`` that raises as soon as one rank fails, naming it (no waiting for
-        the other ranks, which may be stuck in a collective with the failed one)."""
-        index = {ref: i for i, ref in enumerate(refs)}
-        results: list[Any] = [None] * len(refs)
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for ref in ready:
-                try:
-                    results[index[ref]] = ray.get(ref)
-                except RayActorError as err:
-                    raise WorkerCallError(
-                        f"worker group {self.name!r}: rank {index[ref]} died during {what}:\n"
-                        f"{_error_summary(err)}"
-                    ) from err
-                except RayError as err:
-                    raise WorkerCallError(
-                        f"worker group {self.name!r}: rank {index[ref]} raised in {what}:\n"
-                        f"{_error_summary(err)}"
-                    ) from err
-        return results
+    def call_all(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """``fn`` on every rank with the same arguments; results in rank order. Fails fast."""
+        return self._wait(self.submit(fn, *args, **kwargs), fn)
+
+    def call_rank(self, rank: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn`` on one rank only (it must not need the other ranks)."""
+        return self._wait(self.submit(fn, *args, ranks=[rank], **kwargs), fn)[0]
+
+    def scatter(
+        self, fn: Callable[..., Any], per_rank_args: Sequence[tuple], **kwargs: Any
+    ) -> list[Any]:
+        """``fn(*per_rank_args[r], **kwargs)`` on ranks ``0..len(per_rank_args)-1``."""
+        if not 0 < len(per_rank_args) <= self.world_size:
+            raise ValueError(
+                f"worker group {self.name!r}: {len(per_rank_args)} argument tuples for "
+                f"{self.world_size} ranks"
+            )
+        method = self._method(fn)
+        refs = [
+            (self._label(r), getattr(self._actors[r], method).remote(*args, **kwargs))
+            for r, args in enumerate(per_rank_args)
+        ]
+        return self._wait(refs, fn)
+
+    def _wait(self, refs: list[tuple[str, ray.ObjectRef]], fn: Callable[..., Any]) -> list[Any]:
+        return wait_labelled(refs, what=fn.__name__)
 
     def dispatch_dp(
         self,
-        method: str,
+        fn: Callable[..., Any],
         batch: Batch,
         *args: Any,
         partitions: Sequence[Sequence[int]] | None = None,
@@ -265,7 +263,7 @@ class WorkerGroup:
         if len(inverse) != len(batch):
             raise ValueError(f"partitions cover {len(inverse)} rows but the batch has {len(batch)}")
         shards = [batch[np.asarray(p, dtype=np.int64)] for p in partitions]
-        results = self.execute_per_rank(method, [(s, *args) for s in shards], **kwargs)
+        results = self.scatter(fn, [(s, *args) for s in shards], **kwargs)
         if all(isinstance(r, Batch) for r in results):
             return Batch.concat(results)[inverse]
         return results
@@ -273,12 +271,12 @@ class WorkerGroup:
     # ----------------------------------------------------------------- teardown
     def shutdown(self) -> None:
         """Kill the actors and release a pool this group created."""
-        for a in self.actors:
+        for a in self._actors:
             try:
                 ray.kill(a, no_restart=True)
             except Exception as err:  # pragma: no cover - already dead
                 logger.debug("kill %s: %s", self.name, err)
-        self.actors = []
+        self._actors = []
         if self._owned_pool is not None:
             self._owned_pool.remove()
             self._owned_pool = None
