@@ -1,8 +1,18 @@
-"""Settings of the prompt dataset (how files are read, templated, filtered and sampled)."""
+"""Settings of the prompt dataset: how files are read, templated, tokenised and filtered.
+
+Why a slice and not a second config: the training config's ``data`` section
+(``TrainDataConfig`` in :mod:`fipo_trainer.trainer.config`) is the one place these values
+are set; the trainer builds this loader slice from it with :meth:`DataConfig.from_section`,
+which copies every field of the same name, so a new loader setting needs no hand-written
+copy. ``fipo-eval`` and ``fipo-data`` build it directly. Sampling (shuffle, seed) is the
+sampler's business, not the loader's.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 SCHEMAS = ("auto", "verl", "raw")
 TRUNCATIONS = ("filter", "left", "right", "error")
@@ -32,9 +42,17 @@ class DataConfig:
     truncation: str = "filter"
     skip_bad_rows: bool = False
     max_samples: int | None = None  # keep only the first N valid rows (quick runs)
-    shuffle: bool = True
-    seed: int = 0
-    drop_last: bool = True
+
+    @classmethod
+    def from_section(cls, section: Any) -> DataConfig:
+        """The loader slice of a config section (``TrainDataConfig``): every field of this
+        class that ``section`` has, by name; the others keep their defaults here."""
+        values = {
+            f.name: getattr(section, f.name)
+            for f in dataclasses.fields(cls)
+            if hasattr(section, f.name)
+        }
+        return cls(**values)
 
     def __post_init__(self) -> None:
         if self.schema not in SCHEMAS:

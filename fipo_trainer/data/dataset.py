@@ -1,34 +1,44 @@
-"""Prompt datasets (verl or raw schema), a resumable sampler and the prompt collate.
+"""The prompt dataset: validated rows, templated and tokenised, length-filtered; the collate.
 
-Why checked row by row: a malformed row deep inside a 17k-row file otherwise surfaces as a
-shape error or a silent zero reward hours into a run. Every problem is reported with the
-file, the row index and the field, and can optionally be skipped with a count instead.
+Why checked at load: a malformed row deep inside a 17k-row file otherwise surfaces as a
+shape error or a silent zero reward hours into a run, so every row is validated
+(:mod:`fipo_trainer.data.records`, which names file, row and field) and can optionally be
+skipped with a count instead. Rows are tokenised by :mod:`fipo_trainer.data.tokenization`,
+the one tokenisation shared with ``fipo-eval`` and the warm start. The sampler lives in
+:mod:`fipo_trainer.data.sampler`; reading and row checks are re-exported here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from fipo_trainer.data.batch import Batch
 from fipo_trainer.data.config import DataConfig
+from fipo_trainer.data.records import SUFFIXES, DataError, detect_schema, parse_row, read_records
+from fipo_trainer.data.sampler import ResumableSampler
+from fipo_trainer.data.tokenization import encode_prompts, render_prompt, resolve_chat_template
+
+__all__ = [
+    "SUFFIXES",
+    "DataError",
+    "LoadStats",
+    "PromptDataset",
+    "PromptItem",
+    "ResumableSampler",
+    "collate_prompts",
+    "detect_schema",
+    "parse_row",
+    "read_records",
+]
 
 logger = logging.getLogger(__name__)
-
-SUFFIXES = (".parquet", ".jsonl", ".json")
-
-
-class DataError(ValueError):
-    """A data file or row that cannot be used (message names file, row and field)."""
 
 
 @dataclass
@@ -55,159 +65,6 @@ class LoadStats:
     first_errors: list[str] = field(default_factory=list)
 
 
-# ------------------------------------------------------------------------------ reading
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``.parquet``, ``.jsonl`` or ``.json`` (list of objects) file as dicts."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(path).to_pylist()
-        except Exception as e:  # pyarrow raises several types for corrupt files
-            raise DataError(f"{path}: cannot read parquet ({e})") from e
-    if path.suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {i + 1}: invalid JSON ({e})") from e
-                if not isinstance(row, dict):
-                    raise DataError(
-                        f"{path} line {i + 1}: expected a JSON object, got {type(row).__name__}"
-                    )
-                rows.append(row)
-        return rows
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON ({e})") from e
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise DataError(f"{path}: a .json data file must hold a list of objects")
-        return data
-    raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {SUFFIXES}")
-
-
-def detect_schema(records: Sequence[dict[str, Any]], cfg: DataConfig, path: Path) -> str:
-    """``verl`` if the prompt column exists, ``raw`` if the problem column does."""
-    if cfg.schema != "auto":
-        return cfg.schema
-    keys = set(records[0]) if records else set()
-    if cfg.prompt_key in keys:
-        return "verl"
-    if cfg.problem_key in keys:
-        return "raw"
-    raise DataError(
-        f"{path}: cannot tell the schema from columns {sorted(keys)}: expected "
-        f"{cfg.prompt_key!r} (verl schema) or {cfg.problem_key!r} (raw schema); set "
-        "data.prompt_key / data.problem_key or data.schema"
-    )
-
-
-def _ground_truth(value: Any, where: str, name: str) -> str:
-    if value is None:
-        raise DataError(f"{where}: field {name!r} is missing (every prompt needs a ground truth)")
-    if isinstance(value, bool):
-        raise DataError(f"{where}: field {name!r} must be a string, got bool {value!r}")
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise DataError(f"{where}: field {name!r} is {value!r}")
-        return str(int(value)) if value.is_integer() else repr(value)
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise DataError(f"{where}: field {name!r} is empty")
-    return value
-
-
-def _messages(value: Any, where: str, name: str) -> list[dict[str, str]]:
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)) or not value:
-        raise DataError(
-            f"{where}: field {name!r} must be a non-empty list of chat messages "
-            f"[{{'role': ..., 'content': ...}}], got {type(value).__name__}"
-        )
-    out = []
-    for j, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise DataError(
-                f"{where}: {name}[{j}] must be a dict with 'role' and 'content', got {type(m).__name__}"
-            )
-        for key in ("role", "content"):
-            if not isinstance(m.get(key), str):
-                raise DataError(
-                    f"{where}: {name}[{j}].{key} must be a string, got {type(m.get(key)).__name__}"
-                )
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
-def _extra_info(value: Any, where: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise DataError(
-            f"{where}: field 'extra_info' must be a dict or null, got {type(value).__name__}"
-        )
-    return dict(value)
-
-
-def parse_row(record: dict[str, Any], schema: str, cfg: DataConfig, where: str) -> dict[str, Any]:
-    """Validate one record into ``raw_prompt``/``data_source``/``ground_truth``/``extra_info``."""
-    if schema == "verl":
-        if cfg.prompt_key not in record:
-            raise DataError(f"{where}: field {cfg.prompt_key!r} is missing")
-        messages = _messages(record[cfg.prompt_key], where, cfg.prompt_key)
-        source = record.get("data_source")
-        if not isinstance(source, str) or not source:
-            raise DataError(
-                f"{where}: field 'data_source' must be a non-empty string, got {source!r}"
-            )
-        rm = record.get("reward_model")
-        if not isinstance(rm, dict):
-            raise DataError(
-                f"{where}: field 'reward_model' must be a dict with 'ground_truth', got {type(rm).__name__}"
-            )
-        truth = _ground_truth(rm.get("ground_truth"), where, "reward_model.ground_truth")
-        extra = _extra_info(record.get("extra_info"), where)
-    elif schema == "raw":
-        problem = record.get(cfg.problem_key)
-        if not isinstance(problem, str) or not problem.strip():
-            raise DataError(
-                f"{where}: field {cfg.problem_key!r} must be a non-empty string, got {problem!r}"
-            )
-        truth = _ground_truth(record.get(cfg.answer_key), where, cfg.answer_key)
-        messages = [{"role": "user", "content": cfg.prompt_template.format(problem=problem)}]
-        if cfg.system_prompt:
-            messages.insert(0, {"role": "system", "content": cfg.system_prompt})
-        source = (
-            record.get("data_source")
-            if isinstance(record.get("data_source"), str)
-            else cfg.raw_data_source
-        )
-        extra = _extra_info(record.get("extra_info"), where)
-        extra.setdefault("problem", problem)
-    else:
-        raise ValueError(f"unknown schema {schema!r}")
-    return {
-        "raw_prompt": messages,
-        "data_source": source,
-        "ground_truth": truth,
-        "extra_info": extra,
-    }
-
-
-# ------------------------------------------------------------------------------ dataset
 class PromptDataset:
     """Validated, templated and length-filtered prompts from one or more files."""
 
@@ -222,15 +79,7 @@ class PromptDataset:
         self.files = [Path(files)] if isinstance(files, (str, Path)) else [Path(f) for f in files]
         if not self.files:
             raise ValueError("no data files given (data.train_files / data.val_files is empty)")
-        use_chat = cfg.apply_chat_template
-        if use_chat is None:
-            use_chat = bool(getattr(tokenizer, "chat_template", None))
-        elif use_chat and not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                "data.apply_chat_template=true but the tokenizer has no chat template; "
-                "set data.apply_chat_template=false to use plain text prompts"
-            )
-        self.use_chat_template = use_chat
+        self.use_chat_template = resolve_chat_template(tokenizer, cfg.apply_chat_template)
         self.stats = LoadStats()
         self.items: list[PromptItem] = []
         for path in self.files:
@@ -267,30 +116,7 @@ class PromptDataset:
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """Prompt text: chat template + generation prompt, or the contents joined (base models)."""
-        if self.use_chat_template:
-            return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        return "\n\n".join(m["content"] for m in messages)
-
-    def _encode(self, texts: list[str], path: Path) -> list[list[int]]:
-        """Tokenize in chunks so that large files show progress."""
-        from tqdm.auto import tqdm
-
-        chunk = 2048
-        out: list[list[int]] = []
-        # chat templates already add BOS where the model wants it
-        special = not self.use_chat_template
-        bar = tqdm(total=len(texts), desc=f"tokenizing {path.name}", disable=len(texts) < 4 * chunk)
-        for start in range(0, len(texts), chunk):
-            out.extend(
-                self.tokenizer(
-                    texts[start : start + chunk], add_special_tokens=special, verbose=False
-                )["input_ids"]
-            )
-            bar.update(min(chunk, len(texts) - start))
-        bar.close()
-        return out
+        return render_prompt(self.tokenizer, messages, self.use_chat_template)
 
     def _load_file(self, path: Path) -> None:
         cfg = self.config
@@ -313,7 +139,9 @@ class PromptDataset:
             parsed.append((i, row))
         if not parsed:
             return
-        encoded = self._encode(texts, path)
+        encoded = encode_prompts(
+            self.tokenizer, texts, self.use_chat_template, desc=f"tokenizing {path.name}"
+        )
         limit = cfg.max_prompt_length
         for (i, row), ids in zip(parsed, encoded):
             if not ids:
@@ -398,78 +226,3 @@ def collate_prompts(
             "source": [it.source for it in items],
         },
     )
-
-
-# ------------------------------------------------------------------------------ sampler
-class ResumableSampler:
-    """Infinite stream of row indices: a fresh seeded permutation per epoch.
-
-    The state is only ``(epoch, position, seed)`` and the order is a pure function of it,
-    so a sampler restored from ``state_dict()`` continues with exactly the same indices,
-    also when the state was saved right at an epoch boundary.
-    """
-
-    def __init__(
-        self, num_rows: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = True
-    ) -> None:
-        if num_rows < 1:
-            raise ValueError(f"sampler needs at least one row, got {num_rows}")
-        self.num_rows, self.shuffle, self.seed, self.drop_last = num_rows, shuffle, seed, drop_last
-        self.epoch, self.position = 0, 0
-        self._perm_epoch: int | None = None
-        self._perm = np.arange(num_rows)
-
-    def order(self, epoch: int) -> np.ndarray:
-        """Row order of ``epoch`` (identity when not shuffling)."""
-        if not self.shuffle:
-            return np.arange(self.num_rows)
-        if self._perm_epoch != epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
-            self._perm_epoch = epoch
-        return self._perm
-
-    def next_indices(self, size: int) -> list[int]:
-        """The next ``size`` indices; starts a new epoch when the current one cannot fill them
-        (``drop_last``) or is used up (otherwise, the last batch of an epoch may be short)."""
-        if not 1 <= size <= self.num_rows:
-            raise ValueError(f"batch size must be in 1..{self.num_rows} (dataset rows), got {size}")
-        remaining = self.num_rows - self.position
-        if remaining <= 0 or (self.drop_last and remaining < size):
-            self.epoch += 1
-            self.position = 0
-        take = min(size, self.num_rows - self.position)
-        out = self.order(self.epoch)[self.position : self.position + take]
-        self.position += take
-        return [int(i) for i in out]
-
-    def batches_per_epoch(self, size: int) -> int:
-        return self.num_rows // size if self.drop_last else -(-self.num_rows // size)
-
-    def iter_epoch(self, size: int) -> Iterator[list[int]]:
-        """The remaining batches of the current epoch (the next epoch if this one is used up)."""
-        yield self.next_indices(size)
-        while True:
-            remaining = self.num_rows - self.position
-            if remaining <= 0 or (self.drop_last and remaining < size):
-                return
-            yield self.next_indices(size)
-
-    def state_dict(self) -> dict[str, int]:
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "seed": self.seed,
-            "num_rows": self.num_rows,
-        }
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("num_rows", self.num_rows) != self.num_rows:
-            raise ValueError(
-                f"sampler state is for {state['num_rows']} rows but the dataset has {self.num_rows}; "
-                "resume with the same data files and filters"
-            )
-        self.epoch, self.position, self.seed = (
-            int(state["epoch"]),
-            int(state["position"]),
-            int(state["seed"]),
-        )

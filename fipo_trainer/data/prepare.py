@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fipo_trainer.data.config import DataConfig
-from fipo_trainer.data.dataset import DataError, parse_row, read_records
+from fipo_trainer.data.records import DataError, parse_row, read_records
 
 DAPO_PREFIX = (
     "Solve the following math problem step by step. The last line of your response should be "

@@ -15,17 +15,14 @@ import torch
 from tqdm.auto import tqdm
 
 from fipo_trainer.data.synthetic import ArithmeticTask, is_correct, make_rows, make_sft_pairs
+from fipo_trainer.data.tokenization import prompt_ids
 
 if TYPE_CHECKING:
     from fipo_trainer.data.tiny_model import TinyModelSettings
 
+__all__ = ["greedy_accuracy", "prompt_ids", "sft_tensors", "warm_start"]
+
 IGNORE = -100
-
-
-def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Chat-template token ids with the generation prompt."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def sft_tensors(

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from fipo_trainer.data.batch import Batch
 from fipo_trainer.data.config import DataConfig
-from fipo_trainer.data.dataset import PromptDataset, ResumableSampler
+from fipo_trainer.data.dataset import PromptDataset
+from fipo_trainer.data.sampler import ResumableSampler
 from fipo_trainer.trainer.config import BUILTIN_PREFIX, TrainConfig
 
 
@@ -34,22 +35,7 @@ class PromptSource:
             resolve_file(spec, cfg, split)
             for spec in (data.train_files if split == "train" else data.val_files)
         ]
-        dataset = PromptDataset(
-            files,
-            tokenizer,
-            DataConfig(
-                prompt_key=data.prompt_key,
-                schema=data.schema,
-                problem_key=data.problem_key,
-                answer_key=data.answer_key,
-                prompt_template=data.prompt_template,
-                apply_chat_template=data.apply_chat_template,
-                max_prompt_length=data.max_prompt_length,
-                truncation=data.truncation,
-                skip_bad_rows=data.skip_bad_rows,
-                max_samples=data.max_samples,
-            ),
-        )
+        dataset = PromptDataset(files, tokenizer, DataConfig.from_section(data))
         return cls(dataset, shuffle=data.shuffle and split == "train", seed=data.seed)
 
     def __len__(self) -> int:

@@ -267,7 +267,7 @@ def test_sampler_epochs_are_permutations_and_seeded():
 def test_sampler_drop_last_false_gives_short_last_batch():
     s = ResumableSampler(5, shuffle=False, drop_last=False)
     assert draw(s, [2, 2, 2, 2]) == [[0, 1], [2, 3], [4], [0, 1]]
-    assert s.batches_per_epoch(2) == 3 and ResumableSampler(5).batches_per_epoch(2) == 2
+    assert s.epoch == 1  # 3 batches in epoch 0 (the last one short)
 
 
 @pytest.mark.parametrize("drop_last", [True, False])
@@ -284,12 +284,12 @@ def test_sampler_resume_gives_identical_order_at_every_point(drop_last):
         assert head + draw(resumed, sizes[k:]) == expected, f"resume after {k} draws differs"
 
 
-def test_sampler_iter_epoch_and_errors():
+def test_sampler_epochs_and_errors():
     s = ResumableSampler(7, seed=0)
-    epoch0 = list(s.iter_epoch(3))
-    assert len(epoch0) == 2 and s.epoch == 0
-    epoch1 = list(s.iter_epoch(3))
-    assert len(epoch1) == 2 and s.epoch == 1 and epoch0 != epoch1
+    epoch0 = draw(s, [3, 3])  # drop_last: 2 batches of 3 per epoch of 7 rows
+    assert s.epoch == 0
+    epoch1 = draw(s, [3, 3])
+    assert s.epoch == 1 and epoch0 != epoch1
     with pytest.raises(ValueError, match=r"batch size must be in 1\.\.7"):
         s.next_indices(8)
     with pytest.raises(ValueError, match="same data files"):
@@ -304,3 +304,23 @@ def test_sampler_over_a_real_dataset(tok):
     batch = ds.collate(s.next_indices(8), uid_prefix="s0")
     assert len(batch) == 8 and set(batch["data_source"]) == {"aime25"}
     assert torch.all(batch["attention_mask"].sum(1) > 0)
+
+
+# ------------------------------------------------------------------------ one data config
+def test_loader_settings_come_from_the_training_data_section():
+    from fipo_trainer.trainer.config import TrainDataConfig
+
+    section = TrainDataConfig(
+        truncation="right", max_prompt_length=77, schema="raw", problem_key="q",
+        answer_key="a", prompt_template="Q: {problem}", skip_bad_rows=True, max_samples=5,
+        apply_chat_template=False, prompt_key="messages",
+    )
+    cfg = DataConfig.from_section(section)
+    assert (cfg.truncation, cfg.max_prompt_length, cfg.schema) == ("right", 77, "raw")
+    assert (cfg.problem_key, cfg.answer_key, cfg.prompt_template) == ("q", "a", "Q: {problem}")
+    assert (cfg.skip_bad_rows, cfg.max_samples, cfg.apply_chat_template) == (True, 5, False)
+    assert cfg.prompt_key == "messages"
+    # what the section does not set keeps the loader's default
+    assert cfg.raw_data_source == DataConfig().raw_data_source
+    with pytest.raises(ValueError, match=r"data\.truncation"):
+        DataConfig.from_section(TrainDataConfig(truncation="middle"))

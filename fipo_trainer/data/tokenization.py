@@ -1,0 +1,64 @@
+"""Prompt messages -> prompt text -> token ids: the one tokenisation of every prompt.
+
+Why its own module: training prompts (:class:`~fipo_trainer.data.dataset.PromptDataset`),
+``fipo-eval`` (through the same dataset) and the tiny model's supervised warm start must
+turn chat messages into exactly the same ids, or a model is evaluated (or warm-started) on
+prompts that differ from the ones it is trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["encode_prompts", "prompt_ids", "render_prompt", "resolve_chat_template"]
+
+#: Texts per tokenizer call (large files show a progress bar per chunk).
+ENCODE_CHUNK = 2048
+
+
+def resolve_chat_template(tokenizer: Any, wanted: bool | None) -> bool:
+    """Whether prompts go through the tokenizer's chat template (``None``: if it has one)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if wanted is None:
+        return has_template
+    if wanted and not has_template:
+        raise ValueError(
+            "data.apply_chat_template=true but the tokenizer has no chat template; "
+            "set data.apply_chat_template=false to use plain text prompts"
+        )
+    return wanted
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]], chat_template: bool) -> str:
+    """Prompt text: chat template + generation prompt, or the contents joined (base models)."""
+    if chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n\n".join(m["content"] for m in messages)
+
+
+def encode_prompts(
+    tokenizer: Any, texts: Sequence[str], chat_template: bool, *, desc: str = "tokenizing"
+) -> list[list[int]]:
+    """Token ids of rendered prompts, in chunks (a progress bar for large inputs).
+
+    Chat templates already add BOS where the model wants it, so special tokens are added
+    only to plain-text prompts.
+    """
+    from tqdm.auto import tqdm
+
+    out: list[list[int]] = []
+    bar = tqdm(total=len(texts), desc=desc, disable=len(texts) < 4 * ENCODE_CHUNK)
+    for start in range(0, len(texts), ENCODE_CHUNK):
+        chunk = list(texts[start : start + ENCODE_CHUNK])
+        out.extend(
+            tokenizer(chunk, add_special_tokens=not chat_template, verbose=False)["input_ids"]
+        )
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Chat-template token ids with the generation prompt (one prompt)."""
+    return encode_prompts(tokenizer, [render_prompt(tokenizer, messages, True)], True)[0]
