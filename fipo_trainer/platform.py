@@ -32,12 +32,40 @@ class Platform:
     def device(self, local_rank: int = 0) -> torch.device:
         return torch.device(f"cuda:{local_rank}") if self.is_cuda else torch.device("cpu")
 
+    def bind_device(self, local_rank: int) -> None:
+        """Make ``local_rank``'s accelerator this process's current device (CUDA only)."""
+        if self.is_cuda:
+            torch.cuda.set_device(local_rank)
+
+    @property
+    def supports_offload(self) -> bool:
+        """Param/optimizer offload to host memory: a GPU-memory saver, meaningless on CPU."""
+        return self.is_cuda
+
+    @property
+    def overlap_comm(self) -> bool:
+        """Overlap ZeRO's gradient reduction with backward (CUDA streams; none on CPU)."""
+        return self.is_cuda
+
+
+FORCE_CPU_ENV = "FIPO_FORCE_CPU"
+
+
+def cpu_forced() -> bool:
+    """``FIPO_FORCE_CPU=1``: run on CPU even where CUDA exists (and ask Ray for no GPUs)."""
+    return os.environ.get(FORCE_CPU_ENV, "0") == "1"
+
+
+def forwarded_env() -> dict[str, str]:
+    """Platform choices of this process that worker processes must inherit."""
+    value = os.environ.get(FORCE_CPU_ENV)
+    return {FORCE_CPU_ENV: value} if value else {}
+
 
 @functools.lru_cache(maxsize=1)
 def current_platform() -> Platform:
     """Detect the platform once per process (``FIPO_FORCE_CPU=1`` forces CPU)."""
-    force_cpu = os.environ.get("FIPO_FORCE_CPU", "0") == "1"
-    if not force_cpu and torch.cuda.is_available():
+    if not cpu_forced() and torch.cuda.is_available():
         has_flash = importlib.util.find_spec("flash_attn") is not None
         return Platform(
             device_type="cuda",

@@ -63,7 +63,6 @@ class ActorConfig:
     # exist where the update runs.
     loss_plugins: list[str] = field(default_factory=list)
     policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
-    compute_entropy: bool = False  # entropy of the policy as a metric / extra output
     logits_chunk_size: int = 2048  # rows of the vocab projection processed in fp32 at once
     # Hugging Face config overrides (e.g. {"max_position_embeddings": 32768} for the 7B
     # recipes' context extension), applied identically to the actor and to vLLM.

@@ -1,26 +1,34 @@
-"""Building the DeepSpeed engine for the actor: config, optimizer, LR schedule, model.
+"""The DeepSpeed engine behind one small facade: build, forward, backward, step, LR, gather.
+
+Why a facade: the update (``actor.policy_trainer``) must be readable and testable without
+DeepSpeed, and DeepSpeed's internals (the ZeRO optimizer's loss-scale override used to
+rescale an accumulated gradient, ZeRO-3's parameter gathers, the accumulation boundary) are
+the parts that break between releases. They live here and nowhere else.
 
 Why we own gradient accumulation: the number of micro-batches per mini-batch varies with
-the token budget, so DeepSpeed runs with ``gradient_accumulation_steps=1`` and the worker
-marks the last micro-batch of each mini-batch as the accumulation boundary; losses are
-already normalised by the mini-batch-wide denominator (see ``worker.py``).
+the token budget, so DeepSpeed runs with ``gradient_accumulation_steps=1`` and the update
+marks the last micro-batch of each mini-batch as the accumulation boundary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from fipo_trainer.actor.config import ActorConfig
+from fipo_trainer.actor.micro_batch import PackedRows
 from fipo_trainer.platform import Platform
 
 logger = logging.getLogger(__name__)
 
 
 class WarmupConstant:
-    """LR factor: linear warm-up over ``warmup_steps`` optimizer steps, then 1.
+    """LR factor per optimizer step (``lr_warmup_unit=optimizer_step``): linear warm-up over
+    ``warmup_steps`` optimizer steps, then 1.
 
     Step ``k`` (0-based) uses ``min(1, (k + 1) / warmup_steps)``, so the first update is not
     wasted with lr = 0. A callable object (not a lambda) so LambdaLR can checkpoint it.
@@ -35,9 +43,22 @@ class WarmupConstant:
         return min(1.0, (step + 1) / self.warmup_steps)
 
 
+def train_step_warmup_factor(global_step: int, warmup_steps: int) -> float:
+    """LR factor of training step ``global_step`` (1-based) with ``lr_warmup_unit=train_step``.
+
+    verl's constant-with-warm-up schedule, stepped once per training step: ``s / warmup``
+    for ``s < warmup`` else 1, where ``s = global_step - 1`` steps were completed before this
+    one — so the first step's optimizer steps run at lr 0, as in the reference.
+    """
+    s = max(int(global_step) - 1, 0)
+    if warmup_steps <= 0 or s >= warmup_steps:
+        return 1.0
+    return s / warmup_steps
+
+
 def offload_settings(config: ActorConfig, platform: Platform) -> tuple[bool, bool]:
     """(param_offload, optimizer_offload) that apply here: offload is a GPU-memory saver."""
-    if platform.is_cuda:
+    if platform.supports_offload:
         return config.param_offload, config.optimizer_offload
     if config.param_offload or config.optimizer_offload:
         logger.warning(
@@ -49,14 +70,14 @@ def offload_settings(config: ActorConfig, platform: Platform) -> tuple[bool, boo
 def build_deepspeed_config(
     config: ActorConfig, world_size: int, platform: Platform
 ) -> dict[str, Any]:
-    """The DeepSpeed JSON config for the actor (micro-batching is done by the worker)."""
+    """The DeepSpeed JSON config for the actor (micro-batching is done by the update)."""
     param_offload, optim_offload = offload_settings(config, platform)
     if param_offload and config.zero_stage != 3:
         raise ValueError("actor.param_offload needs actor.zero_stage=3 (ZeRO-2 keeps full params)")
     zero: dict[str, Any] = {
         "stage": config.zero_stage,
         "contiguous_gradients": True,
-        "overlap_comm": platform.is_cuda,
+        "overlap_comm": platform.overlap_comm,
         "reduce_bucket_size": 5e7,
         "allgather_bucket_size": 5e7,
     }
@@ -108,20 +129,32 @@ def build_optimizer(model: torch.nn.Module, config: ActorConfig) -> torch.optim.
     )
 
 
-def load_model(config: ActorConfig, platform: Platform, ds_config: dict[str, Any]):
-    """Load the HF causal LM (dropout disabled); under ZeRO-3 it is created partitioned.
+def load_hf_config(config: ActorConfig):
+    """The model's HF config with dropout off and ``actor.override_config`` applied.
 
-    Returns (model, keepalive): keep ``keepalive`` referenced while the engine lives, it is
-    what tells transformers to load under ZeRO-3.
+    Dropout off: old log-probs and the training forward must be the same function (the
+    module stays in train mode for gradient checkpointing). The overrides are the same ones
+    vLLM receives (``model.override_config``), e.g. the 7B recipes' context extension.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    # Dropout off: old log-probs and the training forward must be the same function
-    # (the module stays in train mode for gradient checkpointing).
     hf_config = AutoConfig.from_pretrained(config.model_path)
     for key, value in list(vars(hf_config).items()):
         if "dropout" in key and isinstance(value, float):
             setattr(hf_config, key, 0.0)
+    for key, value in (config.override_config or {}).items():
+        setattr(hf_config, key, value)
+    return hf_config
+
+
+def load_model(config: ActorConfig, platform: Platform, ds_config: dict[str, Any]):
+    """Load the HF causal LM; under ZeRO-3 it is created partitioned.
+
+    Returns (model, keepalive): keep ``keepalive`` referenced while the engine lives, it is
+    what tells transformers to load under ZeRO-3.
+    """
+    from transformers import AutoModelForCausalLM
+
     keepalive = None
     if config.zero_stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
@@ -129,7 +162,7 @@ def load_model(config: ActorConfig, platform: Platform, ds_config: dict[str, Any
         keepalive = HfDeepSpeedConfig(ds_config)
     model = AutoModelForCausalLM.from_pretrained(
         config.model_path,
-        config=hf_config,
+        config=load_hf_config(config),
         dtype=platform.dtype,
         attn_implementation=platform.attn_implementation,
     )
@@ -139,28 +172,136 @@ def load_model(config: ActorConfig, platform: Platform, ds_config: dict[str, Any
     return model, keepalive
 
 
-def build_engine(config: ActorConfig, world_size: int, platform: Platform):
-    """(engine, keepalive): a DeepSpeed engine with AdamW + warm-up/constant LambdaLR."""
-    import deepspeed
+class DeepSpeedEngine:
+    """A ZeRO-2/3 DeepSpeed engine seen through the verbs the update needs.
 
-    # DeepSpeed's comm layer must wrap the already-initialised torch.distributed group
-    # before zero.Init (ZeRO-3 loading) asks it for the world size.
-    deepspeed.init_distributed(dist_backend=platform.dist_backend, auto_mpi_discovery=False)
-    ds_config = build_deepspeed_config(config, world_size, platform)
-    model, keepalive = load_model(config, platform, ds_config)
-    _, optim_offload = offload_settings(config, platform)
-    optimizer = None if optim_offload else build_optimizer(model, config)
-    schedule = WarmupConstant(config.lr_warmup_steps)
+    ``lr_warmup_unit=optimizer_step`` attaches a LambdaLR that DeepSpeed steps after every
+    optimizer step; ``train_step`` attaches none: the update sets the LR of each training
+    step itself (``set_lr``), so a resumed run needs no scheduler state.
+    """
 
-    def make_scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    def __init__(self, config: ActorConfig, world_size: int, platform: Platform) -> None:
+        import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        optimizer=optimizer,
-        lr_scheduler=make_scheduler,
-        config=ds_config,
-        dist_init_required=False,
-    )
-    return engine, keepalive
+        self.config = config
+        # DeepSpeed's comm layer must wrap the already-initialised torch.distributed group
+        # before zero.Init (ZeRO-3 loading) asks it for the world size.
+        deepspeed.init_distributed(dist_backend=platform.dist_backend, auto_mpi_discovery=False)
+        ds_config = build_deepspeed_config(config, world_size, platform)
+        model, self._zero3_keepalive = load_model(config, platform, ds_config)
+        _, optim_offload = offload_settings(config, platform)
+        optimizer = None if optim_offload else build_optimizer(model, config)
+        scheduler = None
+        if config.lr_warmup_unit == "optimizer_step":
+            schedule = WarmupConstant(config.lr_warmup_steps)
+
+            def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+                return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+        self._engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=ds_config,
+            dist_init_required=False,
+        )
+        self.device: torch.device = self._engine.device
+
+    # ------------------------------------------------------------------ compute
+    @property
+    def module(self) -> torch.nn.Module:
+        """The Hugging Face model inside the engine."""
+        return self._engine.module
+
+    def train(self) -> None:
+        self._engine.train()
+
+    def logits(self, packed: PackedRows) -> torch.Tensor:
+        """[K, V] logits at the positions that predict ``packed.targets``."""
+        out = self._engine(
+            input_ids=packed.input_ids,
+            position_ids=packed.position_ids,
+            use_cache=False,
+            logits_to_keep=packed.logit_positions,
+        )
+        return out.logits[0]
+
+    def set_accumulation_boundary(self, last: bool) -> None:
+        self._engine.set_gradient_accumulation_boundary(last)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._engine.backward(loss)
+
+    def step(self, grad_scale: float = 1.0) -> float:
+        """Optimizer step on the accumulated gradient x ``grad_scale``; the grad norm.
+
+        ``grad_scale`` != 1 goes through the ZeRO optimizer's loss scale (which divides the
+        gradients and the reported norm), so the rescale is exact and costs nothing.
+        """
+        if abs(grad_scale - 1.0) < 1e-12:
+            self._engine.step()
+        else:
+            opt = self._engine.optimizer
+            if not hasattr(opt, "override_loss_scale"):
+                raise RuntimeError(
+                    f"{type(opt).__name__} cannot rescale gradients; the actor needs ZeRO stage "
+                    "2 or 3"
+                )
+            saved = (opt.custom_loss_scaler, opt.external_loss_scale)
+            opt.override_loss_scale(1.0 / grad_scale)
+            try:
+                self._engine.step()
+            finally:
+                opt.custom_loss_scaler, opt.external_loss_scale = saved
+        norm = self._engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def get_lr(self) -> float:
+        return float(self._engine.optimizer.param_groups[0]["lr"])
+
+    def set_lr(self, lr: float) -> None:
+        for group in self._engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    # ------------------------------------------------------------------ weights
+    @property
+    def zero3(self) -> bool:
+        return self.config.zero_stage == 3
+
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Parameters (tied ones once) and persistent buffers, in state-dict order, as
+        stored here (ZeRO-3: partitioned placeholders; gather with ``gathered``)."""
+        module = self.module
+        keys = set(module.state_dict(keep_vars=True).keys())
+        named = list(module.named_parameters())
+        named += [(n, b) for n, b in module.named_buffers() if n in keys]
+        return named
+
+    @contextlib.contextmanager
+    def gathered(self, tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+        """Full values of ``tensors`` inside the block (a collective under ZeRO-3)."""
+        params = [t for t in tensors if hasattr(t, "ds_id")]
+        if not self.zero3 or not params:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str, tag: str, client_state: dict[str, Any]) -> None:
+        self._engine.save_checkpoint(path, tag=tag, client_state=client_state)
+
+    def load(self, path: str, tag: str) -> dict[str, Any] | None:
+        """Model, optimizer and LR scheduler; the client state (None: nothing found)."""
+        load_path, client = self._engine.load_checkpoint(
+            path, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        return None if load_path is None else dict(client or {})
+
+
+def full_numel(t: torch.Tensor) -> int:
+    """Element count of a tensor, also of a ZeRO-3 partitioned parameter."""
+    return int(getattr(t, "ds_numel", t.numel()))

@@ -44,3 +44,14 @@ def reduce_metrics(
                 else sum(v for v, _ in pairs) / len(pairs)
             )
     return out
+
+
+def mean_metrics(metrics: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The plain mean of every key over the dicts that have it (verl 0.5's reduction:
+    each micro-batch's value weighs the same, ``_max``/``_min`` metrics included)."""
+    keys = {k for m in metrics for k in m}
+    out: dict[str, float] = {}
+    for key in sorted(keys):
+        values = [m[key] for m in metrics if key in m]
+        out[key] = sum(values) / len(values)
+    return out

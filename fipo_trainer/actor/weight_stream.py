@@ -1,0 +1,64 @@
+"""Full weights out of the training engine, a bucket at a time: for weight sync and export.
+
+Why one module: the sync to the rollout engines and the Hugging Face export read the same
+thing (every parameter and persistent buffer under its HF name, full — not a ZeRO-3
+shard). Under ZeRO-3 reading a parameter is a collective, so every rank must run the same
+stream; gathering a bounded bucket at a time keeps the extra memory to one bucket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from fipo_trainer.actor.engine import DeepSpeedEngine, full_numel
+
+DEFAULT_BUCKET_BYTES = 256 * 2**20
+
+
+def stream_full_weights(
+    engine: DeepSpeedEngine, rank: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) pairs, yielded on rank 0 (on its device, training dtype).
+
+    Call it on every rank and exhaust it there: under ZeRO-3 the gathers are collectives.
+    ZeRO-2 tensors are the live parameters: read them, do not modify them.
+    """
+    named = engine.named_tensors()
+    if not engine.zero3:
+        if rank == 0:
+            for name, t in named:
+                yield name, t.detach()
+        return
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for i, (name, t) in enumerate(named):
+        bucket.append((name, t))
+        size += full_numel(t) * t.element_size()
+        if size < bucket_bytes and i < len(named) - 1:
+            continue
+        with engine.gathered([p for _, p in bucket]):
+            ready = [(n, p.detach().clone()) for n, p in bucket] if rank == 0 else []
+        yield from ready
+        bucket, size = [], 0
+
+
+def drain(stream: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Run a stream to its end (ranks > 0 take part in the gathers, keep nothing)."""
+    for _ in stream:
+        pass
+
+
+def full_state_dict(
+    engine: DeepSpeedEngine, rank: int, all_ranks: bool = False
+) -> dict[str, torch.Tensor] | None:
+    """Full CPU state dict (HF names) on rank 0, or on every rank (cross-rank checks)."""
+    if not all_ranks:
+        sd = {n: t.detach().to("cpu", copy=True) for n, t in stream_full_weights(engine, rank)}
+        return sd if rank == 0 else None
+    out = {}
+    for name, t in engine.named_tensors():
+        with engine.gathered([t]):
+            out[name] = t.detach().cpu().clone()
+    return out
