@@ -69,8 +69,13 @@ def off_policy_batch(trainer: PolicyTrainer, temperature: float = 1.0) -> Batch:
     != 1, one negative-advantage response with 2 dual-clipped tokens (dropped by FIPO) and
     one with a single dual-clipped token (kept)."""
     batch = random_rollout_batch(
-        num_prompts=4, n=2, vocab_size=200, prompt_width=PROMPT_W, response_width=RESP_W,
-        min_response_len=4, seed=3,
+        num_prompts=4,
+        n=2,
+        vocab_size=200,
+        prompt_width=PROMPT_W,
+        response_width=RESP_W,
+        min_response_len=4,
+        seed=3,
     )
     old = trainer.compute_log_prob(batch, mini_batch_rows=ROWS, temperature=temperature)
     g = torch.Generator().manual_seed(1)
@@ -93,7 +98,11 @@ def reference_grads(model_path, cfg: ActorConfig, batch: Batch, parts, temperatu
         mb = batch[torch.tensor(part)]
         logp, _ = padded_log_probs(model, mb, temperature)
         loss, _ = compute_policy_loss(
-            "fipo", mb["old_log_probs"], logp, mb["advantages"], mb["response_mask"],
+            "fipo",
+            mb["old_log_probs"],
+            logp,
+            mb["advantages"],
+            mb["response_mask"],
             cfg.policy_loss,
         )
         factor = len(part) / ROWS if cfg.use_dynamic_bsz else 1.0 / len(parts)
@@ -147,7 +156,11 @@ def test_reference_metrics_are_the_mean_over_micro_batches(model_path):
         mb = batch[torch.tensor(part)]
         logp, _ = padded_log_probs(model, mb)
         loss, _ = compute_policy_loss(
-            "fipo", mb["old_log_probs"], logp, mb["advantages"], mb["response_mask"],
+            "fipo",
+            mb["old_log_probs"],
+            logp,
+            mb["advantages"],
+            mb["response_mask"],
             cfg.policy_loss,
         )
         losses.append(float(loss.detach()))
@@ -163,7 +176,11 @@ def test_global_loss_scale_is_the_full_mini_batch_loss_and_differs_from_referenc
     model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="sdpa")
     logp, _ = padded_log_probs(model, batch)
     loss, _ = compute_policy_loss(
-        "fipo", batch["old_log_probs"], logp, batch["advantages"], batch["response_mask"],
+        "fipo",
+        batch["old_log_probs"],
+        logp,
+        batch["advantages"],
+        batch["response_mask"],
         cfg.policy_loss,
     )
     loss.backward()
@@ -232,7 +249,7 @@ def test_optimizer_step_warmup_counts_optimizer_steps(model_path):
 
 
 def test_unknown_loss_scale_and_warmup_unit_are_refused(model_path):
-    with pytest.raises(ValueError, match="actor.loss_scale"):
+    with pytest.raises(ValueError, match=r"actor\.loss_scale"):
         make_config(model_path, loss_scale="verl")
-    with pytest.raises(ValueError, match="actor.lr_warmup_unit"):
+    with pytest.raises(ValueError, match=r"actor\.lr_warmup_unit"):
         make_config(model_path, lr_warmup_unit="epoch")
