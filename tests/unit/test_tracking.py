@@ -118,3 +118,44 @@ def test_bad_logger_names_and_missing_optional_packages(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
         with pytest.raises(ImportError, match=r"pip install fipo-trainer\[loggers\]"):
             _tracker(tmp_path, ("console", name))
+
+
+class _FakeService:
+    """Records what the tracker asks of a wandb/swanlab module and of its run."""
+
+    def __init__(self):
+        self.calls = []
+        self.run = self
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+        return self.run
+
+    def log(self, metrics, step):
+        self.calls.append(("log", dict(metrics), step))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
+@pytest.mark.parametrize("service", ["wandb", "swanlab"])
+def test_hosted_backends_name_the_run_and_continue_it_on_resume(tmp_path, monkeypatch, service):
+    fake = _FakeService()
+    monkeypatch.setitem(sys.modules, service, fake)
+    with _tracker(tmp_path, (service,)) as t:
+        t.log({"a": 1.0, "b": float("nan")}, 1)
+    init = fake.calls[0][1]
+    assert init["project"] == "proj" and init["config"] == {"lr": 1e-6} and init["resume"] == "allow"
+    if service == "wandb":
+        assert (init["name"], init["dir"]) == ("exp", str(tmp_path))
+        assert fake.calls[1][1]["a"] == 1.0 and math.isnan(fake.calls[1][1]["b"])
+    else:  # swanlab gets no NaN/inf
+        assert (init["experiment_name"], init["logdir"]) == ("exp", str(tmp_path / "swanlab"))
+        assert fake.calls[1] == ("log", {"a": 1.0}, 1)
+    assert fake.calls[-1] == ("finish",)
+    with _tracker(tmp_path, (service,), start_step=1):
+        pass
+    assert fake.calls[3][1]["id"] == init["id"]  # resumed: the same run
+    with _tracker(tmp_path, (service,)):
+        pass
+    assert fake.calls[5][1]["id"] != init["id"]  # a fresh run: a new one
