@@ -6,7 +6,10 @@ engine in this process (vLLM, or transformers with ``--engine hf``), samples k r
 prompt, grades them with the trainer's reward pool (same routing by ``data_source`` and the
 same timeouts as in training) and reports the same metrics as training validation
 (:mod:`fipo_trainer.trainer.validation_metrics`): avg@k = mean@k, cons@k = maj@k,
-pass@k = best@k.
+pass@k = best@k. Prompts are loaded, checked and tokenised by the trainer's own dataset
+(:class:`~fipo_trainer.data.dataset.PromptDataset`), so a model is evaluated on exactly the
+prompt ids it sees in training. The results dict and table are
+:mod:`fipo_trainer.trainer.eval_report`.
 """
 
 from __future__ import annotations
@@ -16,20 +19,24 @@ import json
 import os
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fipo_trainer.trainer.validation_metrics import validation_metrics
+from fipo_trainer.data.config import DataConfig
+from fipo_trainer.trainer.eval_report import print_table, results
+
+if TYPE_CHECKING:
+    from fipo_trainer.data.dataset import PromptDataset
 
 __all__ = [
     "DEFAULT_DATA_FILES",
     "EvalConfig",
     "default_data_dir",
+    "eval_data_config",
     "evaluate",
-    "load_eval_rows",
+    "load_eval_prompts",
     "main",
     "resolve_model_dir",
 ]
@@ -112,58 +119,27 @@ def resolve_model_dir(path: str | Path) -> Path:
     raise ValueError(f"--model {path} holds several models {[str(p) for p in found]}; pass one of them")
 
 
-def _plain(value: Any) -> Any:
-    """numpy arrays/objects from parquet -> lists/dicts."""
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        value = value.tolist()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+def eval_data_config(max_prompts: int | None = None) -> DataConfig:
+    """The loader settings of an evaluation: the trainer's loader and tokenisation (chat
+    template + generation prompt), every prompt kept at its full length (the model's context
+    is checked instead), the first ``max_prompts`` rows of a file."""
+    return DataConfig(
+        apply_chat_template=True, max_prompt_length=sys.maxsize, truncation="error",
+        max_samples=max_prompts,
+    )
 
 
-def load_eval_rows(path: str | Path, max_prompts: int | None = None) -> list[dict[str, Any]]:
-    """Rows of a verl-schema parquet/jsonl file as ``{prompt, data_source, ground_truth}``."""
+def load_eval_prompts(path: str | Path, tokenizer: Any, max_prompts: int | None = None) -> PromptDataset:
+    """The prompts of one verl-schema (or raw problem/answer) parquet/jsonl file, loaded and
+    tokenised exactly as the trainer loads them (:class:`~fipo_trainer.data.dataset.PromptDataset`)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"--data {path} does not exist (default files live in {default_data_dir()}; set ${DATA_DIR_ENV})")
-    if path.suffix == ".parquet":
-        import pandas as pd
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the model's tokenizer has no chat template but the data holds chat messages")
+    from fipo_trainer.data.dataset import PromptDataset
 
-        raw = pd.read_parquet(path).to_dict("records")
-    elif path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            raw = [json.loads(line) for line in f if line.strip()]
-    else:
-        raise ValueError(f"--data {path}: unsupported suffix {path.suffix!r}; use .parquet or .jsonl")
-    if max_prompts is not None:
-        raw = raw[:max_prompts]
-    rows = []
-    for i, row in enumerate(raw):
-        row = _plain(row)
-        prompt, reward = row.get("prompt"), row.get("reward_model")
-        gt = reward.get("ground_truth") if isinstance(reward, dict) else None
-        ok_prompt = isinstance(prompt, str) or (
-            isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt)
-        )
-        if not ok_prompt or gt is None or not row.get("data_source"):
-            raise ValueError(
-                f"{path} row {i}: expected the verl schema (prompt: list of {{role, content}} or str, "
-                f"data_source, reward_model.ground_truth); got keys {sorted(row)}"
-            )
-        rows.append({"prompt": prompt, "data_source": str(row["data_source"]), "ground_truth": str(gt)})
-    return rows
-
-
-def _prompt_ids(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
-    if isinstance(prompt, str):
-        text = prompt
-    else:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the model's tokenizer has no chat template but the data holds chat messages")
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return PromptDataset(path, tokenizer, eval_data_config(max_prompts))
 
 
 # --------------------------------------------------------------------------- the run
@@ -205,15 +181,6 @@ def _check_context(cfg: EvalConfig, model_dir: Path, longest: int, context: int 
             f"model's context of {context} tokens; use --max-prompts/--data to drop such prompts, "
             "or a model (or --max-model-len) with a longer context"
         )
-
-
-def _summary(metrics: dict[str, float], k: int, prefix: str) -> dict[str, float]:
-    return {
-        "num_prompts": int(metrics[f"{prefix}num_prompts"]),
-        f"avg@{k}": metrics[f"{prefix}mean@{k}"],
-        f"cons@{k}": metrics[f"{prefix}maj@{k}"],
-        f"pass@{k}": metrics[f"{prefix}best@{k}"],
-    }
 
 
 def _sample_and_grade(cfg, engine, pool, tokenizer, rows, prompt_ids, max_tokens, timings, console) -> list[dict]:
@@ -269,21 +236,22 @@ def evaluate(cfg: EvalConfig, *, console: Any = None) -> dict[str, Any]:
     console = console if console is not None else Console(soft_wrap=True)
     model_dir = resolve_model_dir(cfg.model)
     files = [Path(f) for f in cfg.data] or [default_data_dir() / name for name in DEFAULT_DATA_FILES]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows: list[dict[str, Any]] = []
+    prompt_ids: list[list[int]] = []
     for fi, file in enumerate(files):
-        for ri, row in enumerate(load_eval_rows(file, cfg.max_prompts)):
-            rows.append({**row, "uid": f"{fi}:{ri}"})
-    if not rows:
-        raise ValueError(f"no prompts in {[str(f) for f in files]}")
+        for ri, item in enumerate(load_eval_prompts(file, tokenizer, cfg.max_prompts)):
+            rows.append({
+                "uid": f"{fi}:{ri}", "prompt": item.raw_prompt,
+                "data_source": item.data_source, "ground_truth": item.ground_truth,
+            })
+            prompt_ids.append(item.prompt_ids)
     reward_cfg = RewardConfig(
         routes={**RewardConfig().routes, **EXTRA_ROUTES, **cfg.routes},
         score_format="binary",
         timeout_s=cfg.reward_timeout_s,
         num_workers=cfg.reward_workers,
     )
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompt_ids = [_prompt_ids(tokenizer, r["prompt"]) for r in rows]
     console.print(f"fipo-eval: {model_dir} on {len(rows)} prompts x k={cfg.k} ({cfg.engine})", markup=False, highlight=False)
 
     _check_context(cfg, model_dir, max(len(p) for p in prompt_ids))  # before a slow engine start
@@ -305,8 +273,8 @@ def evaluate(cfg: EvalConfig, *, console: Any = None) -> dict[str, Any]:
     finally:
         engine.shutdown()
 
-    result = _results(cfg, model_dir, files, records, max_tokens, timings)
-    _print_table(console, result)
+    result = results(cfg, model_dir, files, records, max_tokens, timings)
+    print_table(console, result)
     if cfg.out:
         out = Path(cfg.out).expanduser()
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -320,76 +288,6 @@ def evaluate(cfg: EvalConfig, *, console: Any = None) -> dict[str, Any]:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         console.print(f"responses: {path}", markup=False, highlight=False)
     return result
-
-
-def _results(cfg, model_dir, files, records, max_tokens, timings) -> dict[str, Any]:
-    k = cfg.k
-    metrics = validation_metrics(
-        [r["data_source"] for r in records],
-        [r["uid"] for r in records],
-        [r["acc"] for r in records],
-        [r["pred"] for r in records],
-        [r["score"] for r in records],
-        prefix="eval",
-    )
-    lengths: dict[str, list[int]] = defaultdict(list)
-    truncated: dict[str, list[bool]] = defaultdict(list)
-    failed: dict[str, int] = defaultdict(int)
-    for r in records:
-        for key in (r["data_source"], None):
-            lengths[key].append(r["response_length"])
-            truncated[key].append(r["truncated"])
-            failed[key] += r["grade_status"] != "ok"
-
-    def extra(key):
-        return {
-            "response_length_mean": sum(lengths[key]) / len(lengths[key]),
-            "truncated_frac": sum(truncated[key]) / len(truncated[key]),
-            "grading_failures": failed[key],
-        }
-
-    sources = sorted({r["data_source"] for r in records})
-    return {
-        "model": str(model_dir),
-        "engine": cfg.engine,
-        "files": [str(f) for f in files],
-        "k": k,
-        "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
-                     "max_tokens": max_tokens, "seed": cfg.seed},
-        "results": {ds: {**_summary(metrics, k, f"eval/{ds}/"), **extra(ds)} for ds in sources},
-        "overall": {**_summary(metrics, k, "eval/"), **extra(None)},
-        "metrics": metrics,
-        "seconds": {name: round(v, 3) for name, v in timings.items()},
-        "config": asdict(cfg),
-    }
-
-
-def _print_table(console: Any, result: dict[str, Any]) -> None:
-    from rich.table import Table
-    from rich.text import Text
-
-    k = result["k"]
-    s = result["sampling"]
-    table = Table(title=Text(f"{result['model']}  (k={k}, T={s['temperature']}, top_p={s['top_p']}, max_tokens={s['max_tokens']})"))
-    table.add_column("data source")
-    table.add_column("prompts", justify="right")
-    for name in (f"avg@{k}", f"cons@{k}", f"pass@{k}"):
-        table.add_column(name, justify="right")
-    table.add_column("mean len", justify="right")
-    table.add_column("truncated", justify="right")
-
-    def add(name, r, **style):
-        table.add_row(
-            name, str(r["num_prompts"]),
-            *(f"{r[m]:.4f}" for m in (f"avg@{k}", f"cons@{k}", f"pass@{k}")),
-            f"{r['response_length_mean']:.0f}", f"{r['truncated_frac']:.1%}", **style,
-        )
-
-    for ds, r in result["results"].items():
-        add(ds, r)
-    if len(result["results"]) > 1:
-        add("overall", result["overall"], style="bold")
-    console.print(table)
 
 
 # --------------------------------------------------------------------------- CLI

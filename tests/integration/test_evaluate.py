@@ -8,14 +8,17 @@ from collections import defaultdict
 
 import pytest
 from rich.console import Console
+from transformers import AutoTokenizer
 
+from fipo_trainer.data.config import DataConfig
+from fipo_trainer.data.dataset import PromptDataset
 from fipo_trainer.data.synthetic import make_rows, write_rows
 from fipo_trainer.data.tiny_model import build_tiny_model
 from fipo_trainer.rewards.dapo import INVALID_PRED, compute_score
 from fipo_trainer.trainer.evaluate import (
     EvalConfig,
     evaluate,
-    load_eval_rows,
+    load_eval_prompts,
     main,
     resolve_model_dir,
 )
@@ -102,8 +105,15 @@ def test_bad_inputs_are_reported_clearly(tmp_path, model_dir, capsys):
     assert rc == 2 and "identical greedy" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "hi", "data_source": "x"}) + "\n")
+    tok = AutoTokenizer.from_pretrained(model_dir)
     with pytest.raises(ValueError, match="row 0"):
-        load_eval_rows(bad)
+        load_eval_prompts(bad, tok)
+    # the trainer's loader: same prompt ids as training data loading, first N rows per file
+    data = write_rows(make_rows(6, seed=1, split="test"), tmp_path / "six.jsonl")
+    train_side = PromptDataset(data, tok, DataConfig(max_prompt_length=4096))
+    loaded = load_eval_prompts(data, tok, max_prompts=4)
+    assert len(loaded) == 4
+    assert [it.prompt_ids for it in loaded] == [it.prompt_ids for it in train_side][:4]
     (tmp_path / "two" / "a").mkdir(parents=True)
     (tmp_path / "two" / "b").mkdir()
     for name in ("a", "b"):
