@@ -125,12 +125,20 @@ class PolicyTrainer:
 
     # ------------------------------------------------------------------ log-probs
     @torch.no_grad()
-    def compute_log_prob(self, batch: Batch, *, mini_batch_rows: int, temperature: float) -> Batch:
+    def compute_log_prob(
+        self,
+        batch: Batch,
+        *,
+        mini_batch_rows: int,
+        temperature: float,
+        max_token_len: int | None = None,
+    ) -> Batch:
         """``old_log_probs`` and ``entropy`` [n, R] of this rank's rows, at ``temperature``.
 
         Micro-batches are planned exactly as ``update`` plans them (same budget unless
-        ``log_prob_max_token_len_per_gpu`` is set), so on-policy ratios are exactly 1.
-        Entropy comes from the same logits (no extra forward), as the reference logs it.
+        ``log_prob_max_token_len_per_gpu`` or ``max_token_len`` says otherwise), so on-policy
+        ratios are exactly 1. Entropy comes from the same logits (no extra forward), as the
+        reference logs it.
         """
         require_fields(batch, LOG_PROB_INPUTS, "compute_log_prob")
         input_ids, attn = batch["input_ids"], batch["attention_mask"]
@@ -143,7 +151,7 @@ class PolicyTrainer:
         for rows in mini_batch_ranges(len(batch), mini_batch_rows):
             plan = self.plan(
                 [lengths[i] for i in rows],
-                self.config.log_prob_token_budget,
+                max_token_len or self.config.log_prob_token_budget,
                 "actor.log_prob_max_token_len_per_gpu",
             )
             for part in plan:
@@ -156,12 +164,19 @@ class PolicyTrainer:
 
     # ------------------------------------------------------------------ update
     def update(
-        self, batch: Batch, *, mini_batch_rows: int, temperature: float, global_step: int
+        self,
+        batch: Batch,
+        *,
+        mini_batch_rows: int,
+        temperature: float,
+        global_step: int,
+        max_token_len: int | None = None,
     ) -> dict[str, float]:
         """One optimizer step per mini-batch (x ``ppo_epochs``); metrics identical on all ranks.
 
         ``global_step`` is the 1-based training step being run (it sets the LR when
-        ``lr_warmup_unit=train_step``).
+        ``lr_warmup_unit=train_step``); ``max_token_len`` overrides
+        ``actor.ppo_max_token_len_per_gpu`` for this call.
         """
         require_fields(batch, UPDATE_INPUTS, "update_policy")
         cfg = self.config
@@ -187,7 +202,7 @@ class PolicyTrainer:
             for mb_index, rows in enumerate(mini_batch_ranges(len(batch), mini_batch_rows)):
                 plan = self.plan(
                     [lengths[i] for i in rows],
-                    cfg.ppo_max_token_len_per_gpu,
+                    max_token_len or cfg.ppo_max_token_len_per_gpu,
                     "actor.ppo_max_token_len_per_gpu",
                 )
                 if step_lr is not None:

@@ -82,15 +82,29 @@ class DeepSpeedActorWorker(Worker):
 
     # ------------------------------------------------------------------ algorithm
     def compute_log_prob(
-        self, batch: Batch, *, mini_batch_rows: int, temperature: float
+        self,
+        batch: Batch,
+        *,
+        mini_batch_rows: int,
+        temperature: float,
+        max_token_len: int | None = None,
     ) -> Batch:
         """``old_log_probs`` and ``entropy`` of this rank's rows (``PolicyTrainer``)."""
         return self.trainer.compute_log_prob(
-            batch, mini_batch_rows=mini_batch_rows, temperature=temperature
+            batch,
+            mini_batch_rows=mini_batch_rows,
+            temperature=temperature,
+            max_token_len=max_token_len,
         )
 
     def update_policy(
-        self, batch: Batch, *, mini_batch_rows: int, temperature: float, global_step: int
+        self,
+        batch: Batch,
+        *,
+        mini_batch_rows: int,
+        temperature: float,
+        global_step: int,
+        max_token_len: int | None = None,
     ) -> dict[str, float]:
         """The PPO update of training step ``global_step`` on this rank's rows."""
         return self.trainer.update(
@@ -98,6 +112,7 @@ class DeepSpeedActorWorker(Worker):
             mini_batch_rows=mini_batch_rows,
             temperature=temperature,
             global_step=global_step,
+            max_token_len=max_token_len,
         )
 
     # ------------------------------------------------------------------ weights
