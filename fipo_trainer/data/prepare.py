@@ -10,7 +10,6 @@ de-duplicated on (prompt, ground truth).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 
 from fipo_trainer.data.config import DataConfig
 from fipo_trainer.data.records import DataError, parse_row, read_records
+from fipo_trainer.fsutil import atomic_file
 
 DAPO_PREFIX = (
     "Solve the following math problem step by step. The last line of your response should be "
@@ -147,10 +147,8 @@ def write_parquet(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(pa.Table.from_pylist(list(rows)), tmp)
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as f:
+        pq.write_table(pa.Table.from_pylist(list(rows)), f)
     return path
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fipo_trainer.fsutil import atomic_file
+
 DATA_SOURCE = "arithmetic"
 SUPPORTED_OPS = ("+", "-", "*")
 DEFAULT_PROMPT_TEMPLATE = "What is {expr}?"
@@ -115,15 +117,15 @@ def is_correct(response: str, ground_truth: str) -> bool:
 
 
 def write_rows(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Write rows as ``.parquet`` or ``.jsonl`` (chosen by suffix)."""
+    """Write rows as ``.parquet`` or ``.jsonl`` (chosen by suffix), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".parquet":
         import pandas as pd
 
-        pd.DataFrame(list(rows)).to_parquet(path, index=False)
+        with atomic_file(path, "wb") as f:
+            pd.DataFrame(list(rows)).to_parquet(f, index=False)
     elif path.suffix in (".jsonl", ".json"):
-        with path.open("w", encoding="utf-8") as f:
+        with atomic_file(path) as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
     else:

@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from fipo_trainer.fsutil import atomic_file
 from fipo_trainer.trainer.tracking_backends import (
     ConsoleBackend,
     HostedBackend,
@@ -126,10 +126,8 @@ class _JsonlBackend:
         self.path = run_dir / METRICS_FILE
         if start_step > 0 and self.path.exists():
             kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            with tmp.open("w", encoding="utf-8") as f:
+            with atomic_file(self.path) as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(tmp, self.path)
             self._file = self.path.open("a", encoding="utf-8")
         else:
             self._file = self.path.open("w", encoding="utf-8")
