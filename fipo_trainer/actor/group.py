@@ -1,9 +1,10 @@
-"""Driver-side handle of the actor: a WorkerGroup of DeepSpeed ranks + batch dispatch.
+"""The actor role on the driver: ``ActorGroup.compute_log_prob / update / save / load / export``.
 
-Why here and not in the trainer: how rows are dealt to ranks decides both speed (each
-mini-batch's rows balanced by length across ranks) and exactness (``compute_log_prob`` and
-``update_policy`` must see the same rows in the same micro-batches for on-policy ratios of
-exactly 1), so both calls share ``plan_rows``.
+Why rows are planned here and not in the trainer: how rows are dealt to ranks decides both
+speed (each mini-batch's rows balanced by length across ranks) and exactness
+(``compute_log_prob`` and ``update`` must see the same rows in the same micro-batches for
+on-policy ratios of exactly 1), so both calls share ``plan_rows``. Each rank receives only
+the fields it reads (``data/schema.py``: ``ACTOR_LOG_PROB_READS``, ``ACTOR_UPDATE_READS``).
 """
 
 from __future__ import annotations
@@ -11,39 +12,40 @@ from __future__ import annotations
 from typing import Any
 
 from fipo_trainer.actor.config import ActorConfig
-from fipo_trainer.actor.worker import META_MINI_BATCH_ROWS, DeepSpeedActorWorker
+from fipo_trainer.actor.worker import DeepSpeedActorWorker
 from fipo_trainer.cluster.dispatch import dp_partition
 from fipo_trainer.cluster.resource_pool import ResourcePool, RolePlacement
 from fipo_trainer.cluster.worker_group import WorkerGroup
 from fipo_trainer.data.batch import Batch
+from fipo_trainer.data.schema import ACTOR_LOG_PROB_READS, ACTOR_UPDATE_READS
 
-META_ROLLOUT_N = "rollout_n"
 
-
-def responses_per_prompt(batch: Batch) -> int:
-    """n: from ``meta["rollout_n"]``, else the (equal) sizes of the ``uid`` groups, else 1."""
-    if META_ROLLOUT_N in batch.meta:
-        return int(batch.meta[META_ROLLOUT_N])
+def responses_per_prompt(batch: Batch, n: int | None = None) -> int:
+    """n: as given, else the (equal) sizes of the ``uid`` groups, else 1."""
+    if n is not None:
+        return int(n)
     if "uid" in batch:
         sizes = {len(v) for v in batch.group_indices("uid").values()}
         if len(sizes) == 1:
             return sizes.pop()
         raise ValueError(
-            f"uid groups have different sizes {sorted(sizes)}; set batch.meta['rollout_n'] or "
-            "keep whole groups (n responses per prompt)"
+            f"uid groups have different sizes {sorted(sizes)}; pass rollout_n to ActorGroup "
+            "or keep whole groups (n responses per prompt)"
         )
     return 1
 
 
-def plan_rows(batch: Batch, config: ActorConfig, world_size: int) -> tuple[list[list[int]], int]:
+def plan_rows(
+    batch: Batch, config: ActorConfig, world_size: int, n: int | None = None
+) -> tuple[list[list[int]], int]:
     """(rows per rank, mini-batch rows per rank) for this batch (see module docstring)."""
-    n = len(batch)
-    rows = config.ppo_mini_batch_size * responses_per_prompt(batch)
-    if n <= rows:
-        rows = n
-    elif n % rows:
+    rows_total = len(batch)
+    rows = config.ppo_mini_batch_size * responses_per_prompt(batch, n)
+    if rows_total <= rows:
+        rows = rows_total
+    elif rows_total % rows:
         raise ValueError(
-            f"the batch has {n} rows, not a multiple of a mini-batch of {rows} rows "
+            f"the batch has {rows_total} rows, not a multiple of a mini-batch of {rows} rows "
             f"(actor.ppo_mini_batch_size={config.ppo_mini_batch_size} prompts x "
             f"{rows // config.ppo_mini_batch_size} responses); make data.train_batch_size a "
             "multiple of actor.ppo_mini_batch_size"
@@ -58,13 +60,18 @@ def plan_rows(batch: Batch, config: ActorConfig, world_size: int) -> tuple[list[
 
 
 class ActorGroup:
-    """The actor role: ``world_size`` DeepSpeed ranks behind one object."""
+    """The actor role: ``world_size`` DeepSpeed ranks behind one object.
+
+    ``rollout_n`` (responses per prompt) sizes the mini-batches in rows; without it, the
+    ``uid`` groups of each batch tell.
+    """
 
     def __init__(
         self,
         config: ActorConfig | dict[str, Any],
         world_size: int,
         *,
+        rollout_n: int | None = None,
         pool: ResourcePool | RolePlacement | None = None,
         name: str = "actor",
         num_cpus_per_worker: float | None = None,
@@ -72,7 +79,8 @@ class ActorGroup:
         startup_timeout_s: float = 900.0,
     ) -> None:
         self.config = ActorConfig.coerce(config)
-        self.workers = WorkerGroup(
+        self.rollout_n = rollout_n
+        self._workers = WorkerGroup(
             DeepSpeedActorWorker,
             world_size,
             init_kwargs={"config": self.config},
@@ -84,36 +92,58 @@ class ActorGroup:
         )
 
     @property
+    def worker_group(self) -> WorkerGroup:
+        """The ranks, for cluster plumbing (``cluster.weight_sync.WeightSync``) only."""
+        return self._workers
+
+    @property
     def world_size(self) -> int:
-        return self.workers.world_size
+        return self._workers.world_size
 
-    def _dispatch(self, method: str, batch: Batch) -> Any:
-        partitions, local_rows = plan_rows(batch, self.config, self.world_size)
-        shard_input = Batch(
-            batch.tensors, batch.non_tensors, {**batch.meta, META_MINI_BATCH_ROWS: local_rows}
+    def _dispatch(self, fn, batch: Batch, fields: tuple[str, ...], **kwargs: Any) -> Any:
+        partitions, local_rows = plan_rows(batch, self.config, self.world_size, self.rollout_n)
+        return self._workers.dispatch_dp(
+            fn,
+            batch.select(*fields, meta=False),
+            partitions=partitions,
+            mini_batch_rows=local_rows,
+            **kwargs,
         )
-        return self.workers.dispatch_dp(method, shard_input, partitions=partitions)
 
-    def compute_log_prob(self, batch: Batch) -> Batch:
-        """``old_log_probs`` (+ ``entropy``) for every row, in the batch's row order."""
-        return self._dispatch("compute_log_prob", batch)
+    def compute_log_prob(self, batch: Batch, *, temperature: float) -> Batch:
+        """``old_log_probs`` and ``entropy`` for every row (logits / ``temperature``), in the
+        batch's row order."""
+        return self._dispatch(
+            DeepSpeedActorWorker.compute_log_prob,
+            batch,
+            ACTOR_LOG_PROB_READS,
+            temperature=float(temperature),
+        )
 
-    def update_policy(self, batch: Batch) -> dict[str, float]:
-        """Run the PPO update on the batch; returns metrics (identical on all ranks)."""
-        return self._dispatch("update_policy", batch)[0]
+    def update(self, batch: Batch, *, temperature: float, global_step: int) -> dict[str, float]:
+        """The PPO update of training step ``global_step`` (1-based); metrics (identical on
+        all ranks)."""
+        return self._dispatch(
+            DeepSpeedActorWorker.update_policy,
+            batch,
+            ACTOR_UPDATE_READS,
+            temperature=float(temperature),
+            global_step=int(global_step),
+        )[0]
 
-    def save_checkpoint(self, path: str) -> str:
-        return self.workers.execute_all("save_checkpoint", str(path))[0]
+    def save(self, path: str) -> str:
+        return self._workers.call_all(DeepSpeedActorWorker.save_checkpoint, str(path))[0]
 
-    def load_checkpoint(self, path: str) -> dict[str, Any]:
-        return self.workers.execute_all("load_checkpoint", str(path))[0]
+    def load(self, path: str) -> dict[str, Any]:
+        return self._workers.call_all(DeepSpeedActorWorker.load_checkpoint, str(path))[0]
 
-    def export_hf(self, path: str) -> str:
-        return self.workers.execute_all("export_hf", str(path))[0]
+    def export(self, path: str) -> str:
+        """A Hugging Face model directory (+ tokenizer) of the current weights."""
+        return self._workers.call_all(DeepSpeedActorWorker.export_hf, str(path))[0]
 
     def full_state_dict(self) -> dict[str, Any]:
         """Full weights (CPU tensors, HF names) through Ray: for tests and small models."""
-        return self.workers.execute_all("full_state_dict")[0]
+        return self._workers.call_all(DeepSpeedActorWorker.full_state_dict)[0]
 
     def shutdown(self) -> None:
-        self.workers.shutdown()
+        self._workers.shutdown()

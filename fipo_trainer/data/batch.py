@@ -229,6 +229,35 @@ class Batch:
             non_tensors[k] = v
         return Batch(tensors, non_tensors, {**self.meta, **other.meta})
 
+    def update(self, other: Batch, *, overwrite: bool = False) -> Batch:
+        """Add ``other``'s fields (same rows) in place; returns self.
+
+        A stage returns only the fields it adds, so by default a field that already exists
+        is an error (``overwrite=True`` replaces it). ``other.meta`` is merged too.
+        """
+        if not isinstance(other, Batch):
+            raise TypeError(f"can only merge a Batch into a Batch, got {type(other).__name__}")
+        if len(self.keys()) and len(other.keys()) and len(self) != len(other):
+            raise ValueError(f"cannot merge a Batch of {len(other)} rows into one of {len(self)}")
+        clash = sorted(set(self.keys()) & set(other.keys()))
+        if clash and not overwrite:
+            raise ValueError(
+                f"merge: fields {clash} already exist; a stage must return only the fields "
+                "it adds (see data/schema.py)"
+            )
+        for k in clash:
+            self.pop(k)
+        self.tensors.update(other.tensors)
+        self.non_tensors.update(other.non_tensors)
+        self.meta.update(other.meta)
+        return self
+
+    def __ior__(self, other: Batch) -> Batch:
+        return self.update(other)
+
+    def __or__(self, other: Batch) -> Batch:
+        return Batch(self.tensors, self.non_tensors, self.meta).update(other)
+
     def chunk(self, k: int, *, even: bool = False) -> list[Batch]:
         """``k`` consecutive parts whose sizes differ by at most one (``even=True``: equal sizes)."""
         n = len(self)

@@ -1,10 +1,12 @@
 """Pure conversions between a prompt ``Batch`` and engine inputs/outputs.
 
-Why separate from the worker: the canonical per-response layout (INTERFACES.md) is what
-every later stage indexes into, so it is built and tested here without any engine.
-Shapes are fixed per call: prompts keep the input batch's width (or the longest prompt),
-responses are right-padded to ``response_length`` (= ``max_tokens``), so batches from
-several rollout workers concatenate without re-padding.
+Why separate from the worker: the per-response layout (``data/schema.py``, stage
+``generate``) is what every later stage indexes into, so it is built and tested here without
+any engine. Shapes are fixed per call: prompts keep the input batch's width (or the longest
+prompt), responses are right-padded to ``response_length`` (= ``max_tokens``), so batches
+from several rollout workers concatenate without re-padding. Workers build the tensors;
+the driver adds the prompt's own fields (``expand_prompt_fields``), which never travel to
+the workers.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ import numpy as np
 import torch
 
 from fipo_trainer.data.batch import Batch
-from fipo_trainer.rollout.base import FINISH_LENGTH, RolloutOutput
+from fipo_trainer.data.schema import GENERATE_READS, PROMPT_OBJECT_FIELDS
+from fipo_trainer.rollout.base import RolloutOutput
 
 PROMPT_IDS_KEY = "prompt_token_ids"  # optional non-tensor input: list[int] per row
-# Prompt-level tensors that the per-response layout replaces.
-_PROMPT_TENSORS = ("input_ids", "attention_mask", "position_ids", "prompts")
 
 
 def prompt_token_lists(batch: Batch) -> tuple[list[list[int]], int | None]:
@@ -54,7 +55,8 @@ def assemble_responses(
     response_length: int,
     prompt_width: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Canonical per-response tensors (n consecutive rows per prompt)."""
+    """Per-response tensors (n consecutive rows per prompt): responses, input_ids,
+    attention_mask, response_mask, rollout_log_probs."""
     if len(outputs) != len(prompts) * n:
         raise ValueError(f"{len(outputs)} responses for {len(prompts)} prompts x n={n}")
     width = max((len(p) for p in prompts), default=0)
@@ -89,72 +91,58 @@ def assemble_responses(
             resp_t[row, :length] = torch.tensor(out.token_ids, dtype=torch.long)
             resp_mask[row, :length] = 1
             logp[row, :length] = torch.tensor(out.log_probs, dtype=torch.float32)
-    attention_mask = torch.cat([prompt_mask, resp_mask], dim=1)
     return {
-        "prompts": prompt_t,
         "responses": resp_t,
         "input_ids": torch.cat([prompt_t, resp_t], dim=1),
-        "attention_mask": attention_mask,
-        "position_ids": (attention_mask.cumsum(dim=1) - 1).clamp(min=0),
+        "attention_mask": torch.cat([prompt_mask, resp_mask], dim=1),
         "response_mask": resp_mask.to(torch.float32),
         "rollout_log_probs": logp,
     }
 
 
-def expand_non_tensors(batch: Batch, n: int) -> dict[str, np.ndarray]:
-    """Per-prompt Python fields repeated n times; a fresh ``uid`` per prompt if missing."""
-    fields = {k: v for k, v in batch.non_tensors.items() if k != PROMPT_IDS_KEY}
+def generate_inputs(prompts: Batch) -> Batch:
+    """The part of a prompt batch a rollout worker reads (token ids only)."""
+    if PROMPT_IDS_KEY in prompts.non_tensors:
+        return prompts.select(PROMPT_IDS_KEY, meta=False)
+    return prompts.select(*GENERATE_READS, meta=False)
+
+
+def expand_prompt_fields(prompts: Batch, n: int) -> Batch:
+    """The prompt-level object fields (``schema.PROMPT_OBJECT_FIELDS``) repeated n times;
+    a fresh ``uid`` per prompt if the batch has none."""
+    fields = {k: prompts.non_tensors[k] for k in PROMPT_OBJECT_FIELDS if k in prompts.non_tensors}
     if "uid" not in fields:
-        fields["uid"] = np.array([str(uuid.uuid4()) for _ in range(len(batch))], dtype=object)
-    return {k: np.repeat(v, n) for k, v in fields.items()}
+        fields["uid"] = np.array([str(uuid.uuid4()) for _ in range(len(prompts))], dtype=object)
+    return Batch(non_tensors={k: np.repeat(v, n) for k, v in fields.items()})
 
 
 def rollout_metrics(outputs: Sequence[RolloutOutput], seconds: float) -> dict[str, float]:
-    """Throughput and length statistics of one generate call."""
-    lengths = np.array([len(o.token_ids) for o in outputs], dtype=np.float64)
-    tokens = float(lengths.sum()) if len(lengths) else 0.0
+    """What one generate call did (the group adds these up across workers)."""
     return {
         "rollout/seconds": seconds,
         "rollout/responses": float(len(outputs)),
-        "rollout/response_tokens": tokens,
-        "rollout/tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
-        "rollout/response_length_mean": float(lengths.mean()) if len(lengths) else 0.0,
-        "rollout/response_length_max": float(lengths.max()) if len(lengths) else 0.0,
-        "rollout/truncated_frac": (
-            float(np.mean([o.finish_reason == FINISH_LENGTH for o in outputs])) if outputs else 0.0
-        ),
+        "rollout/response_tokens": float(sum(len(o.token_ids) for o in outputs)),
     }
 
 
 def build_rollout_batch(
-    batch: Batch,
+    prompts: Batch,
     outputs: Sequence[RolloutOutput],
     *,
     n: int,
     pad_token_id: int,
     response_length: int,
     response_text: Sequence[str],
-    seconds: float = 0.0,
     prompt_width: int | None = None,
 ) -> Batch:
-    """The per-response ``Batch`` for a prompt ``batch`` and the engine's outputs."""
-    prompts, width = prompt_token_lists(batch)
-    width = prompt_width or width
+    """The ``generate`` fields (``data/schema.py``) for a prompt batch and engine outputs."""
+    token_lists, width = prompt_token_lists(prompts)
     tensors = assemble_responses(
-        prompts,
+        token_lists,
         outputs,
         n=n,
         pad_token_id=pad_token_id,
         response_length=response_length,
-        prompt_width=width,
+        prompt_width=prompt_width or width,
     )
-    extra_tensors = {
-        k: t.repeat_interleave(n, dim=0)
-        for k, t in batch.tensors.items()
-        if k not in _PROMPT_TENSORS
-    }
-    non_tensors = expand_non_tensors(batch, n)
-    non_tensors["response_text"] = np.array(list(response_text), dtype=object)
-    non_tensors["finish_reason"] = np.array([o.finish_reason for o in outputs], dtype=object)
-    meta = {**batch.meta, "rollout_metrics": rollout_metrics(outputs, seconds)}
-    return Batch({**extra_tensors, **tensors}, non_tensors, meta)
+    return Batch(tensors, {"response_text": np.array(list(response_text), dtype=object)})

@@ -1,8 +1,9 @@
 """Rollout worker: a Ray actor (via ``WorkerGroup``) that owns one rollout engine.
 
-A thin adapter: prompt ``Batch`` in -> engine -> per-response ``Batch`` out (layout in
-``rollout.assemble``), plus the receiving end of the weight sync. Everything engine
-specific stays in the engine modules.
+A thin adapter: prompt token ids in -> engine -> the ``generate`` fields out (layout in
+``rollout.assemble``, fields in ``data/schema.py``), plus the receiving end of the weight
+sync. Everything engine specific stays in the engine modules; the driver side is
+``rollout.group.RolloutGroup``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Any
 
 import torch
 
-from fipo_trainer.cluster.weight_sync import WeightSyncReceiver
+from fipo_trainer.cluster.weight_sync import WeightReceiver
+from fipo_trainer.cluster.weight_transport import WeightSyncReceiver
 from fipo_trainer.cluster.worker import Worker
 from fipo_trainer.data.batch import Batch
-from fipo_trainer.rollout.assemble import build_rollout_batch, prompt_token_lists
+from fipo_trainer.rollout.assemble import build_rollout_batch, prompt_token_lists, rollout_metrics
 from fipo_trainer.rollout.config import RolloutConfig, SamplingConfig, ValSamplingConfig
 from fipo_trainer.rollout.factory import build_engine
 
@@ -44,7 +46,7 @@ def rollout_config_from(value: RolloutConfig | dict[str, Any]) -> RolloutConfig:
     return RolloutConfig(**data)
 
 
-class RolloutWorker(Worker):
+class RolloutWorker(Worker, WeightReceiver):
     """One engine per actor; on GPU it is given ``tensor_parallel_size`` GPUs by its group."""
 
     def __init__(self, model_path: str | Path, config: RolloutConfig | dict[str, Any]):
@@ -64,39 +66,38 @@ class RolloutWorker(Worker):
     # --- generation -----------------------------------------------------------------
     def generate_batch(
         self,
-        batch: Batch,
+        prompts: Batch,
         sampling: SamplingConfig | None = None,
         *,
         validate: bool = False,
         prompt_width: int | None = None,
-    ) -> Batch:
-        """n responses per prompt row, consecutive, each carrying its prompt's ``uid``.
+    ) -> tuple[Batch, dict[str, float]]:
+        """n responses per prompt row, consecutive: (the ``generate`` fields, metrics).
 
-        ``sampling=None`` uses the config's training block (``validate=True``: the ``val``
-        block). ``prompt_width`` left-pads prompts to a common width (default: the input's
-        padded width, or the longest prompt). Metrics are in ``meta["rollout_metrics"]``.
+        ``prompts`` holds left-padded ``input_ids`` + ``attention_mask`` (or a non-tensor
+        ``prompt_token_ids``). ``sampling=None`` uses the config's training block
+        (``validate=True``: the ``val`` block). ``prompt_width`` left-pads prompts to a
+        common width (default: the input's padded width, or the longest prompt).
         """
         if sampling is None:
             sampling = self.config.val_sampling() if validate else self.config.sampling()
-        prompts, _ = prompt_token_lists(batch)
+        token_lists, _ = prompt_token_lists(prompts)
         start = time.perf_counter()
-        outputs = self.engine.generate(prompts, sampling)
+        outputs = self.engine.generate(token_lists, sampling)
         seconds = time.perf_counter() - start
         texts = self.tokenizer.batch_decode(
             [list(o.token_ids) for o in outputs], skip_special_tokens=True
         )
         out = build_rollout_batch(
-            batch,
+            prompts,
             outputs,
             n=sampling.n,
             pad_token_id=self.tokenizer.pad_token_id,
             response_length=sampling.max_tokens,
             response_text=texts,
-            seconds=seconds,
             prompt_width=prompt_width,
         )
-        out.meta["weights_version"] = self.weights_version
-        return out
+        return out, rollout_metrics(outputs, seconds)
 
     # --- weights --------------------------------------------------------------------
     def update_weights(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> dict[str, float]:
@@ -168,41 +169,3 @@ class RolloutWorker(Worker):
             self._receiver = None
         self.engine.shutdown()
 
-
-def generate_on_workers(
-    group, batch: Batch, sampling: SamplingConfig | None = None, *, validate: bool = False
-) -> Batch:
-    """Split prompt rows across a ``WorkerGroup`` of ``RolloutWorker`` and join the results.
-
-    (``WorkerGroup.dispatch_dp`` assumes a method returns one row per input row; generation
-    returns n.) Shards are consecutive so the output keeps prompt order; metrics are merged:
-    token counts add up, seconds is the slowest worker.
-    """
-    if len(batch) == 0:
-        raise ValueError("generate_on_workers got an empty prompt batch")
-    prompts, width = prompt_token_lists(batch)
-    width = width or max(len(p) for p in prompts)  # one prompt width for every shard
-    shards = batch.chunk(min(group.world_size, len(batch)))
-    refs = [
-        group.actors[r].generate_batch.remote(
-            shard, sampling, validate=validate, prompt_width=width
-        )
-        for r, shard in enumerate(shards)
-    ]
-    results: list[Batch] = group.get(refs, "generate_batch")
-    per_worker = [r.meta.pop("rollout_metrics") for r in results]
-    out = Batch.concat(results)
-    seconds = max(m["rollout/seconds"] for m in per_worker)
-    tokens = sum(m["rollout/response_tokens"] for m in per_worker)
-    responses = sum(m["rollout/responses"] for m in per_worker)
-    mask = out["response_mask"]
-    out.meta["rollout_metrics"] = {
-        "rollout/seconds": seconds,
-        "rollout/responses": responses,
-        "rollout/response_tokens": tokens,
-        "rollout/tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
-        "rollout/response_length_mean": float(mask.sum(1).mean()),
-        "rollout/response_length_max": float(mask.sum(1).max()),
-        "rollout/truncated_frac": float((out["finish_reason"] == "length").mean()),
-    }
-    return out

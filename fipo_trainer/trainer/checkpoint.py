@@ -19,16 +19,26 @@ Layout::
 from __future__ import annotations
 
 import logging
+import random
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fipo_trainer.fsutil import atomic_dir, atomic_file, discard_dir, remove_leftovers
 
-__all__ = ["CHECKPOINTS_DIR", "POINTER_FILE", "STATE_FILE", "CheckpointManager", "step_of"]
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "POINTER_FILE",
+    "STATE_FILE",
+    "CheckpointManager",
+    "rng_state",
+    "set_rng_state",
+    "step_of",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +47,21 @@ POINTER_FILE = "latest_checkpointed_iteration.txt"
 STATE_FILE = "trainer_state.pt"
 _PREFIX = "global_step_"
 _NAME_RE = re.compile(rf"^{_PREFIX}(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    """The driver's Python/numpy/torch RNG states (saved in ``trainer_state``)."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
 
 
 def step_of(path: str | Path) -> int:

@@ -1,17 +1,20 @@
-"""The RL loop: generate → grade → dynamic sampling → old log-probs → advantages → update → sync.
+"""The RL loop: one training step is the sequence of the roles' verbs.
 
-The driver process owns the loop and only moves `Batch` objects between roles; every heavy
-step runs in a worker (vLLM rollout, DeepSpeed actor, reward process pool). One step, as in
-ARCHITECTURE.md:
+The driver process owns the loop and only moves ``Batch`` objects between roles; every
+heavy step runs in a worker (vLLM rollout, DeepSpeed actor, reward process pool). Each
+stage returns only the fields it adds (``data/schema.py``), merged with ``batch |= ...``::
 
-1. the sampler yields `gen_batch_size` prompts; rollout workers generate `n` responses each;
-2. the reward pool grades them (score, acc, pred; overlong shaping);
-3. dynamic sampling keeps groups whose `acc` varies, and repeats 1–2 until
-   `train_batch_size` groups or `max_num_gen_batches` rounds;
-4. the actor recomputes old log-probs; the driver computes advantages (pure function);
-5. the actor runs one optimizer step per mini-batch (FIPO by default);
-6. the new weights are broadcast to the rollout engines;
-7. validation every `test_freq`, a checkpoint every `save_freq`, metrics every step.
+    batch, metrics = sampler.collect(step)        # generate + grade + dynamic sampling
+    rollout.sleep()                               # colocated: free the engines' memory
+    batch |= actor.compute_log_prob(batch, temperature=T)
+    metrics |= logprob_metrics(batch)             # rollout/actor mismatch, actor entropy
+    batch |= advantages(batch, cfg.algorithm)     # pure
+    metrics |= actor.update(batch, temperature=T, global_step=step)
+    metrics |= weight_sync.sync()
+
+``T`` is the rollout's training temperature, so the actor's log-probs are those of the
+distribution the engine sampled from. Validation every ``test_freq``, a checkpoint every
+``save_freq``, metrics every step.
 """
 
 from __future__ import annotations
@@ -19,11 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
-import random
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,178 +31,61 @@ import torch
 
 from fipo_trainer.algorithms.advantages import compute_advantage
 from fipo_trainer.data.batch import Batch
+from fipo_trainer.trainer.checkpoint import rng_state, set_rng_state
 from fipo_trainer.trainer.config import TrainConfig
+from fipo_trainer.trainer.sampling import Sampler, TrainingStopped
+from fipo_trainer.trainer.step_metrics import logprob_metrics, non_finite, perf_metrics, timed
+from fipo_trainer.trainer.summary import TrainResult, print_summary
+
+__all__ = ["RLTrainer", "TrainResult", "TrainingStopped", "advantages", "run_training"]
 
 logger = logging.getLogger(__name__)
 
 
-class TrainingStopped(RuntimeError):
-    """Training stopped on purpose (non-finite loss with nan_policy=stop, sampling exhausted)."""
-
-
-@dataclass
-class TrainResult:
-    """What a finished run leaves behind (paths are inside the run directory)."""
-
-    run_dir: Path
-    steps: int
-    history: list[dict[str, float]] = field(default_factory=list)
-    validations: list[dict[str, float]] = field(default_factory=list)
-    checkpoint: Path | None = None
-    export_dir: Path | None = None
-    plot: Path | None = None
-
-
-@contextlib.contextmanager
-def timed(timings: dict[str, float], name: str) -> Iterator[None]:
-    """Accumulate wall-clock seconds of a stage into `timings['timing_s/<name>']`."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        key = f"timing_s/{name}"
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
-
-
-def step_seed(base: int, step: int, round_: int) -> int:
-    """A sampling seed that depends only on (run seed, step, generation round).
-
-    Fresh samples every round, and a resumed run draws exactly what an uninterrupted one would.
-    """
-    return (base * 1_000_003 + step * 1_009 + round_ * 7_919) % (2**31 - 1)
-
-
-# --------------------------------------------------------------------------- pure pieces
-
-
-def attach_rewards(batch: Batch, result: Any) -> Batch:
-    """Put per-response reward fields on a rollout batch (score as a token tensor too).
-
-    `token_level_scores` carries the shaped score on the last response token, as verl does.
-    """
-    scores = torch.tensor(result.scores, dtype=torch.float32)
-    mask = batch["response_mask"].float()
-    last = (mask.sum(-1).long() - 1).clamp(min=0)
-    token_scores = torch.zeros_like(mask)
-    token_scores[torch.arange(len(batch)), last] = scores
-    batch.tensors["token_level_scores"] = token_scores
-    batch.non_tensors["score"] = np.asarray(result.scores, dtype=object)
-    batch.non_tensors["acc"] = np.asarray(result.acc, dtype=object)
-    batch.non_tensors["pred"] = np.asarray(result.preds, dtype=object)
-    return batch
-
-
-def filter_groups(batch: Batch, metric: str) -> tuple[Batch, int, int]:
-    """DAPO dynamic sampling: keep groups whose `metric` has non-zero std.
-
-    Returns (kept rows, groups kept, groups seen). Groups stay whole and in order.
-    """
-    groups = batch.group_indices("uid")
-    values = batch.non_tensors[metric]
-    keep: list[int] = []
-    kept = 0
-    for rows in groups.values():
-        vals = np.asarray([float(values[i]) for i in rows])
-        if len(rows) > 1 and vals.std() > 0:
-            keep.extend(rows)
-            kept += 1
-    return batch[np.asarray(keep, dtype=np.int64)], kept, len(groups)
-
-
-def take_groups(batch: Batch, n_groups: int) -> Batch:
-    """The first `n_groups` whole uid groups of a batch."""
-    groups = list(batch.group_indices("uid").values())[:n_groups]
-    rows = [i for g in groups for i in g]
-    return batch[np.asarray(rows, dtype=np.int64)]
-
-
-def concat_rollouts(batches: list[Batch], pad_token_id: int) -> Batch:
-    """Join rollout batches of several generation rounds.
-
-    Each round's prompts are left-padded to that round's longest prompt, so prompt-side
-    tensors are left-padded to a common width (responses share `max_tokens` already).
-    """
-    pad = {
-        "input_ids": (pad_token_id, "left"),
-        "prompts": (pad_token_id, "left"),
-        "attention_mask": (0, "left"),
-        "position_ids": (0, "left"),
-    }
-    return Batch.concat(batches, pad={k: v for k, v in pad.items() if k in batches[0].tensors})
-
-
-def finite_or_raise(metrics: dict[str, float], keys: tuple[str, ...]) -> list[str]:
-    """Names of `keys` whose values are NaN/Inf."""
-    return [k for k in keys if k in metrics and not math.isfinite(metrics[k])]
-
-
-def response_metrics(batch: Batch, max_response_length: int) -> dict[str, float]:
-    lengths = batch["response_mask"].float().sum(-1)
-    prompt_lengths = batch["attention_mask"].float().sum(-1) - lengths
-    return {
-        "response_length/mean": float(lengths.mean()),
-        "response_length/max": float(lengths.max()),
-        "response_length/min": float(lengths.min()),
-        "response_length/clip_ratio": float((lengths >= max_response_length).float().mean()),
-        "prompt_length/mean": float(prompt_lengths.mean()),
-    }
-
-
-def reward_metrics(batch: Batch, result_metrics: dict[str, float]) -> dict[str, float]:
-    scores = np.asarray(batch.non_tensors["score"], dtype=np.float64)
-    acc = np.asarray(batch.non_tensors["acc"], dtype=np.float64)
-    out = {
-        "reward/score_mean": float(scores.mean()),
-        "reward/score_max": float(scores.max()),
-        "reward/score_min": float(scores.min()),
-        "reward/acc_mean": float(acc.mean()),
-    }
-    for key in ("reward/timeouts", "reward/errors"):
-        out[key] = float(result_metrics.get(key, 0.0))
-    return out
-
-
-def rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
-# --------------------------------------------------------------------------- the trainer
+def advantages(batch: Batch, algorithm: Any) -> Batch:
+    """The ``advantages`` field: the estimator over each uid group's scores (pure)."""
+    scores = torch.tensor(np.asarray(batch["score"], dtype=np.float32))
+    extra = (
+        {"norm_adv_by_std_in_grpo": algorithm.norm_adv_by_std_in_grpo}
+        if algorithm.adv_estimator == "grpo"
+        else {}
+    )
+    adv = compute_advantage(
+        algorithm.adv_estimator, scores, batch["response_mask"], list(batch["uid"]), **extra
+    )
+    return Batch({"advantages": adv})
 
 
 class RLTrainer:
-    """Builds the roles from a validated `TrainConfig` and runs the loop."""
+    """Builds the roles from an already validated ``TrainConfig`` and runs the loop.
+
+    Validation is the caller's (``trainer.config.prepare_config``); nothing here checks the
+    config again.
+    """
 
     def __init__(self, cfg: TrainConfig) -> None:
-        from fipo_trainer.trainer.config import validate_config
-
-        validate_config(cfg)
         self.cfg = cfg
         self.run_dir = Path(cfg.trainer.run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.actor = None
         self.rollout = None
         self.reward_pool = None
+        self.weight_sync = None
         self.placements = None
-        self._sync_ready = False
+
+    @property
+    def temperature(self) -> float:
+        """The training temperature: the rollout samples at it, the actor divides by it."""
+        return float(self.cfg.rollout.temperature)
 
     # ----------------------------------------------------------------- set-up
     def _start_roles(self) -> None:
         from fipo_trainer.actor.group import ActorGroup
         from fipo_trainer.cluster.ray_init import init_ray
         from fipo_trainer.cluster.resource_pool import plan_placement
-        from fipo_trainer.cluster.worker_group import WorkerGroup
+        from fipo_trainer.cluster.weight_sync import WeightSync
         from fipo_trainer.rewards.pool import RewardPool
-        from fipo_trainer.rollout.worker import RolloutWorker
+        from fipo_trainer.rollout.group import RolloutGroup
 
         cfg = self.cfg
         res = cfg.resources
@@ -217,26 +99,16 @@ class RLTrainer:
         )
         self.reward_pool = RewardPool(cfg.reward)
         self.actor = ActorGroup(
-            cfg.actor.to_actor_config(), res.actor_world_size, pool=self.placements["actor"]
+            cfg.actor.to_actor_config(),
+            res.actor_world_size,
+            rollout_n=cfg.rollout.n,
+            pool=self.placements["actor"],
         )
-        self.rollout = WorkerGroup(
-            RolloutWorker,
-            res.rollout_workers,
-            init_kwargs={"model_path": cfg.model.path, "config": cfg.rollout},
-            pool=self.placements["rollout"],
-            name="rollout",
+        self.rollout = RolloutGroup(
+            cfg.model.path, cfg.rollout, res.rollout_workers, pool=self.placements["rollout"]
         )
+        self.weight_sync = WeightSync(self.actor, self.rollout)
 
-    def sync_weights(self) -> dict[str, float]:
-        """Actor → every rollout engine over the dedicated sync group, in buckets."""
-        from fipo_trainer.cluster.weight_sync import connect_weight_sync, sync_weights
-
-        if not self._sync_ready:
-            connect_weight_sync(self.actor.workers, self.rollout)
-            self._sync_ready = True
-        return sync_weights(self.actor.workers, self.rollout)
-
-    # ----------------------------------------------------------------- data
     def _build_data(self) -> None:
         from fipo_trainer.trainer.data_source import PromptSource
 
@@ -244,160 +116,53 @@ class RLTrainer:
         self.val_prompts = PromptSource.for_split(self.cfg, "val")
 
     # ----------------------------------------------------------------- one step
-    def generate_and_grade(
-        self, prompts: Batch, sampling, timings: dict[str, float]
-    ) -> tuple[Batch, dict]:
-        from fipo_trainer.rollout.worker import generate_on_workers
-
-        with timed(timings, "gen"):
-            rollout = generate_on_workers(self.rollout, prompts, sampling)
-        with timed(timings, "reward"):
-            lengths = rollout["response_mask"].sum(-1).tolist()
-            result = self.reward_pool.grade(
-                list(rollout.non_tensors["response_text"]),
-                list(rollout.non_tensors["ground_truth"]),
-                list(rollout.non_tensors["data_source"]),
-                response_lengths=[int(x) for x in lengths],
-                extra_infos=list(rollout.non_tensors["extra_info"])
-                if "extra_info" in rollout.non_tensors
-                else None,
-            )
-        attach_rewards(rollout, result)
-        return rollout, {**rollout.meta.pop("rollout_metrics", {}), **result.metrics}
-
-    def collect_batch(self, step: int, timings: dict[str, float]) -> tuple[Batch | None, dict]:
-        """Generation rounds with dynamic sampling until `train_batch_size` groups."""
-        cfg = self.cfg
-        fg = cfg.algorithm.filter_groups
-        n = cfg.rollout.n
-        target = cfg.data.train_batch_size
-        kept: list[Batch] = []
-        kept_groups = generated_groups = rounds = 0
-        all_rollouts: list[Batch] = []
-        rollout_stats: list[dict] = []
-        while True:
-            rounds += 1
-            prompts = self.prompts.next_batch(
-                cfg.data.gen_batch_size, uid_prefix=f"s{step}r{rounds}"
-            )
-            sampling = dataclasses.replace(
-                cfg.rollout.sampling(), seed=step_seed(cfg.trainer.seed, step, rounds)
-            )
-            rollout, stats = self.generate_and_grade(prompts, sampling, timings)
-            rollout_stats.append(stats)
-            all_rollouts.append(rollout)
-            if fg.enable:
-                rollout_kept, k, seen = filter_groups(rollout, fg.metric)
-            else:
-                rollout_kept, k, seen = rollout, len(rollout) // n, len(rollout) // n
-            generated_groups += seen
-            if k:
-                kept.append(rollout_kept)
-                kept_groups += k
-            if not fg.enable or kept_groups >= target:
-                break
-            if fg.max_num_gen_batches > 0 and rounds >= fg.max_num_gen_batches:
-                if fg.on_exhausted == "error":
-                    raise TrainingStopped(
-                        f"dynamic sampling kept {kept_groups}/{target} groups after {rounds} "
-                        f"generation rounds (algorithm.filter_groups.max_num_gen_batches="
-                        f"{fg.max_num_gen_batches}); the task is too easy or too hard for the "
-                        "model. Raise max_num_gen_batches, or set "
-                        "algorithm.filter_groups.on_exhausted=proceed to train on what was kept"
-                    )
-                break
-            logger.info(
-                "step %d: %d/%d groups kept after %d rounds", step, kept_groups, target, rounds
-            )
-
-        pad_id = self.prompts.dataset.tokenizer.pad_token_id
-        everything = concat_rollouts(all_rollouts, pad_id)
-        metrics = {
-            "sampling/gen_rounds": float(rounds),
-            "sampling/groups_generated": float(generated_groups),
-            "sampling/groups_kept": float(kept_groups),
-            "sampling/kept_frac": kept_groups / max(generated_groups, 1),
-            "rollout/tokens_per_s": float(
-                np.mean([s.get("rollout/tokens_per_s", 0.0) for s in rollout_stats])
-            ),
-            **reward_metrics(everything, rollout_stats[-1]),
-            "reward/timeouts": float(sum(s.get("reward/timeouts", 0.0) for s in rollout_stats)),
-            "reward/errors": float(sum(s.get("reward/errors", 0.0) for s in rollout_stats)),
-            **response_metrics(everything, cfg.data.max_response_length),
-        }
-        self._last_rollouts = everything
-        usable = min(kept_groups, target)
-        mini = cfg.actor.ppo_mini_batch_size
-        usable -= usable % mini  # whole mini-batches only
-        if usable == 0:
-            return None, metrics
-        batch = take_groups(concat_rollouts(kept, pad_id), usable)
-        batch.meta["rollout_n"] = n
-        metrics["sampling/groups_trained"] = float(usable)
-        return batch, metrics
-
     def train_step(self, step: int) -> dict[str, float]:
-        cfg = self.cfg
+        cfg, T = self.cfg, self.temperature
         timings: dict[str, float] = {}
         step_start = time.perf_counter()
-        batch, metrics = self.collect_batch(step, timings)
+        batch, metrics = self.sampler.collect(step, timings)
         if batch is None:
             logger.warning(
                 "step %d: no whole mini-batch of groups with varying accuracy; update skipped", step
             )
-            metrics["actor/skipped"] = 1.0
-            return {**metrics, **timings}
+            return {**metrics, "actor/skipped": 1.0, **timings}
         if cfg.rollout.free_cache_engine:  # colocated: give the memory to the actor
             with timed(timings, "rollout_sleep"):
-                self.rollout.execute_all("sleep")  # the weight sync below wakes it
+                self.rollout.sleep()  # the weight sync below wakes it
         with timed(timings, "old_log_prob"):
-            old = self.actor.compute_log_prob(batch)
-        batch.tensors["old_log_probs"] = old["old_log_probs"]
+            batch |= self.actor.compute_log_prob(batch, temperature=T)
+        metrics |= logprob_metrics(batch)
         with timed(timings, "adv"):
-            scores = torch.tensor(np.asarray(batch.non_tensors["score"], dtype=np.float32))
-            batch.tensors["advantages"] = compute_advantage(
-                cfg.algorithm.adv_estimator,
-                scores,
-                batch["response_mask"],
-                list(batch.non_tensors["uid"]),
-                **(
-                    {"norm_adv_by_std_in_grpo": cfg.algorithm.norm_adv_by_std_in_grpo}
-                    if cfg.algorithm.adv_estimator == "grpo"
-                    else {}
-                ),
-            )
+            batch |= advantages(batch, cfg.algorithm)
         with timed(timings, "update"):
-            actor_metrics = self.actor.update_policy(batch)
-        bad = finite_or_raise(actor_metrics, ("actor/pg_loss", "actor/grad_norm"))
-        if bad:
-            message = (
-                f"step {step}: non-finite {', '.join(bad)} "
-                f"({', '.join(f'{k}={actor_metrics[k]}' for k in bad)})"
-            )
-            if cfg.trainer.nan_policy == "stop":
-                raise TrainingStopped(
-                    message + "; stopping (trainer.nan_policy=stop). Lower actor.lr or set "
-                    "trainer.nan_policy=skip to skip such steps"
-                )
-            # DeepSpeed already dropped every optimizer step whose gradient norm was
-            # non-finite; the run goes on with the next step.
-            logger.warning("%s; update skipped (trainer.nan_policy=skip)", message)
-            metrics["actor/nan_skipped"] = 1.0
-        metrics.update(actor_metrics)
+            actor_metrics = self.actor.update(batch, temperature=T, global_step=step)
+        metrics |= self._check_finite(step, actor_metrics)
+        metrics |= actor_metrics
         with timed(timings, "sync"):
-            metrics.update(self.sync_weights())
-        total = time.perf_counter() - step_start
-        tokens = float(batch["attention_mask"].sum())
-        n_devices = max(cfg.resources.actor_world_size, 1)
-        metrics.update(
-            {
-                "perf/step_seconds": total,
-                "perf/tokens": tokens,
-                "perf/throughput_tokens_per_s": tokens / total,
-                "perf/throughput_tokens_per_s_per_device": tokens / total / n_devices,
-            }
+            metrics |= self.weight_sync.sync()
+        metrics |= perf_metrics(
+            batch, time.perf_counter() - step_start, cfg.resources.actor_world_size
         )
         return {**metrics, **timings}
+
+    def _check_finite(self, step: int, actor_metrics: dict[str, float]) -> dict[str, float]:
+        """Stop (``trainer.nan_policy=stop``) or count (``skip``) a non-finite update."""
+        bad = non_finite(actor_metrics, ("actor/pg_loss", "actor/grad_norm"))
+        if not bad:
+            return {}
+        message = (
+            f"step {step}: non-finite {', '.join(bad)} "
+            f"({', '.join(f'{k}={actor_metrics[k]}' for k in bad)})"
+        )
+        if self.cfg.trainer.nan_policy == "stop":
+            raise TrainingStopped(
+                message + "; stopping (trainer.nan_policy=stop). Lower actor.lr or set "
+                "trainer.nan_policy=skip to skip such steps"
+            )
+        # DeepSpeed already dropped every optimizer step whose gradient norm was
+        # non-finite; the run goes on with the next step.
+        logger.warning("%s; update skipped (trainer.nan_policy=skip)", message)
+        return {"actor/nan_skipped": 1.0}
 
     # ----------------------------------------------------------------- validation
     def validate(self) -> dict[str, float]:
@@ -410,20 +175,19 @@ class RLTrainer:
             sampling = cfg.rollout.val_sampling()
             if sampling.seed is None:
                 sampling = dataclasses.replace(sampling, seed=cfg.trainer.seed)
-            rollout, _ = self.generate_and_grade(prompts, sampling, timings)
+            rollout, _ = self.sampler.generate_and_grade(prompts, sampling, timings)
             records = [
                 {
-                    "data_source": rollout.non_tensors["data_source"][i],
-                    "uid": rollout.non_tensors["uid"][i],
-                    "score": float(rollout.non_tensors["score"][i]),
-                    "acc": bool(rollout.non_tensors["acc"][i]),
-                    "pred": rollout.non_tensors["pred"][i],
+                    "data_source": rollout["data_source"][i],
+                    "uid": rollout["uid"][i],
+                    "score": float(rollout["score"][i]),
+                    "acc": bool(rollout["acc"][i]),
+                    "pred": rollout["pred"][i],
                 }
                 for i in range(len(rollout))
             ]
             metrics = compute_validation_metrics(records)
-            lengths = rollout["response_mask"].float().sum(-1)
-            metrics["val/response_length_mean"] = float(lengths.mean())
+            metrics["val/response_length_mean"] = float(rollout["response_mask"].sum(-1).mean())
         # gen/reward time spent inside validation, kept apart from the training step's
         stage_times = {
             key.replace("timing_s/", "timing_s/val_"): value
@@ -434,23 +198,20 @@ class RLTrainer:
 
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self, step: int) -> Path:
-        def write(path: Path) -> None:
-            self.actor.save_checkpoint(str(path / "actor"))
-
         state = {
             "step": step,
             "sampler": self.prompts.state_dict(),
             "rng": rng_state(),
             "config": dataclasses.asdict(self.cfg),
         }
-        return self.ckpt.save(step, write, state)
+        return self.ckpt.save(step, lambda path: self.actor.save(str(path / "actor")), state)
 
     def maybe_resume(self) -> int:
         path = self.ckpt.resolve_resume(self.cfg.trainer.resume)
         if path is None:
             return 0
         state = self.ckpt.load_trainer_state(path)
-        self.actor.load_checkpoint(str(Path(path) / "actor"))
+        self.actor.load(str(Path(path) / "actor"))
         self.prompts.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         logger.info("resumed from %s at step %d", path, state["step"])
@@ -466,16 +227,17 @@ class RLTrainer:
 
     def fit(self) -> TrainResult:
         from fipo_trainer.trainer.checkpoint import CheckpointManager
-        from fipo_trainer.trainer.rollout_dump import dump_rollouts
+        from fipo_trainer.trainer.rollout_dump import dump_rollouts, records_from_batch
         from fipo_trainer.trainer.tracking import Tracker
 
         cfg = self.cfg
         self._build_data()
         self._start_roles()
+        self.sampler = Sampler(cfg, self.prompts, self.rollout, self.reward_pool)
         self.ckpt = CheckpointManager(self.run_dir, cfg.trainer.max_ckpt_to_keep)
         start_step = self.maybe_resume()
         if start_step:
-            self.sync_weights()  # the engines still hold the initial weights
+            self.weight_sync.sync()  # the engines still hold the initial weights
         total = self.total_steps()
         tracker = Tracker(
             list(cfg.trainer.loggers),
@@ -505,7 +267,7 @@ class RLTrainer:
                     metrics.update(val)
                     result.validations.append({"step": step, **val})
                 if cfg.trainer.rollout_dump_freq > 0 and step % cfg.trainer.rollout_dump_freq == 0:
-                    dump_rollouts(self.run_dir, step, self._dump_records())
+                    dump_rollouts(self.run_dir, step, records_from_batch(self.sampler.last_rollouts))
                 if cfg.trainer.save_freq > 0 and (
                     step % cfg.trainer.save_freq == 0 or step == total
                 ):
@@ -518,7 +280,7 @@ class RLTrainer:
             if cfg.trainer.save_freq <= 0 and last_ckpt_step != result.steps and result.steps:
                 result.checkpoint = self.save_checkpoint(result.steps)
             if cfg.trainer.export_hf:
-                result.export_dir = Path(self.actor.export_hf(str(self.run_dir / "hf_model")))
+                result.export_dir = Path(self.actor.export(str(self.run_dir / "hf_model")))
         finally:
             tracker.close()
         if cfg.trainer.plot:
@@ -538,31 +300,12 @@ class RLTrainer:
             out[f"{prefix}dropped_too_long"] = float(stats.dropped_too_long)
         return out
 
-    def _dump_records(self) -> list[dict[str, Any]]:
-        b = self._last_rollouts
-        nt = b.non_tensors
-        return [
-            {
-                "uid": nt["uid"][i],
-                "data_source": nt["data_source"][i],
-                "prompt": nt["raw_prompt"][i] if "raw_prompt" in nt else None,
-                "response": nt["response_text"][i],
-                "ground_truth": nt["ground_truth"][i],
-                "score": float(nt["score"][i]),
-                "acc": bool(nt["acc"][i]),
-                "pred": nt["pred"][i],
-            }
-            for i in range(len(b))
-        ]
-
     def shutdown(self) -> None:
         from fipo_trainer.cluster.resource_pool import release
 
         for role in (self.rollout, self.actor):
             if role is not None:
                 with contextlib.suppress(Exception):
-                    if role is self.rollout:
-                        role.execute_all("shutdown")
                     role.shutdown()
         if self.reward_pool is not None:
             self.reward_pool.close()
@@ -571,45 +314,9 @@ class RLTrainer:
                 release(self.placements)
 
 
-def validation_summary(validations: list[dict[str, float]]) -> tuple[str, float, float] | None:
-    """(metric, first value, best value) of the overall mean@k validation accuracy."""
-    if not validations:
-        return None
-    keys = sorted(k for k in validations[0] if k.startswith("val/mean@"))
-    if not keys:
-        return None
-    key = keys[0]
-    values = [v[key] for v in validations if key in v]
-    return key, values[0], max(values)
-
-
-def print_summary(result: TrainResult) -> None:
-    """Where everything went, and how validation moved."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"fipo-train: {result.steps} steps", show_header=False)
-    rows = [
-        ("run directory", result.run_dir),
-        ("metrics", result.run_dir / "metrics.jsonl"),
-        ("tensorboard", result.run_dir / "tensorboard"),
-        ("rollout dumps", result.run_dir / "rollouts"),
-        ("curves (PNG)", result.plot),
-        ("checkpoint", result.checkpoint),
-        ("HF export", result.export_dir),
-    ]
-    summary = validation_summary(result.validations)
-    if summary:
-        key, first, best = summary
-        rows.append((key, f"first {first:.3f} -> best {best:.3f} ({best - first:+.3f})"))
-    for name, value in rows:
-        if value is not None:
-            table.add_row(name, str(value))
-    Console().print(table)
-
-
 def run_training(cfg: TrainConfig) -> TrainResult:
-    """Run a whole training job from a validated config; always tears the roles down."""
+    """Run a whole training job from a validated config (``prepare_config``); always tears
+    the roles down."""
     trainer = RLTrainer(cfg)
     try:
         result = trainer.fit()

@@ -15,7 +15,7 @@ from typing import Any
 
 from fipo_trainer.fsutil import atomic_file
 
-__all__ = ["REQUIRED_FIELDS", "dump_rollouts", "jsonable", "rollout_path"]
+__all__ = ["REQUIRED_FIELDS", "dump_rollouts", "jsonable", "records_from_batch", "rollout_path"]
 
 #: Fields every record carries (missing ones are written as null).
 REQUIRED_FIELDS = ("prompt", "response", "score", "acc", "data_source", "ground_truth")
@@ -40,6 +40,25 @@ def jsonable(value: Any) -> Any:
     if callable(tolist):
         return jsonable(tolist())
     return str(value)
+
+
+def records_from_batch(batch: Any) -> list[dict[str, Any]]:
+    """One record per response of a graded rollout batch (fields in ``data/schema.py``)."""
+    get = batch.non_tensors.get
+    raw = get("raw_prompt")
+    return [
+        {
+            "uid": batch["uid"][i],
+            "data_source": batch["data_source"][i],
+            "prompt": raw[i] if raw is not None else None,
+            "response": batch["response_text"][i],
+            "ground_truth": batch["ground_truth"][i],
+            "score": float(batch["score"][i]),
+            "acc": bool(batch["acc"][i]),
+            "pred": batch["pred"][i],
+        }
+        for i in range(len(batch))
+    ]
 
 
 def dump_rollouts(run_dir: str | Path, step: int, records: Sequence[Mapping[str, Any]]) -> Path:

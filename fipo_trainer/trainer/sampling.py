@@ -1,0 +1,179 @@
+"""Generate + grade + dynamic sampling: ``Sampler.collect(step)`` gives the step's batch.
+
+DAPO's dynamic sampling keeps the uid groups whose ``acc`` varies (a group that is all
+right or all wrong has zero advantage and teaches nothing) and generates more rounds until
+``data.train_batch_size`` groups or ``algorithm.filter_groups.max_num_gen_batches`` rounds;
+the batch is cut to whole mini-batches of groups. Sampling is seeded per (run, step, round),
+so a resumed run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+
+from fipo_trainer.data.batch import Batch
+from fipo_trainer.trainer.step_metrics import response_metrics, reward_metrics, timed
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (non-finite loss with nan_policy=stop, sampling exhausted)."""
+
+
+def step_seed(base: int, step: int, round_: int) -> int:
+    """A sampling seed that depends only on (run seed, step, generation round)."""
+    return (base * 1_000_003 + step * 1_009 + round_ * 7_919) % (2**31 - 1)
+
+
+def reward_fields(result: Any) -> Batch:
+    """The ``grade`` fields (score, acc, pred) of a reward pool result."""
+    return Batch(
+        non_tensors={
+            "score": np.asarray(result.scores, dtype=object),
+            "acc": np.asarray(result.acc, dtype=object),
+            "pred": np.asarray(result.preds, dtype=object),
+        }
+    )
+
+
+def filter_groups(batch: Batch, metric: str) -> tuple[Batch, int, int]:
+    """Keep groups whose ``metric`` has non-zero std: (kept rows, groups kept, groups seen).
+
+    Groups stay whole and in order.
+    """
+    groups = batch.group_indices("uid")
+    values = batch[metric]
+    keep: list[int] = []
+    kept = 0
+    for rows in groups.values():
+        vals = np.asarray([float(values[i]) for i in rows])
+        if len(rows) > 1 and vals.std() > 0:
+            keep.extend(rows)
+            kept += 1
+    return batch[np.asarray(keep, dtype=np.int64)], kept, len(groups)
+
+
+def take_groups(batch: Batch, n_groups: int) -> Batch:
+    """The first ``n_groups`` whole uid groups of a batch."""
+    groups = list(batch.group_indices("uid").values())[:n_groups]
+    rows = [i for g in groups for i in g]
+    return batch[np.asarray(rows, dtype=np.int64)]
+
+
+def concat_rollouts(batches: list[Batch], pad_token_id: int) -> Batch:
+    """Join rollout batches of several generation rounds.
+
+    Each round's prompts are left-padded to that round's longest prompt, so the full
+    sequences are left-padded to a common width (responses share ``max_tokens`` already).
+    """
+    pad = {"input_ids": (pad_token_id, "left"), "attention_mask": (0, "left")}
+    return Batch.concat(batches, pad={k: v for k, v in pad.items() if k in batches[0].tensors})
+
+
+class Sampler:
+    """The step's training batch from the prompt source, the rollout role and the grader.
+
+    ``timings`` (timing_s/gen, timing_s/reward) accumulate into the dict given to
+    ``collect``; ``last_rollouts`` holds every response of the last step (for dumps).
+    """
+
+    def __init__(self, cfg: Any, prompts: Any, rollout: Any, reward_pool: Any) -> None:
+        self.cfg = cfg
+        self.prompts = prompts
+        self.rollout = rollout
+        self.reward_pool = reward_pool
+        self.last_rollouts: Batch | None = None
+
+    def generate_and_grade(
+        self, prompts: Batch, sampling: Any, timings: dict[str, float]
+    ) -> tuple[Batch, dict[str, float]]:
+        with timed(timings, "gen"):
+            batch, metrics = self.rollout.generate(prompts, sampling)
+        with timed(timings, "reward"):
+            result = self.reward_pool.grade(
+                list(batch["response_text"]),
+                list(batch["ground_truth"]),
+                list(batch["data_source"]),
+                response_lengths=[int(x) for x in batch["response_mask"].sum(-1).tolist()],
+                extra_infos=list(batch["extra_info"]) if "extra_info" in batch else None,
+            )
+        batch |= reward_fields(result)
+        return batch, {**metrics, **result.metrics}
+
+    def collect(
+        self, step: int, timings: dict[str, float] | None = None
+    ) -> tuple[Batch | None, dict[str, float]]:
+        """Rounds of generate + grade until enough groups; (batch or None, metrics).
+
+        None: not one whole mini-batch of usable groups (the step's update is skipped).
+        """
+        cfg = self.cfg
+        timings = {} if timings is None else timings
+        fg = cfg.algorithm.filter_groups
+        n = cfg.rollout.n
+        target = cfg.data.train_batch_size
+        kept: list[Batch] = []
+        everything: list[Batch] = []
+        stats: list[dict[str, float]] = []
+        kept_groups = generated_groups = rounds = 0
+        while True:
+            rounds += 1
+            prompts = self.prompts.next_batch(
+                cfg.data.gen_batch_size, uid_prefix=f"s{step}r{rounds}"
+            )
+            sampling = dataclasses.replace(
+                cfg.rollout.sampling(), seed=step_seed(cfg.trainer.seed, step, rounds)
+            )
+            batch, round_stats = self.generate_and_grade(prompts, sampling, timings)
+            stats.append(round_stats)
+            everything.append(batch)
+            if fg.enable:
+                batch_kept, k, seen = filter_groups(batch, fg.metric)
+            else:
+                batch_kept, k, seen = batch, len(batch) // n, len(batch) // n
+            generated_groups += seen
+            if k:
+                kept.append(batch_kept)
+                kept_groups += k
+            if not fg.enable or kept_groups >= target:
+                break
+            if fg.max_num_gen_batches > 0 and rounds >= fg.max_num_gen_batches:
+                if fg.on_exhausted == "error":
+                    raise TrainingStopped(
+                        f"dynamic sampling kept {kept_groups}/{target} groups after {rounds} "
+                        f"generation rounds (algorithm.filter_groups.max_num_gen_batches="
+                        f"{fg.max_num_gen_batches}); the task is too easy or too hard for the "
+                        "model. Raise max_num_gen_batches, or set "
+                        "algorithm.filter_groups.on_exhausted=proceed to train on what was kept"
+                    )
+                break
+            logger.info(
+                "step %d: %d/%d groups kept after %d rounds", step, kept_groups, target, rounds
+            )
+
+        pad_id = self.prompts.dataset.tokenizer.pad_token_id
+        self.last_rollouts = concat_rollouts(everything, pad_id)
+        metrics = {
+            "sampling/gen_rounds": float(rounds),
+            "sampling/groups_generated": float(generated_groups),
+            "sampling/groups_kept": float(kept_groups),
+            "sampling/kept_frac": kept_groups / max(generated_groups, 1),
+            "rollout/tokens_per_s": float(
+                np.mean([s.get("rollout/tokens_per_s", 0.0) for s in stats])
+            ),
+            **reward_metrics(self.last_rollouts),
+            "reward/timeouts": float(sum(s.get("reward/timeouts", 0.0) for s in stats)),
+            "reward/errors": float(sum(s.get("reward/errors", 0.0) for s in stats)),
+            **response_metrics(self.last_rollouts, cfg.data.max_response_length),
+        }
+        usable = min(kept_groups, target)
+        usable -= usable % cfg.actor.ppo_mini_batch_size  # whole mini-batches only
+        if usable == 0:
+            return None, metrics
+        metrics["sampling/groups_trained"] = float(usable)
+        return take_groups(concat_rollouts(kept, pad_id), usable), metrics

@@ -1,0 +1,89 @@
+"""Metrics of one training step, each computed once, from the batch (pure functions).
+
+Which function owns which keys: ``response_metrics`` (response_length/*, prompt_length/*),
+``reward_metrics`` (reward/score_*, reward/acc_mean), ``logprob_metrics``
+(rollout/actor_logprob_abs_diff, actor/entropy), ``perf_metrics`` (perf/*); ``timed`` adds
+timing_s/*. The actor's update reports actor/*, the weight sync sync/*, the sampler
+sampling/* and the reward pool's counters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from fipo_trainer.data.batch import Batch
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Accumulate wall-clock seconds of a stage into ``timings['timing_s/<name>']``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        key = f"timing_s/{name}"
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+
+
+def non_finite(metrics: dict[str, float], keys: tuple[str, ...]) -> list[str]:
+    """Names of ``keys`` whose values are NaN/Inf."""
+    return [k for k in keys if k in metrics and not math.isfinite(metrics[k])]
+
+
+def response_metrics(batch: Batch, max_response_length: int) -> dict[str, float]:
+    lengths = batch["response_mask"].float().sum(-1)
+    prompt_lengths = batch["attention_mask"].float().sum(-1) - lengths
+    return {
+        "response_length/mean": float(lengths.mean()),
+        "response_length/max": float(lengths.max()),
+        "response_length/min": float(lengths.min()),
+        "response_length/clip_ratio": float((lengths >= max_response_length).float().mean()),
+        "prompt_length/mean": float(prompt_lengths.mean()),
+    }
+
+
+def reward_metrics(batch: Batch) -> dict[str, float]:
+    scores = np.asarray(batch["score"], dtype=np.float64)
+    acc = np.asarray(batch["acc"], dtype=np.float64)
+    return {
+        "reward/score_mean": float(scores.mean()),
+        "reward/score_max": float(scores.max()),
+        "reward/score_min": float(scores.min()),
+        "reward/acc_mean": float(acc.mean()),
+    }
+
+
+def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    mask = mask.float()
+    return float((values.float() * mask).sum() / mask.sum().clamp(min=1.0))
+
+
+def logprob_metrics(batch: Batch) -> dict[str, float]:
+    """Rollout-vs-actor log-prob mismatch and the policy's entropy, over response tokens.
+
+    Both come from the old-log-prob pass at the training temperature: the engine sampled
+    from the same distribution, so the mismatch is numerical noise unless something (the
+    temperature, the weights, the kernels) differs between the two.
+    """
+    mask = batch["response_mask"]
+    diff = (batch["rollout_log_probs"] - batch["old_log_probs"]).abs()
+    return {
+        "rollout/actor_logprob_abs_diff": _token_mean(diff, mask),
+        "actor/entropy": _token_mean(batch["entropy"], mask),
+    }
+
+
+def perf_metrics(batch: Batch, seconds: float, n_devices: int) -> dict[str, float]:
+    tokens = float(batch["attention_mask"].sum())
+    return {
+        "perf/step_seconds": seconds,
+        "perf/tokens": tokens,
+        "perf/throughput_tokens_per_s": tokens / seconds,
+        "perf/throughput_tokens_per_s_per_device": tokens / seconds / max(n_devices, 1),
+    }
