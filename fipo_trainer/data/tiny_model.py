@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fipo_trainer.data.synthetic import ArithmeticTask
+from fipo_trainer.fsutil import TMP_PREFIX, commit_dir
 
 logger = logging.getLogger(__name__)
 
@@ -257,18 +258,19 @@ def build_tiny_model(
             )
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
     start = time.perf_counter()
     try:
         _write(settings, tmp)
         if force and target.exists():
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.rename(tmp, target)  # atomic; fails if a parallel builder already finished
-        except OSError:
-            if read_info(target) is None or read_info(target).get("key") != key:
-                raise
-            logger.info("tiny model %s was built concurrently; using it", target)
+            commit_dir(tmp, target)  # the old build is renamed aside, then removed
+        else:
+            try:
+                os.rename(tmp, target)  # atomic; fails if a parallel builder already finished
+            except OSError:
+                if read_info(target) is None or read_info(target).get("key") != key:
+                    raise
+                logger.info("tiny model %s was built concurrently; using it", target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("built tiny model %s in %.1fs", target, time.perf_counter() - start)
