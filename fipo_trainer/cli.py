@@ -82,15 +82,12 @@ def dry_run(overrides: Sequence[str]) -> int:
 
 
 def _train_task(cfg) -> None:
-    """The Hydra task: convert (building the tiny model if asked), validate, run the loop."""
-    from fipo_trainer.trainer.config import ConfigError, load_config, validate_config
+    """The Hydra task: `prepare_config` (convert, validate once, build the tiny model), then
+    the loop, which takes the validated config as it is. All before Ray starts."""
+    from fipo_trainer.trainer.config import ConfigError, prepare_config
 
     try:
-        # Validate before building the tiny model, then again with its path filled in;
-        # both before the heavy imports and before Ray starts.
-        validate_config(load_config(cfg, build_model=False))
-        train_cfg = load_config(cfg)
-        validate_config(train_cfg)
+        train_cfg = prepare_config(cfg)
     except ConfigError as err:
         print(err, file=sys.stderr)
         sys.exit(2)

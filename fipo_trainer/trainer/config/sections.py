@@ -1,0 +1,259 @@
+"""The trainer's own config sections (model, algorithm, trainer, resources, synthetic data).
+
+Why apart from `schema.py`: these sections belong to no component, so their fields and the
+rules on them live together here; each ``validate()`` checks its own fields only and raises
+`ConfigError` with all its problems. `schema.py` assembles them with the components' sections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fipo_trainer.trainer.config.errors import ConfigError, _raise
+
+KNOWN_LOGGERS = ("console", "jsonl", "tensorboard", "wandb", "swanlab")
+FILTER_METRICS = ("acc", "score")
+PLACEMENTS = ("split", "colocated")
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class TinyModelConfig:
+    """Built-in tiny Qwen2 (fipo_trainer.data.tiny_model) for the CPU quickstart and tests."""
+
+    enable: bool = False
+    hidden_size: int = 64
+    num_layers: int = 2
+    warm_start_steps: int = 0
+    seed: int = 0
+
+    def validate(self) -> None:
+        errors = [
+            f"model.tiny.{key} must be >= 1, got {getattr(self, key)}"
+            for key in ("hidden_size", "num_layers")
+            if getattr(self, key) < 1
+        ]
+        if self.warm_start_steps < 0:
+            errors.append(f"model.tiny.warm_start_steps must be >= 0, got {self.warm_start_steps}")
+        _raise(errors)
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # HF model directory for actor and rollout ("" only with tiny.enable)
+    tokenizer_path: str | None = None  # default: path
+    # Hugging Face config overrides applied identically by the actor and the rollout engines
+    # (actor.override_config and rollout.override_config follow this key), e.g.
+    # {max_position_embeddings: 32768} for the 7B recipes' context extension.
+    override_config: dict[str, Any] = field(default_factory=dict)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+    def validate(self) -> None:
+        errors: list[str] = []
+        if not self.path and not self.tiny.enable:
+            errors.append(
+                "model.path is empty: set model.path=/path/to/hf_model_dir "
+                "(or model=tiny for the built-in tiny model)"
+            )
+        positions = self.override_config.get("max_position_embeddings")
+        if positions is not None and (not isinstance(positions, int) or positions < 1):
+            errors.append(
+                "model.override_config.max_position_embeddings must be a positive integer, "
+                f"got {positions!r}"
+            )
+        if self.tiny.enable:
+            try:
+                self.tiny.validate()
+            except ConfigError as err:
+                errors += err.errors
+        _raise(errors)
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Rows generated for the file name ``builtin:arithmetic`` (fipo_trainer.data.synthetic)."""
+
+    num_train: int = 2000
+    num_val: int = 64
+    digits: int = 2
+    seed: int = 0
+
+    def validate(self) -> None:
+        errors = []
+        if not 1 <= self.digits <= 9:
+            errors.append(f"data.synthetic.digits must be in 1..9, got {self.digits}")
+        if self.num_train < 1 or self.num_val < 0:
+            errors.append("data.synthetic.num_train must be >= 1 and data.synthetic.num_val >= 0")
+        _raise(errors)
+
+
+# --------------------------------------------------------------------------- algorithm
+
+
+@dataclass
+class FilterGroupsConfig:
+    """Dynamic sampling: keep groups whose ``metric`` varies within the group."""
+
+    enable: bool = True
+    metric: str = "acc"  # acc | score
+    max_num_gen_batches: int = 10  # generation rounds per step before on_exhausted applies
+    on_exhausted: str = "error"  # error | proceed (train on the groups kept so far)
+
+    def validate(self) -> None:
+        p = "algorithm.filter_groups"
+        errors = []
+        if self.metric not in FILTER_METRICS:
+            errors.append(f"{p}.metric must be one of {FILTER_METRICS}, got {self.metric!r}")
+        if self.on_exhausted not in ("error", "proceed"):
+            errors.append(
+                f"{p}.on_exhausted must be 'error' or 'proceed', got {self.on_exhausted!r}"
+            )
+        if self.max_num_gen_batches < 1:
+            errors.append(f"{p}.max_num_gen_batches must be >= 1, got {self.max_num_gen_batches}")
+        _raise(errors)
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "fipo"  # a label (fipo | dapo | grpo): warned about when the loss differs
+    adv_estimator: str = "grpo"
+    norm_adv_by_std_in_grpo: bool = True
+    filter_groups: FilterGroupsConfig = field(default_factory=FilterGroupsConfig)
+
+    def validate(self) -> None:
+        from fipo_trainer.algorithms.advantages import ADVANTAGE_ESTIMATORS
+
+        errors = []
+        if self.adv_estimator not in ADVANTAGE_ESTIMATORS:
+            errors.append(
+                f"algorithm.adv_estimator={self.adv_estimator!r} is unknown; use one of "
+                f"{sorted(ADVANTAGE_ESTIMATORS)}"
+            )
+        try:
+            self.filter_groups.validate()
+        except ConfigError as err:
+            errors += err.errors
+        _raise(errors)
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class TrainerConfig:
+    project_name: str = "fipo"
+    experiment_name: str = "run"
+    run_dir: str = "outputs/${trainer.project_name}/${trainer.experiment_name}"
+    total_epochs: int = 1
+    total_training_steps: int | None = None
+    test_freq: int = 5  # validate every N steps (0: never, except val_before_train)
+    save_freq: int = 5  # checkpoint every N steps (0: only at the end)
+    val_before_train: bool = True
+    resume: str = "auto"  # auto | disable | <checkpoint path>
+    max_ckpt_to_keep: int | None = None
+    loggers: list[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard"])
+    rollout_dump_freq: int = 0  # dump prompt/response/score/acc jsonl every N steps (0 off)
+    nan_policy: str = "stop"  # stop | skip
+    plot: bool = True  # PNG of the curves at the end
+    export_hf: bool = True  # Hugging Face export at the end
+    seed: int = 0
+
+    def validate(self) -> None:
+        errors = []
+        if not self.run_dir:
+            errors.append("trainer.run_dir is empty: set a directory for metrics and checkpoints")
+        if self.total_epochs < 1:
+            errors.append(f"trainer.total_epochs must be >= 1, got {self.total_epochs}")
+        if self.total_training_steps is not None and self.total_training_steps < 1:
+            errors.append(
+                "trainer.total_training_steps must be >= 1 or null (= epochs x batches), got "
+                f"{self.total_training_steps}"
+            )
+        for key in ("test_freq", "save_freq", "rollout_dump_freq"):
+            if getattr(self, key) < 0:
+                errors.append(f"trainer.{key} must be >= 0 (0 = off), got {getattr(self, key)}")
+        if self.max_ckpt_to_keep is not None and self.max_ckpt_to_keep < 1:
+            errors.append(
+                "trainer.max_ckpt_to_keep must be >= 1 or null (keep all), got "
+                f"{self.max_ckpt_to_keep}"
+            )
+        if self.nan_policy not in ("stop", "skip"):
+            errors.append(f"trainer.nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
+        if not self.resume:
+            errors.append("trainer.resume is empty: use auto, disable or a checkpoint directory")
+        unknown = [name for name in self.loggers if name not in KNOWN_LOGGERS]
+        if unknown:
+            errors.append(
+                f"trainer.loggers: unknown logger(s) {unknown}; known: {list(KNOWN_LOGGERS)}"
+            )
+        if len(set(self.loggers)) != len(self.loggers):
+            errors.append(f"trainer.loggers lists a logger twice: {self.loggers}")
+        _raise(errors)
+
+
+# --------------------------------------------------------------------------- resources
+
+
+@dataclass
+class ResourcesConfig:
+    """How many workers, where they go, and what each asks Ray for.
+
+    ``nnodes x gpus_per_node`` is the cluster the run expects: start-up refuses a joined Ray
+    cluster with fewer GPUs (or nodes). ``gpus_per_node=0`` runs on CPU. Each actor rank
+    reserves ``cpus_per_actor_worker`` CPUs and each rollout worker
+    ``cpus_per_rollout_worker`` (colocated: a slot holds both).
+    """
+
+    nnodes: int = 1
+    actor_world_size: int = 2
+    rollout_workers: int = 1
+    placement: str = "split"  # split | colocated
+    gpus_per_node: int = 8  # 0 on CPU
+    cpus_per_actor_worker: float = 0.5
+    cpus_per_rollout_worker: float = 0.5
+    ray_address: str | None = None  # None: local Ray; "auto": join the running cluster
+    ray_num_cpus: int | None = None  # local Ray only
+
+    @property
+    def local(self) -> bool:
+        """Whether fipo-train starts its own Ray (no cluster address)."""
+        return self.ray_address in (None, "", "local")
+
+    def validate(self) -> None:
+        errors = [
+            f"resources.{key} must be >= 1, got {getattr(self, key)}"
+            for key in ("nnodes", "actor_world_size", "rollout_workers")
+            if getattr(self, key) < 1
+        ]
+        if self.gpus_per_node < 0:
+            errors.append(
+                f"resources.gpus_per_node must be >= 0 (0 = CPU), got {self.gpus_per_node}"
+            )
+        for key in ("cpus_per_actor_worker", "cpus_per_rollout_worker"):
+            value = getattr(self, key)
+            if value < 0 or (self.gpus_per_node == 0 and not value > 0):
+                errors.append(f"resources.{key} must be > 0 on CPU (gpus_per_node=0), got {value}")
+        if self.placement not in PLACEMENTS:
+            errors.append(
+                f"resources.placement must be 'split' or 'colocated', got {self.placement!r}"
+            )
+        if self.nnodes > 1 and self.local:
+            errors.append(
+                f"resources.nnodes={self.nnodes} needs a running Ray cluster: start it with "
+                "scripts/ray_cluster.sh and set resources.ray_address=auto"
+            )
+        if not self.local and self.ray_num_cpus is not None:
+            errors.append(
+                "resources.ray_num_cpus only applies to a local Ray start; drop it when "
+                f"resources.ray_address={self.ray_address!r} (the cluster fixes its resources)"
+            )
+        if self.placement == "colocated" and self.rollout_workers > self.actor_world_size >= 1:
+            errors.append(
+                "resources.placement=colocated puts rollout worker i on actor rank i's slot: "
+                f"resources.rollout_workers={self.rollout_workers} must be <= "
+                f"resources.actor_world_size={self.actor_world_size}"
+            )
+        _raise(errors)
