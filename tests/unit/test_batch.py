@@ -173,3 +173,18 @@ def test_empty_batch():
     assert len(e) == 0 and e.keys() == []
     b = make_batch()[[]]
     assert len(b) == 0 and b["x"].shape == (0, 3)
+
+
+def test_merge_adds_fields_and_refuses_to_overwrite():
+    b = Batch({"x": torch.arange(3)}, {"uid": ["a", "b", "c"]})
+    b |= Batch({"y": torch.ones(3)}, {"acc": [True, False, True]})
+    assert sorted(b.keys()) == ["acc", "uid", "x", "y"]
+    with pytest.raises(ValueError, match=r"fields \['x'\] already exist"):
+        b |= Batch({"x": torch.zeros(3)})
+    with pytest.raises(ValueError, match="2 rows into one of 3"):
+        b.update(Batch({"z": torch.zeros(2)}))
+    b.update(Batch({"x": torch.zeros(3)}), overwrite=True)
+    assert b["x"].tolist() == [0, 0, 0]
+    c = b | Batch({"w": torch.ones(3)})
+    assert "w" in c and "w" not in b
+    assert set(b.select("x", "acc").keys()) == {"x", "acc"}

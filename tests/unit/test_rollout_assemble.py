@@ -1,4 +1,4 @@
-"""The canonical per-response batch layout built from engine outputs."""
+"""The per-response batch layout built from engine outputs (stage ``generate``)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,17 @@ import pytest
 import torch
 
 from fipo_trainer.data.batch import Batch
+from fipo_trainer.data.schema import check_stage_output
 from fipo_trainer.rollout.assemble import (
     assemble_responses,
     build_rollout_batch,
+    expand_prompt_fields,
+    generate_inputs,
     prompt_token_lists,
     rollout_metrics,
 )
 from fipo_trainer.rollout.base import RolloutOutput, check_prompts
+from fipo_trainer.rollout.group import merge_rollout_metrics
 
 PAD = 0
 
@@ -31,13 +35,11 @@ def _outputs():
 def test_assemble_shapes_masks_positions():
     prompts = [[11, 12, 13], [21]]
     t = assemble_responses(prompts, _outputs(), n=2, pad_token_id=PAD, response_length=4)
-    assert t["prompts"].shape == (4, 3) and t["responses"].shape == (4, 4)
-    assert t["prompts"][2].tolist() == [PAD, PAD, 21]  # left-padded
+    assert t["input_ids"].shape == (4, 7) and t["responses"].shape == (4, 4)
+    assert t["input_ids"][2, :3].tolist() == [PAD, PAD, 21]  # left-padded prompt
     assert t["responses"][0].tolist() == [5, 9, PAD, PAD]  # right-padded, EOS kept
-    assert torch.equal(t["input_ids"], torch.cat([t["prompts"], t["responses"]], 1))
+    assert torch.equal(t["input_ids"][:, 3:], t["responses"])
     assert t["attention_mask"][2].tolist() == [0, 0, 1, 1, 0, 0, 0]
-    assert t["position_ids"][2].tolist() == [0, 0, 0, 1, 1, 1, 1]
-    assert t["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 5, 5]
     assert t["response_mask"].dtype == torch.float32
     assert t["response_mask"].sum(1).tolist() == [2, 3, 1, 3]
     assert t["rollout_log_probs"][1].tolist() == [-1.0, -2.0, -3.0, 0.0]
@@ -47,7 +49,7 @@ def test_assemble_keeps_given_prompt_width_and_rejects_misordered_outputs():
     t = assemble_responses(
         [[1], [2]], _outputs(), n=2, pad_token_id=PAD, response_length=3, prompt_width=5
     )
-    assert t["prompts"].shape == (4, 5)
+    assert t["input_ids"].shape == (4, 8)
     bad = _outputs()
     bad[1], bad[2] = bad[2], bad[1]
     with pytest.raises(ValueError, match="belongs to prompt 1, expected 0"):
@@ -69,55 +71,52 @@ def test_prompt_token_lists_from_tensors_or_lists():
         prompt_token_lists(Batch(non_tensors={"prompt_text": ["a", "b"]}))
 
 
-def test_build_rollout_batch_expands_uid_and_fields():
+def test_worker_gets_token_ids_and_driver_repeats_prompt_fields():
     ids = torch.tensor([[PAD, 11, 12], [PAD, PAD, 21]])
     prompt_batch = Batch(
         {
             "input_ids": ids,
             "attention_mask": (ids != PAD).long(),
-            "prompt_len": torch.tensor([2, 1]),
+            "position_ids": torch.zeros_like(ids),
         },
-        {"uid": ["a", "b"], "ground_truth": ["3", "4"], "data_source": ["x", "y"]},
-        {"step": 1},
+        {
+            "uid": ["a", "b"],
+            "ground_truth": ["3", "4"],
+            "data_source": ["x", "y"],
+            "source": ["f:0", "f:1"],  # read by nobody: dropped
+        },
     )
+    sent = generate_inputs(prompt_batch)
+    assert sorted(sent.keys()) == ["attention_mask", "input_ids"]
     out = build_rollout_batch(
-        prompt_batch,
+        sent,
         _outputs(),
         n=2,
         pad_token_id=PAD,
         response_length=4,
         response_text=["r0", "r1", "r2", "r3"],
-        seconds=2.0,
     )
+    check_stage_output("generate", out.keys())
+    out |= expand_prompt_fields(prompt_batch, 2)
     assert len(out) == 4
     assert list(out["uid"]) == ["a", "a", "b", "b"]
     assert list(out["ground_truth"]) == ["3", "3", "4", "4"]
-    assert list(out["finish_reason"]) == ["stop", "length", "stop", "stop"]
-    assert out["prompt_len"].tolist() == [2, 2, 1, 1]
-    assert out["input_ids"].shape == (4, 7) and out["prompts"].shape == (4, 3)
-    assert out.meta["step"] == 1
-    m = out.meta["rollout_metrics"]
-    assert m["rollout/response_tokens"] == 9 and m["rollout/tokens_per_s"] == 4.5
-    assert m["rollout/truncated_frac"] == 0.25
+    assert "source" not in out and "position_ids" not in out
+    assert out["input_ids"].shape == (4, 7)
+    m = merge_rollout_metrics([rollout_metrics(_outputs()[:2], 2.0), rollout_metrics([], 1.0)])
+    assert m["rollout/response_tokens"] == 5 and m["rollout/tokens_per_s"] == 2.5
 
 
 def test_missing_uid_gets_one_per_prompt():
-    out = build_rollout_batch(
-        Batch(non_tensors={"prompt_token_ids": [[1], [2]]}),
-        _outputs(),
-        n=2,
-        pad_token_id=PAD,
-        response_length=4,
-        response_text=["a"] * 4,
-    )
-    uids = list(out["uid"])
+    fields = expand_prompt_fields(Batch(non_tensors={"prompt_token_ids": [[1], [2]]}), 2)
+    uids = list(fields["uid"])
     assert uids[0] == uids[1] != uids[2] == uids[3]
-    assert "prompt_token_ids" not in out.non_tensors
-    assert isinstance(out["uid"], np.ndarray)
+    assert fields.keys() == ["uid"]
+    assert isinstance(fields["uid"], np.ndarray)
 
 
 def test_metrics_and_prompt_checks():
-    assert rollout_metrics([], 0.0)["rollout/tokens_per_s"] == 0.0
+    assert merge_rollout_metrics([rollout_metrics([], 0.0)])["rollout/tokens_per_s"] == 0.0
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         check_prompts([[1], []], 10, None)
     with pytest.raises(ValueError, match="prompt 0 has token id 12 outside"):
@@ -138,5 +137,5 @@ def test_common_prompt_width_for_list_prompts():
         response_text=["a"] * 4,
         prompt_width=6,
     )
-    assert out["prompts"].shape == (4, 6) and out["prompts"][3].tolist() == [0, 0, 0, 0, 2, 3]
     assert out["input_ids"].shape == (4, 10)
+    assert out["input_ids"][3, :6].tolist() == [0, 0, 0, 0, 2, 3]

@@ -1,4 +1,5 @@
-"""The loop's pure pieces: reward attachment, dynamic sampling, joining rounds, seeds."""
+"""The loop's pieces without Ray: grade fields, dynamic sampling, joining rounds, seeds,
+step metrics, and one `train_step` driven through fake roles (the order of the verbs)."""
 
 from __future__ import annotations
 
@@ -9,61 +10,74 @@ import pytest
 import torch
 
 from fipo_trainer.data.batch import Batch, to_object_array
-from fipo_trainer.trainer.loop import (
-    attach_rewards,
+from fipo_trainer.data.schema import ACTOR_LOG_PROB_READS, ACTOR_UPDATE_READS
+from fipo_trainer.rollout.config import SamplingConfig
+from fipo_trainer.trainer.loop import RLTrainer, TrainingStopped, advantages
+from fipo_trainer.trainer.sampling import (
+    Sampler,
     concat_rollouts,
     filter_groups,
-    finite_or_raise,
+    reward_fields,
     step_seed,
     take_groups,
-    validation_summary,
 )
+from fipo_trainer.trainer.step_metrics import logprob_metrics, non_finite
+from fipo_trainer.trainer.summary import validation_summary
+
+PAD = 9
 
 
-def rollout(uids, accs, prompt_width=3, response_width=4, pad=9):
+def graded(accs):
+    return SimpleNamespace(
+        scores=[1.0 if a else -1.0 for a in accs],
+        acc=list(accs),
+        preds=["p"] * len(accs),
+        metrics={"reward/timeouts": 0.0, "reward/errors": 0.0},
+    )
+
+
+def rollout(uids, accs=None, prompt_width=3, response_width=4):
     n = len(uids)
-    prompts = torch.full((n, prompt_width), pad)
+    prompts = torch.full((n, prompt_width), PAD)
     prompts[:, -2:] = 5  # two real prompt tokens, left-padded
     responses = torch.arange(n * response_width).view(n, response_width)
     lengths = torch.tensor([1 + i % response_width for i in range(n)])
     response_mask = (torch.arange(response_width)[None, :] < lengths[:, None]).float()
-    attn = torch.cat([(prompts != pad).long(), response_mask.long()], dim=1)
     b = Batch(
         {
-            "prompts": prompts,
             "responses": responses,
             "input_ids": torch.cat([prompts, responses], dim=1),
-            "attention_mask": attn,
-            "position_ids": (attn.cumsum(1) - 1).clamp(min=0),
+            "attention_mask": torch.cat([(prompts != PAD).long(), response_mask.long()], dim=1),
             "response_mask": response_mask,
+            "rollout_log_probs": -response_mask,
         },
-        {"uid": to_object_array(uids)},
+        {
+            "uid": to_object_array(uids),
+            "response_text": [f"r{i}" for i in range(n)],
+            "ground_truth": ["1"] * n,
+            "data_source": ["arithmetic"] * n,
+        },
     )
-    return attach_rewards(
-        b,
-        SimpleNamespace(scores=[1.0 if a else -1.0 for a in accs], acc=list(accs), preds=["p"] * n),
-    )
+    if accs is not None:
+        b |= reward_fields(graded(accs))
+    return b
 
 
-def test_attach_rewards_puts_score_on_last_response_token():
-    b = rollout(["a", "a", "b", "b"], [True, False, False, False])
-    scores = b["token_level_scores"]
-    lengths = b["response_mask"].sum(-1).long()
-    for i in range(4):
-        assert scores[i].sum() == (1.0 if i == 0 else -1.0)
-        assert scores[i, lengths[i] - 1] != 0
-    assert list(b.non_tensors["acc"]) == [True, False, False, False]
+def test_reward_fields_are_the_grade_stage_only():
+    fields = reward_fields(graded([True, False]))
+    assert sorted(fields.keys()) == ["acc", "pred", "score"]
+    assert list(fields["score"]) == [1.0, -1.0]
 
 
 def test_filter_groups_keeps_groups_with_varying_accuracy_whole_and_in_order():
     b = rollout(["a", "a", "b", "b", "c", "c"], [True, False, False, False, True, True])
     kept, n_kept, seen = filter_groups(b, "acc")
     assert (n_kept, seen) == (1, 3)
-    assert list(kept.non_tensors["uid"]) == ["a", "a"]
+    assert list(kept["uid"]) == ["a", "a"]
     b2 = rollout(["a", "a", "b", "b", "c", "c"], [True, False, True, False, False, True])
     kept2, n2, _ = filter_groups(b2, "acc")
     assert n2 == 3 and len(kept2) == 6
-    assert list(take_groups(kept2, 2).non_tensors["uid"]) == ["a", "a", "b", "b"]
+    assert list(take_groups(kept2, 2)["uid"]) == ["a", "a", "b", "b"]
 
 
 def test_concat_rollouts_left_pads_prompt_side_of_different_rounds():
@@ -71,7 +85,7 @@ def test_concat_rollouts_left_pads_prompt_side_of_different_rounds():
     wide = rollout(["b", "b"], [True, False], prompt_width=5)
     with pytest.raises(ValueError, match="trailing shapes"):
         Batch.concat([narrow, wide])
-    joined = concat_rollouts([narrow, wide], pad_token_id=9)
+    joined = concat_rollouts([narrow, wide], pad_token_id=PAD)
     assert joined["input_ids"].shape == (4, 9)
     # the response part stays aligned at the right end and real tokens are unchanged
     assert torch.equal(joined["responses"][:2], narrow["responses"])
@@ -87,10 +101,176 @@ def test_step_seed_depends_on_step_and_round_only():
 
 
 def test_finite_check_and_validation_summary():
-    assert finite_or_raise(
-        {"a": 1.0, "b": float("nan"), "c": float("inf")}, ("a", "b", "c", "d")
-    ) == ["b", "c"]
+    assert non_finite({"a": 1.0, "b": float("nan"), "c": float("inf")}, ("a", "b", "c", "d")) == [
+        "b",
+        "c",
+    ]
     vals = [{"val/mean@4": 0.2}, {"val/mean@4": 0.5}, {"val/mean@4": 0.4}]
     assert validation_summary(vals) == ("val/mean@4", 0.2, 0.5)
     assert validation_summary([]) is None
     assert np.isclose(validation_summary(vals)[2] - validation_summary(vals)[1], 0.3)
+
+
+def test_logprob_metrics_are_token_means_over_responses():
+    b = rollout(["a", "a"])  # response lengths 1 and 2
+    b["old_log_probs"] = b["rollout_log_probs"] + torch.tensor([[0.5], [-0.25]])
+    b["entropy"] = torch.tensor([[2.0, 9.0, 9.0, 9.0], [1.0, 1.0, 9.0, 9.0]])
+    m = logprob_metrics(b)
+    assert m["rollout/actor_logprob_abs_diff"] == pytest.approx((0.5 + 2 * 0.25) / 3)
+    assert m["actor/entropy"] == pytest.approx(4.0 / 3)
+
+
+# --------------------------------------------------------------------- fake roles
+
+
+class FakeRollout:
+    """Generates the same layout for any prompt batch; accuracy alternates per call."""
+
+    def __init__(self, n, accs_per_call):
+        self.n, self.accs = n, list(accs_per_call)
+        self.calls: list[str] = []
+
+    def generate(self, prompts, sampling):
+        self.calls.append("generate")
+        uids = [u for u in prompts["uid"] for _ in range(self.n)]
+        b = rollout(uids)
+        self._next = self.accs.pop(0)
+        return b, {"rollout/tokens_per_s": 10.0}
+
+    def sleep(self):
+        self.calls.append("sleep")
+
+
+class FakeGrader:
+    def __init__(self, rollout_role):
+        self.rollout = rollout_role
+
+    def grade(self, responses, ground_truths, data_sources, response_lengths, extra_infos):
+        return graded(self.rollout._next)
+
+
+class FakePrompts:
+    epoch = 0
+    dataset = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=PAD))
+
+    def __init__(self):
+        self.drawn = 0
+
+    def next_batch(self, size, uid_prefix):
+        self.drawn += size
+        return Batch(non_tensors={"uid": [f"{uid_prefix}-{i}" for i in range(size)]})
+
+
+class FakeActor:
+    def __init__(self, log):
+        self.log = log
+
+    def compute_log_prob(self, batch, *, temperature):
+        self.log.append(("compute_log_prob", temperature, sorted(batch.keys())))
+        return Batch(
+            {"old_log_probs": batch["rollout_log_probs"] + 0.1, "entropy": batch["response_mask"]}
+        )
+
+    def update(self, batch, *, temperature, global_step):
+        self.log.append(("update", temperature, global_step, sorted(batch.keys())))
+        return {"actor/pg_loss": 0.5, "actor/grad_norm": float("nan") if global_step == 9 else 1.0}
+
+
+class FakeSync:
+    def __init__(self, log):
+        self.log = log
+
+    def sync(self):
+        self.log.append(("sync",))
+        return {"sync/seconds": 0.0}
+
+
+def cfg(*, enable=True, max_rounds=3, on_exhausted="proceed", nan_policy="stop"):
+    return SimpleNamespace(
+        algorithm=SimpleNamespace(
+            adv_estimator="grpo",
+            norm_adv_by_std_in_grpo=True,
+            filter_groups=SimpleNamespace(
+                enable=enable,
+                metric="acc",
+                max_num_gen_batches=max_rounds,
+                on_exhausted=on_exhausted,
+            ),
+        ),
+        rollout=SimpleNamespace(
+            n=2,
+            temperature=0.6,
+            free_cache_engine=True,
+            sampling=lambda: SamplingConfig(n=2, temperature=0.6),
+        ),
+        data=SimpleNamespace(train_batch_size=2, gen_batch_size=2, max_response_length=4),
+        actor=SimpleNamespace(ppo_mini_batch_size=1),
+        trainer=SimpleNamespace(seed=0, run_dir="unused", nan_policy=nan_policy),
+        resources=SimpleNamespace(actor_world_size=2),
+    )
+
+
+def sampler(config, accs):
+    roll = FakeRollout(config.rollout.n, accs)
+    return Sampler(config, FakePrompts(), roll, FakeGrader(roll)), roll
+
+
+def test_sampler_rounds_until_enough_groups_then_cuts_to_the_target():
+    c = cfg()
+    s, roll = sampler(c, [[True, True, False, False], [True, False, False, True]])
+    batch, metrics = s.collect(step=1)
+    assert roll.calls == ["generate", "generate"]
+    assert metrics["sampling/gen_rounds"] == 2 and metrics["sampling/groups_kept"] == 2
+    assert metrics["sampling/groups_trained"] == 2 and len(batch) == 4
+    assert list(batch["uid"]) == ["s1r2-0", "s1r2-0", "s1r2-1", "s1r2-1"]
+    assert len(s.last_rollouts) == 8  # every response of the step, kept or not
+
+
+def test_sampler_exhausted_proceeds_or_stops():
+    c = cfg(max_rounds=2)
+    s, _ = sampler(c, [[True] * 4, [False] * 4])
+    batch, metrics = s.collect(step=1)
+    assert batch is None and metrics["sampling/groups_kept"] == 0
+    s, _ = sampler(cfg(max_rounds=1, on_exhausted="error"), [[True] * 4])
+    with pytest.raises(TrainingStopped, match="max_num_gen_batches"):
+        s.collect(step=1)
+
+
+def trainer_with_fakes(tmp_path, config, accs):
+    config.trainer.run_dir = str(tmp_path)
+    t = RLTrainer(config)
+    log: list = []
+    t.sampler, t.rollout = sampler(config, accs)
+    t.actor, t.weight_sync = FakeActor(log), FakeSync(log)
+    return t, log
+
+
+def test_train_step_runs_the_verbs_in_order_with_typed_settings(tmp_path):
+    t, log = trainer_with_fakes(tmp_path, cfg(), [[True, False, False, True]])
+    metrics = t.train_step(3)
+    assert t.rollout.calls == ["generate", "sleep"]
+    assert [entry[0] for entry in log] == ["compute_log_prob", "update", "sync"]
+    assert log[0][1] == 0.6 and log[1][1:3] == (0.6, 3)  # training temperature, 1-based step
+    assert set(ACTOR_LOG_PROB_READS) <= set(log[0][2])
+    assert set(ACTOR_UPDATE_READS) <= set(log[1][3])
+    assert metrics["rollout/actor_logprob_abs_diff"] == pytest.approx(0.1)
+    assert metrics["actor/entropy"] == 1.0 and metrics["actor/pg_loss"] == 0.5
+    for key in ("timing_s/gen", "timing_s/update", "sync/seconds", "perf/step_seconds"):
+        assert key in metrics
+
+
+def test_train_step_non_finite_update_stops_or_is_counted(tmp_path):
+    t, _ = trainer_with_fakes(tmp_path, cfg(), [[True, False, False, True]])
+    with pytest.raises(TrainingStopped, match=r"non-finite actor/grad_norm.*nan_policy"):
+        t.train_step(9)
+    t, log = trainer_with_fakes(tmp_path, cfg(nan_policy="skip"), [[True, False, False, True]])
+    assert t.train_step(9)["actor/nan_skipped"] == 1.0 and log[-1] == ("sync",)
+
+
+def test_advantages_stage_adds_only_its_field():
+    b = rollout(["a", "a", "b", "b"], [True, False, True, True])
+    adv = advantages(b, cfg().algorithm)
+    assert adv.keys() == ["advantages"] and adv["advantages"].shape == b["response_mask"].shape
+    assert float(adv["advantages"][2:].abs().sum()) == 0.0  # a group with equal scores
+    with pytest.raises(ValueError, match="already exist"):
+        b |= rollout(["a", "a", "b", "b"])
