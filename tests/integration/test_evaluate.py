@@ -13,7 +13,6 @@ from transformers import AutoTokenizer
 from fipo_trainer.data.config import DataConfig
 from fipo_trainer.data.dataset import PromptDataset
 from fipo_trainer.data.synthetic import make_rows, write_rows
-from fipo_trainer.data.tiny_model import build_tiny_model
 from fipo_trainer.rewards.dapo import INVALID_PRED, compute_score
 from fipo_trainer.trainer.evaluate import (
     EvalConfig,
@@ -30,9 +29,8 @@ PROMPTS = 4
 
 
 @pytest.fixture(scope="module")
-def model_dir():
-    # Same settings as the rollout-engine tests: one cached build serves both.
-    return build_tiny_model(warm_start_steps=40)
+def model_dir(warm_tiny_model):
+    return warm_tiny_model
 
 
 def _greedy_answers(model_dir, data, tmp_path):

@@ -19,8 +19,9 @@ from fipo_trainer.data.dataset import (
 )
 from fipo_trainer.data.synthetic import make_rows, write_rows
 from fipo_trainer.data.tiny_model import build_tokenizer
+from tests.helpers.data import SHARED_DATA
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SHARED = SHARED_DATA
 
 
 @pytest.fixture(scope="module")

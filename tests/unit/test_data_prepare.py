@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -21,8 +20,9 @@ from fipo_trainer.data.prepare import (
 )
 from fipo_trainer.data.tiny_model import build_tokenizer
 from fipo_trainer.rewards.dapo import compute_score
+from tests.helpers.data import SHARED_DATA
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SHARED = SHARED_DATA
 
 
 def test_prepare_all_from_the_shared_dir(tmp_path, capsys):
