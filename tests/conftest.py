@@ -6,14 +6,6 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer():
-    """The byte-level tokenizer of the tiny model (chat template, pad = its own token)."""
-    from fipo_trainer.data.tiny_model import build_tokenizer
-
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="session")
 def warm_tiny_model():
     """The tiny Qwen2 warm-started for 40 steps (the directory; one cached build serves every
     test that asks for these settings)."""
