@@ -9,7 +9,6 @@ that never answered and what the cluster had free.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,7 +25,7 @@ from fipo_trainer.cluster.waiting import (
 )
 from fipo_trainer.cluster.worker import DistInfo, Worker, free_port, node_ip
 from fipo_trainer.data.batch import Batch
-from fipo_trainer.platform import worker_env
+from fipo_trainer.platform import forwarded_env, worker_env
 
 __all__ = ["WorkerCallError", "WorkerGroup", "WorkerStartupError"]
 
@@ -123,9 +122,7 @@ class WorkerGroup:
             .remote(),
             timeout=max(timeout_s, 1.0),
         )
-        base_env = dict(worker_env())
-        if os.environ.get("FIPO_FORCE_CPU"):
-            base_env["FIPO_FORCE_CPU"] = os.environ["FIPO_FORCE_CPU"]
+        base_env = {**worker_env(), **forwarded_env()}
         remote_cls = ray.remote(self.worker_cls)
         for rank, bundle in enumerate(placement.bundle_indices):
             info = DistInfo(

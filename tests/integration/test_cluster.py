@@ -64,6 +64,10 @@ class EchoWorker(Worker):
         return float(t.item())
 
 
+def health_check(self) -> None:
+    """Not a method of any worker class."""
+
+
 class BrokenWorker(Worker):
     def __init__(self, bad_rank: int = 1) -> None:
         super().__init__()
@@ -90,16 +94,20 @@ def test_ranks_env_and_collective():
         EchoWorker, 2, init_kwargs={"tag": "hello"}, name="echo", num_cpus_per_worker=0.25
     )
     try:
-        envs = group.execute_all("env")
+        envs = group.call_all(EchoWorker.env)
         assert [e["RANK"] for e in envs] == ["0", "1"]
         assert {e["WORLD_SIZE"] for e in envs} == {"2"}
         assert len({(e["MASTER_ADDR"], e["MASTER_PORT"]) for e in envs}) == 1
         assert {e["OMP_NUM_THREADS"] for e in envs} == {"1"}  # worker_env() on CPU
         assert {e["DS_ACCELERATOR"] for e in envs} == {"cpu"}
         assert {e["tag"] for e in envs} == {"hello"}
-        assert group.execute_rank(1, "fail_on", 0) == 1
+        assert group.call_rank(1, EchoWorker.fail_on, 0) == 1
+        with pytest.raises(TypeError, match=r"EchoWorker\.env\), not the string"):
+            group.call_all("env")
+        with pytest.raises(AttributeError, match="EchoWorker has no method 'health_check'"):
+            group.call_all(health_check)  # a function, but not one of EchoWorker's
         # Master address/port really work for torch.distributed (gloo).
-        assert group.execute_all("allreduce") == [3.0, 3.0]
+        assert group.call_all(EchoWorker.allreduce) == [3.0, 3.0]
     finally:
         group.shutdown()
 
@@ -108,15 +116,15 @@ def test_dispatch_dp_restores_row_order():
     group = WorkerGroup(EchoWorker, 2, name="dispatch", num_cpus_per_worker=0.25)
     try:
         batch = Batch({"x": torch.arange(6.0)})
-        out = group.dispatch_dp("double", batch)
+        out = group.dispatch_dp(EchoWorker.double, batch)
         assert out["y"].tolist() == [0, 2, 4, 6, 8, 10]
         assert out["rank"].tolist() == [0, 0, 0, 1, 1, 1]
         parts = [[5, 0, 3], [1, 4, 2]]
-        out = group.dispatch_dp("double", batch, partitions=parts)
+        out = group.dispatch_dp(EchoWorker.double, batch, partitions=parts)
         assert out["y"].tolist() == [0, 2, 4, 6, 8, 10]
         assert out["rank"].tolist() == [0, 1, 1, 0, 1, 0]
         with pytest.raises(ValueError, match="cannot be split evenly"):
-            group.dispatch_dp("double", Batch({"x": torch.arange(5.0)}))
+            group.dispatch_dp(EchoWorker.double, Batch({"x": torch.arange(5.0)}))
     finally:
         group.shutdown()
 
@@ -127,7 +135,7 @@ def test_method_error_names_the_rank():
         with pytest.raises(
             WorkerCallError, match=r"rank 1 raised in fail_on[\s\S]*deliberate failure"
         ):
-            group.execute_all("fail_on", 1)
+            group.call_all(EchoWorker.fail_on, 1)
     finally:
         group.shutdown()
 
@@ -175,8 +183,8 @@ def test_placements(mode):
         a = WorkerGroup(EchoWorker, 2, pool=actor, name=f"{mode}-actor")
         r = WorkerGroup(EchoWorker, 1, pool=rollout, name=f"{mode}-rollout")
         try:
-            assert [e["RANK"] for e in a.execute_all("env")] == ["0", "1"]
-            assert r.execute_all("env")[0]["WORLD_SIZE"] == "1"
+            assert [e["RANK"] for e in a.call_all(EchoWorker.env)] == ["0", "1"]
+            assert r.call_all(EchoWorker.env)[0]["WORLD_SIZE"] == "1"
         finally:
             a.shutdown()
             r.shutdown()

@@ -15,13 +15,14 @@ import pytest
 import torch
 
 from fipo_trainer.actor import ActorConfig, ActorGroup
-from fipo_trainer.cluster import WorkerGroup, init_ray, plan_placement, release, shutdown_ray
-from fipo_trainer.cluster.weight_sync import connect_weight_sync, sync_weights
+from fipo_trainer.cluster import init_ray, plan_placement, release, shutdown_ray
+from fipo_trainer.cluster.weight_sync import WeightSync
 from fipo_trainer.data.batch import Batch
+from fipo_trainer.data.schema import check_stage_output
 from fipo_trainer.data.tiny_model import build_tiny_model
 from fipo_trainer.data.warm_start import prompt_ids
 from fipo_trainer.rollout import RolloutConfig, SamplingConfig
-from fipo_trainer.rollout.worker import RolloutWorker, generate_on_workers
+from fipo_trainer.rollout.group import RolloutGroup
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -80,20 +81,15 @@ def roles(request):
             2,
             pool=placements["actor"],
         )
-        rollout = WorkerGroup(
-            RolloutWorker,
+        rollout = RolloutGroup(
+            model,
+            RolloutConfig(max_model_len=128, max_tokens=MAX_TOKENS, n=2, max_num_seqs=32),
             1,
-            init_kwargs={
-                "model_path": str(model),
-                "config": RolloutConfig(
-                    max_model_len=128, max_tokens=MAX_TOKENS, n=2, max_num_seqs=32
-                ),
-            },
             pool=placements["rollout"],
-            name="rollout",
         )
-        connect_weight_sync(actor, rollout, timeout_s=120)
-        yield model, actor, rollout
+        sync = WeightSync(actor, rollout, connect_timeout_s=120)
+        sync.connect()
+        yield model, actor, rollout, sync
     finally:
         for role in (rollout, actor):
             if role is not None:
@@ -107,19 +103,19 @@ def _masked_close(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float
 
 
 def test_generate_batch_fields_and_logprobs_match_actor(roles):
-    model, actor, rollout = roles
+    model, actor, rollout, _ = roles
     prompts = _prompt_batch(model)
-    out = generate_on_workers(rollout, prompts)  # training sampling: n=2, temperature 1
+    out, m = rollout.generate(prompts)  # training sampling: n=2, temperature 1
     n, width = 2, prompts["input_ids"].shape[1]
     assert len(out) == len(prompts) * n
+    check_stage_output("generate", set(out.keys()) - {"uid", "ground_truth"})
     assert list(out["uid"]) == [u for u in prompts["uid"] for _ in range(n)]
     assert list(out["ground_truth"]) == [g for g in prompts["ground_truth"] for _ in range(n)]
-    assert out["prompts"].shape == (8, width) and out["responses"].shape == (8, MAX_TOKENS)
-    assert torch.equal(out["prompts"], prompts["input_ids"].repeat_interleave(n, 0))
-    assert torch.equal(out["input_ids"], torch.cat([out["prompts"], out["responses"]], 1))
+    assert out["input_ids"].shape == (8, width + MAX_TOKENS)
+    assert torch.equal(out["input_ids"][:, :width], prompts["input_ids"].repeat_interleave(n, 0))
+    assert torch.equal(out["input_ids"][:, width:], out["responses"])
     mask = out["response_mask"]
     assert torch.equal(out["attention_mask"][:, width:].float(), mask)
-    assert torch.equal(out["position_ids"], (out["attention_mask"].cumsum(1) - 1).clamp(min=0))
     assert float((out["rollout_log_probs"] * (1 - mask)).abs().sum()) == 0.0
     from transformers import AutoTokenizer
 
@@ -127,43 +123,42 @@ def test_generate_batch_fields_and_logprobs_match_actor(roles):
     for row in range(len(out)):
         toks = out["responses"][row][mask[row].bool()].tolist()
         assert out["response_text"][row] == tok.decode(toks, skip_special_tokens=True)
-        assert (out["finish_reason"][row] == "stop") == (toks[-1] == tok.eos_token_id)
-    m = out.meta["rollout_metrics"]
     assert m["rollout/response_tokens"] == float(mask.sum()) and m["rollout/tokens_per_s"] > 0
-    # Same weights on both sides: vLLM's sampled-token log-probs (raw, T=1) are the actor's.
-    old = actor.compute_log_prob(out)["old_log_probs"]
-    assert _masked_close(old, out["rollout_log_probs"], mask) < LOGP_ATOL
+    # Same weights on both sides: vLLM's sampled-token log-probs (T=1) are the actor's.
+    lp = actor.compute_log_prob(out, temperature=1.0)
+    assert sorted(lp.keys()) == ["entropy", "old_log_probs"]
+    assert _masked_close(lp["old_log_probs"], out["rollout_log_probs"], mask) < LOGP_ATOL
 
 
 def test_update_then_sync_rollout_equals_actor(roles):
-    model, actor, rollout = roles
+    model, actor, rollout, weight_sync = roles
     prompts = _prompt_batch(model)
     greedy = SamplingConfig(temperature=0.0, max_tokens=MAX_TOKENS)
-    before = generate_on_workers(rollout, prompts, greedy)
+    before, _ = rollout.generate(prompts, greedy)
 
     # One real policy update on sampled responses with random +-1 advantages.
-    train = generate_on_workers(rollout, prompts)
-    train = train.union(actor.compute_log_prob(train))
+    train, _ = rollout.generate(prompts)
+    train |= actor.compute_log_prob(train, temperature=1.0)
     gen = torch.Generator().manual_seed(0)
     sign = torch.where(torch.rand(len(train), 1, generator=gen) > 0.5, 1.0, -1.0)
     train["advantages"] = sign * train["response_mask"]
-    metrics = actor.update_policy(train)
+    metrics = actor.update(train, temperature=1.0, global_step=1)
     assert np.isfinite(metrics["actor/pg_loss"]) and metrics["actor/optimizer_steps"] == 1
 
     state = actor.full_state_dict()  # ZeRO-3 gathered, CPU
-    sync = sync_weights(actor, rollout, bucket_bytes=64 * 1024)  # several buckets
+    sync = weight_sync.sync(bucket_bytes=64 * 1024)  # several buckets
     payload = sum(t.numel() * t.element_size() for t in state.values())
     assert sync["sync/bytes"] == payload and sync["sync/tensors"] == len(state)
     assert sync["sync/buckets"] > 1 and sync["sync/seconds"] > 0
 
-    after = generate_on_workers(rollout, prompts, greedy)
+    after, _ = rollout.generate(prompts, greedy)
     assert not torch.equal(
         torch.cat([before["responses"], before["rollout_log_probs"]]),
         torch.cat([after["responses"], after["rollout_log_probs"]]),
     ), "the rollout engine still generates with the old weights"
 
     # (1) rollout log-probs == the actor's forward on the same tokens
-    actor_lp = actor.compute_log_prob(after)["old_log_probs"]
+    actor_lp = actor.compute_log_prob(after, temperature=1.0)["old_log_probs"]
     assert _masked_close(actor_lp, after["rollout_log_probs"], after["response_mask"]) < LOGP_ATOL
 
     # (2) greedy tokens == a plain HF model holding the actor's gathered weights
@@ -186,19 +181,15 @@ def test_update_then_sync_rollout_equals_actor(roles):
         assert got == hf[row, : len(got)].tolist()
 
     # A second sync with unchanged weights leaves generation unchanged.
-    again = sync_weights(actor, rollout)
+    again = weight_sync.sync()
     assert again["sync/buckets"] == 1
-    assert torch.equal(
-        generate_on_workers(rollout, prompts, greedy)["responses"], after["responses"]
-    )
+    assert torch.equal(rollout.generate(prompts, greedy)[0]["responses"], after["responses"])
 
     # Colocated path: tensors handed over through Ray; the original weights come back exactly.
     original = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    loaded = rollout.execute_rank(
-        0, "update_weights", [(n, p.detach()) for n, p in original.named_parameters()]
-    )
+    (loaded,) = rollout.load_weights([(n, p.detach()) for n, p in original.named_parameters()])
     assert loaded["sync/tensors"] >= len(state)
-    restored = generate_on_workers(rollout, prompts, greedy)
+    restored, _ = rollout.generate(prompts, greedy)
     assert torch.equal(restored["responses"], before["responses"])
     torch.testing.assert_close(
         restored["rollout_log_probs"], before["rollout_log_probs"], atol=1e-5, rtol=0
