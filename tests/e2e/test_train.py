@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fipo_trainer.cli import compose_config
-from fipo_trainer.trainer.config import load_config
+from fipo_trainer.trainer.config import prepare_config
 from fipo_trainer.trainer.loop import run_training
 
 pytestmark = pytest.mark.e2e
@@ -25,7 +25,7 @@ FAST = [
 
 
 def train(run_dir: Path, *overrides: str):
-    cfg = load_config(compose_config([*FAST, f"trainer.run_dir={run_dir}", *overrides]))
+    cfg = prepare_config(compose_config([*FAST, f"trainer.run_dir={run_dir}", *overrides]))
     return run_training(cfg)
 
 
@@ -50,6 +50,8 @@ def test_three_steps_write_everything_and_load(tmp_path):
             "actor/ppo_kl",
             "actor/pg_clipfrac",
             "actor/influence_weights_mean",
+            "actor/entropy",
+            "rollout/actor_logprob_abs_diff",
             "reward/acc_mean",
             "reward/score_mean",
             "response_length/mean",
@@ -65,6 +67,8 @@ def test_three_steps_write_everything_and_load(tmp_path):
         # several mini-batches per step: after the first, the policy moved and FIPO's
         # influence weights leave 1 (high-only clip: max > 1)
         assert row["actor/optimizer_steps"] > 1
+        # the engine samples at the training temperature and the actor divides by it
+        assert row["rollout/actor_logprob_abs_diff"] < 1e-3
         assert row["actor/influence_weights_max"] > 1.0
     assert any(k.startswith("val/") for k in metrics[0]) and any(
         k.startswith("val/") for k in metrics[3]
