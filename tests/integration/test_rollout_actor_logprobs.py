@@ -8,7 +8,6 @@ at T = 0.6 was the whole temperature effect, far above 1e-3.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from fipo_trainer.actor.comm import Collectives
 from fipo_trainer.actor.config import ActorConfig
