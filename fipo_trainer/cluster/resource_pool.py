@@ -6,8 +6,11 @@ on the pool to one node/GPU. Two placements are supported:
 
 * ``split``: actor and rollout each get their own pool (separate GPUs).
 * ``colocated``: one pool; actor rank ``i`` and rollout worker ``i`` share bundle ``i``
-  (half of its GPU/CPU each, so Ray puts them on the same device; vLLM sleeps while
-  the actor updates).
+  (half of its GPU each and their own CPUs, so Ray puts them on the same device; vLLM
+  sleeps while the actor updates).
+
+`place_roles` does both from the run's ``resources`` section, after refusing a Ray cluster
+smaller than ``nnodes x gpus_per_node`` GPUs.
 
 On CPU machines a "slot" is a fraction of a core (default 0.5 CPU): Ray's CPU counts are
 logical, threads are set by ``OMP_NUM_THREADS``, and fractions let a 2-core machine host
@@ -16,10 +19,12 @@ two actor ranks and a rollout worker.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError
@@ -150,12 +155,17 @@ def plan_placement(
     rollout_gpus_per_worker: int = 1,
     use_gpu: bool | None = None,
     cpus_per_slot: float | None = None,
+    actor_cpus_per_worker: float | None = None,
+    rollout_cpus_per_worker: float | None = None,
     strategy: str = "PACK",
     timeout_s: float = 120.0,
 ) -> dict[str, RolePlacement]:
     """Reserve resources for the actor and rollout roles; returns ``{"actor", "rollout"}``.
 
     ``rollout_gpus_per_worker`` is the rollout tensor-parallel size on GPU (ignored on CPU).
+    CPUs: each actor rank asks ``actor_cpus_per_worker`` and each rollout worker
+    ``rollout_cpus_per_worker`` (a colocated slot reserves their sum); a role without its own
+    figure takes ``cpus_per_slot`` (colocated: both halve one slot of that size).
     """
     if mode not in PLACEMENTS:
         raise ValueError(f"placement {mode!r} is unknown; choose one of {PLACEMENTS}")
@@ -165,10 +175,12 @@ def plan_placement(
         )
     use_gpu = cluster_has_gpus() if use_gpu is None else use_gpu
     gpu = 1.0 if use_gpu else 0.0
+    actor_cpus = cpus_per_slot if actor_cpus_per_worker is None else actor_cpus_per_worker
+    rollout_cpus = cpus_per_slot if rollout_cpus_per_worker is None else rollout_cpus_per_worker
     if mode == "split":
         actor_pool = ResourcePool.create(
             actor_world_size,
-            cpus_per_bundle=cpus_per_slot,
+            cpus_per_bundle=actor_cpus,
             gpus_per_bundle=gpu,
             strategy=strategy,
             name="actor",
@@ -177,7 +189,7 @@ def plan_placement(
         try:
             rollout_pool = ResourcePool.create(
                 rollout_world_size,
-                cpus_per_bundle=cpus_per_slot,
+                cpus_per_bundle=rollout_cpus,
                 gpus_per_bundle=gpu * rollout_gpus_per_worker,
                 strategy=strategy,
                 name="rollout",
@@ -200,24 +212,82 @@ def plan_placement(
             f"placement=colocated puts rollout worker i on actor rank i's slot: rollout world "
             f"size {rollout_world_size} must be <= actor world size {actor_world_size}"
         )
+    own = actor_cpus_per_worker is not None and rollout_cpus_per_worker is not None
     pool = ResourcePool.create(
         actor_world_size,
-        cpus_per_bundle=cpus_per_slot,
+        cpus_per_bundle=actor_cpus + rollout_cpus if own else cpus_per_slot,
         gpus_per_bundle=gpu,
         strategy=strategy,
         name="colocated",
         timeout_s=timeout_s,
     )
     half = RolePlacement.whole_pool(pool, share=2)
+    actor = dataclasses.replace(half, num_cpus_per_worker=actor_cpus) if own else half
     return {
-        "actor": half,
+        "actor": actor,
         "rollout": RolePlacement(
             pool=pool,
             bundle_indices=tuple(range(rollout_world_size)),
-            num_cpus_per_worker=half.num_cpus_per_worker,
+            num_cpus_per_worker=rollout_cpus if own else half.num_cpus_per_worker,
             num_gpus_per_worker=half.num_gpus_per_worker,
         ),
     }
+
+
+class ClusterSizeError(RuntimeError):
+    """The Ray cluster is smaller than the run's ``resources.nnodes x gpus_per_node``."""
+
+
+def cluster_shortfall(
+    cluster: dict[str, float], alive_nodes: int, *, nnodes: int, gpus_per_node: int
+) -> str | None:
+    """Why a cluster with these totals cannot host the run, or None when it can."""
+    need_gpus = nnodes * gpus_per_node
+    have_gpus = float(cluster.get("GPU", 0.0))
+    if gpus_per_node > 0 and have_gpus < need_gpus:
+        return (
+            f"the Ray cluster has {have_gpus:g} GPUs on {alive_nodes} node(s) but "
+            f"resources.nnodes x resources.gpus_per_node = {nnodes} x {gpus_per_node} = "
+            f"{need_gpus} GPUs are asked for: join the missing nodes (scripts/ray_cluster.sh "
+            "start-worker) or lower resources.nnodes / resources.gpus_per_node"
+        )
+    if alive_nodes < nnodes:
+        return (
+            f"the Ray cluster has {alive_nodes} node(s) but resources.nnodes={nnodes}: join the "
+            "missing nodes (scripts/ray_cluster.sh start-worker) or lower resources.nnodes"
+        )
+    return None
+
+
+def check_cluster_size(*, nnodes: int, gpus_per_node: int) -> None:
+    """Refuse to start on a Ray cluster smaller than ``nnodes x gpus_per_node`` GPUs."""
+    alive = sum(1 for node in ray.nodes() if node.get("Alive", node.get("alive", False)))
+    problem = cluster_shortfall(
+        dict(ray.cluster_resources()), alive, nnodes=nnodes, gpus_per_node=gpus_per_node
+    )
+    if problem:
+        raise ClusterSizeError(problem)
+
+
+def place_roles(
+    resources: Any, *, rollout_tensor_parallel_size: int = 1, timeout_s: float = 120.0
+) -> dict[str, RolePlacement]:
+    """The run's placement from its ``resources`` section (`ResourcesConfig`'s fields).
+
+    Checks the joined cluster's size first (`check_cluster_size`); GPUs are used when
+    ``gpus_per_node > 0``; every worker asks its role's ``cpus_per_*_worker``.
+    """
+    check_cluster_size(nnodes=resources.nnodes, gpus_per_node=resources.gpus_per_node)
+    return plan_placement(
+        resources.placement,
+        actor_world_size=resources.actor_world_size,
+        rollout_world_size=resources.rollout_workers,
+        rollout_gpus_per_worker=rollout_tensor_parallel_size,
+        use_gpu=resources.gpus_per_node > 0,
+        actor_cpus_per_worker=resources.cpus_per_actor_worker,
+        rollout_cpus_per_worker=resources.cpus_per_rollout_worker,
+        timeout_s=timeout_s,
+    )
 
 
 def release(placements: dict[str, RolePlacement] | Sequence[RolePlacement]) -> None:

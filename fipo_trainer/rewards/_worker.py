@@ -62,7 +62,7 @@ def build_graders(config: RewardConfig) -> dict[str, Callable[[str, str, str, An
     from . import dapo
 
     def grade_dapo(response, ground_truth, data_source, extra_info):
-        out = dapo.compute_score(response, ground_truth)
+        out = dapo.compute_score(response, ground_truth, boxed_fallback=config.dapo_boxed_fallback)
         return (right if out["acc"] else wrong), out["acc"], out["pred"]
 
     graders = {"dapo": grade_dapo}

@@ -45,6 +45,9 @@ class RewardConfig:
     timeout_s: float = 10.0
     #: Grader processes; None = one per available CPU, at most 8.
     num_workers: int | None = None
+    #: DAPO rule: when no "Answer:" line is found, grade the last \\boxed{} instead (later
+    #: verl releases); off = the published rule (the paper recipes).
+    dapo_boxed_fallback: bool = False
     #: Items per task sent to a worker: the cheap DAPO rule is batched to cut IPC cost.
     dapo_chunk_size: int = 128
     #: Items per task for other graders (math-verify chunks keep a prompt's group together).

@@ -11,6 +11,12 @@ rule's verdict *and* its normalised prediction on every input:
    shorthand, thousands commas in pure numbers;
 4. exact string equality: score +1.0 if equal, -1.0 otherwise.
 
+Optional (``boxed_fallback``, ``reward.dapo_boxed_fallback``; off in the paper recipes): the
+rule of later verl releases, which — only when step 2 finds no "Answer:" line — takes the
+content of the last balanced ``\\boxed{...}`` within the last 100 characters of the graded
+tail and compares it *unnormalised* with the ground truth string (verl's strict-box check).
+Without a ``\\boxed{}`` either, the published verdict stands.
+
 Quirks of the published rule are kept on purpose (e.g. an "[INVALID]" prediction equals a
 ground truth that normalises to "[INVALID]"; ``"a "`` and ``"an "`` are deleted anywhere).
 Only no-op steps are skipped (a regex whose literal anchor is absent cannot match), which
@@ -24,18 +30,23 @@ from functools import lru_cache
 
 __all__ = [
     "ANSWER_PATTERN",
+    "BOXED_TAIL_CHARS",
     "INVALID_PRED",
     "REMOVED_EXPRESSIONS",
     "SUBSTITUTIONS",
     "TAIL_CHARS",
     "compute_score",
     "extract_answer",
+    "last_boxed_content",
     "normalize_final_answer",
 ]
 
 #: Only this many trailing characters of a response are graded (as published).
 TAIL_CHARS = 300
 INVALID_PRED = "[INVALID]"
+#: The boxed fallback looks at this many trailing characters of the graded tail.
+BOXED_TAIL_CHARS = 100
+_BOXED = "\\boxed{"
 ANSWER_PATTERN = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
 
 # Minerva normalisation tables, applied in this order with str.replace.
@@ -145,12 +156,34 @@ def extract_answer(response: str) -> str | None:
     return matches[-1] if matches else None
 
 
-def compute_score(response: str, ground_truth: str) -> dict:
-    """Grade one response with the DAPO rule.
+def last_boxed_content(text: str) -> str | None:
+    """What the last ``\\boxed{`` in ``text`` encloses (braces balanced), or None."""
+    start = text.rfind(_BOXED)
+    if start < 0:
+        return None
+    depth = 0
+    for i in range(start + len(_BOXED) - 1, len(text)):
+        char = text[i]
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + len(_BOXED) : i]
+    return None  # unbalanced: no boxed answer
 
-    Returns ``{"score": +1.0 | -1.0, "acc": bool, "pred": normalised prediction}``.
+
+def compute_score(response: str, ground_truth: str, *, boxed_fallback: bool = False) -> dict:
+    """Grade one response with the DAPO rule (``boxed_fallback``: see the module docstring).
+
+    Returns ``{"score": +1.0 | -1.0, "acc": bool, "pred": prediction}`` (the normalised
+    "Answer:" text, or the raw boxed content when the fallback decided).
     """
     extracted = extract_answer(response)
     pred = normalize_final_answer(INVALID_PRED if extracted is None else extracted)
     correct = pred == _normalized_ground_truth(ground_truth)
+    if boxed_fallback and pred == INVALID_PRED:
+        boxed = last_boxed_content(response[-TAIL_CHARS:][-BOXED_TAIL_CHARS:])
+        if boxed is not None:
+            pred, correct = boxed, boxed == ground_truth
     return {"score": 1.0 if correct else -1.0, "acc": correct, "pred": pred}

@@ -272,3 +272,22 @@ def test_dapo_7b_spec_values():
     assert cfg.data.max_response_length == 8192
     assert cfg.reward.overlong_buffer_len == 4096
     assert cfg.actor.ppo_mini_batch_size == 32
+
+
+PAPER_RECIPES = [FIPO_32B, DAPO_32B, "fipo_qwen2.5_7b_math", "dapo_qwen2.5_7b_math"]
+
+
+@pytest.mark.parametrize("name", PAPER_RECIPES)
+def test_paper_recipes_pin_the_reference_update_and_reward(name):
+    cfg = recipe(name)
+    assert cfg.actor.loss_scale == "reference"  # verl 0.5's per-micro-batch normaliser
+    assert cfg.actor.lr_warmup_unit == "train_step"  # warm-up counted in training steps
+    assert cfg.reward.dapo_boxed_fallback is False  # the published DAPO rule
+
+
+def test_quickstart_keeps_the_defaults():
+    cfg, defaults = recipe("quickstart_cpu"), TrainConfig()
+    assert cfg.actor.loss_scale == defaults.actor.loss_scale == "global"
+    assert cfg.actor.lr_warmup_unit == defaults.actor.lr_warmup_unit == "optimizer_step"
+    assert cfg.reward.dapo_boxed_fallback is False
+    assert cfg.model.override_config == {}

@@ -128,3 +128,55 @@ def test_total_on_arbitrary_text(response: str, gt: str) -> None:
     out = dapo.compute_score(response, gt)
     assert out["score"] in (1.0, -1.0)
     assert out["acc"] == (out["pred"] == dapo.normalize_final_answer(gt))
+
+
+# --------------------------------------------------------------------------- boxed fallback
+# verl's later rule (reward.dapo_boxed_fallback): only without an "Answer:" line, the last
+# balanced \boxed{} in the last 100 characters decides, compared unnormalised.
+
+
+def test_boxed_fallback_is_off_by_default() -> None:
+    out = dapo.compute_score("so the result is \\boxed{5}", "5")
+    assert out == {"score": -1.0, "acc": False, "pred": dapo.INVALID_PRED}
+
+
+def test_boxed_fallback_grades_the_last_boxed_answer() -> None:
+    out = dapo.compute_score("first \\boxed{3}, finally \\boxed{5}", "5", boxed_fallback=True)
+    assert out == {"score": 1.0, "acc": True, "pred": "5"}
+    nested = dapo.compute_score("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}", boxed_fallback=True)
+    assert nested["acc"] and nested["pred"] == "\\frac{1}{2}"
+    wrong = dapo.compute_score("\\boxed{4}", "5", boxed_fallback=True)
+    assert wrong == {"score": -1.0, "acc": False, "pred": "4"}
+
+
+def test_boxed_fallback_never_overrides_an_answer_line() -> None:
+    out = dapo.compute_score("Answer: 4\nbut \\boxed{5}", "5", boxed_fallback=True)
+    assert out == dapo.compute_score("Answer: 4\nbut \\boxed{5}", "5")
+    assert out["pred"] == "4" and not out["acc"]
+
+
+def test_boxed_fallback_compares_unnormalised_within_the_last_100_characters() -> None:
+    # The strict-box check does not normalise: "$5$" is not "5" (the Answer rule would say yes).
+    assert not dapo.compute_score("\\boxed{$5$}", "5", boxed_fallback=True)["acc"]
+    assert dapo.compute_score("Answer: $5$", "5")["acc"]
+    far = "\\boxed{5}" + "x" * 100  # the box starts more than 100 characters from the end
+    assert dapo.compute_score(far, "5", boxed_fallback=True)["pred"] == dapo.INVALID_PRED
+    unbalanced = dapo.compute_score("\\boxed{5", "5", boxed_fallback=True)
+    assert unbalanced["pred"] == dapo.INVALID_PRED and not unbalanced["acc"]
+
+
+def test_last_boxed_content() -> None:
+    assert dapo.last_boxed_content("a \\boxed{1} b \\boxed{{2}+3} c") == "{2}+3"
+    assert dapo.last_boxed_content("no box") is None
+    assert dapo.last_boxed_content("\\boxed{open") is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(response=_text, gt=_text)
+def test_boxed_fallback_changes_only_invalid_predictions(response: str, gt: str) -> None:
+    published = dapo.compute_score(response, gt)
+    fallback = dapo.compute_score(response, gt, boxed_fallback=True)
+    if published["pred"] != dapo.INVALID_PRED:
+        assert fallback == published
+    elif fallback != published:
+        assert fallback["acc"] == (fallback["pred"] == gt)

@@ -236,3 +236,14 @@ def test_bad_input_and_lifecycle(tmp_path: Path) -> None:
     assert all(p.poll() is not None for p in procs)
     with pytest.raises(RuntimeError, match="closed"):
         pool.grade(["a"], ["1"], ["x"])
+
+
+def test_dapo_boxed_fallback_reaches_the_graders() -> None:
+    responses = ["the answer is \\boxed{7}", "Answer: 7", "\\boxed{8}"]
+    kwargs = {"timeout_s": TIMEOUT_S, "num_workers": 1}
+    with RewardPool(RewardConfig(**kwargs)) as published:
+        off = published.grade(responses, ["7"] * 3, ["math_dapo"] * 3)
+    with RewardPool(RewardConfig(dapo_boxed_fallback=True, **kwargs)) as later:
+        on = later.grade(responses, ["7"] * 3, ["math_dapo"] * 3)
+    assert off.acc == [False, True, False] and off.preds[0] == dapo.INVALID_PRED
+    assert on.acc == [True, True, False] and on.preds == ["7", "7", "8"]

@@ -147,14 +147,19 @@ def check_platform(cfg: TrainConfig, r: Report) -> None:
                 "CPU (set them false to silence this)"
             )
         cpus = res.ray_num_cpus or os.cpu_count() or 1
+        # As cluster.resource_pool reserves them: a colocated slot holds both workers' CPUs.
+        rollout_slots = (
+            res.actor_world_size if res.placement == "colocated" else res.rollout_workers
+        )
         need = (
             res.actor_world_size * res.cpus_per_actor_worker
-            + res.rollout_workers * res.cpus_per_rollout_worker
+            + rollout_slots * res.cpus_per_rollout_worker
         )
         if need > cpus:
+            what = "actor_world_size" if res.placement == "colocated" else "rollout_workers"
             r.error(
                 f"the workers ask Ray for {need:g} CPUs (resources.actor_world_size x "
-                "cpus_per_actor_worker + rollout_workers x cpus_per_rollout_worker) but local "
+                f"cpus_per_actor_worker + {what} x cpus_per_rollout_worker) but local "
                 f"Ray has {cpus}: lower resources.cpus_per_*_worker or raise resources.ray_num_cpus"
             )
     if rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
