@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,6 +22,16 @@ from fipo_trainer.rollout.config import RolloutConfig, SamplingConfig
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_hf_config(model_path: str, override_config: dict[str, Any]):
+    """The model's AutoConfig with ``override_config`` set on it (as vLLM's hf_overrides)."""
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(model_path)
+    for key, value in override_config.items():
+        setattr(hf_config, key, value)
+    return hf_config
 
 
 class HFEngine:
@@ -46,7 +57,10 @@ class HFEngine:
                 "batches and needs one (set pad_token in tokenizer_config.json)"
             )
         self.model = AutoModelForCausalLM.from_pretrained(
-            self.model_path, dtype=dtype, attn_implementation=plat.attn_implementation
+            self.model_path,
+            config=load_hf_config(self.model_path, config.override_config),
+            dtype=dtype,
+            attn_implementation=plat.attn_implementation,
         ).to(self.device)
         self.model.eval()
         self.vocab_size = int(self.model.config.vocab_size)

@@ -50,10 +50,12 @@ _live_in_process_engine: list[VllmEngine] = []
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def read_tie_word_embeddings(model_path: str | Path) -> bool:
-    """Whether the checkpoint ties lm_head to the input embeddings (config.json)."""
+def read_tie_word_embeddings(model_path: str | Path, override_config: dict | None = None) -> bool:
+    """Whether the model ties lm_head to the input embeddings (config.json + overrides)."""
     from transformers import AutoConfig
 
+    if override_config and "tie_word_embeddings" in override_config:
+        return bool(override_config["tie_word_embeddings"])
     cfg = AutoConfig.from_pretrained(str(model_path))
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return bool(getattr(text_cfg, "tie_word_embeddings", False))
@@ -130,7 +132,7 @@ class VllmEngine:
                 f"{os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']!r} but the rollout engine with "
                 "tensor_parallel_size=1 runs vLLM in process; unset it or set it to 0"
             )
-        self.tie_word_embeddings = read_tie_word_embeddings(model_path)
+        self.tie_word_embeddings = read_tie_word_embeddings(model_path, config.override_config)
         if self._on_cpu and config.tensor_parallel_size != 1:
             raise ValueError(
                 f"rollout.tensor_parallel_size={config.tensor_parallel_size} is not supported by the "
@@ -159,6 +161,8 @@ class VllmEngine:
         }
         if config.max_model_len is not None:
             kwargs["max_model_len"] = config.max_model_len
+        if config.override_config:  # e.g. a context extension, as the actor applies it
+            kwargs["hf_overrides"] = dict(config.override_config)
         if config.max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
         if self._on_cpu:
