@@ -110,25 +110,36 @@ class ActorGroup:
             **kwargs,
         )
 
-    def compute_log_prob(self, batch: Batch, *, temperature: float) -> Batch:
+    def compute_log_prob(
+        self, batch: Batch, *, temperature: float, max_token_len: int | None = None
+    ) -> Batch:
         """``old_log_probs`` and ``entropy`` for every row (logits / ``temperature``), in the
-        batch's row order."""
+        batch's row order. ``max_token_len`` overrides the configured token budget."""
         return self._dispatch(
             DeepSpeedActorWorker.compute_log_prob,
             batch,
             ACTOR_LOG_PROB_READS,
             temperature=float(temperature),
+            max_token_len=max_token_len,
         )
 
-    def update(self, batch: Batch, *, temperature: float, global_step: int) -> dict[str, float]:
+    def update(
+        self,
+        batch: Batch,
+        *,
+        temperature: float,
+        global_step: int,
+        max_token_len: int | None = None,
+    ) -> dict[str, float]:
         """The PPO update of training step ``global_step`` (1-based); metrics (identical on
-        all ranks)."""
+        all ranks). ``max_token_len`` overrides the configured token budget."""
         return self._dispatch(
             DeepSpeedActorWorker.update_policy,
             batch,
             ACTOR_UPDATE_READS,
             temperature=float(temperature),
             global_step=int(global_step),
+            max_token_len=max_token_len,
         )[0]
 
     def save(self, path: str) -> str:
