@@ -116,12 +116,17 @@ class WorkerGroup:
         timeout_s: float,
     ) -> None:
         pool = placement.pool
-        master_addr, master_port = ray.get(
+        probe = (
             ray.remote(num_cpus=0)(_probe_master)
             .options(scheduling_strategy=pool.scheduling(placement.bundle_indices[0]))
-            .remote(),
-            timeout=max(timeout_s, 1.0),
+            .remote()
         )
+        master_addr, master_port = wait_labelled(
+            [(f"{self._label(0)}'s node probe", probe)],
+            what="start-up",
+            timeout_s=max(timeout_s, 1.0),
+            error=WorkerStartupError,
+        )[0]
         base_env = {**worker_env(), **forwarded_env()}
         remote_cls = ray.remote(self.worker_cls)
         for rank, bundle in enumerate(placement.bundle_indices):
