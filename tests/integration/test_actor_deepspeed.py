@@ -8,6 +8,7 @@ group also runs with gradient checkpointing on.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -17,8 +18,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fipo_trainer.actor import ActorConfig, ActorGroup
-from fipo_trainer.actor.engine import WarmupConstant
+from fipo_trainer.actor.engine import WarmupConstant, train_step_warmup_factor
+from fipo_trainer.actor.group import plan_rows
+from fipo_trainer.actor.micro_batch import plan_token_budget
 from fipo_trainer.actor.synthetic_batch import random_rollout_batch
+from fipo_trainer.actor.worker import DeepSpeedActorWorker
 from fipo_trainer.algorithms.policy_loss import compute_policy_loss
 from fipo_trainer.cluster import WorkerCallError, init_ray, shutdown_ray
 from fipo_trainer.data.batch import Batch
@@ -29,7 +33,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 STAGES = (2, 3)
 PROMPT_W, RESP_W = 12, 20
-BUDGET = "max_token_len_per_gpu"  # Batch.meta override of the token budget
+T = 1.0  # log-prob temperature
 
 
 def make_config(model_path: Path, stage: int) -> ActorConfig:
@@ -45,6 +49,18 @@ def make_config(model_path: Path, stage: int) -> ActorConfig:
         ppo_max_token_len_per_gpu=64,
         loss_name="fipo",
         gradient_checkpointing=stage == 3,  # covered once, with ZeRO-3
+    )
+
+
+REFERENCE = "reference"  # the verl 0.5 normaliser + per-training-step warm-up, ZeRO-2
+
+
+def reference_config(model_path: Path) -> ActorConfig:
+    return dataclasses.replace(
+        make_config(model_path, 2),
+        loss_scale="reference",
+        lr_warmup_unit="train_step",
+        ppo_max_token_len_per_gpu=40,  # several micro-batches per rank
     )
 
 
@@ -67,13 +83,15 @@ def model_path() -> Path:
 @pytest.fixture(scope="module")
 def actors(model_path, tmp_path_factory):
     """{stage: (ActorGroup, initial checkpoint dir)} on one local Ray cluster."""
-    init_ray(num_cpus=2)
+    init_ray(num_cpus=3)  # 3 groups x 2 ranks x 0.5 CPU (logical)
     groups = {}
     try:
         for stage in STAGES:
             group = ActorGroup(make_config(model_path, stage), 2, name=f"actor-z{stage}")
-            ckpt = group.save_checkpoint(str(tmp_path_factory.mktemp(f"z{stage}") / "init"))
+            ckpt = group.save(str(tmp_path_factory.mktemp(f"z{stage}") / "init"))
             groups[stage] = (group, ckpt)
+        group = ActorGroup(reference_config(model_path), 2, name="actor-reference")
+        groups[REFERENCE] = (group, group.save(str(tmp_path_factory.mktemp("ref") / "init")))
         yield groups
     finally:
         for group, _ in groups.values():
@@ -83,12 +101,16 @@ def actors(model_path, tmp_path_factory):
 
 def fresh(actors, stage: int) -> ActorGroup:
     group, ckpt = actors[stage]
-    group.load_checkpoint(ckpt)
+    group.load(ckpt)
     return group
 
 
 def with_old_log_probs(group: ActorGroup, batch: Batch) -> Batch:
-    return batch.union(group.compute_log_prob(batch))
+    return batch.union(group.compute_log_prob(batch, temperature=T))
+
+
+def update(group: ActorGroup, batch: Batch, step: int = 1, **kwargs) -> dict[str, float]:
+    return group.update(batch, temperature=T, global_step=step, **kwargs)
 
 
 def assert_state_close(a: dict, b: dict, atol: float) -> None:
@@ -148,8 +170,7 @@ def reference_update(model_path: Path, cfg: ActorConfig, batch: Batch, rows: int
 def test_log_probs_match_padded_hf_forward(actors, model_path, stage):
     group = fresh(actors, stage)
     batch = make_batch()
-    batch.meta["calculate_entropy"] = True
-    out = group.compute_log_prob(batch)
+    out = group.compute_log_prob(batch, temperature=T)
     got, ent = out["old_log_probs"], out["entropy"]
     model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="sdpa")
     with torch.no_grad():
@@ -174,8 +195,8 @@ def test_on_policy_ratio_is_exactly_one(actors, stage):
     for budget in (32, 64, 4096):
         group = fresh(actors, stage)
         batch = make_batch(num_prompts=4, seed=1)  # exactly one mini-batch
-        batch.meta[BUDGET] = budget
-        metrics = group.update_policy(with_old_log_probs(group, batch))
+        old = group.compute_log_prob(batch, temperature=T, max_token_len=budget)
+        metrics = update(group, batch.union(old), max_token_len=budget)
         assert metrics["actor/on_policy_log_ratio_abs_max"] == 0.0, budget
         assert metrics["actor/ppo_kl"] == 0.0
         assert metrics["actor/pg_clipfrac"] == 0.0
@@ -185,10 +206,8 @@ def test_on_policy_ratio_is_exactly_one(actors, stage):
     # Old log-probs taken with another budget: equal within fp32 noise (documented).
     group = fresh(actors, stage)
     batch = make_batch(num_prompts=4, seed=1)
-    batch.meta[BUDGET] = 4096
-    old = group.compute_log_prob(batch)
-    batch.meta[BUDGET] = 32
-    metrics = group.update_policy(batch.union(old))
+    old = group.compute_log_prob(batch, temperature=T, max_token_len=4096)
+    metrics = update(group, batch.union(old), max_token_len=32)
     assert metrics["actor/on_policy_log_ratio_abs_max"] < 1e-5
     assert metrics["actor/pg_clipfrac"] == 0.0
 
@@ -212,7 +231,7 @@ def test_update_matches_single_process_reference(actors, model_path, stage):
         old[i, :2] -= 3.0
     batch["old_log_probs"] = old
 
-    metrics = group.update_policy(batch)
+    metrics = update(group, batch)
     ref_state, ref_losses, ref_norms = reference_update(model_path, cfg, batch, rows=8)
 
     assert metrics["actor/invalid_seq_frac"] > 0  # the rescaling path really ran
@@ -230,8 +249,8 @@ def test_micro_batch_cut_does_not_change_the_update(actors, stage):
     for budget in (32, 4096):
         group = fresh(actors, stage)
         batch = make_batch(seed=2)
-        batch.meta[BUDGET] = budget
-        metrics = group.update_policy(with_old_log_probs(group, batch))
+        old = group.compute_log_prob(batch, temperature=T, max_token_len=budget)
+        metrics = update(group, batch.union(old), max_token_len=budget)
         results.append((metrics, group.full_state_dict()))
     (m_small, w_small), (m_big, w_big) = results
     assert (
@@ -246,7 +265,7 @@ def test_zero2_and_zero3_agree(actors):
     out = {}
     for stage in STAGES:
         group = fresh(actors, stage)
-        metrics = group.update_policy(with_old_log_probs(group, make_batch(seed=3)))
+        metrics = update(group, with_old_log_probs(group, make_batch(seed=3)))
         out[stage] = (metrics, group.full_state_dict())
     (m2, w2), (m3, w3) = out[2], out[3]
     for key in ("actor/pg_loss", "actor/ppo_kl", "actor/pg_clipfrac"):
@@ -258,8 +277,8 @@ def test_zero2_and_zero3_agree(actors):
 @pytest.mark.parametrize("stage", STAGES)
 def test_weights_identical_across_ranks_after_update(actors, stage):
     group = fresh(actors, stage)
-    group.update_policy(with_old_log_probs(group, make_batch(seed=4)))
-    rank0, rank1 = group.workers.execute_all("full_state_dict", all_ranks=True)
+    update(group, with_old_log_probs(group, make_batch(seed=4)))
+    rank0, rank1 = group.worker_group.call_all(DeepSpeedActorWorker.full_state_dict, all_ranks=True)
     assert rank0.keys() == rank1.keys()
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
@@ -268,20 +287,20 @@ def test_weights_identical_across_ranks_after_update(actors, stage):
 @pytest.mark.parametrize("stage", STAGES)
 def test_checkpoint_round_trip(actors, stage, tmp_path):
     group = fresh(actors, stage)
-    group.update_policy(with_old_log_probs(group, make_batch(seed=5)))
-    ckpt = group.save_checkpoint(str(tmp_path / "step1"))
+    update(group, with_old_log_probs(group, make_batch(seed=5)))
+    ckpt = group.save(str(tmp_path / "step1"))
     assert not (tmp_path / ".step1.tmp").exists()
     second = with_old_log_probs(group, make_batch(seed=6))
-    m_a = group.update_policy(second)
+    m_a = update(group, second)
     w_a = group.full_state_dict()
-    group.load_checkpoint(ckpt)  # model, optimizer moments and LR schedule come back
-    m_b = group.update_policy(second)
+    group.load(ckpt)  # model, optimizer moments and LR schedule come back
+    m_b = update(group, second)
     w_b = group.full_state_dict()
     assert m_a["actor/lr"] == m_b["actor/lr"]
     assert m_a["actor/pg_loss"] == pytest.approx(m_b["actor/pg_loss"], abs=1e-7)
     assert_state_close(w_a, w_b, atol=1e-7)
     # Saving again over the same directory replaces it atomically.
-    assert group.save_checkpoint(ckpt) == ckpt
+    assert group.save(ckpt) == ckpt
 
 
 def test_checkpoint_from_other_zero_stage_is_refused(actors):
@@ -290,14 +309,14 @@ def test_checkpoint_from_other_zero_stage_is_refused(actors):
     with pytest.raises(
         WorkerCallError, match=r"zero_stage=2 on 2 ranks; this actor runs zero_stage=3"
     ):
-        group.load_checkpoint(ckpt2)
+        group.load(ckpt2)
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_export_hf_loads_with_transformers(actors, stage, tmp_path):
     group = fresh(actors, stage)
-    group.update_policy(with_old_log_probs(group, make_batch(seed=7)))
-    out = Path(group.export_hf(str(tmp_path / "hf")))
+    update(group, with_old_log_probs(group, make_batch(seed=7)))
+    out = Path(group.export(str(tmp_path / "hf")))
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.eos_token is not None
@@ -313,7 +332,92 @@ def _sync_names(worker) -> list[tuple[str, tuple[int, ...]]]:
 @pytest.mark.parametrize("stage", STAGES)
 def test_state_dict_for_sync_yields_full_hf_tensors_on_rank0(actors, model_path, stage):
     group = fresh(actors, stage)
-    rank0, rank1 = group.workers.execute_all("run", _sync_names)
+    rank0, rank1 = group.worker_group.call_all(DeepSpeedActorWorker.run, _sync_names)
     model = AutoModelForCausalLM.from_pretrained(model_path)
     assert rank0 == [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     assert rank1 == []
+
+
+# --------------------------------------------------------------------------- reference mode
+
+
+def agreed_plans(per_rank_lengths: list[list[int]], budget: int) -> list[list[list[int]]]:
+    """Each rank's token-budget micro-batches, all ranks with the same count (as the actor
+    agrees on it: the largest count any rank needs)."""
+    count = 1
+    while True:
+        plans = [plan_token_budget(ls, budget, min_micro_batches=count) for ls in per_rank_lengths]
+        agreed = max(len(p) for p in plans)
+        if agreed == count:
+            return plans
+        count = agreed
+
+
+def verl_reference_update(model_path: Path, cfg: ActorConfig, batch: Batch, step: int):
+    """verl 0.5 on 2 data-parallel ranks, transcribed: per rank and micro-batch, the loss is
+    the micro-batch's own token-mean (FIPO's dropped responses excluded) x micro rows /
+    mini-batch rows per rank; ranks average gradients; one AdamW step per mini-batch at the
+    training step's warm-up LR."""
+    world = 2
+    model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="sdpa")
+    params = list(model.parameters())
+    lr = cfg.lr * train_step_warmup_factor(step, cfg.lr_warmup_steps)
+    opt = torch.optim.AdamW(
+        params, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
+    partitions, local = plan_rows(batch, cfg, world, n=2)
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    norms, losses = [], []
+    for k in range(len(partitions[0]) // local):
+        ranks_rows = [part[k * local : (k + 1) * local] for part in partitions]
+        plans = agreed_plans(
+            [[lengths[i] for i in rows] for rows in ranks_rows], cfg.ppo_max_token_len_per_gpu
+        )
+        opt.zero_grad()
+        for rows, plan in zip(ranks_rows, plans):
+            for micro in plan:
+                mb = batch[torch.tensor([rows[i] for i in micro])]
+                loss, _ = compute_policy_loss(
+                    cfg.loss_name,
+                    mb["old_log_probs"],
+                    padded_log_probs(model, mb),
+                    mb["advantages"],
+                    mb["response_mask"],
+                    cfg.policy_loss,
+                )
+                (loss * len(micro) / local / world).backward()  # / world: DP averaging
+                losses.append(float(loss.detach()))
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
+        opt.step()
+    return {k: v.detach() for k, v in model.named_parameters()}, losses, norms, lr
+
+
+def test_reference_loss_scale_on_deepspeed_matches_verl_05(actors, model_path):
+    group = fresh(actors, REFERENCE)
+    cfg = group.config
+    batch = with_old_log_probs(group, make_batch(seed=8))
+    old = batch["old_log_probs"].clone()
+    neg = [i for i in range(8) if batch["advantages"][i, 0] < 0]
+    old[neg[0], :2] -= 3.0  # two dual-clipped tokens: FIPO drops this response
+    old += 0.05 * torch.randn(old.shape, generator=torch.Generator().manual_seed(0))
+    batch["old_log_probs"] = old * batch["response_mask"]
+
+    metrics = update(group, batch, step=3)
+    ref_state, ref_losses, ref_norms, ref_lr = verl_reference_update(model_path, cfg, batch, 3)
+
+    assert metrics["actor/micro_batches_per_rank"] >= 2
+    assert metrics["actor/invalid_seq_frac"] > 0
+    assert metrics["actor/lr"] == pytest.approx(ref_lr) == pytest.approx(cfg.lr * 2 / 3)
+    assert metrics["actor/pg_loss"] == pytest.approx(sum(ref_losses) / len(ref_losses), abs=1e-6)
+    assert metrics["actor/grad_norm"] == pytest.approx(sum(ref_norms) / 2, rel=1e-5)
+    assert_state_close(group.full_state_dict(), ref_state, atol=2e-5)
+
+
+def test_train_step_warm_up_starts_at_lr_zero(actors):
+    group = fresh(actors, REFERENCE)
+    before = group.full_state_dict()
+    metrics = update(group, with_old_log_probs(group, make_batch(seed=9)), step=1)
+    assert metrics["actor/lr"] == 0.0
+    after = group.full_state_dict()
+    # AdamW at lr 0 moves nothing (weight decay is lr-scaled too).
+    assert_state_close(before, after, atol=0.0)
