@@ -9,114 +9,32 @@ gets the failure score, the rest of its chunk is re-queued and the worker is rep
 are fresh interpreters (spawn semantics, never fork: threads of torch / Ray in the parent cannot
 deadlock them) started with ``python -m fipo_trainer.rewards._worker``, which unlike
 multiprocessing's spawn does not re-run the trainer's ``__main__`` in every worker.
+
+This module schedules items and handles deaths and timeouts; starting and killing a process
+is `_process.py`'s, turning verdicts into scores and metrics `result.py`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
-import logging
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 import weakref
 from collections import defaultdict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
-from pathlib import Path
+from multiprocessing.connection import wait
 from typing import Any
 
+from ._process import _stop_workers, _Worker, spawn_worker
 from .config import RewardConfig
 from .custom import load_custom_function, split_spec
-from .dapo import INVALID_PRED, TAIL_CHARS
-from .overlong import overlong_penalties
+from .dapo import TAIL_CHARS
+from .result import Outcome, RewardResult, finish
 
 __all__ = ["RewardPool", "RewardResult"]
 
-logger = logging.getLogger(__name__)
-
-TIMEOUT_PRED = "[TIMEOUT]"
-ERROR_PRED = "[ERROR]"
 _MAX_STARTUP_FAILURES = 3
-_LOGGED_FAILURES = 5
-
-
-@dataclass
-class RewardResult:
-    """Per-item verdicts of one :meth:`RewardPool.grade` call, in input order."""
-
-    scores: list[float]  # grader score + overlong penalty
-    acc: list[bool]  # grader verdict (never changed by shaping)
-    preds: list[str]
-    status: list[str]  # "ok" | "timeout" | "error"
-    overlong_penalties: list[float]
-    metrics: dict[str, float] = field(default_factory=dict)
-    errors: dict[int, str] = field(default_factory=dict)  # item index -> failure message
-
-
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
-
-
-class _Worker:
-    __slots__ = (
-        "conn",
-        "fatal",
-        "item_started",
-        "pos",
-        "proc",
-        "ready",
-        "sentinel",
-        "started_at",
-        "task",
-    )
-
-    def __init__(self, proc: subprocess.Popen, conn: Connection, sentinel: int | None) -> None:
-        self.proc = proc
-        self.conn = conn
-        self.sentinel = sentinel  # pidfd: readable once the process has exited
-        self.ready = False
-        self.fatal: str | None = None
-        self.task: list[tuple] | None = None
-        self.pos = 0
-        self.started_at = time.monotonic()
-        self.item_started = 0.0
-
-    @property
-    def handles(self) -> list:
-        return [self.conn] if self.sentinel is None else [self.conn, self.sentinel]
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def release(self, *, kill: bool) -> None:
-        if kill and self.alive():
-            try:  # the worker leads its own process group: take its children down too
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except OSError:
-                self.proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(5)
-        self.conn.close()
-        if self.sentinel is not None:
-            os.close(self.sentinel)
-            self.sentinel = None
-
-
-def _stop_workers(workers: list[_Worker], graceful: bool = True) -> None:
-    for w in workers if graceful else ():
-        with contextlib.suppress(OSError, ValueError):
-            w.conn.send(None)
-    deadline = time.monotonic() + (2.0 if graceful else 0.0)
-    for w in workers:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            w.proc.wait(max(0.0, deadline - time.monotonic()))
-        w.release(kill=True)
-    workers.clear()
 
 
 class RewardPool:
@@ -153,27 +71,7 @@ class RewardPool:
         return [w.proc.pid for w in self._workers]
 
     def _spawn(self) -> _Worker:
-        parent_sock, child_sock = socket.socketpair()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-        fd = child_sock.fileno()
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "fipo_trainer.rewards._worker", str(fd)],
-                pass_fds=(fd,),
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-            )
-        finally:
-            child_sock.close()
-        conn = Connection(parent_sock.detach())
-        sentinel = None
-        with contextlib.suppress(AttributeError, OSError):  # pidfd: Linux >= 5.3
-            sentinel = os.pidfd_open(proc.pid)
-        with contextlib.suppress(OSError):  # died at once: _drain sees it and reports
-            conn.send(self.config)
-        return _Worker(proc, conn, sentinel)
+        return spawn_worker(self.config)
 
     def _fill(self) -> None:
         while len(self._workers) < self.num_workers:
@@ -254,7 +152,7 @@ class RewardPool:
                     ]
                 )
 
-        out = _Outcome(n)
+        out = Outcome(n)
         restarts_before = self.totals["worker_restarts"]
         self._fill()
         try:
@@ -267,7 +165,8 @@ class RewardPool:
             _stop_workers(self._workers, graceful=False)
             raise
 
-        result = self._finish(out, data_sources, response_lengths, time.perf_counter() - t0)
+        self.totals["items"] += n
+        result = finish(out, cfg, data_sources, response_lengths, time.perf_counter() - t0)
         result.metrics["reward/worker_restarts"] = float(
             self.totals["worker_restarts"] - restarts_before
         )
@@ -329,7 +228,7 @@ class RewardPool:
                     continue
                 w.task, w.pos, w.item_started = task, 0, time.monotonic()
 
-    def _wait_and_collect(self, out: _Outcome, queue: deque) -> None:
+    def _wait_and_collect(self, out: Outcome, queue: deque) -> None:
         cfg = self.config
         now = time.monotonic()
         deadlines = [w.item_started + cfg.timeout_s for w in self._workers if w.task]
@@ -360,7 +259,7 @@ class RewardPool:
                 )
         self._fill()
 
-    def _drain(self, w: _Worker, out: _Outcome | None, queue: deque | None = None) -> None:
+    def _drain(self, w: _Worker, out: Outcome | None, queue: deque | None = None) -> None:
         """Read every message a worker sent; handle its death if it is gone."""
         dead = False
         try:
@@ -393,7 +292,7 @@ class RewardPool:
         self._retire(w, kill=True)
         self.totals["worker_restarts"] += 1
 
-    def _handle(self, w: _Worker, msg: tuple, out: _Outcome | None) -> None:
+    def _handle(self, w: _Worker, msg: tuple, out: Outcome | None) -> None:
         kind = msg[0]
         if kind == "r" or kind == "e":
             assert out is not None and w.task is not None and msg[1] == w.task[w.pos][0], msg
@@ -418,76 +317,3 @@ class RewardPool:
         if rest:
             queue.appendleft(rest)
         w.task = None
-
-    def _finish(self, out, data_sources, response_lengths, elapsed: float) -> RewardResult:
-        cfg = self.config
-        n = out.n
-        for i in range(n):
-            if out.status[i] != "ok":
-                out.scores[i] = cfg.failure_score
-        if cfg.overlong_buffer_enable:
-            penalties = overlong_penalties(
-                response_lengths,
-                cfg.max_response_length,
-                cfg.overlong_buffer_len,
-                cfg.overlong_penalty_factor,
-            )
-        else:
-            penalties = [0.0] * n
-        scores = [s + p for s, p in zip(out.scores, penalties)]
-
-        timeouts = out.status.count("timeout")
-        errors = out.status.count("error")
-        for i, msg in itertools.islice(out.errors.items(), _LOGGED_FAILURES):
-            logger.warning("reward item %d (%s): %s", i, out.status[i], msg)
-        self.totals["items"] += n
-
-        metrics: dict[str, float] = {
-            "reward/timeouts": float(timeouts),
-            "reward/errors": float(errors),
-            "reward/grade_time_s": elapsed,
-            "reward/items_per_s": n / elapsed if elapsed > 0 else 0.0,
-        }
-        if n:
-            metrics["reward/score_mean"] = sum(scores) / n
-            metrics["reward/acc_mean"] = sum(out.acc) / n
-            metrics["reward/invalid_frac"] = out.preds.count(INVALID_PRED) / n
-            metrics["reward/overlong_penalty_mean"] = sum(penalties) / n
-            metrics["reward/overlong_frac"] = sum(p < 0 for p in penalties) / n
-            per_source: dict[str, list[bool]] = defaultdict(list)
-            for ds, a in zip(data_sources, out.acc):
-                per_source[str(ds)].append(a)
-            for ds, accs in per_source.items():
-                metrics[f"reward/acc/{ds}"] = sum(accs) / len(accs)
-        return RewardResult(
-            scores=scores,
-            acc=list(out.acc),
-            preds=list(out.preds),
-            status=list(out.status),
-            overlong_penalties=penalties,
-            metrics=metrics,
-            errors=dict(out.errors),
-        )
-
-
-class _Outcome:
-    """Per-item results being filled in; ``remaining`` counts items without a verdict."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.remaining = n
-        self.scores: list[float] = [0.0] * n
-        self.acc: list[bool] = [False] * n
-        self.preds: list[str] = [""] * n
-        self.status: list[str | None] = [None] * n
-        self.errors: dict[int, str] = {}
-
-    def ok(self, i: int, score: float, acc: bool, pred: str) -> None:
-        self.scores[i], self.acc[i], self.preds[i], self.status[i] = score, acc, pred, "ok"
-        self.remaining -= 1
-
-    def fail(self, i: int, status: str, message: str) -> None:
-        pred = TIMEOUT_PRED if status == "timeout" else ERROR_PRED
-        self.acc[i], self.preds[i], self.status[i] = False, pred, status
-        self.errors[i] = message
-        self.remaining -= 1
