@@ -1,26 +1,27 @@
 """Atomic directory writes for checkpoints and exports.
 
 Why: a crash (or pre-emption) in the middle of a save must never leave a directory that
-looks complete. Every rank writes into ``.<name>.tmp`` next to the target, and rank 0
-renames it into place only after all ranks are done (a shared filesystem is assumed on
-multi-node clusters, as DeepSpeed itself assumes).
+looks complete. Every rank writes into a hidden temp sibling of the target
+(``fsutil.tmp_sibling``), and rank 0 renames it into place only after all ranks are done (a
+shared filesystem is assumed on multi-node clusters, as DeepSpeed itself assumes).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+from fipo_trainer.fsutil import commit_dir, tmp_sibling
 
 MARKER = "fipo_actor_checkpoint.json"
 DS_TAG = "deepspeed"
 
 
 def tmp_dir_for(final: str | Path) -> Path:
-    final = Path(final).expanduser().resolve()
-    return final.parent / f".{final.name}.tmp"
+    """The temp directory every rank writes into (all ranks agree on it without talking)."""
+    return tmp_sibling(final)
 
 
 def prepare_tmp(final: str | Path) -> Path:
@@ -34,17 +35,7 @@ def prepare_tmp(final: str | Path) -> Path:
 
 def commit(tmp: Path, final: str | Path) -> Path:
     """Move ``tmp`` to ``final``, replacing an older ``final`` (rank 0 only)."""
-    final = Path(final).expanduser().resolve()
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    return commit_dir(tmp, Path(final).expanduser().resolve())
 
 
 def write_marker(directory: Path, info: dict[str, Any]) -> None:

@@ -289,7 +289,7 @@ def test_checkpoint_round_trip(actors, stage, tmp_path):
     group = fresh(actors, stage)
     update(group, with_old_log_probs(group, make_batch(seed=5)))
     ckpt = group.save(str(tmp_path / "step1"))
-    assert not (tmp_path / ".step1.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step1"]  # no temp dir left
     second = with_old_log_probs(group, make_batch(seed=6))
     m_a = update(group, second)
     w_a = group.full_state_dict()
@@ -322,7 +322,7 @@ def test_export_hf_loads_with_transformers(actors, stage, tmp_path):
     assert tok.eos_token is not None
     exported = {k: v.detach() for k, v in model.named_parameters()}
     assert_state_close(exported, group.full_state_dict(), atol=0.0)
-    assert not (tmp_path / ".hf.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temp dir left
 
 
 def _sync_names(worker) -> list[tuple[str, tuple[int, ...]]]:
