@@ -82,7 +82,7 @@ class RLTrainer:
     def _start_roles(self) -> None:
         from fipo_trainer.actor.group import ActorGroup
         from fipo_trainer.cluster.ray_init import init_ray
-        from fipo_trainer.cluster.resource_pool import plan_placement
+        from fipo_trainer.cluster.resource_pool import place_roles
         from fipo_trainer.cluster.weight_sync import WeightSync
         from fipo_trainer.rewards.pool import RewardPool
         from fipo_trainer.rollout.group import RolloutGroup
@@ -90,12 +90,8 @@ class RLTrainer:
         cfg = self.cfg
         res = cfg.resources
         init_ray(res.ray_address, res.ray_num_cpus)
-        self.placements = plan_placement(
-            res.placement,
-            actor_world_size=res.actor_world_size,
-            rollout_world_size=res.rollout_workers,
-            rollout_gpus_per_worker=cfg.rollout.tensor_parallel_size,
-            cpus_per_slot=None if res.gpus_per_node else res.cpus_per_actor_worker,
+        self.placements = place_roles(
+            res, rollout_tensor_parallel_size=cfg.rollout.tensor_parallel_size
         )
         self.reward_pool = RewardPool(cfg.reward)
         self.actor = ActorGroup(
