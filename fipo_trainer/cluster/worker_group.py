@@ -4,6 +4,11 @@ Why a health check: a worker that raises in ``__init__`` (bad model path, OOM) o
 shows up as a hang in the other ranks' collective init. Start-up waits for every rank's
 ``health()`` with a deadline and names the rank that failed, with its error, or the ranks
 that never answered and what the cluster had free.
+
+Why calls take the worker class's functions (``group.call_all(MyWorker.save, path)``)
+rather than method-name strings: a renamed or misspelt method fails where it is written,
+tools can follow the reference, and the Ray handles never leave this package (the name is
+resolved here, and checked against the worker class).
 """
 
 from __future__ import annotations
