@@ -4,7 +4,6 @@ reservation (cpus_per_*_worker per role, gpus_per_node / nnodes against the clus
 from __future__ import annotations
 
 import pytest
-import ray
 
 from fipo_trainer.cluster import init_ray, release, shutdown_ray
 from fipo_trainer.cluster.resource_pool import ClusterSizeError, place_roles
