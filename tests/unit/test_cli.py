@@ -117,3 +117,17 @@ def test_eval_and_plot_entry_points_delegate(entry, prog, capsys):
         getattr(cli, entry)(["--help"])
     assert info.value.code == 0
     assert prog in capsys.readouterr().out
+
+
+def test_train_task_validates_once_and_hands_the_config_to_the_loop(monkeypatch):
+    from fipo_trainer.trainer import loop
+    from fipo_trainer.trainer.config import TrainConfig, rules
+
+    calls, ran = [], []
+    real = rules.validate_config
+    monkeypatch.setattr(rules, "validate_config", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(loop, "run_training", ran.append)
+    cli._train_task(cli.compose_config(["model.tiny.warm_start_steps=0"]))
+    assert calls == [1]  # not once per conversion, and not again in the trainer
+    (cfg,) = ran
+    assert isinstance(cfg, TrainConfig) and Path(cfg.model.path, "config.json").is_file()
