@@ -13,7 +13,7 @@ from typing import Any
 
 import ray
 
-from fipo_trainer.platform import worker_env
+from fipo_trainer.platform import forwarded_env, worker_env
 
 logger = logging.getLogger(__name__)
 
@@ -21,11 +21,8 @@ LOCAL_ADDRESSES = (None, "", "local")
 
 
 def _driver_env_vars() -> dict[str, str]:
-    env = worker_env()
     # A driver that forced CPU must not let its workers pick CUDA on their own.
-    if os.environ.get("FIPO_FORCE_CPU"):
-        env["FIPO_FORCE_CPU"] = os.environ["FIPO_FORCE_CPU"]
-    return env
+    return {**worker_env(), **forwarded_env()}
 
 
 def init_ray(

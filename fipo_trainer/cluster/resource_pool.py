@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,8 +39,10 @@ STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 def cluster_has_gpus() -> bool:
-    """Whether workers should ask Ray for GPUs (``FIPO_FORCE_CPU=1`` says no)."""
-    if os.environ.get("FIPO_FORCE_CPU", "0") == "1":
+    """Whether workers should ask Ray for GPUs (a CPU-forced platform says no)."""
+    from fipo_trainer.platform import cpu_forced
+
+    if cpu_forced():
         return False
     return ray.cluster_resources().get("GPU", 0) > 0
 
