@@ -1,11 +1,11 @@
 """What every rollout engine provides, so the worker and trainer never see engine specifics.
 
-Log-prob semantics (the same for every engine): ``RolloutOutput.log_probs[t]`` is
-``log_softmax(logits_t)[token_t]`` of the *raw* model distribution — temperature, top-k and
-top-p are **not** applied (vLLM's default ``logprobs_mode="raw_logprobs"``). That is what the
-actor computes at temperature 1, so the two are directly comparable; the trainer recomputes
-old log-probs with the actor anyway and treats these as a diagnostic
-(``rollout_log_probs``).
+Log-prob semantics (the same for every engine): ``RolloutOutput.log_probs[t]`` is the
+log-prob of ``token_t`` under the distribution it was sampled from, after temperature
+(vLLM's ``logprobs_mode="processed_logprobs"``; top-k/top-p masking too, which the training
+recipes leave off). The actor computes ``log_softmax(logits / T)`` at the same training
+temperature, so the two are directly comparable: the trainer logs their gap
+(``rollout/actor_logprob_abs_diff``) and recomputes old log-probs with the actor.
 """
 
 from __future__ import annotations

@@ -37,8 +37,9 @@ def load_hf_config(model_path: str, override_config: dict[str, Any]):
 class HFEngine:
     """``RolloutEngine`` on ``AutoModelForCausalLM.generate``.
 
-    Log-probs come from the raw logits of each step (``output_logits``), i.e. before
-    temperature/top-k/top-p, matching the vLLM engine's ``raw_logprobs``.
+    Log-probs are those of the sampled distribution's temperature: ``log_softmax(logits / T)``
+    of each step's raw logits (``output_logits``), as the vLLM engine's
+    ``processed_logprobs`` and the actor's log-probs at the training temperature.
     """
 
     def __init__(self, model_path: str | Path, config: RolloutConfig):
@@ -119,6 +120,8 @@ class HFEngine:
         if new_tokens.shape[1] == 0:
             raise RuntimeError("transformers generated no tokens; check rollout.max_tokens")
         logits = torch.stack(out.logits, dim=1).float().cpu()  # [B*n, T, V] raw
+        if not sampling.greedy and sampling.temperature != 1.0:
+            logits = logits / sampling.temperature
         log_probs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens[..., None])[..., 0]
         stop = torch.tensor(stop_ids, dtype=torch.long)
         results = []

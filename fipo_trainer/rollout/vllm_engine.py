@@ -158,6 +158,9 @@ class VllmEngine:
             "tensor_parallel_size": config.tensor_parallel_size,
             "enable_prefix_caching": config.enable_prefix_caching,
             "skip_tokenizer_init": False,
+            # Log-probs of the distribution actually sampled from (after temperature), which
+            # is what the actor recomputes (logits / T): their gap is a real mismatch.
+            "logprobs_mode": "processed_logprobs",
         }
         if config.max_model_len is not None:
             kwargs["max_model_len"] = config.max_model_len
