@@ -83,6 +83,7 @@ def model_path() -> Path:
 @pytest.fixture(scope="module")
 def actors(model_path, tmp_path_factory):
     """{stage: (ActorGroup, initial checkpoint dir)} on one local Ray cluster."""
+    shutdown_ray()  # a Ray left by an earlier test module has other resources
     init_ray(num_cpus=3)  # 3 groups x 2 ranks x 0.5 CPU (logical)
     groups = {}
     try:
