@@ -94,6 +94,15 @@ def reference_grads(model_path, cfg: ActorConfig, batch: Batch, parts, temperatu
     (token budget) or / number of micro-batches (fixed size); gradients summed."""
     model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="sdpa")
     model.train()
+    for part, loss in zip(parts, micro_batch_losses(model, cfg, batch, parts, temperature)):
+        factor = len(part) / ROWS if cfg.use_dynamic_bsz else 1.0 / len(parts)
+        (loss * factor).backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def micro_batch_losses(model, cfg: ActorConfig, batch: Batch, parts, temperature: float = 1.0):
+    """Each micro-batch's own FIPO loss: token-mean over its surviving mask."""
+    losses = []
     for part in parts:
         mb = batch[torch.tensor(part)]
         logp, _ = padded_log_probs(model, mb, temperature)
@@ -105,9 +114,8 @@ def reference_grads(model_path, cfg: ActorConfig, batch: Batch, parts, temperatu
             mb["response_mask"],
             cfg.policy_loss,
         )
-        factor = len(part) / ROWS if cfg.use_dynamic_bsz else 1.0 / len(parts)
-        (loss * factor).backward()
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        losses.append(loss)
+    return losses
 
 
 def max_abs_diff(a: dict, b: dict) -> float:
@@ -151,19 +159,7 @@ def test_reference_metrics_are_the_mean_over_micro_batches(model_path):
     parts = trainer.plan(batch["attention_mask"].sum(-1).tolist(), 30, "budget")
     metrics = trainer.update(batch, mini_batch_rows=ROWS, temperature=1.0, global_step=1)
     model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="sdpa")
-    losses = []
-    for part in parts:
-        mb = batch[torch.tensor(part)]
-        logp, _ = padded_log_probs(model, mb)
-        loss, _ = compute_policy_loss(
-            "fipo",
-            mb["old_log_probs"],
-            logp,
-            mb["advantages"],
-            mb["response_mask"],
-            cfg.policy_loss,
-        )
-        losses.append(float(loss.detach()))
+    losses = [float(x.detach()) for x in micro_batch_losses(model, cfg, batch, parts)]
     assert metrics["actor/pg_loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-6)
 
 
