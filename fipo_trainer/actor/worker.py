@@ -34,6 +34,7 @@ from fipo_trainer.actor.weight_stream import (
     full_state_dict,
     stream_full_weights,
 )
+from fipo_trainer.cluster.weight_sync import WeightSender
 from fipo_trainer.cluster.worker import Worker, init_torch_distributed
 from fipo_trainer.data.batch import Batch
 from fipo_trainer.platform import current_platform
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 SYNC_BUCKET_BYTES = DEFAULT_BUCKET_BYTES
 
 
-class DeepSpeedActorWorker(Worker):
+class DeepSpeedActorWorker(Worker, WeightSender):
     """ZeRO-2/3 policy: ``compute_log_prob``, ``update_policy``, checkpoints, HF export."""
 
     def __init__(self, config: ActorConfig | dict[str, Any]) -> None:
@@ -145,7 +146,7 @@ class DeepSpeedActorWorker(Worker):
         """
         if self.rank != 0:
             return None
-        from fipo_trainer.cluster.weight_sync import WeightSyncSender
+        from fipo_trainer.cluster.weight_transport import WeightSyncSender
 
         self._weight_sync = WeightSyncSender(
             world_size, host, port, timeout_s=timeout_s, group_name=group_name, connect=connect

@@ -6,12 +6,13 @@ weights in buckets (``cluster.weight_bucket``). ``sync()`` forms the group on fi
 every actor rank runs ``sync_weights`` (ZeRO-3 gathers are collectives; rank 0 sends) while
 every rollout worker runs ``receive_weights`` and loads the stream into its engine.
 
-The worker classes provide the methods of :class:`WeightSender` / :class:`WeightReceiver`
-(by name; subclassing them is optional).
+The worker classes subclass :class:`WeightSender` / :class:`WeightReceiver` (abstract:
+a worker missing a method fails when it starts, not in the middle of a sync).
 """
 
 from __future__ import annotations
 
+import abc
 import time
 from typing import Any
 
@@ -43,9 +44,11 @@ __all__ = [
 ]
 
 
-class WeightSender:
-    """The sending worker's side (every actor rank; rank 0 sends)."""
+class WeightSender(abc.ABC):
+    """The sending worker's side (every actor rank; rank 0 sends): the methods a sender
+    class must implement, named once so ``WeightSync`` calls them by function."""
 
+    @abc.abstractmethod
     def init_weight_sync(
         self,
         host: str | None,
@@ -57,20 +60,20 @@ class WeightSender:
         connect: bool = True,
     ) -> tuple[str, int] | None:
         """Rank 0: open the group's store (``port=0``: a free one); returns (host, port)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def connect_weight_sync(self) -> None:
         """Rank 0: join the group (concurrently with the receivers)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def sync_weights(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> dict[str, float]:
         """Stream the current weights (rank 0: ``sync/*`` metrics of what it sent)."""
-        raise NotImplementedError
 
 
-class WeightReceiver:
+class WeightReceiver(abc.ABC):
     """The receiving worker's side (every rollout worker)."""
 
+    @abc.abstractmethod
     def init_weight_sync(
         self,
         host: str,
@@ -82,11 +85,10 @@ class WeightReceiver:
         group_name: str = "default",
     ) -> int:
         """Join the group as ``rank`` (blocks until every rank joined)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def receive_weights(self) -> dict[str, float]:
         """Receive one stream and load it; ``sync/*`` metrics of what arrived."""
-        raise NotImplementedError
 
 
 def worker_group_of(role: Any) -> WorkerGroup:
