@@ -80,21 +80,22 @@ def set_sequence(full_position_ids: torch.Tensor) -> None:
     _STATE.float_masks = {}
 
 
-def _full_bool_mask() -> torch.Tensor:
+def _full_bool_mask(device: torch.device) -> torch.Tensor:
     """[1, 1, T, T] True where key is in the query's packed sequence and not in its future."""
-    if _STATE.bool_mask is None:
+    if _STATE.bool_mask is None or _STATE.bool_mask.device != device:
         if _STATE.position_ids is None:
             raise RuntimeError("ulysses: set_sequence() must be called before the forward pass")
-        seq_id = torch.cumsum(_STATE.position_ids[0] == 0, dim=0)
+        seq_id = torch.cumsum(_STATE.position_ids[0].to(device) == 0, dim=0)
         idx = torch.arange(seq_id.numel(), device=seq_id.device)
         mask = (seq_id[:, None] == seq_id[None, :]) & (idx[None, :] <= idx[:, None])
         _STATE.bool_mask = mask[None, None]
+        _STATE.float_masks = {}
     return _STATE.bool_mask
 
 
-def _full_mask(dtype: torch.dtype, additive: bool) -> torch.Tensor:
+def _full_mask(dtype: torch.dtype, device: torch.device, additive: bool) -> torch.Tensor:
     """sdpa takes the bool mask; eager adds its mask to the scores, so it needs 0 / -inf-like floats."""
-    mask = _full_bool_mask()
+    mask = _full_bool_mask(device)
     if not additive:
         return mask
     if dtype not in _STATE.float_masks:
@@ -211,17 +212,17 @@ def _ulysses_attention(
 
     if inner_name.startswith("flash_attention"):
         # Untested here (no GPU): flash derives varlen cu_seqlens from packed position ids when no mask is given.
-        kwargs["position_ids"] = _STATE.position_ids
+        # Local varlen kwargs would describe the shard, not the full row: drop them so position ids decide.
+        for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+            kwargs.pop(name, None)
+        kwargs["position_ids"] = _STATE.position_ids.to(query.device)
         mask = None
     else:
         if kwargs.get("sliding_window") is not None:
             raise NotImplementedError(
                 "ulysses: sliding-window attention is only supported with flash_attention_2"
             )
-        mask = _full_mask(query.dtype, additive=inner_name == "eager")
-        kwargs.pop("is_causal", None)
-        # Use the full mask on query/key device (it is built on the position ids' device).
-        mask = mask.to(query.device)
+        mask = _full_mask(query.dtype, query.device, additive=inner_name == "eager")
     out, _ = inner(proxy, query, key, value, mask, **kwargs)  # [B, T, H/k, D]
     out = _heads_to_seq(out.transpose(1, 2))  # [B, H, T/k, D]
     return out.transpose(1, 2).contiguous(), None

@@ -125,7 +125,7 @@ def test_two_ranks_match_single_process(tmp_path: Path) -> None:
         for param, ref in ref_grads.items():
             grad = sum(ranks[r][name][1][param] for r in range(SP))
             assert _rel(grad, ref) <= 1e-5, (name, param, _rel(grad, ref))
-            # each rank's share is a real part of the gradient, not the whole of it
+        # each rank's share is a real part of the gradient, not the whole of it
         assert any(_rel(ranks[0][name][1][p], ref) > 1e-3 for p, ref in ref_grads.items()), name
 
 
