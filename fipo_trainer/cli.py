@@ -53,6 +53,13 @@ def compose_config(overrides: Sequence[str] = (), *, directory: str | Path | Non
         return compose(config_name=CONFIG_NAME, overrides=list(overrides))
 
 
+def actor_layout(cfg) -> str:
+    """How the actor ranks group, e.g. "64 actor ranks = 8 DP groups × SP 8"."""
+    world = cfg.resources.actor_world_size
+    sp = cfg.actor.ulysses_sequence_parallel_size
+    return f"{world} actor ranks = {world // sp} DP groups × SP {sp}"
+
+
 def dry_run(overrides: Sequence[str]) -> int:
     """Print the converted, derived config and the validation result; start nothing."""
     from fipo_trainer.trainer.config import (
@@ -71,6 +78,9 @@ def dry_run(overrides: Sequence[str]) -> int:
     if cfg.model.tiny.enable and not cfg.model.path:
         text = "# model.path: built at start from model.tiny (cached)\n" + text
     print(text, end="")
+    world, sp = cfg.resources.actor_world_size, cfg.actor.ulysses_sequence_parallel_size
+    if sp >= 1 and world % sp == 0:
+        print(f"actor layout: {actor_layout(cfg)}", file=sys.stderr)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
         validate_config(cfg)  # logs its warnings

@@ -48,6 +48,9 @@ class ActorConfig:
     use_dynamic_bsz: bool = True
     ppo_max_token_len_per_gpu: int = 22528  # packed tokens per micro-batch per rank
     micro_batch_size_per_gpu: int = 4  # rows per micro-batch when use_dynamic_bsz is false
+    # Ulysses sequence parallel (verl's name): groups of k consecutive ranks share rows and
+    # split each packed micro-batch along the sequence (actor.sequence_parallel).
+    ulysses_sequence_parallel_size: int = 1
     # Loss normaliser. reference (verl 0.5, the paper): each micro-batch's loss is its own
     # aggregate x (micro-batch rows / mini-batch rows per rank) with token-budget micro-batches,
     # or / (number of micro-batches) with fixed-size ones. global: the mini-batch-wide
@@ -107,6 +110,7 @@ class ActorConfig:
             "ppo_max_token_len_per_gpu",
             "micro_batch_size_per_gpu",
             "logits_chunk_size",
+            "ulysses_sequence_parallel_size",
         ):
             if getattr(self, key) < 1:
                 raise ValueError(f"actor.{key} must be >= 1, got {getattr(self, key)}")

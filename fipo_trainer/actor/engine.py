@@ -160,11 +160,16 @@ def load_model(config: ActorConfig, platform: Platform, ds_config: dict[str, Any
         from transformers.integrations import HfDeepSpeedConfig
 
         keepalive = HfDeepSpeedConfig(ds_config)
+    attn = platform.attn_implementation
+    if config.ulysses_sequence_parallel_size > 1:
+        from fipo_trainer.actor import ulysses
+
+        attn = ulysses.install(attn)  # the platform's kernel, inside the all-to-alls
     model = AutoModelForCausalLM.from_pretrained(
         config.model_path,
         config=load_hf_config(config),
         dtype=platform.dtype,
-        attn_implementation=platform.attn_implementation,
+        attn_implementation=attn,
     )
     model.config.use_cache = False
     if config.gradient_checkpointing:
@@ -218,7 +223,14 @@ class DeepSpeedEngine:
         self._engine.train()
 
     def logits(self, packed: PackedRows) -> torch.Tensor:
-        """[K, V] logits at the positions that predict ``packed.targets``."""
+        """[K, V] logits at the positions that predict ``packed.targets``.
+
+        A sequence-parallel piece tells the Ulysses attention the whole sequence first (it
+        stays set: gradient checkpointing re-runs the forward during backward)."""
+        if packed.sequence_position_ids is not None:
+            from fipo_trainer.actor import ulysses
+
+            ulysses.set_sequence(packed.sequence_position_ids)
         out = self._engine(
             input_ids=packed.input_ids,
             position_ids=packed.position_ids,

@@ -38,7 +38,8 @@ def responses_per_prompt(batch: Batch, n: int | None = None) -> int:
 def plan_rows(
     batch: Batch, config: ActorConfig, world_size: int, n: int | None = None
 ) -> tuple[list[list[int]], int]:
-    """(rows per rank, mini-batch rows per rank) for this batch (see module docstring)."""
+    """(rows per data-parallel group, mini-batch rows per group) for this batch (see the
+    module docstring); ``world_size`` counts data-parallel groups (ranks / SP size)."""
     rows_total = len(batch)
     rows = config.ppo_mini_batch_size * responses_per_prompt(batch, n)
     if rows_total <= rows:
@@ -52,8 +53,9 @@ def plan_rows(
         )
     if rows % world_size:
         raise ValueError(
-            f"a mini-batch of {rows} rows cannot be split evenly across {world_size} actor "
-            "ranks; choose actor.ppo_mini_batch_size x rollout.n divisible by the actor world size"
+            f"a mini-batch of {rows} rows cannot be split evenly across {world_size} "
+            "data-parallel groups; choose actor.ppo_mini_batch_size x rollout.n divisible by the "
+            "actor world size / actor.ulysses_sequence_parallel_size"
         )
     lengths = batch["attention_mask"].sum(-1).tolist()
     return dp_partition(lengths, world_size, rows), rows // world_size
@@ -79,6 +81,12 @@ class ActorGroup:
         startup_timeout_s: float = 900.0,
     ) -> None:
         self.config = ActorConfig.coerce(config)
+        sp = self.config.ulysses_sequence_parallel_size
+        if world_size % sp:
+            raise ValueError(
+                f"actor.ulysses_sequence_parallel_size={sp} does not divide the {world_size} "
+                "actor ranks (resources.actor_world_size)"
+            )
         self.rollout_n = rollout_n
         self._workers = WorkerGroup(
             DeepSpeedActorWorker,
@@ -100,12 +108,18 @@ class ActorGroup:
     def world_size(self) -> int:
         return self._workers.world_size
 
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel groups: ranks / ``actor.ulysses_sequence_parallel_size``."""
+        return self.world_size // self.config.ulysses_sequence_parallel_size
+
     def _dispatch(self, fn, batch: Batch, fields: tuple[str, ...], **kwargs: Any) -> Any:
-        partitions, local_rows = plan_rows(batch, self.config, self.world_size, self.rollout_n)
+        partitions, local_rows = plan_rows(batch, self.config, self.dp_size, self.rollout_n)
         return self._workers.dispatch_dp(
             fn,
             batch.select(*fields, meta=False),
             partitions=partitions,
+            replicas=self.config.ulysses_sequence_parallel_size,
             mini_batch_rows=local_rows,
             **kwargs,
         )

@@ -58,6 +58,9 @@ class PackedRows:
     logit_positions: torch.Tensor  # [K] positions whose logits predict response tokens
     targets: torch.Tensor  # [K] the response tokens
     response_lengths: list[int]  # real response tokens per row (sum = K)
+    # Sequence parallel: this is one rank's piece; the whole padded sequence's position ids
+    # (the Ulysses attention runs over all of it, see actor.sequence_parallel).
+    sequence_position_ids: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -70,6 +73,7 @@ class PackedRows:
             self.logit_positions.to(device),
             self.targets.to(device),
             self.response_lengths,
+            None if self.sequence_position_ids is None else self.sequence_position_ids.to(device),
         )
 
 

@@ -20,6 +20,15 @@ The loss normaliser (``actor.loss_scale``):
 
 Old log-probs use the same micro-batch plan as the update, so on the first mini-batch the
 ratio is exactly 1.
+
+Sequence parallel (``actor.ulysses_sequence_parallel_size = k``): the k ranks of a group
+hold the same rows and plan the same micro-batches (budget ``ppo_max_token_len_per_gpu`` x
+k); each packed micro-batch is cut into k pieces (``actor.sequence_parallel``), each rank
+computes log-probs for its piece and the loss of its own tokens
+(``algorithms.sequence_shards`` makes Future-KL, FIPO's invalidation, the normalisers and
+the metrics those of the whole rows). The group's gradients sum to the micro-batch's
+gradient; DeepSpeed averages over all k x D ranks, so ``reference`` multiplies the loss by
+k and ``global`` divides its normaliser by the world size (each token is counted once).
 """
 
 from __future__ import annotations
@@ -40,9 +49,11 @@ from fipo_trainer.actor.micro_batch import (
     plan_token_budget,
     unpack_to_rows,
 )
+from fipo_trainer.actor.sequence_parallel import shard_packed
 from fipo_trainer.algorithms.aggregation import aggregate_loss, local_denominator
 from fipo_trainer.algorithms.metrics import mean_metrics, reduce_metrics
 from fipo_trainer.algorithms.policy_loss import compute_policy_terms
+from fipo_trainer.algorithms.sequence_shards import SequenceShards, row_segments
 from fipo_trainer.data.batch import Batch
 
 LOG_PROB_INPUTS = ("input_ids", "attention_mask", "responses")
@@ -67,6 +78,11 @@ def require_fields(batch: Batch, names: tuple[str, ...], what: str) -> None:
     missing = [k for k in names if k not in batch]
     if missing:
         raise ValueError(f"{what} needs batch fields {missing}; the batch has {batch.keys()}")
+
+
+def _budget_key(key: str, sp: int) -> str:
+    """How a token budget is named in errors (x k under sequence parallel)."""
+    return key if sp == 1 else f"{key} x actor.ulysses_sequence_parallel_size"
 
 
 def mini_batch_ranges(n: int, rows: int) -> list[range]:
@@ -115,6 +131,44 @@ class PolicyTrainer:
             with_entropy=with_entropy,
         )
 
+    def forward_rows(
+        self, packed: PackedRows, temperature: float, width: int, *, with_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, SequenceShards | None]:
+        """Log-probs [n, width] of the packed rows (entropy too if asked), and this rank's
+        sequence shards (None without sequence parallel).
+
+        Under sequence parallel the log-probs are this rank's tokens only (0 elsewhere,
+        differentiable); with ``with_entropy`` (the no-grad log-prob pass) every rank gets
+        every token's values instead, and no shards.
+        """
+        if self.comm.sp_size == 1:
+            logp, ent = self.forward(packed, temperature, with_entropy)
+            rows = unpack_to_rows(logp, packed.response_lengths, width)
+            ent_rows = None if ent is None else unpack_to_rows(ent, packed.response_lengths, width)
+            return rows, ent_rows, None
+        shard = shard_packed(packed, self.comm.sp_size, self.comm.sp_rank)
+        logp, ent = self.forward(shard.local, temperature, with_entropy)
+        lengths = packed.response_lengths
+        if with_entropy:
+            both = self._concat_pieces(torch.stack([logp, ent]), shard.token_slices)
+            return (
+                unpack_to_rows(both[0], lengths, width),
+                unpack_to_rows(both[1], lengths, width),
+                None,
+            )
+        starts, ends = row_segments(lengths, shard.token_slices)
+        shards = SequenceShards(
+            shard.rank, starts.to(logp.device), ends.to(logp.device), self.comm.sp_all_gather
+        )
+        return unpack_to_rows(shard.place(logp), lengths, width), None, shards
+
+    def _concat_pieces(self, values: torch.Tensor, slices: list[tuple[int, int]]) -> torch.Tensor:
+        """[m, K_local] of every rank of the group -> [m, K] in packed order (no grad)."""
+        longest = max(hi - lo for lo, hi in slices)
+        padded = torch.nn.functional.pad(values, (0, longest - values.shape[1]))
+        parts = self.comm.sp_all_gather(padded)
+        return torch.cat([parts[r, :, : hi - lo] for r, (lo, hi) in enumerate(slices)], dim=1)
+
     def lr_for_step(self, global_step: int) -> float | None:
         """The LR of training step ``global_step`` (``lr_warmup_unit=train_step``), else None
         (the engine's per-optimizer-step schedule decides)."""
@@ -151,15 +205,15 @@ class PolicyTrainer:
         for rows in mini_batch_ranges(len(batch), mini_batch_rows):
             plan = self.plan(
                 [lengths[i] for i in rows],
-                max_token_len or self.config.log_prob_token_budget,
-                "actor.log_prob_max_token_len_per_gpu",
+                (max_token_len or self.config.log_prob_token_budget) * self.comm.sp_size,
+                _budget_key("actor.log_prob_max_token_len_per_gpu", self.comm.sp_size),
             )
             for part in plan:
                 idx = torch.tensor([rows[i] for i in part], dtype=torch.long)
                 packed = pack_rows(input_ids[idx], attn[idx], prompt_width)
-                logp, ent = self.forward(packed, temperature, with_entropy=True)
-                out[idx] = unpack_to_rows(logp, packed.response_lengths, width).cpu()
-                ent_out[idx] = unpack_to_rows(ent, packed.response_lengths, width).cpu()
+                logp, ent, _ = self.forward_rows(packed, temperature, width, with_entropy=True)
+                out[idx] = logp.cpu()
+                ent_out[idx] = ent.cpu()
         return Batch({"old_log_probs": out, "entropy": ent_out})
 
     # ------------------------------------------------------------------ update
@@ -196,14 +250,15 @@ class PolicyTrainer:
 
         micro_records: list[tuple[int, dict[str, float], float]] = []  # (step, metrics, weight)
         step_records: list[dict[str, float]] = []
+        comm, sp = self.comm, self.comm.sp_size
         self.engine.train()
         step = 0
         for epoch in range(cfg.ppo_epochs):
             for mb_index, rows in enumerate(mini_batch_ranges(len(batch), mini_batch_rows)):
                 plan = self.plan(
                     [lengths[i] for i in rows],
-                    max_token_len or cfg.ppo_max_token_len_per_gpu,
-                    "actor.ppo_max_token_len_per_gpu",
+                    (max_token_len or cfg.ppo_max_token_len_per_gpu) * sp,
+                    _budget_key("actor.ppo_max_token_len_per_gpu", sp),
                 )
                 if step_lr is not None:
                     self.engine.set_lr(step_lr)
@@ -211,10 +266,10 @@ class PolicyTrainer:
                 mb_rows = torch.tensor(list(rows), dtype=torch.long)
                 d_est = 0.0
                 if not reference:
-                    (d_est,) = self.comm.sum(
-                        [local_denominator(resp_mask[mb_rows], mode, norm_len)]
+                    (d_est,) = comm.sum(
+                        comm.once_per_group([local_denominator(resp_mask[mb_rows], mode, norm_len)])
                     )
-                scale = d_est / self.comm.world_size  # global: loss = numerator / (D / W)
+                scale = d_est / comm.world_size  # global: loss = numerator / (D / W)
                 numerator = d_local = 0.0
                 tokens = resp_tokens = 0
                 drift = 0.0
@@ -222,21 +277,38 @@ class PolicyTrainer:
                     idx = torch.tensor([rows[j] for j in part], dtype=torch.long)
                     packed = pack_rows(input_ids[idx], attn[idx], prompt_width)
                     self.engine.set_accumulation_boundary(i == len(plan) - 1)
-                    logp, _ = self.forward(packed, temperature, with_entropy=False)
-                    logp = unpack_to_rows(logp, packed.response_lengths, width)
+                    logp, _, shards = self.forward_rows(
+                        packed, temperature, width, with_entropy=False
+                    )
                     mask = resp_mask[idx].to(device)
+                    own_mask = mask if shards is None else mask * shards.owned(width)
                     old = old_lp[idx].to(device)
                     terms = compute_policy_terms(
-                        cfg.loss_name, old, logp, adv[idx].to(device), mask, cfg.policy_loss
+                        cfg.loss_name,
+                        old,
+                        logp,
+                        adv[idx].to(device),
+                        own_mask,
+                        cfg.policy_loss,
+                        shards,
                     )
+                    # Each row's loss tokens over all shards (None: this rank holds them all).
+                    row_counts = None if shards is None else shards.sum(terms.loss_mask.sum(-1))
                     micro = {f"actor/{k}": v for k, v in terms.metrics.items()}
                     if reference:
                         micro_loss = aggregate_loss(
-                            terms.loss_mat, terms.loss_mask, mode, norm_length=norm_len
+                            terms.loss_mat,
+                            terms.loss_mask,
+                            mode,
+                            norm_length=norm_len,
+                            row_counts=row_counts,
                         )
                         factor = len(part) / len(rows) if cfg.use_dynamic_bsz else 1 / len(plan)
-                        loss = micro_loss * factor
-                        micro["actor/pg_loss"] = float(micro_loss.detach())
+                        loss = micro_loss * (factor * sp)
+                        value = micro_loss.detach()
+                        if shards is not None:
+                            value = shards.sum(value)
+                        micro["actor/pg_loss"] = float(value)
                     else:
                         loss = aggregate_loss(
                             terms.loss_mat,
@@ -244,18 +316,20 @@ class PolicyTrainer:
                             mode,
                             global_denominator=scale,
                             norm_length=norm_len,
+                            row_counts=row_counts,
                         )
                         numerator += float(loss.detach()) * (scale if scale > 0 else 1.0)
-                        d_local += local_denominator(terms.loss_mask, mode, norm_len)
+                        d_local += local_denominator(terms.loss_mask, mode, norm_len, row_counts)
                     self.engine.backward(loss)
                     weight = float(mask.sum())
                     tokens += packed.num_tokens
                     resp_tokens += int(weight)
                     if epoch == 0 and mb_index == 0 and weight > 0:
-                        drift = max(drift, float(((logp.detach() - old).abs() * mask).max()))
+                        gap = (logp.detach() - old).abs() * own_mask
+                        drift = max(drift, float(gap.max()))
                     micro_records.append((step, micro, 1.0 if reference else weight))
-                d_true, num_total, tok_total, resp_total = self.comm.sum(
-                    [d_local, numerator, float(tokens), float(resp_tokens)]
+                num_total, d_true, tok_total, resp_total = comm.sum(
+                    [numerator, *comm.once_per_group([d_local, float(tokens), float(resp_tokens)])]
                 )
                 grad_scale = d_est / d_true if not reference and d_true > 0 else 1.0
                 grad_norm = self.engine.step(grad_scale)
@@ -271,7 +345,7 @@ class PolicyTrainer:
                     record["actor/pg_loss"] = num_total / d_true if d_true > 0 else 0.0
                     record["actor/loss_denominator"] = d_true
                 if epoch == 0 and mb_index == 0:
-                    record["actor/on_policy_log_ratio_abs_max"] = drift
+                    (record["actor/on_policy_log_ratio_abs_max"],) = comm.max([drift])
                 step_records.append(record)
                 step += 1
         return self._finish_metrics(micro_records, step_records, time.perf_counter() - t_start)

@@ -26,7 +26,7 @@ from fipo_trainer.actor.checkpoint import (
 )
 from fipo_trainer.actor.comm import Collectives
 from fipo_trainer.actor.config import ActorConfig
-from fipo_trainer.actor.engine import DeepSpeedEngine
+from fipo_trainer.actor.engine import DeepSpeedEngine, load_hf_config
 from fipo_trainer.actor.policy_trainer import PolicyTrainer
 from fipo_trainer.actor.weight_stream import (
     DEFAULT_BUCKET_BYTES,
@@ -67,9 +67,17 @@ class DeepSpeedActorWorker(Worker, WeightSender):
         init_torch_distributed(
             self.dist_info, self.platform.dist_backend, self.config.dist_timeout_s
         )
+        sp = self.config.ulysses_sequence_parallel_size
+        device = self.platform.device(self.dist_info.local_rank)
+        self.comm = Collectives(self.world_size, device, sp_size=sp)
+        if sp > 1:
+            from fipo_trainer.actor import ulysses
+
+            hf = load_hf_config(self.config)
+            ulysses.check_heads(hf.num_attention_heads, hf.num_key_value_heads, sp)
+            ulysses.set_group(self.comm.sp_group, sp, self.comm.sp_rank)
         self.engine = DeepSpeedEngine(self.config, self.world_size, self.platform)
         self.device = self.engine.device
-        self.comm = Collectives(self.world_size, self.device)
         self.trainer = PolicyTrainer(self.config, self.engine, self.comm)
 
     @property

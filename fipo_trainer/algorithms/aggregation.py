@@ -3,6 +3,9 @@
 Each mode is "numerator / denominator". Passing `global_denominator` (the same quantity
 summed over every micro-batch and rank of a mini-batch, see `local_denominator`) makes the
 sum of micro-batch losses equal the full-batch loss exactly, whatever the micro-batch cut.
+
+Under sequence parallel a rank holds only part of each row; `row_counts` (each row's loss
+tokens summed over every shard) makes the per-sequence quantities count each token once.
 """
 
 from __future__ import annotations
@@ -17,13 +20,20 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"unknown loss_agg_mode {mode!r}; choose one of {', '.join(AGG_MODES)}")
 
 
-def local_denominator(mask: torch.Tensor, mode: str, norm_length: float | None = None) -> float:
-    """This micro-batch's share of the normaliser (sum it over micro-batches and ranks)."""
+def local_denominator(
+    mask: torch.Tensor,
+    mode: str,
+    norm_length: float | None = None,
+    row_counts: torch.Tensor | None = None,
+) -> float:
+    """This micro-batch's share of the normaliser (sum it over micro-batches and ranks).
+
+    ``row_counts``: loss tokens per row over all sequence shards (default: ``mask``'s)."""
     _check_mode(mode)
-    mask = mask.to(torch.float64)
+    counts = mask.to(torch.float64).sum(-1) if row_counts is None else row_counts.double()
     if mode == "token-mean":
-        return float(mask.sum())
-    n_seqs = float((mask.sum(-1) > 0).sum())  # sequences with at least one loss token
+        return float(counts.sum())
+    n_seqs = float((counts > 0).sum())  # sequences with at least one loss token
     if mode == "seq-mean-token-sum-norm":
         return n_seqs * float(norm_length if norm_length is not None else mask.shape[-1])
     return n_seqs
@@ -35,6 +45,7 @@ def aggregate_loss(
     mode: str = "token-mean",
     global_denominator: float | None = None,
     norm_length: float | None = None,
+    row_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Aggregate a per-token loss.
 
@@ -42,6 +53,7 @@ def aggregate_loss(
     sequences. seq-mean-token-mean: per-sequence mean, mean over sequences.
     seq-mean-token-sum-norm (Dr. GRPO): per-sequence sum / a constant length (`norm_length`,
     default L), mean over sequences. Sequences with no loss token do not count.
+    ``row_counts``: see `local_denominator` (sequence-parallel shards of the rows).
     """
     _check_mode(mode)
     if loss_mat.shape != mask.shape:
@@ -49,13 +61,14 @@ def aggregate_loss(
     maskf = mask.to(loss_mat.dtype)
     token_sum = (loss_mat * maskf).sum(-1)
     if mode == "seq-mean-token-mean":
-        numerator = (token_sum / maskf.sum(-1).clamp(min=1)).sum()
+        counts = maskf.sum(-1) if row_counts is None else row_counts.to(maskf)
+        numerator = (token_sum / counts.clamp(min=1)).sum()
     else:
         numerator = token_sum.sum()
     denom = (
         global_denominator
         if global_denominator is not None
-        else local_denominator(mask, mode, norm_length)
+        else local_denominator(mask, mode, norm_length, row_counts)
     )
     # An empty mask gives numerator == 0: a zero loss that still carries a (zero) gradient.
     return numerator / denom if denom > 0 else numerator

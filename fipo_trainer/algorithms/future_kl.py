@@ -52,7 +52,9 @@ def discounted_reverse_cumsum(
     """y_t = sum_{k >= t} gamma^(k - t) x_k along the last axis of a [B, L] tensor, in O(B·L)."""
     _check_gamma(gamma)
     if block_size < 2:
-        raise ValueError(f"block_size must be >= 2 (the scan recurses on L / block), got {block_size}")
+        raise ValueError(
+            f"block_size must be >= 2 (the scan recurses on L / block), got {block_size}"
+        )
     if values.dim() != 2:
         raise ValueError(f"expected a [batch, length] tensor, got shape {tuple(values.shape)}")
     batch, length = values.shape
@@ -112,33 +114,56 @@ def future_kl_reference(
     return out
 
 
-def shard_carries(heads: torch.Tensor, lengths: list[int], gamma: float) -> torch.Tensor:
+def shard_carries(
+    heads: torch.Tensor, lengths: list[int] | torch.Tensor, gamma: float
+) -> torch.Tensor:
     """Discounted sum that later shards carry into each shard's last token + 1.
 
     heads[:, r] is shard r's *local* Future-KL at its first token (each rank all-gathers
-    these B scalars); lengths[r] its token count. Returns carries[:, r] = true F at the
-    first token of shard r + 1 (0 for the last shard).
+    these B scalars); lengths[r] (or lengths[:, r], per row) its token count. Returns
+    carries[:, r] = true F at the first token of shard r + 1 (0 for the last shard). A row
+    with no token on shard r has head 0 and length 0 there: the carry passes through.
     """
     _check_gamma(gamma)
-    if heads.dim() != 2 or heads.shape[1] != len(lengths):
+    n_shards = heads.shape[1] if heads.dim() == 2 else -1
+    lengths = torch.as_tensor(lengths, device=heads.device)
+    if lengths.dim() == 1:
+        lengths = lengths.expand(heads.shape[0], -1) if heads.dim() == 2 else lengths
+    if heads.dim() != 2 or lengths.shape != heads.shape:
         raise ValueError(
-            f"heads must be [batch, n_shards={len(lengths)}], got {tuple(heads.shape)}"
+            f"heads must be [batch, n_shards] and lengths [n_shards] or [batch, n_shards], got "
+            f"{tuple(heads.shape)} and {tuple(lengths.shape)}"
         )
+    decay = _decay_powers(lengths, gamma, heads.dtype)
     carries = torch.zeros_like(heads)
     running = torch.zeros_like(heads[:, 0])  # true F at the first token of shard r + 1
-    for r in range(len(lengths) - 1, -1, -1):
+    for r in range(n_shards - 1, -1, -1):
         carries[:, r] = running
-        running = heads[:, r] + (gamma ** lengths[r]) * running
+        running = heads[:, r] + decay[:, r] * running
     return carries
 
 
 def combine_sharded_future_kl(
-    local_future_kl: torch.Tensor, carry_in: torch.Tensor, gamma: float
+    local_future_kl: torch.Tensor,
+    carry_in: torch.Tensor,
+    gamma: float,
+    shard_end: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Exact Future-KL of one shard: local result + gamma^(distance to shard end) · carry_in."""
+    """Exact Future-KL of one shard: local result + gamma^(distance to shard end) · carry_in.
+
+    ``shard_end`` [B]: the column after each row's shard (default: the tensor's length, i.e.
+    the tensor is the shard). Columns at or after it get no carry.
+    """
     _check_gamma(gamma)
     length = local_future_kl.shape[-1]
-    to_end = _decay_powers(
-        length - torch.arange(length, device=local_future_kl.device), gamma, local_future_kl.dtype
+    cols = torch.arange(length, device=local_future_kl.device)
+    if shard_end is None:
+        distance = (length - cols)[None, :]
+    else:
+        distance = shard_end.to(cols.device)[:, None] - cols[None, :]
+    to_end = torch.where(
+        distance > 0,
+        _decay_powers(distance.clamp(min=0), gamma, local_future_kl.dtype),
+        0,
     )
     return local_future_kl + carry_in.to(local_future_kl.dtype)[:, None] * to_end

@@ -6,18 +6,34 @@ of the losses lets a micro-batched update reproduce the full-batch loss exactly 
 mini-batch-wide `global_denominator`, see `aggregation.local_denominator`).
 
 The FIPO loss follows FIPO_SPEC.md §1 point by point; comments cite the point numbers.
+
+Sequence parallel: a loss may take ``shards`` (``sequence_shards.SequenceShards``); it then
+sees only this rank's segment of each row (``response_mask`` is already restricted to it)
+and must make whatever spans a response exact across the shards. The built-in losses do;
+a registered loss without the parameter is refused under sequence parallel.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from fipo_trainer.algorithms.aggregation import AGG_MODES, aggregate_loss, masked_mean
-from fipo_trainer.algorithms.future_kl import future_kl, gamma_from_half_life
+from fipo_trainer.algorithms.aggregation import AGG_MODES, aggregate_loss
+from fipo_trainer.algorithms.future_kl import gamma_from_half_life
+from fipo_trainer.algorithms.loss_metrics import (
+    clip_metrics,
+    influence_metrics,
+    ratio_tail_metrics,
+)
+from fipo_trainer.algorithms.sequence_shards import (
+    SequenceShards,
+    sharded_future_kl,
+    token_values,
+)
 
 LOG_RATIO_CLAMP = 20.0  # §1.1: δ is clamped to ±20 before exp
 
@@ -77,11 +93,13 @@ class PolicyLossConfig:
 
 @dataclass
 class PolicyLossTerms:
-    """What a registered loss returns: per-token loss, the mask it applies to, metrics."""
+    """What a registered loss returns: per-token loss, the mask it applies to, metrics, and
+    detached per-token diagnostics ([B, L], e.g. FIPO's ``influence_weights``)."""
 
     loss_mat: torch.Tensor
     loss_mask: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+    token_stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 PolicyLossFn = Callable[
@@ -105,6 +123,11 @@ def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
     return decorator
 
 
+def takes_shards(fn: PolicyLossFn) -> bool:
+    """Whether a registered loss handles sequence-parallel shards (a ``shards`` parameter)."""
+    return "shards" in inspect.signature(fn).parameters
+
+
 def get_policy_loss(name: str) -> PolicyLossFn:
     if name not in POLICY_LOSSES:
         raise ValueError(
@@ -121,8 +144,11 @@ def compute_policy_terms(
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     config: PolicyLossConfig | None = None,
+    shards: SequenceShards | None = None,
 ) -> PolicyLossTerms:
-    """Per-token loss + surviving mask + metrics of loss `name` (no aggregation)."""
+    """Per-token loss + surviving mask + metrics of loss `name` (no aggregation).
+
+    ``shards``: this rank's sequence-parallel segment of each row (see the module doc)."""
     fn = get_policy_loss(name)
     shape = log_prob.shape
     for label, t in (
@@ -132,7 +158,16 @@ def compute_policy_terms(
     ):
         if t.shape != shape:
             raise ValueError(f"{label} shape {tuple(t.shape)} != log_prob shape {tuple(shape)}")
-    return fn(old_log_prob, log_prob, advantages, response_mask, config or PolicyLossConfig())
+    config = config or PolicyLossConfig()
+    if shards is None:
+        return fn(old_log_prob, log_prob, advantages, response_mask, config)
+    if not takes_shards(fn):
+        raise ValueError(
+            f"policy loss {name!r} takes no `shards` parameter, so it cannot run with "
+            "actor.ulysses_sequence_parallel_size > 1 (add `shards=None` to it and make what "
+            "spans a response exact across shards, or set the size to 1)"
+        )
+    return fn(old_log_prob, log_prob, advantages, response_mask, config, shards=shards)
 
 
 def compute_policy_loss(
@@ -186,71 +221,13 @@ def _dual_clip(adv: torch.Tensor, ratio: torch.Tensor, cfg: PolicyLossConfig) ->
     return _DualClip(pg_losses, unclipped, clipped, max_clip, dual_bound)
 
 
-def _clip_metrics(
-    dc: _DualClip, advantages: torch.Tensor, log_ratio: torch.Tensor, mask: torch.Tensor
-) -> dict[str, float]:
+def _clip_tokens(dc: _DualClip, advantages: torch.Tensor, log_ratio: torch.Tensor) -> dict:
+    """The per-token flags behind ``loss_metrics.clip_metrics``."""
     return {
-        "pg_clipfrac": float(masked_mean((dc.clipped > dc.unclipped).float(), mask)),
-        "ppo_kl": float(masked_mean(-log_ratio.detach(), mask)),
-        "pg_clipfrac_lower": float(
-            masked_mean(((dc.max_clip > dc.dual_bound) & (advantages < 0)).float(), mask)
-        ),
+        "clipped": dc.clipped > dc.unclipped,
+        "log_ratio": log_ratio,
+        "dual_clipped": (dc.max_clip > dc.dual_bound) & (advantages < 0),
     }
-
-
-def _quantiles(values: torch.Tensor, qs: list[float]) -> list[float]:
-    """torch.quantile's 'linear' rule via one sort (torch.quantile caps inputs at 2^24)."""
-    if values.numel() == 0:
-        return [0.0] * len(qs)
-    ordered = torch.sort(values.detach().double().flatten()).values
-    out = []
-    for q in qs:
-        pos = q * (ordered.numel() - 1)
-        lo, hi = math.floor(pos), math.ceil(pos)
-        out.append(float(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)))
-    return out
-
-
-def _ratio_tail_metrics(
-    ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_ratio_c: float
-) -> dict[str, float]:
-    """Importance-ratio tails by advantage sign, over the response mask (reference names)."""
-    ratio = ratio.detach()
-    valid = mask.bool()
-    neg = advantages < 0
-    metrics = {
-        "neg_ratio_2_3": float(masked_mean(((ratio >= 2) & (ratio < 3) & neg).float(), mask)),
-        "neg_ratio_3_4": float(masked_mean(((ratio >= 3) & (ratio < 4) & neg).float(), mask)),
-        "neg_ratio_4_10": float(
-            masked_mean(((ratio >= 4) & (ratio < clip_ratio_c) & neg).float(), mask)
-        ),
-        "pos_mini_frac": float(masked_mean(((ratio < 1e-3) & (advantages > 0)).float(), mask)),
-    }
-    neg_vals = ratio[neg & valid]
-    pos_vals = ratio[(advantages > 0) & valid]
-    n75, n995, n999 = _quantiles(neg_vals, [0.75, 0.995, 0.999])
-    metrics.update(
-        neg_is_max=float(neg_vals.max()) if neg_vals.numel() else 0.0,
-        neg_is_p75=n75,
-        neg_is_p995=n995,
-        neg_is_p999=n999,
-    )
-    p25, p50, p75, p995, p999 = _quantiles(pos_vals, [0.25, 0.5, 0.75, 0.995, 0.999])
-    metrics.update(
-        pos_is_min=float(pos_vals.min()) if pos_vals.numel() else 0.0,
-        pos_is_p25=p25,
-        pos_is_median=p50,
-        pos_is_p75=p75,
-        pos_is_p995=p995,
-        pos_is_p999=p999,
-        pos_is_max=float(pos_vals.max()) if pos_vals.numel() else 0.0,
-    )
-    return metrics
-
-
-def _masked_min_max(values: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-    vals = values.detach()[mask.bool()]
-    return (float(vals.min()), float(vals.max())) if vals.numel() else (0.0, 0.0)
 
 
 # ----------------------------------------------------------------------------- the losses
@@ -263,13 +240,14 @@ def vanilla_policy_loss(
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     config: PolicyLossConfig,
+    shards: SequenceShards | None = None,
 ) -> PolicyLossTerms:
     """PPO with clip-higher (ε_l, ε_h) and dual clip c: DAPO's token-level loss."""
     log_ratio, ratio = _log_ratio_and_ratio(old_log_prob, log_prob)
     advantages = advantages.detach()
     dc = _dual_clip(advantages, ratio, config)
-    metrics = _clip_metrics(dc, advantages, log_ratio, response_mask)
-    return PolicyLossTerms(dc.pg_losses, response_mask.to(log_prob.dtype), metrics)
+    tokens = token_values(_clip_tokens(dc, advantages, log_ratio), response_mask, shards)
+    return PolicyLossTerms(dc.pg_losses, response_mask.to(log_prob.dtype), clip_metrics(tokens))
 
 
 def influence_weights(
@@ -278,13 +256,17 @@ def influence_weights(
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     config: PolicyLossConfig,
+    shards: SequenceShards | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """§1.2–1.6: detached influence weights f, raw exp(FutureKL), and the clip bounds."""
+    """§1.2–1.6: detached influence weights f, raw exp(FutureKL), and the clip bounds.
+
+    With ``shards`` the Future-KL of this rank's tokens is exact over the whole response."""
     with torch.no_grad():
         log_ratio = log_ratio.detach()
         participation = log_ratio <= math.log(config.clip_ratio_c)  # §1.2
         gamma = gamma_from_half_life(config.decay_rate)  # §1.3
-        fkl = future_kl(log_ratio, response_mask.bool() & participation, gamma)  # §1.4
+        mask = response_mask.bool() & participation
+        fkl = sharded_future_kl(log_ratio, mask, gamma, shards)  # §1.4
         raw = torch.exp(fkl)
         eps_f = config.future_kl_clip_ratio  # §1.5
         if eps_f == 0:
@@ -308,37 +290,31 @@ def fipo_policy_loss(
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     config: PolicyLossConfig,
+    shards: SequenceShards | None = None,
 ) -> PolicyLossTerms:
     """FIPO: dual-clip PPO on advantages re-weighted by clipped exp(Future-KL)."""
     log_ratio, ratio = _log_ratio_and_ratio(old_log_prob, log_prob)  # §1.1
     advantages = advantages.detach()
     weights, raw, lower, upper = influence_weights(
-        log_ratio, ratio, advantages, response_mask, config
+        log_ratio, ratio, advantages, response_mask, config, shards
     )
     weighted_adv = advantages * weights  # §1.7 (constants: §1.11)
     dc = _dual_clip(weighted_adv, ratio, config)  # §1.8
 
-    # §1.9: a response with more than one dual-clipped token leaves the loss entirely.
+    # §1.9: a response with more than one dual-clipped token (on any shard) leaves the loss.
     dual_clipped = (advantages < 0) & (dc.max_clip > dc.dual_bound) & response_mask.bool()
-    seq_valid = dual_clipped.sum(-1, keepdim=True) <= 1
+    count = dual_clipped.sum(-1, keepdim=True)
+    if shards is not None:
+        count = shards.sum(count)
+    seq_valid = count <= 1
     loss_mask = (response_mask.bool() & seq_valid).to(log_prob.dtype)
 
-    metrics = _clip_metrics(dc, advantages, log_ratio, response_mask)
-    iw_min, iw_max = _masked_min_max(weights, response_mask)
-    raw_min, raw_max = _masked_min_max(raw, response_mask)
-    upper_frac = float(masked_mean((weights >= upper - 1e-7).float(), response_mask))
-    lower_frac = float(masked_mean((weights <= lower + 1e-7).float(), response_mask))
-    metrics.update(
-        influence_weights_mean=float(masked_mean(weights, response_mask)),
-        influence_weights_min=iw_min,
-        influence_weights_max=iw_max,
-        influence_weights_mean_raw=float(masked_mean(raw, response_mask)),
-        raw_influence_weights_min=raw_min,
-        raw_influence_weights_max=raw_max,
-        IW_upper_clip_ratio=upper_frac,
-        IW_lower_clip_ratio=lower_frac,
-        IW_overall_clip_ratio=upper_frac + lower_frac,
-        invalid_seq_frac=float((~seq_valid).float().mean()) if seq_valid.numel() else 0.0,
-    )
-    metrics.update(_ratio_tail_metrics(ratio, advantages, response_mask, config.clip_ratio_c))
-    return PolicyLossTerms(dc.pg_losses, loss_mask, metrics)
+    per_token = _clip_tokens(dc, advantages, log_ratio)
+    per_token.update(weights=weights, raw=raw, ratio=ratio, advantages=advantages)
+    tokens = token_values(per_token, response_mask, shards)
+    metrics = clip_metrics(tokens)
+    metrics.update(influence_metrics(tokens, lower, upper))
+    metrics["invalid_seq_frac"] = float((~seq_valid).float().mean()) if seq_valid.numel() else 0.0
+    metrics.update(ratio_tail_metrics(tokens, config.clip_ratio_c))
+    stats = {"influence_weights": weights, "raw_influence_weights": raw}
+    return PolicyLossTerms(dc.pg_losses, loss_mask, metrics, stats)

@@ -251,28 +251,36 @@ class WorkerGroup:
         batch: Batch,
         *args: Any,
         partitions: Sequence[Sequence[int]] | None = None,
+        replicas: int = 1,
         **kwargs: Any,
     ) -> Batch | list[Any]:
-        """Give rank ``r`` the rows ``partitions[r]`` of ``batch`` (default: equal
-        consecutive chunks) and gather. ``Batch`` results are concatenated back into the
-        original row order; anything else comes back as a per-rank list."""
+        """Give data-parallel group ``g`` the rows ``partitions[g]`` of ``batch`` (default:
+        equal consecutive chunks) and gather. A group is ``replicas`` consecutive ranks that
+        all receive the same rows (a sequence-parallel group). ``Batch`` results of each
+        group's first rank are concatenated back into the original row order; anything
+        else comes back as a per-rank list."""
+        if replicas < 1 or self.world_size % replicas:
+            raise ValueError(f"{replicas} replicas do not divide the {self.world_size} ranks")
+        groups = self.world_size // replicas
         if partitions is None:
-            if len(batch) % self.world_size:
+            if len(batch) % groups:
                 raise ValueError(
-                    f"{len(batch)} rows cannot be split evenly across {self.world_size} "
-                    f"ranks of {self.name!r}; make the batch size a multiple of the world size"
+                    f"{len(batch)} rows cannot be split evenly across {groups} "
+                    f"data-parallel groups of {self.name!r}; make the batch size a multiple "
+                    "of it"
                 )
-            size = len(batch) // self.world_size
-            partitions = [list(range(r * size, (r + 1) * size)) for r in range(self.world_size)]
-        if len(partitions) != self.world_size:
-            raise ValueError(f"{len(partitions)} partitions for {self.world_size} ranks")
+            size = len(batch) // groups
+            partitions = [list(range(g * size, (g + 1) * size)) for g in range(groups)]
+        if len(partitions) != groups:
+            raise ValueError(f"{len(partitions)} partitions for {groups} data-parallel groups")
         inverse = restore_order(partitions)
         if len(inverse) != len(batch):
             raise ValueError(f"partitions cover {len(inverse)} rows but the batch has {len(batch)}")
         shards = [batch[np.asarray(p, dtype=np.int64)] for p in partitions]
-        results = self.scatter(fn, [(s, *args) for s in shards], **kwargs)
+        per_rank = [(shards[r // replicas], *args) for r in range(self.world_size)]
+        results = self.scatter(fn, per_rank, **kwargs)
         if all(isinstance(r, Batch) for r in results):
-            return Batch.concat(results)[inverse]
+            return Batch.concat(results[::replicas])[inverse]
         return results
 
     # ----------------------------------------------------------------- teardown

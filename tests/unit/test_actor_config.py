@@ -79,5 +79,5 @@ def test_plan_rows_mini_batches_and_errors():
         assert [i // 8 for i in r] == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
     with pytest.raises(ValueError, match="not a multiple of a mini-batch of 20 rows"):
         plan_rows(batch, ActorConfig(model_path="m", ppo_mini_batch_size=5), 2)
-    with pytest.raises(ValueError, match="evenly across 3 actor ranks"):
+    with pytest.raises(ValueError, match="evenly across 3 data-parallel groups"):
         plan_rows(batch, cfg, 3)

@@ -59,9 +59,8 @@ def test_dry_run_reports_validation_errors(tmp_path):
         tmp_path,
     )
     assert res.returncode == 2
-    assert "actor.ulysses_sequence_parallel_size=8: sequence parallel is not implemented" in (
-        res.stderr
-    )
+    assert "ulysses_sequence_parallel_size" not in res.stderr  # SP 8 is accepted now
+    assert "actor layout: 64 actor ranks = 8 DP groups × SP 8" in res.stderr
     assert "data.train_files" in res.stderr
 
 

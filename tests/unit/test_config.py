@@ -248,19 +248,29 @@ def test_token_budget_must_hold_one_sequence():
     assert "actor.ppo_max_token_len_per_gpu=40" in msg and ">= 56" in msg
 
 
-def test_sequence_parallel_is_refused_as_not_implemented():
-    cfg = quick("actor.ulysses_sequence_parallel_size=2")
-    msg = errors_of(cfg)
-    assert "actor.ulysses_sequence_parallel_size=2: sequence parallel is not implemented yet" in msg
-    # A structure check may allow it, but it still reports it (as a warning).
-    warnings = validate_config(cfg, **STRUCTURE, allow_unimplemented=True)
-    assert any("sequence parallel is not implemented yet" in w for w in warnings)
+def test_sequence_parallel_2_on_2_ranks_is_accepted():
+    validate_config(quick("actor.ulysses_sequence_parallel_size=2"), **STRUCTURE)
 
 
 def test_sequence_parallel_must_divide_the_actor_world_size():
     cfg = quick("actor.ulysses_sequence_parallel_size=4")
-    msg = errors_of(cfg, allow_unimplemented=True)
+    msg = errors_of(cfg)
     assert "resources.actor_world_size=2 is not a multiple of" in msg
+    assert "actor.ulysses_sequence_parallel_size=4" in msg
+
+
+def test_sequence_parallel_must_split_the_heads(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {"num_attention_heads": 6, "num_key_value_heads": 3, "max_position_embeddings": 512}
+        )
+    )
+    cfg = quick("actor.ulysses_sequence_parallel_size=2", f"model.path={tmp_path}")
+    msg = errors_of(cfg, check_files=True)
+    assert "num_attention_heads=6, num_key_value_heads=3" in msg
+    assert "actor.ulysses_sequence_parallel_size=2" in msg and str(tmp_path) in msg
 
 
 @pytest.fixture

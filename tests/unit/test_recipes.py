@@ -49,7 +49,7 @@ def test_default_recipe_is_the_cpu_quickstart():
 def test_every_recipe_composes_converts_and_validates_its_structure(name):
     cfg = recipe(name)
     assert cfg.trainer.experiment_name == name
-    validate_config(cfg, **STRUCTURE, allow_unimplemented=True)
+    validate_config(cfg, **STRUCTURE)
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -58,7 +58,7 @@ def test_every_recipe_switches_algorithm_from_the_command_line(name):
     assert cfg.actor.loss_name == "vanilla"
     assert cfg.algorithm.filter_groups.enable is False
     assert cfg.actor.policy_loss.clip_ratio_high == 0.2
-    validate_config(cfg, **STRUCTURE, allow_unimplemented=True)
+    validate_config(cfg, **STRUCTURE)
 
 
 def test_quickstart_validates_fully_on_this_machine():
@@ -80,14 +80,10 @@ def test_quickstart_shape():
 
 
 @pytest.mark.parametrize("name", [FIPO_32B, DAPO_32B])
-def test_sequence_parallel_8_is_refused_until_implemented(name):
+def test_32b_recipes_with_sequence_parallel_8_are_accepted(name):
     cfg = recipe(name)
-    with pytest.raises(ConfigError) as info:
-        validate_config(cfg, **STRUCTURE)
-    assert info.value.errors == [
-        e for e in info.value.errors if "actor.ulysses_sequence_parallel_size=8" in e
-    ]
-    assert "sequence parallel is not implemented yet" in str(info.value)
+    assert cfg.actor.ulysses_sequence_parallel_size == 8
+    validate_config(cfg, **STRUCTURE)
 
 
 @pytest.mark.parametrize("name", ["fipo_qwen2.5_7b_math", "dapo_qwen2.5_7b_math"])
@@ -98,7 +94,7 @@ def test_7b_recipes_need_nothing_unimplemented(name):
 def test_gpu_recipes_report_missing_files_and_gpus():
     cfg = recipe(FIPO_32B, "data.data_dir=/nonexistent")
     with pytest.raises(ConfigError) as info:
-        validate_config(cfg, check_files=True, check_platform=False, allow_unimplemented=True)
+        validate_config(cfg, check_files=True, check_platform=False)
     text = str(info.value)
     assert "/nonexistent/dapo-math-17k.parquet" in text
     assert "/nonexistent/aime-2024.parquet" in text

@@ -65,24 +65,46 @@ def check_files(cfg: TrainConfig, r: Report) -> None:
 # --------------------------------------------------------------------------- the model
 
 
-def model_positions(model_path: str | Path, override_config: dict[str, Any]) -> int | None:
-    """The model's ``max_position_embeddings`` after the overrides (None: not stated)."""
-    if "max_position_embeddings" in override_config:
-        return int(override_config["max_position_embeddings"])
+def model_value(model_path: str | Path, override_config: dict[str, Any], key: str) -> Any:
+    """A key of the model's ``config.json`` after the overrides (None: not stated)."""
+    if key in override_config:
+        return override_config[key]
     config_file = Path(model_path).expanduser() / "config.json"
     try:
         values = json.loads(config_file.read_text())
     except (OSError, ValueError):
         return None
     text = values.get("text_config") or {}  # multimodal configs nest the language model
-    positions = values.get("max_position_embeddings", text.get("max_position_embeddings"))
+    return values.get(key, text.get(key))
+
+
+def model_positions(model_path: str | Path, override_config: dict[str, Any]) -> int | None:
+    """The model's ``max_position_embeddings`` after the overrides (None: not stated)."""
+    positions = model_value(model_path, override_config, "max_position_embeddings")
     return int(positions) if positions is not None else None
 
 
+def heads_split(cfg: TrainConfig, r: Report) -> None:
+    """Sequence parallel k: the model's attention heads split into k groups."""
+    sp = int(getattr(cfg.actor, "ulysses_sequence_parallel_size", 1))
+    heads = model_value(cfg.model.path, cfg.model.override_config, "num_attention_heads")
+    if sp <= 1 or heads is None:
+        return
+    kv = model_value(cfg.model.path, cfg.model.override_config, "num_key_value_heads") or heads
+    from fipo_trainer.actor.ulysses import check_heads
+
+    try:
+        check_heads(int(heads), int(kv), sp)
+    except ValueError as err:
+        r.error(f"{err} ({cfg.model.path}/config.json)")
+
+
 def model_fits(cfg: TrainConfig, r: Report) -> None:
-    """The longest sequence (prompt + response, or rollout.max_model_len) fits the positions."""
+    """The longest sequence (prompt + response, or rollout.max_model_len) fits the positions;
+    the heads split across sequence-parallel ranks."""
     if not cfg.model.path or not Path(cfg.model.path).expanduser().is_dir():
         return
+    heads_split(cfg, r)
     positions = model_positions(cfg.model.path, cfg.model.override_config)
     if positions is None:
         return

@@ -25,7 +25,6 @@ def validate_config(
     *,
     check_files: bool = True,
     check_platform: bool = True,
-    allow_unimplemented: bool = False,
 ) -> list[str]:
     """Check `cfg` at start-up; raise `ConfigError` listing every problem, return warnings.
 
@@ -33,15 +32,12 @@ def validate_config(
     file must exist, and the model must hold prompt + response (its max_position_embeddings
     after ``model.override_config``). ``check_platform``: this machine must fit the settings
     (CUDA when GPUs are asked for locally, vLLM and logger packages installed, enough CPUs
-    for local Ray). Settings whose implementation is missing (sequence parallel > 1) are
-    refused unless ``allow_unimplemented``, which turns them into warnings: for checking the
-    structure of a recipe meant for later, never for running it.
+    for local Ray).
     """
     report = Report()
     _check_sections(cfg, report)
-    for rule in (_batches, _algorithm, _lengths, _resources):
+    for rule in (_batches, _algorithm, _lengths, _resources, _sequence_parallel):
         rule(cfg, report)
-    _unimplemented(cfg, report, allow_unimplemented)
     if check_files:
         environment.check_files(cfg, report)
     if check_platform:
@@ -251,21 +247,12 @@ def _resources(cfg: TrainConfig, r: Report) -> None:
             r.warn(f"{total - need} of the {total} GPUs (nnodes x gpus_per_node) stay unused")
 
 
-def _unimplemented(cfg: TrainConfig, r: Report, allow: bool) -> None:
-    sp = int(getattr(cfg.actor, "ulysses_sequence_parallel_size", 1))
-    if sp <= 1:
-        return  # < 1 is reported by the actor section
-    msg = (
-        f"actor.ulysses_sequence_parallel_size={sp}: sequence parallel is not implemented "
-        "yet; set actor.ulysses_sequence_parallel_size=1 (long responses then need a "
-        "smaller actor.ppo_max_token_len_per_gpu, more GPUs or param/optimizer offload)"
-    )
-    if allow:
-        r.warn(msg + " [allowed only for a structure check: the run would not use it]")
-    else:
-        r.error(msg)
-    if cfg.resources.actor_world_size % sp:
+def _sequence_parallel(cfg: TrainConfig, r: Report) -> None:
+    """SP groups tile the actor world (the model's heads are checked with the files)."""
+    sp = _sp(cfg)
+    if sp > 1 and cfg.resources.actor_world_size % sp:
         r.error(
             f"resources.actor_world_size={cfg.resources.actor_world_size} is not a multiple "
-            f"of actor.ulysses_sequence_parallel_size={sp}"
+            f"of actor.ulysses_sequence_parallel_size={sp}: the actor ranks form data-parallel "
+            "groups of that many ranks"
         )

@@ -121,9 +121,6 @@ class TrainDataConfig:
 class TrainActorConfig(ActorConfig):
     """`ActorConfig` plus the trainer-level actor keys; validated with the other sections."""
 
-    # Ulysses sequence parallel (verl's name). Not implemented yet: > 1 is refused.
-    ulysses_sequence_parallel_size: int = 1
-
     def __post_init__(self) -> None:
         # Coercions only: the Hydra schema needs a default instance (empty model_path).
         if isinstance(self.policy_loss, Mapping):
@@ -170,9 +167,6 @@ class TrainActorConfig(ActorConfig):
                 "actor.param_offload needs actor.zero_stage=3 (ZeRO-2 keeps full parameters on "
                 "every rank): set actor.zero_stage=3 or actor=zero3_offload"
             )
-        sp = getattr(self, "ulysses_sequence_parallel_size", 1)  # None on a plain ActorConfig
-        if sp < 1:
-            errors.append(f"actor.ulysses_sequence_parallel_size must be >= 1, got {sp}")
         _raise(errors)
 
 
