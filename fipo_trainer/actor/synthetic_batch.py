@@ -23,13 +23,22 @@ def random_rollout_batch(
     min_prompt_len: int = 4,
     min_response_len: int = 1,
     seed: int = 0,
+    prompt_lengths: list[int] | None = None,
+    response_lengths: list[int] | None = None,
 ) -> Batch:
-    """``num_prompts * n`` rows with the canonical rollout fields plus ``advantages``."""
+    """``num_prompts * n`` rows with the canonical rollout fields plus ``advantages``.
+
+    ``prompt_lengths`` (one per prompt) and ``response_lengths`` (one per row) fix the
+    lengths instead of drawing them (e.g. to place a response across a shard boundary)."""
     g = torch.Generator().manual_seed(seed)
     rows = num_prompts * n
     prompt_lens = torch.randint(min_prompt_len, prompt_width + 1, (num_prompts,), generator=g)
+    if prompt_lengths is not None:
+        prompt_lens = torch.as_tensor(prompt_lengths, dtype=torch.long)
     prompt_lens = prompt_lens.repeat_interleave(n)
     resp_lens = torch.randint(min_response_len, response_width + 1, (rows,), generator=g)
+    if response_lengths is not None:
+        resp_lens = torch.as_tensor(response_lengths, dtype=torch.long)
     prompt_tokens = torch.randint(0, vocab_size, (num_prompts, prompt_width), generator=g)
     prompt_tokens = prompt_tokens.repeat_interleave(n, dim=0)
     resp_tokens = torch.randint(0, vocab_size, (rows, response_width), generator=g)
