@@ -160,11 +160,11 @@ def load_model(config: ActorConfig, platform: Platform, ds_config: dict[str, Any
         from transformers.integrations import HfDeepSpeedConfig
 
         keepalive = HfDeepSpeedConfig(ds_config)
-    attn = platform.attn_implementation
-    if config.ulysses_sequence_parallel_size > 1:
-        from fipo_trainer.actor import ulysses
+    from fipo_trainer.actor import ulysses
 
-        attn = ulysses.install(attn)  # the platform's kernel, inside the all-to-alls
+    # The platform's kernel inside the packed-sequence attention (actor.ulysses): the
+    # Ulysses all-to-alls under sequence parallel; on sdpa, attention per packed sequence.
+    attn = ulysses.install(platform.attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(
         config.model_path,
         config=load_hf_config(config),
@@ -225,12 +225,13 @@ class DeepSpeedEngine:
     def logits(self, packed: PackedRows) -> torch.Tensor:
         """[K, V] logits at the positions that predict ``packed.targets``.
 
-        A sequence-parallel piece tells the Ulysses attention the whole sequence first (it
-        stays set: gradient checkpointing re-runs the forward during backward)."""
-        if packed.sequence_position_ids is not None:
-            from fipo_trainer.actor import ulysses
+        The packed attention is told the whole sequence first (a sequence-parallel piece's
+        ``sequence_position_ids``); it stays set, as gradient checkpointing re-runs the
+        forward during backward."""
+        from fipo_trainer.actor import ulysses
 
-            ulysses.set_sequence(packed.sequence_position_ids)
+        whole = packed.sequence_position_ids
+        ulysses.set_sequence(packed.position_ids if whole is None else whole)
         out = self._engine(
             input_ids=packed.input_ids,
             position_ids=packed.position_ids,

@@ -29,6 +29,7 @@ class _State:
         self.position_ids: torch.Tensor | None = None
         self.bool_mask: torch.Tensor | None = None
         self.float_masks: dict[torch.dtype, torch.Tensor] = {}
+        self.spans: list[tuple[int, int]] | None = None
 
 
 _STATE = _State()
@@ -78,6 +79,20 @@ def set_sequence(full_position_ids: torch.Tensor) -> None:
     _STATE.position_ids = full_position_ids
     _STATE.bool_mask = None
     _STATE.float_masks = {}
+    _STATE.spans = None
+
+
+def _sequence_spans() -> list[tuple[int, int]]:
+    """[start, end) of each packed sequence (position ids restart at 0), cached."""
+    if _STATE.spans is None:
+        if _STATE.position_ids is None:
+            raise RuntimeError("ulysses: set_sequence() must be called before the forward pass")
+        pos = _STATE.position_ids[0]
+        starts = torch.nonzero(pos == 0).flatten().tolist()
+        if not starts or starts[0] != 0:
+            starts = [0, *starts]
+        _STATE.spans = list(zip(starts, [*starts[1:], pos.numel()], strict=True))
+    return _STATE.spans
 
 
 def _full_bool_mask(device: torch.device) -> torch.Tensor:
@@ -185,6 +200,23 @@ def _inner_function(name: str) -> Any:
     return AttentionInterface._global_mapping[name]
 
 
+def _per_sequence_sdpa(
+    inner: Any, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs
+) -> torch.Tensor:
+    """The CPU analogue of varlen flash attention: each packed sequence attends causally to
+    itself (sdpa's is_causal, no mask), so no [T, T] mask exists and the work is sum(L_i^2),
+    not T^2. Exactly the block-diagonal causal attention. Returns [B, T, H, D]."""
+    if kwargs.get("sliding_window") is not None:
+        raise NotImplementedError(
+            "ulysses: sliding-window attention is only supported with flash_attention_2"
+        )
+    pieces = [
+        inner(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
+        for a, b in _sequence_spans()
+    ]
+    return torch.cat(pieces, dim=1)
+
+
 def _ulysses_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -199,9 +231,10 @@ def _ulysses_attention(
     size = _STATE.size
     config_proxy = _Proxy(module.config, _attn_implementation=inner_name)
     if size == 1:
-        return inner(
-            _Proxy(module, config=config_proxy), query, key, value, attention_mask, **kwargs
-        )
+        proxy = _Proxy(module, config=config_proxy)
+        if inner_name == "sdpa":
+            return _per_sequence_sdpa(inner, proxy, query, key, value, kwargs), None
+        return inner(proxy, query, key, value, attention_mask, **kwargs)
 
     num_heads, num_kv = query.shape[1], key.shape[1]
     check_heads(num_heads, num_kv, size)
@@ -217,6 +250,9 @@ def _ulysses_attention(
             kwargs.pop(name, None)
         kwargs["position_ids"] = _STATE.position_ids.to(query.device)
         mask = None
+    elif inner_name == "sdpa":
+        out = _per_sequence_sdpa(inner, proxy, query, key, value, kwargs)  # [B, T, H/k, D]
+        return _heads_to_seq(out.transpose(1, 2)).transpose(1, 2).contiguous(), None
     else:
         if kwargs.get("sliding_window") is not None:
             raise NotImplementedError(
@@ -230,8 +266,9 @@ def _ulysses_attention(
 
 def _mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     """With SP on, the model would build a mask for its local shard only, which is useless: return None (the wrapper
-    uses the full one). With SP off, defer to the inner implementation's mask so packed rows stay block-diagonal."""
-    if _STATE.size > 1:
+    uses the full one). sdpa runs per packed sequence and needs none. Otherwise defer to the inner implementation's
+    mask so packed rows stay block-diagonal."""
+    if _STATE.size > 1 or _STATE.inner == "sdpa":
         return None
     return AttentionMaskInterface._global_mapping[_STATE.inner](*args, **kwargs)
 

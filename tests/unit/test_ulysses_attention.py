@@ -140,6 +140,8 @@ def test_reference_depends_on_packing() -> None:
 
 
 def test_one_rank_path_equals_plain_sdpa() -> None:
+    """At size 1 sdpa runs per packed sequence (no [T, T] mask): the same block-diagonal
+    attention as HF's masked sdpa, to float rounding."""
     torch.manual_seed(0)
     ref_model = Qwen2ForCausalLM(_config(1, "sdpa"))
     ulysses.set_group(None, 1, 0)
@@ -149,9 +151,9 @@ def test_one_rank_path_equals_plain_sdpa() -> None:
     ulysses.set_sequence(pos)
     ref_logits, ref_grads = _run(ref_model, ids, pos, weights)
     logits, grads = _run(model, ids, pos, weights)
-    assert (logits - ref_logits).abs().max().item() <= 1e-6
+    assert (logits - ref_logits).abs().max().item() <= 1e-5
     for name, ref in ref_grads.items():
-        assert _rel(grads[name], ref) <= 1e-6, name
+        assert _rel(grads[name], ref) <= 1e-5, name
 
 
 def test_check_heads() -> None:
