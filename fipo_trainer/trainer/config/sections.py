@@ -157,6 +157,10 @@ class TrainerConfig:
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard"])
     rollout_dump_freq: int = 0  # dump prompt/response/score/acc jsonl every N steps (0 off)
     nan_policy: str = "stop"  # stop | skip
+    # Stop when >= this fraction of a step's reward items time out or fail, for
+    # max_failed_reward_steps steps in a row (a broken grader must not train on zeros).
+    max_failed_reward_frac: float = 0.5
+    max_failed_reward_steps: int = 3
     plot: bool = True  # PNG of the curves at the end
     export_hf: bool = True  # Hugging Face export at the end
     seed: int = 0
@@ -182,6 +186,15 @@ class TrainerConfig:
             )
         if self.nan_policy not in ("stop", "skip"):
             errors.append(f"trainer.nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
+        if not 0 < self.max_failed_reward_frac <= 1:
+            errors.append(
+                "trainer.max_failed_reward_frac must be in (0, 1], got "
+                f"{self.max_failed_reward_frac}"
+            )
+        if self.max_failed_reward_steps < 1:
+            errors.append(
+                f"trainer.max_failed_reward_steps must be >= 1, got {self.max_failed_reward_steps}"
+            )
         if not self.resume:
             errors.append("trainer.resume is empty: use auto, disable or a checkpoint directory")
         unknown = [name for name in self.loggers if name not in KNOWN_LOGGERS]
