@@ -77,6 +77,27 @@ def build_graders(config: RewardConfig) -> dict[str, Callable[[str, str, str, An
     return graders
 
 
+def limit_memory(max_memory_mb: int | None) -> None:
+    """Cap this process's address space, so a runaway grader gets MemoryError (its item
+    fails) rather than the machine's OOM killer taking something else down."""
+    if max_memory_mb is None:
+        return
+    import resource
+
+    limit = int(max_memory_mb) * 2**20
+    with open("/proc/self/status") as f:
+        size = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:")), 0)
+    if size >= limit:
+        raise MemoryError(
+            f"reward.max_memory_mb={max_memory_mb} is below what a grader process already "
+            f"uses after start-up ({size / 2**20:.0f} MiB of address space); raise it"
+        )
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
 def _exit_when_orphaned(parent_pid: int) -> None:
     # A worker hung in a grader never reads EOF; leave if the trainer process is gone.
     while True:
@@ -85,11 +106,13 @@ def _exit_when_orphaned(parent_pid: int) -> None:
             os._exit(3)
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, max_memory_mb: int | None = None) -> str:
     try:
         text = f"{type(exc).__name__}: {exc}"
     except Exception:  # an exception whose __str__ fails
         text = type(exc).__name__
+    if isinstance(exc, MemoryError) and max_memory_mb is not None:
+        text += f" (grader memory is capped by reward.max_memory_mb={max_memory_mb})"
     return text[:2000]
 
 
@@ -102,6 +125,9 @@ def worker_main(conn: Connection) -> None:
         graders = build_graders(config)
         if "math_verify" in graders:
             warm_up()
+        # after start-up: the cap is for grading, and a cap below the start-up size is
+        # reported once, here, instead of failing every item
+        limit_memory(config.max_memory_mb)
     except BaseException:
         conn.send(("fatal", traceback.format_exc(limit=20)))
         return
@@ -118,7 +144,7 @@ def worker_main(conn: Connection) -> None:
                 score, acc, pred = graders[grader](response, ground_truth, data_source, extra_info)
                 message = ("r", idx, float(score), bool(acc), str(pred))
             except BaseException as exc:  # a grader must never take the worker down
-                message = ("e", idx, _describe(exc))
+                message = ("e", idx, _describe(exc, config.max_memory_mb))
             conn.send(message)
         conn.send(("d",))
 

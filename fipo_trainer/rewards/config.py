@@ -12,6 +12,10 @@ __all__ = ["BUILTIN_GRADERS", "SCORE_FORMATS", "RewardConfig", "available_cpus"]
 BUILTIN_GRADERS = ("dapo", "math_verify")
 #: score_format -> (score when correct, score when wrong / failed)
 SCORE_FORMATS: dict[str, tuple[float, float]] = {"pm1": (1.0, -1.0), "binary": (1.0, 0.0)}
+#: Upper limit for reward.max_abs_score: a group's sum of squares stays finite in float32.
+MAX_SCORE_BOUND = 1e15
+#: Lower limit for reward.max_memory_mb: below it no grader process can start.
+MIN_MEMORY_MB = 64
 
 
 def _default_routes() -> dict[str, str]:
@@ -54,6 +58,14 @@ class RewardConfig:
     chunk_size: int = 16
     #: Seconds a new worker may take to import and warm up before grade() gives up.
     startup_timeout_s: float = 180.0
+    #: Largest |score| a grader may return; a score beyond it (or not finite in float32, the
+    #: dtype advantages are computed in) fails that item. Rewards are O(1); 1e4 leaves room
+    #: for custom scales yet keeps squares and sums over a group far from float32's 3.4e38.
+    #: None = only the float32 finiteness check.
+    max_abs_score: float | None = 1e4
+    #: Address-space limit (RLIMIT_AS) of each grader process in MiB: a runaway grader gets
+    #: MemoryError (its item fails) instead of waking the machine's OOM killer. None = unlimited.
+    max_memory_mb: int | None = None
     # DAPO overlong reward shaping (on the response length in tokens).
     overlong_buffer_enable: bool = False
     overlong_buffer_len: int = 4096
@@ -94,6 +106,16 @@ class RewardConfig:
             )
         if self.dapo_chunk_size < 1 or self.chunk_size < 1:
             raise ValueError("reward.dapo_chunk_size and reward.chunk_size must be >= 1")
+        if self.max_abs_score is not None and not 0 < self.max_abs_score <= MAX_SCORE_BOUND:
+            raise ValueError(
+                f"reward.max_abs_score must be in (0, {MAX_SCORE_BOUND:g}] or null, "
+                f"got {self.max_abs_score}"
+            )
+        if self.max_memory_mb is not None and self.max_memory_mb < MIN_MEMORY_MB:
+            raise ValueError(
+                f"reward.max_memory_mb must be >= {MIN_MEMORY_MB} (a grader process needs "
+                f"~100-200 MiB of address space to start) or null, got {self.max_memory_mb}"
+            )
         if not self.overlong_buffer_enable:
             return
         if self.max_response_length is None:

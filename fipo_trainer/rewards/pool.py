@@ -28,9 +28,9 @@ from typing import Any
 
 from ._process import _stop_workers, _Worker, spawn_worker
 from .config import RewardConfig
-from .custom import load_custom_function, split_spec
+from .custom import split_spec
 from .dapo import TAIL_CHARS
-from .result import Outcome, RewardResult, finish
+from .result import Outcome, RewardResult, check_scores, finish
 
 __all__ = ["RewardPool", "RewardResult"]
 
@@ -47,9 +47,15 @@ class RewardPool:
         self.config = config if config is not None else RewardConfig()
         self.config.validate()
         if self.config.custom_function is not None:
-            # Fail here, with a clear message, rather than inside every worker.
+            # Only the grader processes import the module: its top-level code (model loads,
+            # servers, side effects) must not run in the trainer. A missing file fails here;
+            # a missing function or a failing import fails at start-up, with its traceback.
             path, name = split_spec(self.config.custom_function)
-            load_custom_function(self.config.custom_function)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"reward.custom_function ({self.config.custom_function!r}): file "
+                    f"{str(path)!r} does not exist"
+                )
             # absolute path: the workers must find the same file whatever their cwd
             self.config = dataclasses.replace(self.config, custom_function=f"{path}:{name}")
         self._workers: list[_Worker] = []
@@ -165,8 +171,11 @@ class RewardPool:
             _stop_workers(self._workers, graceful=False)
             raise
 
+        graders = [route[str(ds)] for ds in data_sources]
+        self.totals["errors"] += check_scores(out, cfg, graders, responses, data_sources)
         self.totals["items"] += n
-        result = finish(out, cfg, data_sources, response_lengths, time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        result = finish(out, cfg, data_sources, response_lengths, elapsed, graders)
         result.metrics["reward/worker_restarts"] = float(
             self.totals["worker_restarts"] - restarts_before
         )

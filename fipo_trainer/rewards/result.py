@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from .config import RewardConfig
 from .dapo import INVALID_PRED
@@ -21,6 +25,9 @@ logger = logging.getLogger("fipo_trainer.rewards.pool")
 TIMEOUT_PRED = "[TIMEOUT]"
 ERROR_PRED = "[ERROR]"
 _LOGGED_FAILURES = 5
+#: The dtype scores are used in: advantages are computed from a float32 tensor of them.
+SCORE_DTYPE = np.float32
+_RESPONSE_PREFIX_CHARS = 80
 
 
 @dataclass
@@ -34,6 +41,8 @@ class RewardResult:
     overlong_penalties: list[float]
     metrics: dict[str, float] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)  # item index -> failure message
+    #: reward function (see `describe_grader`) -> {"timeout": n, "error": n} of failed items
+    failures: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class Outcome:
@@ -54,16 +63,72 @@ class Outcome:
 
     def fail(self, i: int, status: str, message: str) -> None:
         pred = TIMEOUT_PRED if status == "timeout" else ERROR_PRED
+        if self.status[i] is None:
+            self.remaining -= 1
         self.acc[i], self.preds[i], self.status[i] = False, pred, status
         self.errors[i] = message
-        self.remaining -= 1
+
+
+def describe_grader(cfg: RewardConfig, grader: str) -> str:
+    """How a message names the reward function: the custom function's path or the grader."""
+    if grader == "custom":
+        return f"custom function {cfg.custom_function}"
+    return f"grader {grader!r}"
+
+
+def check_scores(
+    out: Outcome,
+    cfg: RewardConfig,
+    graders: Sequence[str],
+    responses: Sequence[str],
+    data_sources: Sequence[str],
+) -> int:
+    """Fail every graded item whose score is not finite in `SCORE_DTYPE` or beyond
+    ``reward.max_abs_score``; returns how many. Why here: 1e39 is a fine float64 but inf in
+    the float32 advantages, and the run would later stop blaming the learning rate. Such an
+    item is an error, like a non-finite custom score, so it counts towards
+    ``trainer.max_failed_reward_frac``."""
+    bound = cfg.max_abs_score
+    rejected = 0
+    for i, (status, score) in enumerate(zip(out.status, out.scores)):
+        if status != "ok":
+            continue
+        with np.errstate(over="ignore"):
+            finite = math.isfinite(float(SCORE_DTYPE(score)))
+        if finite and (bound is None or abs(score) <= bound):
+            continue
+        why = (
+            f"is not finite in {np.dtype(SCORE_DTYPE).name}"
+            if not finite
+            else f"exceeds reward.max_abs_score={bound:g}"
+        )
+        out.fail(
+            i,
+            "error",
+            f"{describe_grader(cfg, graders[i])} returned score {score:g} for sample {i} "
+            f"(data_source {str(data_sources[i])!r}, response "
+            f"{responses[i][:_RESPONSE_PREFIX_CHARS]!r}...): it {why}; fix the reward function "
+            "or raise reward.max_abs_score",
+        )
+        rejected += 1
+    return rejected
 
 
 def finish(
-    out: Outcome, cfg: RewardConfig, data_sources, response_lengths, elapsed: float
+    out: Outcome,
+    cfg: RewardConfig,
+    data_sources: Sequence[str],
+    response_lengths: Sequence[int] | None,
+    elapsed: float,
+    graders: Sequence[str] = (),
 ) -> RewardResult:
     """Failure scores, overlong shaping and the batch's metrics: the final `RewardResult`."""
     n = out.n
+    failures: dict[str, dict[str, int]] = {}
+    for i, grader in enumerate(graders):
+        if out.status[i] != "ok":
+            counts = failures.setdefault(describe_grader(cfg, grader), {"timeout": 0, "error": 0})
+            counts[str(out.status[i])] += 1
     for i in range(n):
         if out.status[i] != "ok":
             out.scores[i] = cfg.failure_score
@@ -108,4 +173,5 @@ def finish(
         overlong_penalties=penalties,
         metrics=metrics,
         errors=dict(out.errors),
+        failures=failures,
     )

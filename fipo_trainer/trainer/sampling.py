@@ -16,13 +16,20 @@ from typing import Any
 import numpy as np
 
 from fipo_trainer.data.batch import Batch
-from fipo_trainer.trainer.step_metrics import response_metrics, reward_metrics, timed
+from fipo_trainer.trainer.reward_health import RewardFailuresExceeded, RewardHealth
+from fipo_trainer.trainer.step_metrics import (
+    response_metrics,
+    reward_counters,
+    reward_metrics,
+    timed,
+)
 
 logger = logging.getLogger(__name__)
 
 
 class TrainingStopped(RuntimeError):
-    """Training stopped on purpose (non-finite loss with nan_policy=stop, sampling exhausted)."""
+    """Training stopped on purpose (non-finite loss with nan_policy=stop, sampling exhausted,
+    the grader failing most items for trainer.max_failed_reward_steps rounds in a row)."""
 
 
 def step_seed(base: int, step: int, round_: int) -> int:
@@ -80,6 +87,7 @@ class Sampler:
 
     ``timings`` (timing_s/gen, timing_s/reward) accumulate into the dict given to
     ``collect``; ``last_rollouts`` holds every response of the last step (for dumps).
+    ``collect`` stops the run (`RewardHealth`) when most reward items keep failing.
     """
 
     def __init__(self, cfg: Any, prompts: Any, rollout: Any, reward_pool: Any) -> None:
@@ -88,6 +96,8 @@ class Sampler:
         self.rollout = rollout
         self.reward_pool = reward_pool
         self.last_rollouts: Batch | None = None
+        self.reward_health = RewardHealth.from_config(cfg.trainer)
+        self.last_reward_result: Any = None
 
     def generate_and_grade(
         self, prompts: Batch, sampling: Any, timings: dict[str, float]
@@ -103,6 +113,7 @@ class Sampler:
                 extra_infos=list(batch["extra_info"]) if "extra_info" in batch else None,
             )
         batch |= reward_fields(result)
+        self.last_reward_result = result
         return batch, {**metrics, **result.metrics}
 
     def collect(
@@ -130,6 +141,10 @@ class Sampler:
                 cfg.rollout.sampling(), seed=step_seed(cfg.trainer.seed, step, rounds)
             )
             batch, round_stats = self.generate_and_grade(prompts, sampling, timings)
+            try:  # validation grades through generate_and_grade too; only training counts
+                round_stats |= self.reward_health.record(step, self.last_reward_result)
+            except RewardFailuresExceeded as err:
+                raise TrainingStopped(str(err)) from None
             stats.append(round_stats)
             everything.append(batch)
             if fg.enable:
@@ -144,11 +159,19 @@ class Sampler:
                 break
             if fg.max_num_gen_batches > 0 and rounds >= fg.max_num_gen_batches:
                 if fg.on_exhausted == "error":
+                    counts = reward_counters(stats)
+                    failing = (
+                        f" ({counts['reward/timeouts'] + counts['reward/errors']:.0f} of "
+                        f"{counts['reward/items']:.0f} reward items failed: check the reward "
+                        "function first)"
+                        if self.reward_health.streak
+                        else ""
+                    )
                     raise TrainingStopped(
                         f"dynamic sampling kept {kept_groups}/{target} groups after {rounds} "
                         f"generation rounds (algorithm.filter_groups.max_num_gen_batches="
-                        f"{fg.max_num_gen_batches}); the task is too easy or too hard for the "
-                        "model. Raise max_num_gen_batches, or set "
+                        f"{fg.max_num_gen_batches}){failing}; the task is too easy or too hard "
+                        "for the model. Raise max_num_gen_batches, or set "
                         "algorithm.filter_groups.on_exhausted=proceed to train on what was kept"
                     )
                 break
@@ -167,8 +190,7 @@ class Sampler:
                 np.mean([s.get("rollout/tokens_per_s", 0.0) for s in stats])
             ),
             **reward_metrics(self.last_rollouts),
-            "reward/timeouts": float(sum(s.get("reward/timeouts", 0.0) for s in stats)),
-            "reward/errors": float(sum(s.get("reward/errors", 0.0) for s in stats)),
+            **reward_counters(stats),
             **response_metrics(self.last_rollouts, cfg.data.max_response_length),
         }
         usable = min(kept_groups, target)

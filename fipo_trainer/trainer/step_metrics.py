@@ -1,7 +1,9 @@
 """Metrics of one training step, each computed once, from the batch (pure functions).
 
 Which function owns which keys: ``response_metrics`` (response_length/*, prompt_length/*),
-``reward_metrics`` (reward/score_*, reward/acc_mean), ``logprob_metrics``
+``reward_metrics`` (reward/score_*, reward/acc_mean), ``reward_counters`` (the pool's
+reward/timeouts, errors, worker_restarts, items summed over a step's rounds, failed_frac,
+failed_streak), ``logprob_metrics``
 (rollout/actor_logprob_abs_diff, actor/entropy), ``perf_metrics`` (perf/*); ``timed`` adds
 timing_s/*. The actor's update reports actor/*, the weight sync sync/*, the sampler
 sampling/* and the reward pool's counters.
@@ -57,6 +59,31 @@ def reward_metrics(batch: Batch) -> dict[str, float]:
         "reward/score_min": float(scores.min()),
         "reward/acc_mean": float(acc.mean()),
     }
+
+
+_SUMMED_REWARD_COUNTERS = (
+    "reward/timeouts",
+    "reward/errors",
+    "reward/worker_restarts",
+    "reward/items",
+)
+
+
+def reward_counters(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """The reward pool's counters over a step's generation rounds (each round's metrics).
+
+    Why summed here: per-round values would overwrite each other, and a counter a step does
+    not report (worker restarts, before) never reaches metrics.jsonl.
+    """
+    out = {k: float(sum(r.get(k, 0.0) for r in rounds)) for k in _SUMMED_REWARD_COUNTERS}
+    if out["reward/items"]:
+        failed = out["reward/timeouts"] + out["reward/errors"]
+        out["reward/failed_frac"] = failed / out["reward/items"]
+    else:
+        del out["reward/items"]
+    if rounds and "reward/failed_streak" in rounds[-1]:
+        out["reward/failed_streak"] = float(rounds[-1]["reward/failed_streak"])
+    return out
 
 
 def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
