@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 CONFIG_DIR_ENV = "FIPO_CONFIG_DIR"
 CONFIG_NAME = "config"
@@ -22,11 +24,13 @@ DRY_RUN_FLAG = "--dry-run"
 __all__ = [
     "compose_config",
     "config_dir",
+    "config_keys",
     "data_main",
     "dry_run",
     "eval_main",
     "plot_main",
     "train_main",
+    "unknown_key_message",
 ]
 
 
@@ -44,13 +48,102 @@ def config_dir() -> Path:
 
 
 def compose_config(overrides: Sequence[str] = (), *, directory: str | Path | None = None):
-    """Compose ``config.yaml`` with Hydra overrides (``recipe=NAME``, ``a.b=1``), no run dir."""
+    """Compose ``config.yaml`` with Hydra overrides (``recipe=NAME``, ``a.b=1``), no run dir.
+
+    An override of a key the config lacks raises `ConfigError` naming the closest keys
+    (Hydra's own advice, ``+a.b=1``, only moves the failure to the schema check).
+    """
     from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
 
     import fipo_trainer.trainer.config  # noqa: F401 - registers the schema
+    from fipo_trainer.trainer.config.errors import ConfigError
 
+    remaining, unknown = list(overrides), []
     with initialize_config_dir(str(directory or config_dir()), version_base=None):
-        return compose(config_name=CONFIG_NAME, overrides=list(overrides))
+        while True:
+            try:
+                cfg = compose(config_name=CONFIG_NAME, overrides=remaining)
+                break
+            except ConfigCompositionException as err:
+                match = _UNKNOWN_OVERRIDE.search(str(err))
+                key = match.group(1) if match else None
+                kept = [o for o in remaining if _override_key(o) != key]
+                if key is None or len(kept) == len(remaining):
+                    raise
+                unknown.append(key)
+                remaining = kept
+    if unknown:
+        keys = config_keys(cfg)
+        raise ConfigError([unknown_key_message(k, keys) for k in unknown])
+    return cfg
+
+
+_UNKNOWN_OVERRIDE = re.compile(r"Could not override '([^']+)'")
+
+
+def _override_key(override: str) -> str | None:
+    """The key a plain ``a.b=value`` override sets (None for ``+``/``~`` and flags)."""
+    if override.startswith(("+", "~", "-")) or "=" not in override:
+        return None
+    return override.split("=", 1)[0]
+
+
+def config_keys(cfg: Any) -> list[str]:
+    """Every dotted key that holds a value, at all nesting levels (``actor.lr``,
+    ``actor.policy_loss.clip_ratio_low``): the keys an override can set."""
+    from omegaconf import OmegaConf
+
+    keys: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for name, value in node.items():
+                key = f"{prefix}{name}"
+                if not (isinstance(value, dict) and value):  # a value, or an empty mapping
+                    keys.append(key)
+                walk(value, key + ".")
+
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(tree, dict)
+    tree.pop("hydra", None)
+    walk(tree, "")
+    return keys
+
+
+def unknown_key_message(key: str, keys: Sequence[str]) -> str:
+    """``unknown config key actor.lrr; did you mean actor.lr?`` (difflib's closest keys)."""
+    import difflib
+
+    scored = [(difflib.SequenceMatcher(None, key, k).ratio(), k) for k in keys]
+    best = max((score for score, _ in scored), default=0.0)
+    # The nearest keys only: "actor.lrr" means actor.lr, not every key that shares "actor.".
+    close = [k for score, k in sorted(scored, reverse=True) if score >= max(0.6, best - 0.05)][:3]
+    if close:
+        return f"unknown config key {key}; did you mean {' or '.join(close)}?"
+    return f"unknown config key {key}; no key is close (fipo-train --cfg job lists them all)"
+
+
+def _check_overrides(args: Sequence[str]) -> None:
+    """Before Hydra's main: an unknown key exits 2 with `unknown_key_message` (Hydra would
+    suggest ``+key=value``). Anything else is left to Hydra, which reports it itself."""
+    from fipo_trainer.trainer.config.errors import ConfigError
+
+    if any(a.startswith(_OTHER_CONFIG_FLAGS) for a in args):
+        return  # another primary config: its keys are not config.yaml's
+    overrides = [
+        a for a in args if "=" in a and not a.startswith("-") and not a.startswith("hydra")
+    ]
+    try:
+        compose_config(overrides)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        sys.exit(2)
+    except Exception:  # Hydra's main reports it with its own message
+        return
+
+
+_OTHER_CONFIG_FLAGS = ("--config-name", "--config-path", "--config-dir", "-cn", "-cp", "-cd")
 
 
 def actor_layout(cfg) -> str:
@@ -83,7 +176,7 @@ def dry_run(overrides: Sequence[str]) -> int:
         print(f"actor layout: {actor_layout(cfg)}", file=sys.stderr)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
-        validate_config(cfg)  # logs its warnings
+        validate_config(cfg, check_data=True)  # logs its warnings; reads each file's head
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
@@ -112,6 +205,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if DRY_RUN_FLAG in args:
         sys.exit(dry_run([a for a in args if a != DRY_RUN_FLAG]))
+    _check_overrides(args)
     import hydra
 
     import fipo_trainer.trainer.config  # noqa: F401 - registers the schema

@@ -21,7 +21,16 @@ import torch
 
 from fipo_trainer.data.batch import Batch
 from fipo_trainer.data.config import DataConfig
-from fipo_trainer.data.records import SUFFIXES, DataError, detect_schema, parse_row, read_records
+from fipo_trainer.data.records import (
+    SKIP_HINT,
+    SUFFIXES,
+    DataError,
+    check_columns,
+    columns_of,
+    detect_schema,
+    parse_row,
+    read_records,
+)
 from fipo_trainer.data.sampler import ResumableSampler
 from fipo_trainer.data.tokenization import encode_prompts, render_prompt, resolve_chat_template
 
@@ -109,7 +118,7 @@ class PromptDataset:
 
     def _bad(self, err: DataError) -> None:
         if not self.config.skip_bad_rows:
-            raise DataError(f"{err} (set data.skip_bad_rows=true to skip such rows)") from None
+            raise DataError(f"{err} ({SKIP_HINT})") from None
         self.stats.skipped_bad += 1
         if len(self.stats.first_errors) < 3:
             self.stats.first_errors.append(str(err))
@@ -125,6 +134,7 @@ class PromptDataset:
             logger.warning("%s holds no rows", path)
             return
         schema = detect_schema(records, cfg, path)
+        check_columns(columns_of(records), schema, cfg, path)  # once per file, not per row
         parsed, texts = [], []
         for i, record in enumerate(records):
             self.stats.rows_read += 1

@@ -18,9 +18,25 @@ import numpy as np
 
 from fipo_trainer.data.config import DataConfig
 
-__all__ = ["SUFFIXES", "DataError", "detect_schema", "parse_row", "read_records"]
+__all__ = [
+    "PREVIEW_ROWS",
+    "SKIP_HINT",
+    "SUFFIXES",
+    "DataError",
+    "check_columns",
+    "columns_of",
+    "detect_schema",
+    "parse_row",
+    "preview_problems",
+    "read_preview",
+    "read_records",
+]
 
 SUFFIXES = (".parquet", ".jsonl", ".json")
+#: Rows a dry run checks per file (reading a whole 17k-row file is training's job).
+PREVIEW_ROWS = 8
+#: The fix offered with every bad row (training raises, or skips when this is set).
+SKIP_HINT = "set data.skip_bad_rows=true to skip such rows"
 
 
 class DataError(ValueError):
@@ -40,21 +56,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         except Exception as e:  # pyarrow raises several types for corrupt files
             raise DataError(f"{path}: cannot read parquet ({e})") from e
     if path.suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {i + 1}: invalid JSON ({e})") from e
-                if not isinstance(row, dict):
-                    raise DataError(
-                        f"{path} line {i + 1}: expected a JSON object, got {type(row).__name__}"
-                    )
-                rows.append(row)
-        return rows
+        return _read_jsonl(path)
     if path.suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -64,6 +66,112 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
             raise DataError(f"{path}: a .json data file must hold a list of objects")
         return data
     raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {SUFFIXES}")
+
+
+def _read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if limit is not None and len(rows) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {i + 1}: invalid JSON ({e})") from e
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{path} line {i + 1}: expected a JSON object, got {type(row).__name__}"
+                )
+            rows.append(row)
+    return rows
+
+
+def read_preview(
+    path: str | Path, rows: int = PREVIEW_ROWS
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Column names and the first ``rows`` rows, without reading the whole file (dry runs).
+
+    Parquet columns come from the file's schema; JSON columns are the keys of the rows read.
+    Errors are `read_records`' own, so a dry run reports what training would.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+            columns = list(pf.schema_arrow.names)
+            batch = next(pf.iter_batches(batch_size=rows), None) if pf.metadata.num_rows else None
+            records = batch.to_pylist()[:rows] if batch is not None else []
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise DataError(f"{path}: cannot read parquet ({e})") from e
+        return columns, records
+    records = _read_jsonl(path, rows) if path.suffix == ".jsonl" else read_records(path)[:rows]
+    return columns_of(records), records
+
+
+def columns_of(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Every key any row has (a file's columns), in first-seen order."""
+    seen: dict[str, None] = {}
+    for record in records:
+        seen.update(dict.fromkeys(record))
+    return list(seen)
+
+
+def _required(schema: str, cfg: DataConfig) -> dict[str, str]:
+    if schema == "verl":
+        return {
+            cfg.prompt_key: "the chat messages of each prompt (data.prompt_key)",
+            "data_source": "the dataset name that routes the grader",
+            "reward_model": "each prompt's {'ground_truth': ...} for the reward",
+        }
+    if schema == "raw":
+        return {
+            cfg.problem_key: "the problem text (data.problem_key)",
+            cfg.answer_key: "the ground-truth answer (data.answer_key)",
+        }
+    raise ValueError(f"unknown schema {schema!r}")
+
+
+def check_columns(columns: Sequence[str], schema: str, cfg: DataConfig, path: Path) -> None:
+    """Raise one `DataError` per file for missing columns (not one per row: every row of such
+    a file is bad for the same reason)."""
+    have = set(columns)
+    missing = {k: v for k, v in _required(schema, cfg).items() if k not in have}
+    if missing:
+        what = "; ".join(f"{k!r}: {v}" for k, v in missing.items())
+        raise DataError(
+            f"{path}: missing column(s) {list(missing)} for the {schema} schema ({what}); the "
+            f"file has columns {sorted(have)}: add the column(s) to the file or set "
+            "data.schema / data.prompt_key / data.problem_key / data.answer_key to match it"
+        )
+
+
+def preview_problems(
+    path: str | Path, cfg: DataConfig, rows: int = PREVIEW_ROWS
+) -> tuple[list[str], list[str]]:
+    """``(file problems, bad-row problems)`` of a file's columns and first rows, in the
+    messages training gives (so ``--dry-run`` catches a broken file before anything starts)."""
+    path = Path(path)
+    try:
+        columns, records = read_preview(path, rows)
+        if not records:  # training warns and goes on ("holds no rows")
+            return [], []
+        schema = detect_schema(records, cfg, path)
+        check_columns(columns, schema, cfg, path)
+    except (DataError, FileNotFoundError, OSError) as e:
+        return [str(e)], []
+    bad = []
+    for i, record in enumerate(records):
+        try:
+            parse_row(record, schema, cfg, f"{path} row {i}")
+        except DataError as e:
+            bad.append(str(e))
+    return [], bad
 
 
 def detect_schema(records: Sequence[dict[str, Any]], cfg: DataConfig, path: Path) -> str:
@@ -119,6 +227,12 @@ def _messages(value: Any, where: str, name: str) -> list[dict[str, str]]:
                 raise DataError(
                     f"{where}: {name}[{j}].{key} must be a string, got {type(m.get(key)).__name__}"
                 )
+        if not m["content"].strip():
+            raise DataError(
+                f"{where}: column {name!r}: {name}[{j}].content ({m['role']}) is empty "
+                f"({m['content']!r}), so the model would train on a blank prompt: fix the row "
+                "in the file or drop it"
+            )
         out.append({"role": m["role"], "content": m["content"]})
     return out
 

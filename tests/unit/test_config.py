@@ -53,9 +53,7 @@ def test_default_train_config_builds_and_is_an_actor_config():
 
 
 def test_typo_in_a_key_fails_at_composition():
-    from hydra.errors import ConfigCompositionException
-
-    with pytest.raises(ConfigCompositionException, match=r"trainer_batch_size|not in struct"):
+    with pytest.raises(ConfigError, match=r"unknown config key data\.trainer_batch_size; did you"):
         compose_config(["data.trainer_batch_size=3"])
 
 

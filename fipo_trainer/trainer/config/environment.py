@@ -62,6 +62,32 @@ def check_files(cfg: TrainConfig, r: Report) -> None:
         _check_path(r, "reward.custom_function", str(cfg.reward.custom_function).rsplit(":", 1)[0])
 
 
+def check_data(cfg: TrainConfig, r: Report, rows: int | None = None) -> None:
+    """Each data file's columns and first rows parse as training would parse them (dry runs:
+    a file without a prompt column must not pass as "config OK"). Missing files are
+    `check_files`' to report; bad rows are errors unless ``data.skip_bad_rows`` skips them."""
+    from fipo_trainer.data.config import DataConfig
+    from fipo_trainer.data.records import PREVIEW_ROWS, SKIP_HINT, preview_problems
+
+    try:
+        loader = DataConfig.from_section(cfg.data)
+    except ValueError:  # the data section's own checks report it
+        return
+    for key in ("train_files", "val_files"):
+        for name in dict.fromkeys(str(n) for n in getattr(cfg.data, key)):
+            path = Path(name).expanduser()
+            if name.startswith(BUILTIN_PREFIX) or not path.is_file():
+                continue
+            problems, bad = preview_problems(path, loader, rows or PREVIEW_ROWS)
+            for msg in problems:
+                r.error(f"data.{key}: {msg}")
+            for msg in bad:
+                if loader.skip_bad_rows:
+                    r.warn(f"data.{key}: {msg} (skipped: data.skip_bad_rows=true)")
+                else:
+                    r.error(f"data.{key}: {msg} ({SKIP_HINT})")
+
+
 # --------------------------------------------------------------------------- the model
 
 

@@ -25,6 +25,7 @@ def validate_config(
     *,
     check_files: bool = True,
     check_platform: bool = True,
+    check_data: bool = False,
 ) -> list[str]:
     """Check `cfg` at start-up; raise `ConfigError` listing every problem, return warnings.
 
@@ -32,7 +33,8 @@ def validate_config(
     file must exist, and the model must hold prompt + response (its max_position_embeddings
     after ``model.override_config``). ``check_platform``: this machine must fit the settings
     (CUDA when GPUs are asked for locally, vLLM and logger packages installed, enough CPUs
-    for local Ray).
+    for local Ray). ``check_data``: each data file's columns and first rows parse (the dry run;
+    training reads every row anyway).
     """
     report = Report()
     _check_sections(cfg, report)
@@ -40,6 +42,8 @@ def validate_config(
         rule(cfg, report)
     if check_files:
         environment.check_files(cfg, report)
+    if check_data:
+        environment.check_data(cfg, report)
     if check_platform:
         environment.check_platform(cfg, report)
     for msg in report.warnings:
