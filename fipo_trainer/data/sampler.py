@@ -54,11 +54,13 @@ class ResumableSampler:
         return [int(i) for i in out]
 
     def state_dict(self) -> dict[str, int]:
+        """Plain ``int`` values only (never numpy scalars), so that a checkpoint holding it
+        loads with ``torch.load(weights_only=True)``."""
         return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "seed": self.seed,
-            "num_rows": self.num_rows,
+            "epoch": int(self.epoch),
+            "position": int(self.position),
+            "seed": int(self.seed),
+            "num_rows": int(self.num_rows),
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:

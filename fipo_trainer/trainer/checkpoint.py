@@ -8,10 +8,17 @@ after that rename, and older checkpoints are deleted only after both. A director
 a checkpoint only if it carries ``trainer_state.pt``, so stray or half-deleted folders are
 never resumed from. Multi-node runs need ``run_dir`` on a filesystem all ranks share.
 
+Each checkpoint carries ``fipo_manifest.json`` (sizes + sha256 of every file, the actor's
+nested manifest included), written last inside the temp directory; :meth:`resolve_resume`
+verifies it before anything heavy starts and ``auto`` falls back to the newest valid
+checkpoint (see :mod:`~fipo_trainer.trainer.checkpoint_manifest`). ``trainer_state.pt``
+holds only tensors and plain types and is loaded with ``weights_only=True``.
+
 Layout::
 
     run_dir/checkpoints/
         global_step_10/         (whatever write_fn wrote, e.g. actor/) + trainer_state.pt
+                                + fipo_manifest.json
         global_step_15/
         latest_checkpointed_iteration.txt   -> "15"
 """
@@ -28,12 +35,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from fipo_trainer.fsutil import atomic_dir, atomic_file, discard_dir, remove_leftovers
+from fipo_trainer.fsutil import (
+    MANIFEST_FILE,
+    atomic_dir,
+    atomic_file,
+    discard_dir,
+    remove_leftovers,
+    write_manifest,
+)
+from fipo_trainer.trainer.checkpoint_manifest import (
+    STATE_FILE,
+    STATE_FORMAT,
+    CheckpointInvalid,
+    checkpoint_problems,
+    describe,
+    first_valid,
+    load_state_file,
+)
 
 __all__ = [
     "CHECKPOINTS_DIR",
     "POINTER_FILE",
     "STATE_FILE",
+    "CheckpointInvalid",
     "CheckpointManager",
     "rng_state",
     "set_rng_state",
@@ -44,23 +68,43 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 POINTER_FILE = "latest_checkpointed_iteration.txt"
-STATE_FILE = "trainer_state.pt"
 _PREFIX = "global_step_"
 _NAME_RE = re.compile(rf"^{_PREFIX}(\d+)$")
 
 
 def rng_state() -> dict[str, Any]:
-    """The driver's Python/numpy/torch RNG states (saved in ``trainer_state``)."""
+    """The driver's Python/numpy/torch RNG states (saved in ``trainer_state``) as tensors and
+    plain types only, so that ``weights_only=True`` loading needs no pickled classes."""
+    version, internal, gauss_next = random.getstate()
+    np_state = np.random.get_state(legacy=False)
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        "numpy": {
+            "bit_generator": str(np_state["bit_generator"]),
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
         "torch": torch.get_rng_state(),
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore :func:`rng_state`'s states (also the raw tuples/arrays of older checkpoints)."""
+    py = state["python"]
+    if isinstance(py, dict):
+        py = (py["version"], tuple(py["state"]), py["gauss_next"])
+    random.setstate(py)
+    npy = state["numpy"]
+    if isinstance(npy, dict):
+        npy = {
+            "bit_generator": npy["bit_generator"],
+            "state": {"key": npy["key"].numpy().astype(np.uint32), "pos": npy["pos"]},
+            "has_gauss": npy["has_gauss"],
+            "gauss": npy["gauss"],
+        }
+    np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
 
 
@@ -74,6 +118,34 @@ def step_of(path: str | Path) -> int:
 
 def _is_complete(path: Path) -> bool:
     return _NAME_RE.match(path.name) is not None and (path / STATE_FILE).is_file()
+
+
+def _is_candidate(path: Path) -> bool:
+    """Looks like a checkpoint (state file or manifest): resumable once verified."""
+    return _NAME_RE.match(path.name) is not None and (
+        (path / STATE_FILE).is_file() or (path / MANIFEST_FILE).is_file()
+    )
+
+
+def _candidates_in(root: Path) -> list[Path]:
+    """Checkpoints to try, best first: the pointer's, then older steps, newest first (steps
+    above the pointer were abandoned by a resume from an older one). Without a usable
+    pointer: every step, newest first."""
+    if not root.is_dir():
+        return []
+    found = sorted(
+        (p for p in root.iterdir() if p.is_dir() and _is_candidate(p)), key=step_of, reverse=True
+    )
+    pointer = root / POINTER_FILE
+    text = pointer.read_text().strip() if pointer.is_file() else ""
+    named = root / f"{_PREFIX}{int(text)}" if text.isdigit() else None
+    if named in found:
+        return [named] + [p for p in found if step_of(p) < step_of(named)]
+    if pointer.is_file():
+        logger.warning(
+            "%s names %r, which is not a checkpoint; trying the newest ones", pointer, text
+        )
+    return found
 
 
 def _complete_in(root: Path) -> list[Path]:
@@ -90,7 +162,9 @@ def _latest_in(root: Path) -> Path | None:
             candidate = root / f"{_PREFIX}{int(text)}"
             if _is_complete(candidate):
                 return candidate
-        logger.warning("%s names %r, which is not a complete checkpoint; using the newest one", pointer, text)
+        logger.warning(
+            "%s names %r, which is not a complete checkpoint; using the newest one", pointer, text
+        )
     found = _complete_in(root)
     return found[-1] if found else None
 
@@ -134,16 +208,19 @@ class CheckpointManager:
         """Write checkpoint ``step`` atomically and return ``run_dir/checkpoints/global_step_{step}``.
 
         ``write_fn(tmp_dir)`` writes the heavy state (actor engine, ...) into a temp directory;
-        ``trainer_state`` (step, sampler state, RNG states, config: anything ``torch.save``
-        can pickle) goes to ``trainer_state.pt``. If anything raises, the temp directory is
-        removed and the previous checkpoints and pointer are untouched.
+        ``trainer_state`` (step, sampler state, RNG states, config: tensors and plain types
+        only, or resuming will refuse it) goes to ``trainer_state.pt``; the manifest is
+        written last. If anything raises, the temp directory is removed and the previous
+        checkpoints and pointer are untouched.
         """
         step = int(step)
         if step < 0:
             raise ValueError(f"checkpoint step must be >= 0, got {step}")
-        state = dict(trainer_state)
+        state = {**dict(trainer_state), "format": STATE_FORMAT}
         if state.setdefault("step", step) != step:
-            raise ValueError(f"trainer_state['step']={state['step']} but save() was called for step {step}")
+            raise ValueError(
+                f"trainer_state['step']={state['step']} but save() was called for step {step}"
+            )
         self.root.mkdir(parents=True, exist_ok=True)
         remove_leftovers(self.root)
 
@@ -152,6 +229,7 @@ class CheckpointManager:
             write_fn(tmp)
             with atomic_file(tmp / STATE_FILE, "wb") as f:
                 torch.save(state, f)
+            write_manifest(tmp)  # last: its presence means everything else is in place
         self._write_pointer(step)
         self._prune(keep=final)
         logger.info("saved checkpoint %s", final)
@@ -168,25 +246,49 @@ class CheckpointManager:
         excess = len(others) + 1 - self.keep_last
         for path in others[: max(excess, 0)]:
             discard_dir(path)
-            logger.info("removed old checkpoint %s (trainer.max_ckpt_to_keep=%d)", path, self.keep_last)
+            logger.info(
+                "removed old checkpoint %s (trainer.max_ckpt_to_keep=%d)", path, self.keep_last
+            )
 
     # ------------------------------------------------------------------ resuming
-    def resolve_resume(self, mode: str | None) -> Path | None:
-        """The checkpoint to resume from for ``trainer.resume``.
+    def clean_leftovers(self) -> list[Path]:
+        """Remove the temp and half-deleted directories a crash mid-save left (at start-up)."""
+        removed = remove_leftovers(self.root)
+        for path in removed:
+            logger.info(
+                "removed leftover temporary checkpoint entry %s (a save or delete "
+                "interrupted by a crash)",
+                path,
+            )
+        return removed
 
-        ``"disable"`` (or ``None``): none. ``"auto"``: :meth:`latest` in this run dir, or
-        none when there is no complete checkpoint. Anything else is a path: a
-        ``global_step_N`` directory, or a run/checkpoints directory whose latest is used; it
-        must exist and hold a complete checkpoint.
+    def resolve_resume(self, mode: str | None) -> Path | None:
+        """The verified checkpoint to resume from for ``trainer.resume`` (call it before
+        anything heavy starts: it reads every file of the checkpoint once).
+
+        ``"disable"`` (or ``None``): none. ``"auto"``: the pointer's checkpoint, or when its
+        manifest does not match the newest older valid one (a warning names the broken
+        files); none when there is no checkpoint at all; :class:`CheckpointInvalid` when
+        there are some but none is valid. Anything else is a path: a ``global_step_N``
+        directory, or a run/checkpoints directory whose latest is used; it must exist and be
+        valid (no fallback: an explicit choice that is broken is an error).
         """
         if mode is None or str(mode).strip().lower() == "disable":
             return None
         text = str(mode).strip()
         if text.lower() == "auto":
-            found = self.latest()
+            candidates = _candidates_in(self.root)
+            found, broken = first_valid(candidates)
             if found is not None:
                 logger.info("trainer.resume=auto: resuming from %s", found)
-            return found
+                return found
+            if broken:
+                raise CheckpointInvalid(
+                    f"trainer.resume=auto: no valid checkpoint in {self.root}:\n{describe(broken)}"
+                    "\nPass trainer.resume=<path to a checkpoints/global_step_N directory> to "
+                    "pick one, or trainer.resume=disable to start afresh"
+                )
+            return None
         if not text:
             raise ValueError("trainer.resume is empty; use auto, disable or a checkpoint path")
         path = Path(text).expanduser()
@@ -195,30 +297,38 @@ class CheckpointManager:
                 f"trainer.resume={text!r}: {path} does not exist; set trainer.resume to auto, "
                 "disable or an existing checkpoints/global_step_N directory"
             )
-        if _is_complete(path):
-            return path.resolve()
-        if path.is_dir():  # a run dir or a checkpoints dir: take its latest
+        found = None
+        if _is_candidate(path):
+            found = path
+        elif path.is_dir():  # a run dir or a checkpoints dir: take its latest
             root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
-            found = _latest_in(root)
-            if found is not None:
-                return found.resolve()
-        raise ValueError(
-            f"trainer.resume={text!r}: {path} is not a complete checkpoint (a global_step_N "
-            f"directory with {STATE_FILE}) and holds none; point trainer.resume at one, or use auto"
-        )
+            found = next(iter(_candidates_in(root)), None)
+        if found is None:
+            raise ValueError(
+                f"trainer.resume={text!r}: {path} is not a complete checkpoint (a global_step_N "
+                f"directory with {STATE_FILE}) and holds none; point trainer.resume at one, or "
+                "use auto"
+            )
+        problems = checkpoint_problems(found)
+        if problems:
+            raise CheckpointInvalid(
+                f"trainer.resume={text!r}: checkpoint {found} is broken: {'; '.join(problems)}. "
+                "Point trainer.resume at another checkpoints/global_step_N directory, or use "
+                "trainer.resume=disable to start afresh"
+            )
+        return found.resolve()
 
     def load_trainer_state(self, path: str | Path) -> dict[str, Any]:
         """``trainer_state`` as saved (``path``: the checkpoint directory or its state file).
 
-        Loaded with ``weights_only=False``: the state holds numpy RNG arrays and sampler
-        objects, and it is this run's own file (the DeepSpeed files beside it are trusted
-        the same way).
+        Loaded with ``weights_only=True`` (:func:`load_state_file`): only tensors and plain
+        types, so a crafted file cannot run code here. The DeepSpeed shards beside it are
+        unpickled by DeepSpeed and trusted only after :meth:`resolve_resume` verified them.
         """
         path = Path(path).expanduser()
         file = path / STATE_FILE if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(f"{file} not found: {path} is not a checkpoint written by CheckpointManager")
-        state = torch.load(file, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or "step" not in state:
-            raise ValueError(f"{file} does not hold a trainer state dict with a 'step'")
-        return state
+            raise FileNotFoundError(
+                f"{file} not found: {path} is not a checkpoint written by CheckpointManager"
+            )
+        return load_state_file(file)

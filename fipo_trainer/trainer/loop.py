@@ -202,11 +202,23 @@ class RLTrainer:
         }
         return self.ckpt.save(step, lambda path: self.actor.save(str(path / "actor")), state)
 
-    def maybe_resume(self) -> int:
+    def prepare_resume(self) -> None:
+        """Clean crash leftovers, then pick, verify and read the checkpoint to resume from,
+        before Ray, DeepSpeed or vLLM start: a broken checkpoint fails (or, with
+        ``trainer.resume=auto``, is skipped for an older valid one) in seconds, not after the
+        roles spent minutes starting."""
+        from fipo_trainer.trainer.checkpoint import CheckpointManager
+
+        self.ckpt = CheckpointManager(self.run_dir, self.cfg.trainer.max_ckpt_to_keep)
+        self.ckpt.clean_leftovers()
         path = self.ckpt.resolve_resume(self.cfg.trainer.resume)
-        if path is None:
+        self._resume = None if path is None else (path, self.ckpt.load_trainer_state(path))
+
+    def maybe_resume(self) -> int:
+        """Load the checkpoint :meth:`prepare_resume` verified into the started roles."""
+        if getattr(self, "_resume", None) is None:
             return 0
-        state = self.ckpt.load_trainer_state(path)
+        path, state = self._resume
         self.actor.load(str(Path(path) / "actor"))
         self.prompts.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
@@ -222,15 +234,14 @@ class RLTrainer:
         return per_epoch * cfg.total_epochs
 
     def fit(self) -> TrainResult:
-        from fipo_trainer.trainer.checkpoint import CheckpointManager
         from fipo_trainer.trainer.rollout_dump import dump_rollouts, records_from_batch
         from fipo_trainer.trainer.tracking import Tracker
 
         cfg = self.cfg
+        self.prepare_resume()  # before anything heavy starts
         self._build_data()
         self._start_roles()
         self.sampler = Sampler(cfg, self.prompts, self.rollout, self.reward_pool)
-        self.ckpt = CheckpointManager(self.run_dir, cfg.trainer.max_ckpt_to_keep)
         start_step = self.maybe_resume()
         if start_step:
             self.weight_sync.sync()  # the engines still hold the initial weights

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fipo_trainer.trainer.checkpoint import POINTER_FILE, STATE_FILE, CheckpointManager, step_of
+from fipo_trainer.trainer.checkpoint_manifest import STATE_FORMAT
 
 
 def _writer(payload: str = "weights"):
@@ -35,7 +36,11 @@ def test_save_layout_and_pointer(tmp_path):
     assert (path / "actor" / "model.bin").read_text() == "weights"
     assert (path / STATE_FILE).is_file() and _pointer(mgr) == "5"
     assert _names(mgr) == ["global_step_5", POINTER_FILE]  # no temp files left
-    assert mgr.load_trainer_state(path) == {"sampler": {"epoch": 0, "pos": 3}, "step": 5}
+    assert mgr.load_trainer_state(path) == {
+        "sampler": {"epoch": 0, "pos": 3},
+        "step": 5,
+        "format": STATE_FORMAT,
+    }
     assert step_of(path) == 5
 
 

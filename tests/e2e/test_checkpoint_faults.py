@@ -1,0 +1,78 @@
+"""A damaged newest checkpoint: ``trainer.resume=auto`` notices it before Ray starts and
+resumes from the older valid one (real components, as in ``test_train.py``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from fipo_trainer.cli import compose_config
+from fipo_trainer.trainer.checkpoint import STATE_FILE
+from fipo_trainer.trainer.config import prepare_config
+from fipo_trainer.trainer.loop import run_training
+
+pytestmark = pytest.mark.e2e
+
+COMMON = [
+    "trainer.test_freq=0",
+    "trainer.val_before_train=false",
+    "trainer.save_freq=1",
+    "trainer.max_ckpt_to_keep=2",
+    "trainer.plot=false",
+    "trainer.export_hf=false",
+    "trainer.rollout_dump_freq=0",
+    "trainer.loggers=[console,jsonl]",
+]
+
+
+def train(run_dir, *overrides):
+    cfg = prepare_config(compose_config([*COMMON, f"trainer.run_dir={run_dir}", *overrides]))
+    return run_training(cfg)
+
+
+def test_truncated_newest_state_falls_back_to_older_step_before_ray_starts(
+    tmp_path, caplog, monkeypatch
+):
+    import fipo_trainer.cluster.ray_init as ray_init
+
+    run_dir = tmp_path / "run"
+    first = train(run_dir, "trainer.total_training_steps=2", "trainer.resume=disable")
+    assert first.steps == 2
+    ckpts = run_dir / "checkpoints"
+    state = ckpts / "global_step_2" / STATE_FILE
+    state.write_bytes(state.read_bytes()[:100])  # what a full disk or a bad copy leaves
+    (ckpts / ".tmp-global_step_3-deadbeef" / "actor").mkdir(parents=True)  # a crash mid-save
+
+    ray_started: list[tuple[float, int]] = []
+    real_init = ray_init.init_ray
+
+    def recording_init(*args, **kwargs):
+        ray_started.append((time.monotonic(), len(caplog.records)))
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(ray_init, "init_ray", recording_init)
+    caplog.set_level(logging.INFO, logger="fipo_trainer")
+    start = time.monotonic()
+    resumed = train(run_dir, "trainer.total_training_steps=2", "trainer.resume=auto")
+
+    assert resumed.steps == 2  # resumed at step 1, trained step 2 again
+    messages = [r.getMessage() for r in caplog.records]
+    broken = [
+        i
+        for i, m in enumerate(messages)
+        if "global_step_2 is broken" in m and f"{STATE_FILE} has 100 bytes" in m
+    ]
+    resumed_at = [i for i, m in enumerate(messages) if "resumed from" in m and "step 1" in m]
+    cleaned = [i for i, m in enumerate(messages) if "leftover temporary checkpoint" in m]
+    assert broken and resumed_at and cleaned, messages
+    # the manifest check (and the clean-up) happened before Ray was even asked to start
+    (ray_time, records_before_ray) = ray_started[0]
+    assert cleaned[0] < broken[0] < records_before_ray <= resumed_at[0]
+    assert ray_time - start < 30
+    assert not (ckpts / ".tmp-global_step_3-deadbeef").exists()
+    # the re-trained step 2 replaced the broken checkpoint with a valid one
+    from fipo_trainer.trainer.checkpoint import CheckpointManager
+
+    assert CheckpointManager(run_dir).resolve_resume("auto") == ckpts / "global_step_2"
