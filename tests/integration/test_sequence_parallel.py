@@ -231,6 +231,66 @@ def test_fipo_loss_and_every_gradient_match(pairs, variant):
         assert diff <= 1e-5 * max(scale, 1e-8), f"{name}: {diff:.3g} vs max |grad| {scale:.3g}"
 
 
+def fipo_terms_of(worker, batch: Batch, part: list[int]) -> dict[str, torch.Tensor]:
+    """The update's first step on one micro-batch, on this rank: log-probs of its piece and
+    the FIPO terms on its own tokens (what ``PolicyTrainer.update`` computes)."""
+    from fipo_trainer.algorithms.policy_loss import compute_policy_terms
+
+    trainer = worker.trainer
+    idx = torch.tensor(part)
+    packed = pack_rows(batch["input_ids"][idx], batch["attention_mask"][idx], PROMPT_W)
+    with torch.no_grad():
+        logp, _, shards = trainer.forward_rows(packed, T, RESP_W, with_entropy=False)
+        mask = batch["response_mask"][idx]
+        own = mask if shards is None else mask * shards.owned(RESP_W)
+        terms = compute_policy_terms(
+            "fipo",
+            batch["old_log_probs"][idx],
+            logp,
+            batch["advantages"][idx],
+            own,
+            trainer.config.policy_loss,
+            shards,
+        )
+    return {
+        "weights": terms.token_stats["influence_weights"] * own,
+        "loss_mask": terms.loss_mask,
+        "own": own,
+    }
+
+
+def test_influence_weights_match_at_and_around_the_shard_boundary(pairs):
+    one, two = pairs["global-token-mean"]
+    batch = make_batch()
+    batch = off_policy(batch, one.compute_log_prob(batch, temperature=T)["old_log_probs"])
+    row, left, right = boundary_row(batch)
+    part = next(p for p in micro_batches(batch) if row in p)
+    j = part.index(row)
+    run = DeepSpeedActorWorker.run
+    (full,) = one.worker_group.call_all(run, fipo_terms_of, batch, part)
+    pieces = two.worker_group.call_all(run, fipo_terms_of, batch, part)
+    # Each token is held by exactly one SP rank; together they are the SP 1 rows.
+    assert torch.equal(sum(p["own"] for p in pieces), full["own"])
+    stitched = sum(p["weights"] for p in pieces)
+    assert float((stitched - full["weights"]).abs().max()) <= 1e-5
+    near = [c for c in (left - 1, left, right, right + 1) if 0 <= c < RESPONSES[row]]
+    assert torch.allclose(stitched[j, near], full["weights"][j, near], atol=1e-5)
+    assert float(full["weights"][j, : RESPONSES[row]].max()) > 1.0  # weights are not all 1
+    # The response with one dual-clipped token on each shard leaves the loss on both.
+    assert float(full["loss_mask"][j].sum()) == 0.0
+    assert all(float(p["loss_mask"][j].sum()) == 0.0 for p in pieces)
+
+
+def test_batch_has_the_shapes_the_tests_need():
+    """Several sequences per micro-batch, an odd total length, a 1-token sequence."""
+    batch = make_batch()
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    plan = micro_batches(batch)
+    assert max(len(p) for p in plan) >= 3
+    assert any(sum(lengths[i] for i in p) % 2 for p in plan)
+    assert min(lengths) == 1
+
+
 def test_a_loss_without_shards_support_is_refused(pairs):
     """A policy loss registered without a ``shards`` parameter cannot run sharded."""
     _, two = pairs["global-token-mean"]
