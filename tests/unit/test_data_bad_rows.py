@@ -9,7 +9,6 @@ import pytest
 from fipo_trainer import cli
 from fipo_trainer.data.config import DataConfig
 from fipo_trainer.data.dataset import DataError, PromptDataset
-from fipo_trainer.data.records import preview_problems
 from fipo_trainer.data.tiny_model import build_tokenizer
 
 
@@ -60,6 +59,8 @@ def test_missing_reward_model_column_is_reported_once_for_the_file(tok, tmp_path
 
 
 def test_preview_reads_columns_and_first_rows_only(tmp_path):
+    from fipo_trainer.data.records import preview_problems
+
     rows = [row(i) for i in range(20)] + [row(20, "")]
     path = parquet(tmp_path / "late.parquet", rows)
     assert preview_problems(path, DataConfig()) == ([], [])  # row 20 is past the first 8
