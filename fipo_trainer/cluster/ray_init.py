@@ -3,21 +3,91 @@
 Why a wrapper: the defaults that matter here are easy to forget (dashboard off halves the
 head's memory on small machines; every worker must start with ``worker_env()`` so DeepSpeed
 picks the right accelerator and CPU ranks do not oversubscribe cores).
+
+A local start listens on loopback only. Ray binds its servers (GCS, raylet, object manager,
+core workers, the agents and their Prometheus ``/metrics`` endpoints) to the node IP, and
+only when that IP is 127.0.0.1 does it bind them all to loopback. ``ray.init`` turns
+``_node_ip_address="127.0.0.1"`` back into the routable IP on Linux unless Ray's "no
+multi-node cluster" switch (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, the macOS/Windows
+default) is off, so :func:`_loopback_node` turns it off for the start. The workers then see
+127.0.0.1 as their node IP, so ``MASTER_ADDR`` and the weight-sync store are on loopback
+too; gloo, NCCL and vLLM are told the same through the job's environment.
+Joining a cluster changes nothing: the cluster binds to each node's IP.
+
+With ``run_dir``, a local start also records its session there (``cluster.leftovers``) and
+first reports processes a previous, killed run in that directory left running.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 
+from fipo_trainer.cluster import leftovers
+from fipo_trainer.cluster.worker import bind_host, loopback_interface
 from fipo_trainer.platform import forwarded_env, worker_env
 
 logger = logging.getLogger(__name__)
 
 LOCAL_ADDRESSES = (None, "", "local")
+LOOPBACK = "127.0.0.1"
+_RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_record_dir: Path | None = None  # the run directory whose session record is ours
+_atexit_registered = False
+
+
+def is_local(address: str | None) -> bool:
+    """True when ``address`` means "start a Ray on this machine" (not join a cluster)."""
+    return address in LOCAL_ADDRESSES
+
+
+def local_network_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Job env of a local run: gloo, NCCL and vLLM on loopback (a user's own setting wins)."""
+    environ = dict(os.environ if environ is None else environ)
+    iface = loopback_interface()
+    wanted = {
+        "GLOO_SOCKET_IFNAME": iface,  # default gloo devices use the hostname's address
+        "NCCL_SOCKET_IFNAME": iface,  # NCCL bootstrap / socket transport
+        "VLLM_HOST_IP": LOOPBACK,  # vLLM's own get_ip() asks the routing table
+    }
+    return {k: v for k, v in wanted.items() if k not in environ}
+
+
+def bind_address(address: str | None, node_ip: str | None = None) -> str:
+    """Where a run's servers listen: 127.0.0.1 for a local run, the node IP on a cluster.
+
+    Never a wildcard (``0.0.0.0``/``::``): that would listen on every network.
+    """
+    if is_local(address):
+        return LOOPBACK
+    return bind_host(node_ip)
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Let Ray take 127.0.0.1 as this node's IP while it starts (see module doc)."""
+    from ray._private import ray_constants
+
+    saved_flag = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    saved_env = os.environ.get(_RAY_CLUSTER_SWITCH)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[_RAY_CLUSTER_SWITCH] = "0"  # inherited by the GCS, raylet and agents
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(_RAY_CLUSTER_SWITCH, None)
+        else:
+            os.environ[_RAY_CLUSTER_SWITCH] = saved_env
 
 
 def _driver_env_vars() -> dict[str, str]:
@@ -34,29 +104,39 @@ def init_ray(
     object_store_memory: int | None = None,
     runtime_env: dict[str, Any] | None = None,
     log_to_driver: bool = True,
+    run_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, float]:
     """Start (``address`` None/"local") or join (``"auto"``, ``"ray://host:10001"``) Ray.
 
     Returns the cluster's total resources. Idempotent: if Ray is already initialised in this
     process it is reused and a mismatch is only logged. Resource arguments apply to a local
     start only; passing them when joining raises ValueError (the cluster decides them).
+    A local start listens on 127.0.0.1 only; with ``run_dir`` it reports a previous run's
+    leftover Ray processes there and records its own session (removed at clean shutdown).
     """
+    local = is_local(address)
+    if local and run_dir is not None:
+        leftovers.report_leftovers(run_dir)
     if ray.is_initialized():
         logger.info("Ray already initialised in this process; reusing it")
         return dict(ray.cluster_resources())
-    env = {**_driver_env_vars(), **(runtime_env or {}).get("env_vars", {})}
+    user_env = (runtime_env or {}).get("env_vars", {})
+    env = {**_driver_env_vars(), **user_env}
+    if local:
+        env = {**local_network_env({**os.environ, **user_env}), **env}
     rt_env = {**(runtime_env or {}), "env_vars": env}
     kwargs: dict[str, Any] = {
         "namespace": namespace,
         "runtime_env": rt_env,
         "log_to_driver": log_to_driver,
     }
-    if address in LOCAL_ADDRESSES:
+    if local:
         kwargs.update(
             num_cpus=num_cpus if num_cpus is not None else os.cpu_count() or 1,
             num_gpus=num_gpus,
             include_dashboard=False,
             object_store_memory=object_store_memory,
+            _node_ip_address=LOOPBACK,
         )
     else:
         given = {
@@ -74,13 +154,66 @@ def init_ray(
                 f"when it starts; drop {sorted(given)} from the ray config (or use address: local)"
             )
         kwargs["address"] = address
-    ray.init(**kwargs)
+    if local:
+        with _loopback_node():
+            ray.init(**kwargs)
+        if run_dir is not None:
+            _record_session(Path(run_dir))
+    else:
+        ray.init(**kwargs)
     resources = dict(ray.cluster_resources())
     logger.info("Ray ready (%s): %s", address or "local", resources)
     return resources
+
+
+def _ray_processes(node: Any) -> list[psutil.Process]:
+    """The head processes this driver started (GCS, raylet, monitors) and their children
+    (the raylet's agents and workers): not the driver's other children."""
+    found: dict[int, psutil.Process] = {}
+    for infos in getattr(node, "all_processes", {}).values():
+        for info in infos:
+            with contextlib.suppress(psutil.Error, AttributeError):
+                proc = psutil.Process(info.process.pid)
+                found[proc.pid] = proc
+                for child in proc.children(recursive=True):
+                    found.setdefault(child.pid, child)
+    return [found[pid] for pid in sorted(found)]
+
+
+def _record_session(run_dir: Path) -> None:
+    """Write the run directory's session record; remove it at a clean exit (why: see
+    ``cluster.leftovers``)."""
+    global _record_dir, _atexit_registered
+    node = ray._private.worker._global_node
+    if node is None:
+        return
+    try:
+        leftovers.write_record(
+            run_dir,
+            session_dir=str(node.get_session_dir_path()),
+            gcs_address=str(node.gcs_address),
+            node_ip=str(node.node_ip_address),
+            processes=_ray_processes(node),
+        )
+    except OSError as exc:  # a read-only run dir must not stop training
+        logger.warning("could not record the Ray session in %s: %s", run_dir, exc)
+        return
+    if not _atexit_registered:
+        atexit.register(_forget_session)  # a normal exit without shutdown_ray()
+        _atexit_registered = True
+    _record_dir = run_dir
+
+
+def _forget_session() -> None:
+    global _record_dir
+    if _record_dir is not None:
+        with contextlib.suppress(OSError):
+            leftovers.remove_record(_record_dir)
+        _record_dir = None
 
 
 def shutdown_ray() -> None:
     """Stop this process's Ray connection (and the local cluster if it started one)."""
     if ray.is_initialized():
         ray.shutdown()
+    _forget_session()

@@ -10,6 +10,10 @@ lengths, then the names/dtypes/shapes/offsets as JSON), then the data; a zero le
 the stream. Receivers yield views into each bucket buffer, so the engine can load weights
 while later buckets are still in flight.
 
+Where it listens: the store's server and the sender's gloo pairs bind to the sender's host
+only — this node's IP from :func:`cluster.worker.bind_host` (127.0.0.1 in a local run) —
+never every interface; each receiver's gloo pairs bind to its own node's address.
+
 Use: all ranks construct their end concurrently (the constructors rendezvous), then for each
 sync the sender calls ``send(named_tensors)`` while every receiver iterates ``receive()``.
 """
@@ -34,7 +38,7 @@ from fipo_trainer.cluster.weight_bucket import (
     plan_buckets,
     unpack_bucket,
 )
-from fipo_trainer.cluster.worker import node_ip
+from fipo_trainer.cluster.worker import bind_host, is_loopback, node_ip, tcp_store
 from fipo_trainer.platform import current_platform
 
 logger = logging.getLogger(__name__)
@@ -70,7 +74,7 @@ class _Endpoint:
         self.host, self.timeout_s = host, timeout_s
         timeout = datetime.timedelta(seconds=timeout_s)
         if store is None:
-            store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+            store = tcp_store(host, port, world_size, is_master=False, timeout=timeout)
         self.port = store.port
         self._store = store
         prefixed = dist.PrefixStore(f"{_STORE_PREFIX}/{group_name}", store)
@@ -96,9 +100,20 @@ class _Endpoint:
             time.perf_counter() - start,
         )
 
+    def _local_address(self) -> str:
+        # The sender listens where its store does; a receiver on its own node's address
+        # (loopback when the sender is on loopback: then every rank is on this machine).
+        if self.rank == 0 or is_loopback(self.host):
+            return self.host
+        return bind_host(node_ip())
+
     def _make_group(self, store: dist.Store, timeout: datetime.timedelta):
         if self.backend == "gloo":
-            return dist.ProcessGroupGloo(store, self.rank, self.world_size, timeout)
+            # The default gloo device listens on the hostname's address, whatever that is.
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = timeout
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=self._local_address())]
+            return dist.ProcessGroupGloo(store, self.rank, self.world_size, opts)
         if self.backend == "nccl":
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
@@ -122,6 +137,8 @@ class _Endpoint:
 class WeightSyncSender(_Endpoint):
     """Rank 0 (actor rank 0). ``port=0`` picks a free port: read it back from ``.port``.
 
+    ``host=None``: this node's IP (127.0.0.1 in a local run); the store listens there only.
+
     With ``connect=False`` only the store is opened (so the caller can publish host/port);
     call ``connect()`` concurrently with the receivers afterwards.
     """
@@ -137,16 +154,15 @@ class WeightSyncSender(_Endpoint):
         group_name: str = "default",
         connect: bool = True,
     ):
-        self.host = host or node_ip()
+        self.host = bind_host(host)
         self.world_size = world_size
         self._args = (backend, timeout_s, group_name)
-        self._store = dist.TCPStore(
-            "0.0.0.0" if host is None else self.host,
+        self._store = tcp_store(
+            self.host,
             port,
             world_size,
             is_master=True,
             timeout=datetime.timedelta(seconds=timeout_s),
-            wait_for_workers=False,
         )
         self.port = self._store.port
         self._connected = False

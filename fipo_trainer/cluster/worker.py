@@ -4,11 +4,17 @@ Why the rank comes from the environment and not from ``__init__`` arguments: the
 ``WorkerGroup`` sets ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``/``LOCAL_RANK``
 per actor (the names torch.distributed and DeepSpeed read), so worker classes take only
 their own config and code that reads the standard variables just works.
+
+Why the servers here bind through :func:`listen_socket`: torch's ``TCPStore`` server
+ignores its host argument and listens on every interface (``::``); handing it a socket
+already bound to :func:`bind_host` (127.0.0.1 in a local run, the node IP on a cluster) keeps
+the rendezvous store off other networks.
 """
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import socket
 from collections.abc import Callable
@@ -74,25 +80,132 @@ def node_ip() -> str:
         return "127.0.0.1"
 
 
-def free_port() -> int:
-    """A TCP port that is free right now on this node."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
+def free_port(host: str = "") -> int:
+    """A TCP port that is free right now on this node (on ``host``'s address if given)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1, ``localhost`` and IPv4-mapped loopback (``::ffff:127.0.0.1``)."""
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool((mapped or ip).is_loopback)
+
+
+def loopback_interface() -> str:
+    """The name of the interface holding 127.0.0.1 (``lo`` on Linux)."""
+    try:
+        import psutil
+
+        for name, addrs in psutil.net_if_addrs().items():
+            if any(a.address == "127.0.0.1" for a in addrs):
+                return name
+    except Exception:  # psutil missing or unreadable interfaces: the Linux name
+        pass
+    return "lo"
+
+
+def bind_host(host: str | None = None) -> str:
+    """The one address a server of this process listens on: ``host``, else this node's IP.
+
+    The node IP is 127.0.0.1 in a local run (``init_ray`` starts Ray on loopback) and the
+    address Ray uses between nodes on a cluster. A wildcard would expose the server on every
+    network of the machine, so it is refused.
+    """
+    chosen = node_ip() if host is None else host
+    if chosen in WILDCARD_HOSTS:
+        raise ValueError(
+            f"refusing to listen on {chosen or '<any>'!r} (every interface): pass this node's IP "
+            "(the cluster address) or 127.0.0.1 for a single-machine run"
+        )
+    return chosen
+
+
+def listen_socket(host: str, port: int = 0, backlog: int = 128) -> socket.socket:
+    """A listening TCP socket bound to ``host`` only (``port=0``: a free port)."""
+    host = bind_host(host)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's own bind does
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def tcp_store(
+    host: str,
+    port: int,
+    world_size: int,
+    *,
+    is_master: bool,
+    timeout: datetime.timedelta,
+) -> Any:
+    """A torch ``TCPStore``; the master's server listens on ``host`` only (see module doc)."""
+    import torch.distributed as dist
+
+    if not is_master:
+        return dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    sock = listen_socket(host, port)
+    bound_port = int(sock.getsockname()[1])
+    fd = sock.detach()  # the store's event loop owns (and closes) the descriptor from here
+    try:
+        return dist.TCPStore(
+            host,
+            bound_port,
+            world_size,
+            is_master=True,
+            timeout=timeout,
+            wait_for_workers=False,
+            master_listen_fd=fd,
+        )
+    except Exception:
+        os.close(fd)
+        raise
+
+
 def init_torch_distributed(info: DistInfo, backend: str, timeout_s: float = 600.0) -> None:
-    """Join the group's default torch.distributed process group (gloo on CPU, NCCL on CUDA)."""
+    """Join the group's default torch.distributed process group (gloo on CPU, NCCL on CUDA).
+
+    Rank 0 serves the rendezvous store on ``MASTER_ADDR`` only (not on every interface, as
+    ``init_method="tcp://..."`` would).
+    """
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
+    if backend == "gloo" and is_loopback(info.master_addr):
+        # Every rank is on this machine; gloo's default device would listen on the
+        # hostname's address (often the LAN one).
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = tcp_store(
+        info.master_addr,
+        info.master_port,
+        info.world_size,
+        is_master=info.rank == 0,
+        timeout=timeout,
+    )
     dist.init_process_group(
         backend=backend,
-        init_method=info.init_method,
+        store=store,
         rank=info.rank,
         world_size=info.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
     )
 
 
