@@ -104,7 +104,7 @@ def test_bad_inputs_are_reported_clearly(tmp_path, model_dir, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "hi", "data_source": "x"}) + "\n")
     tok = AutoTokenizer.from_pretrained(model_dir)
-    with pytest.raises(ValueError, match="row 0"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl: missing column\(s\) \['reward_model'\]"):
         load_eval_prompts(bad, tok)
     # the trainer's loader: same prompt ids as training data loading, first N rows per file
     data = write_rows(make_rows(6, seed=1, split="test"), tmp_path / "six.jsonl")
