@@ -9,6 +9,7 @@ RAY_BIN="${RAY_BIN:-ray}"
 FIPO_TRAIN="${FIPO_TRAIN:-fipo-train}"
 RAY_PORT="${RAY_PORT:-6379}"
 DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
+DASHBOARD_HOST="${DASHBOARD_HOST:-0.0.0.0}"
 PRINT_ONLY="${PRINT_ONLY:-0}"
 
 usage() {
@@ -28,6 +29,7 @@ Commands:
   stop                              ray stop on this node (all Ray processes of this user)
 
 Environment: RAY_BIN (ray), FIPO_TRAIN (fipo-train), RAY_PORT (6379), DASHBOARD_PORT (8265),
+             DASHBOARD_HOST (0.0.0.0; 127.0.0.1 keeps the job API on this machine),
              PRINT_ONLY=1 prints the commands instead of running them.
 
 Example (16 nodes x 8 GPUs, the 32B FIPO recipe):
@@ -60,7 +62,7 @@ cmd="${1:-}"
 [[ $# -gt 0 ]] && shift
 case "$cmd" in
   head)
-    run "$RAY_BIN" start --head --port="$RAY_PORT" --dashboard-host=0.0.0.0 \
+    run "$RAY_BIN" start --head --port="$RAY_PORT" --dashboard-host="$DASHBOARD_HOST" \
       --dashboard-port="$DASHBOARD_PORT" --disable-usage-stats "$@"
     ;;
   worker)

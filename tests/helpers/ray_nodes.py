@@ -1,0 +1,151 @@
+"""A private multi-node Ray cluster on this machine, started with scripts/ray_cluster.sh.
+
+Every node runs with its own explicit free ports, on 127.0.0.1, under one private temp dir,
+so it never meets another Ray on the machine. ``stop()`` kills only the processes of its
+own nodes (found by that temp dir in their command lines) by pid: never ``ray stop``, which
+stops every Ray process of the user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "ray_cluster.sh"
+
+
+def _venv_bin() -> Path:
+    import sys
+
+    return Path(sys.executable).parent
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on 127.0.0.1 right now (held open together while chosen)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class RayNodes:
+    """Head + workers, each with ``num_cpus`` CPUs and its own custom resource."""
+
+    temp_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="rmn", dir="/tmp")))
+    gcs_port: int = 0
+    dashboard_port: int = 0
+    log: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.gcs_port, self.dashboard_port = free_ports(2)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    def env(self) -> dict[str, str]:
+        """The environment of anything that talks to this cluster (script, driver, CLI)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        path = f"{_venv_bin()}{os.pathsep}{env.get('PATH', '')}"
+        return {
+            **env,
+            "PATH": path,
+            "RAY_ADDRESS": self.address,
+            "RAY_PORT": str(self.gcs_port),
+            "DASHBOARD_PORT": str(self.dashboard_port),
+            "DASHBOARD_HOST": "127.0.0.1",
+            "RAY_BIN": str(_venv_bin() / "ray"),
+            "FIPO_TRAIN": str(_venv_bin() / "fipo-train"),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+
+    def _node_args(self, resources: dict[str, float], num_cpus: int) -> list[str]:
+        nm, om, agent, agent_grpc, rt_env, metrics, *workers = free_ports(6 + 16)
+        return [
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            f"--resources={json.dumps(resources)}",
+            f"--node-manager-port={nm}",
+            f"--object-manager-port={om}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={rt_env}",
+            f"--metrics-export-port={metrics}",
+            f"--worker-port-list={','.join(map(str, workers))}",
+            f"--temp-dir={self.temp_dir}",
+            "--object-store-memory=200000000",
+        ]
+
+    def _script(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        res = subprocess.run(
+            ["bash", str(SCRIPT), *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        self.log.append(f"$ ray_cluster.sh {' '.join(args)}\n{res.stdout}\n{res.stderr}")
+        if res.returncode != 0:
+            raise RuntimeError(f"ray_cluster.sh {args[0]} failed:\n{res.stdout}\n{res.stderr}")
+        return res
+
+    def start_head(self, resources: dict[str, float], num_cpus: int = 1) -> None:
+        client = free_ports(1)[0]
+        self._script(
+            "head", *self._node_args(resources, num_cpus), f"--ray-client-server-port={client}"
+        )
+
+    def add_worker(self, resources: dict[str, float], num_cpus: int = 1) -> None:
+        self._script("worker", self.address, *self._node_args(resources, num_cpus))
+
+    def processes(self) -> list[psutil.Process]:
+        """This cluster's processes: those naming its temp dir, and their children."""
+        key = str(self.temp_dir)
+        me = os.getuid()
+        found: dict[int, psutil.Process] = {}
+        for proc in psutil.process_iter(["cmdline", "uids"]):
+            with contextlib.suppress(psutil.Error, TypeError):
+                if proc.info["uids"].real != me:
+                    continue
+                if any(key in part for part in proc.info["cmdline"] or ()):
+                    found[proc.pid] = proc
+                    for child in proc.children(recursive=True):
+                        found.setdefault(child.pid, child)
+        found.pop(os.getpid(), None)
+        return list(found.values())
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Kill this cluster's processes by pid (SIGTERM, then SIGKILL); remove its dir."""
+        for _ in range(3):  # raylets may spawn workers while going down
+            procs = self.processes()
+            if not procs:
+                break
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                for proc in procs:
+                    with contextlib.suppress(psutil.Error):
+                        proc.send_signal(sig)
+                _, procs = psutil.wait_procs(procs, timeout=grace_s)
+                if not procs:
+                    break
+            time.sleep(0.5)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
