@@ -9,6 +9,10 @@ Why calls take the worker class's functions (``group.call_all(MyWorker.save, pat
 rather than method-name strings: a renamed or misspelt method fails where it is written,
 tools can follow the reference, and the Ray handles never leave this package (the name is
 resolved here, and checked against the worker class).
+
+Why every call has a deadline: a rank that stops answering without dying would otherwise
+hang the driver forever. Calls wait for the group's ``deadline`` (``set_deadline``; the
+trainer's ``trainer.call_timeout_s``) unless given their own (``deadline=``).
 """
 
 from __future__ import annotations
@@ -22,8 +26,12 @@ import numpy as np
 import ray
 
 from fipo_trainer.cluster.dispatch import restore_order
+from fipo_trainer.cluster.reap import LocalProcess, reap
 from fipo_trainer.cluster.resource_pool import ResourcePool, RolePlacement, cluster_has_gpus
 from fipo_trainer.cluster.waiting import (
+    CallTimeoutError,
+    Deadline,
+    RankLabel,
     WorkerCallError,
     WorkerStartupError,
     wait_labelled,
@@ -32,7 +40,7 @@ from fipo_trainer.cluster.worker import DistInfo, Worker, free_port, node_ip
 from fipo_trainer.data.batch import Batch
 from fipo_trainer.platform import forwarded_env, worker_env
 
-__all__ = ["WorkerCallError", "WorkerGroup", "WorkerStartupError"]
+__all__ = ["CallTimeoutError", "Deadline", "WorkerCallError", "WorkerGroup", "WorkerStartupError"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +70,7 @@ class WorkerGroup:
         num_gpus_per_worker: float | None = None,
         startup_timeout_s: float = 600.0,
         env: dict[str, str] | None = None,
+        deadline: Deadline | None = None,
     ) -> None:
         if world_size < 1:
             raise ValueError(f"worker group {name!r}: world_size must be >= 1, got {world_size}")
@@ -71,9 +80,11 @@ class WorkerGroup:
         self.world_size = world_size
         self.worker_cls = worker_cls
         self._owned_pool: ResourcePool | None = None
+        self.deadline = deadline or Deadline()
         placement = self._resolve_placement(pool, num_cpus_per_worker, num_gpus_per_worker)
         self.placement = placement
         self._actors: list[Any] = []
+        self._local: list[LocalProcess] = []  # worker processes on this machine
         try:
             self._start(placement, init_kwargs or {}, env or {}, startup_timeout_s)
         except BaseException:
@@ -177,6 +188,8 @@ class WorkerGroup:
             error=WorkerStartupError,
             on_timeout=timed_out,
         )
+        local = [LocalProcess.of(info, self.worker_cls) for info in self.worker_info]
+        self._local = [p for p in local if p is not None]
         logger.info(
             "worker group %s: %d x %s ready in %.1fs",
             self.name,
@@ -186,8 +199,12 @@ class WorkerGroup:
         )
 
     # ----------------------------------------------------------------- calls
-    def _label(self, rank: int) -> str:
-        return f"worker group {self.name!r}: rank {rank}"
+    def _label(self, rank: int) -> RankLabel:
+        return RankLabel(self.name, rank)
+
+    def set_deadline(self, deadline: Deadline) -> None:
+        """The deadline of every call that is not given its own (``deadline=``)."""
+        self.deadline = deadline
 
     def _method(self, fn: Callable[..., Any]) -> str:
         """The method name of ``fn``, a function of the worker class (``MyWorker.step``)."""
@@ -218,16 +235,31 @@ class WorkerGroup:
             for r in ranks
         ]
 
-    def call_all(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
-        """``fn`` on every rank with the same arguments; results in rank order. Fails fast."""
-        return self._wait(self.submit(fn, *args, **kwargs), fn)
+    def call_all(
+        self, fn: Callable[..., Any], *args: Any, deadline: Deadline | None = None, **kwargs: Any
+    ) -> list[Any]:
+        """``fn`` on every rank with the same arguments; results in rank order. Fails fast;
+        ``deadline`` (default: the group's) bounds the wait."""
+        return self._wait(self.submit(fn, *args, **kwargs), fn, deadline)
 
-    def call_rank(self, rank: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def call_rank(
+        self,
+        rank: int,
+        fn: Callable[..., Any],
+        *args: Any,
+        deadline: Deadline | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """``fn`` on one rank only (it must not need the other ranks)."""
-        return self._wait(self.submit(fn, *args, ranks=[rank], **kwargs), fn)[0]
+        return self._wait(self.submit(fn, *args, ranks=[rank], **kwargs), fn, deadline)[0]
 
     def scatter(
-        self, fn: Callable[..., Any], per_rank_args: Sequence[tuple], **kwargs: Any
+        self,
+        fn: Callable[..., Any],
+        per_rank_args: Sequence[tuple],
+        *,
+        deadline: Deadline | None = None,
+        **kwargs: Any,
     ) -> list[Any]:
         """``fn(*per_rank_args[r], **kwargs)`` on ranks ``0..len(per_rank_args)-1``."""
         if not 0 < len(per_rank_args) <= self.world_size:
@@ -240,10 +272,18 @@ class WorkerGroup:
             (self._label(r), getattr(self._actors[r], method).remote(*args, **kwargs))
             for r, args in enumerate(per_rank_args)
         ]
-        return self._wait(refs, fn)
+        return self._wait(refs, fn, deadline)
 
-    def _wait(self, refs: list[tuple[str, ray.ObjectRef]], fn: Callable[..., Any]) -> list[Any]:
-        return wait_labelled(refs, what=fn.__name__)
+    def _wait(
+        self,
+        refs: list[tuple[str, ray.ObjectRef]],
+        fn: Callable[..., Any],
+        deadline: Deadline | None = None,
+    ) -> list[Any]:
+        d = deadline or self.deadline
+        return wait_labelled(
+            refs, what=fn.__name__, timeout_s=d.seconds, timeout_key=d.key, timeout_note=d.note
+        )
 
     def dispatch_dp(
         self,
@@ -252,6 +292,7 @@ class WorkerGroup:
         *args: Any,
         partitions: Sequence[Sequence[int]] | None = None,
         replicas: int = 1,
+        deadline: Deadline | None = None,
         **kwargs: Any,
     ) -> Batch | list[Any]:
         """Give data-parallel group ``g`` the rows ``partitions[g]`` of ``batch`` (default:
@@ -278,20 +319,23 @@ class WorkerGroup:
             raise ValueError(f"partitions cover {len(inverse)} rows but the batch has {len(batch)}")
         shards = [batch[np.asarray(p, dtype=np.int64)] for p in partitions]
         per_rank = [(shards[r // replicas], *args) for r in range(self.world_size)]
-        results = self.scatter(fn, per_rank, **kwargs)
+        results = self.scatter(fn, per_rank, deadline=deadline, **kwargs)
         if all(isinstance(r, Batch) for r in results):
             return Batch.concat(results[::replicas])[inverse]
         return results
 
     # ----------------------------------------------------------------- teardown
     def shutdown(self) -> None:
-        """Kill the actors and release a pool this group created."""
+        """Kill the actors (and, on this machine, make sure their processes are gone: a
+        stopped worker ignores Ray's request) and release a pool this group created."""
         for a in self._actors:
             try:
                 ray.kill(a, no_restart=True)
             except Exception as err:  # pragma: no cover - already dead
                 logger.debug("kill %s: %s", self.name, err)
         self._actors = []
+        reap(self._local)
+        self._local = []
         if self._owned_pool is not None:
             self._owned_pool.remove()
             self._owned_pool = None

@@ -4,11 +4,19 @@ Why generation is not ``WorkerGroup.dispatch_dp``: a worker returns n rows per p
 Prompt rows are cut into consecutive shards (one per worker), so the joined output keeps
 prompt order; only the prompt token ids travel to the workers, and the prompt's own fields
 (uid, ground truth, ...) are repeated n times here on the driver.
+
+Why generation has its own deadline: how long a ``generate`` may take grows with the
+responses a worker makes and their length, so a fixed timeout is either far too short for
+the paper recipes or far too long for the quickstart. :class:`GenerationDeadline` derives it
+from the call (or takes ``rollout.generate_timeout_s`` as given); every other call waits for
+the group's deadline (``trainer.call_timeout_s``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,11 +24,60 @@ from typing import Any
 import torch
 
 from fipo_trainer.cluster.resource_pool import ResourcePool, RolePlacement
-from fipo_trainer.cluster.worker_group import WorkerGroup
+from fipo_trainer.cluster.worker_group import Deadline, WorkerGroup
 from fipo_trainer.data.batch import Batch
 from fipo_trainer.rollout.assemble import expand_prompt_fields, generate_inputs, prompt_token_lists
 from fipo_trainer.rollout.config import RolloutConfig, SamplingConfig
-from fipo_trainer.rollout.worker import RolloutWorker
+from fipo_trainer.rollout.worker import RolloutWorker, rollout_config_from
+
+#: A decode step costs at least this many rows' worth of time, however few rows there are
+#: (a few long responses still take max_tokens steps).
+MIN_DEADLINE_ROWS = 64
+#: The engine shutdown at the end of a run waits at most this long, then the workers go.
+SHUTDOWN_TIMEOUT_S = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationDeadline:
+    """How long one ``generate`` call may take before the waiting worker is named.
+
+    ``timeout_s`` (``rollout.generate_timeout_s``) is used as given; ``None`` derives it:
+    ``max(floor_s, s_per_token x max(rows, MIN_DEADLINE_ROWS) x max_tokens)`` with ``rows``
+    the responses of the largest worker shard (``rollout.generate_timeout_floor_s``,
+    ``rollout.generate_timeout_s_per_token``).
+    """
+
+    timeout_s: float | None = None
+    floor_s: float = 120.0
+    s_per_token: float = 5e-4
+
+    def seconds(self, rows: int, max_tokens: int) -> float:
+        """The deadline of a call in which one worker makes ``rows`` responses."""
+        if self.timeout_s is not None:
+            return float(self.timeout_s)
+        estimate = self.s_per_token * max(rows, MIN_DEADLINE_ROWS) * max_tokens
+        return max(float(self.floor_s), estimate)
+
+    def for_call(self, rows: int, max_tokens: int) -> Deadline:
+        """The :class:`Deadline` of that call, saying how it was derived."""
+        seconds = self.seconds(rows, max_tokens)
+        if self.timeout_s is not None:
+            return Deadline(seconds, "rollout.generate_timeout_s")
+        note = (
+            f"now null = derived {seconds:.0f}s = max(rollout.generate_timeout_floor_s="
+            f"{self.floor_s:g}, rollout.generate_timeout_s_per_token={self.s_per_token:g} x "
+            f"{max(rows, MIN_DEADLINE_ROWS)} rows x {max_tokens} tokens)"
+        )
+        return Deadline(seconds, "rollout.generate_timeout_s", note)
+
+
+def plain_rollout_config(config: RolloutConfig | dict[str, Any]) -> RolloutConfig:
+    """The engine's config: a subclass with driver-only keys (the trainer's rollout section
+    adds the deadline keys) travels to the workers as a plain `RolloutConfig`."""
+    if isinstance(config, RolloutConfig) and type(config) is not RolloutConfig:
+        names = [f.name for f in dataclasses.fields(RolloutConfig)]
+        return RolloutConfig(**{name: getattr(config, name) for name in names})
+    return rollout_config_from(config)
 
 
 def merge_rollout_metrics(per_worker: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -36,7 +93,10 @@ def merge_rollout_metrics(per_worker: Sequence[dict[str, float]]) -> dict[str, f
 
 
 class RolloutGroup:
-    """``world_size`` rollout workers (one engine each) behind one object."""
+    """``world_size`` rollout workers (one engine each) behind one object.
+
+    ``generation`` bounds each ``generate`` call; ``deadline`` every other call.
+    """
 
     def __init__(
         self,
@@ -49,16 +109,21 @@ class RolloutGroup:
         num_cpus_per_worker: float | None = None,
         num_gpus_per_worker: float | None = None,
         startup_timeout_s: float = 600.0,
+        deadline: Deadline | None = None,
+        generation: GenerationDeadline | None = None,
     ) -> None:
+        self.config = plain_rollout_config(config)
+        self.generation = generation or GenerationDeadline()
         self._workers = WorkerGroup(
             RolloutWorker,
             world_size,
-            init_kwargs={"model_path": str(model_path), "config": config},
+            init_kwargs={"model_path": str(model_path), "config": self.config},
             pool=pool,
             name=name,
             num_cpus_per_worker=num_cpus_per_worker,
             num_gpus_per_worker=num_gpus_per_worker,
             startup_timeout_s=startup_timeout_s,
+            deadline=deadline,
         )
 
     @property
@@ -83,9 +148,12 @@ class RolloutGroup:
         token_lists, width = prompt_token_lists(prompts)
         width = width or max(len(p) for p in token_lists)  # one prompt width for every shard
         shards = generate_inputs(prompts).chunk(min(self.world_size, len(prompts)))
+        resolved = sampling or (self.config.val_sampling() if validate else self.config.sampling())
+        rows = math.ceil(len(prompts) / len(shards)) * resolved.n
         results = self._workers.scatter(
             RolloutWorker.generate_batch,
             [(shard, sampling) for shard in shards],
+            deadline=self.generation.for_call(rows, resolved.max_tokens),
             validate=validate,
             prompt_width=width,
         )
@@ -105,8 +173,13 @@ class RolloutGroup:
     def wake(self) -> None:
         self._workers.call_all(RolloutWorker.wake)
 
-    def shutdown(self) -> None:
-        """Stop the engines (best effort), then the worker processes."""
-        with contextlib.suppress(Exception):
-            self._workers.call_all(RolloutWorker.shutdown)
+    def shutdown(self, *, graceful: bool = True) -> None:
+        """Stop the engines (best effort, ``SHUTDOWN_TIMEOUT_S`` at most), then the worker
+        processes. ``graceful=False`` (Ctrl-C, or after a failure that may be a worker's)
+        only kills the processes: a stalled worker would not answer."""
+        if graceful:
+            limit = self._workers.deadline.seconds
+            seconds = SHUTDOWN_TIMEOUT_S if limit is None else min(limit, SHUTDOWN_TIMEOUT_S)
+            with contextlib.suppress(Exception):
+                self._workers.call_all(RolloutWorker.shutdown, deadline=Deadline(seconds))
         self._workers.shutdown()

@@ -15,6 +15,11 @@ stage returns only the fields it adds (``data/schema.py``), merged with ``batch 
 ``T`` is the rollout's training temperature, so the actor's log-probs are those of the
 distribution the engine sampled from. Validation every ``test_freq``, a checkpoint every
 ``save_freq``, metrics every step.
+
+Every remote call has a deadline (``trainer.call_timeout_s``; generation's from
+``rollout.generate_timeout_*``), so a stalled worker is named instead of hanging the run.
+Ctrl-C stops the run: the workers are killed (not asked: a stalled one would not answer)
+and :class:`TrainingInterrupted` says where the run was waiting.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,9 +43,20 @@ from fipo_trainer.trainer.sampling import Sampler, TrainingStopped
 from fipo_trainer.trainer.step_metrics import logprob_metrics, non_finite, perf_metrics, timed
 from fipo_trainer.trainer.summary import TrainResult, print_summary
 
-__all__ = ["RLTrainer", "TrainResult", "TrainingStopped", "advantages", "run_training"]
+__all__ = [
+    "RLTrainer",
+    "TrainResult",
+    "TrainingInterrupted",
+    "TrainingStopped",
+    "advantages",
+    "run_training",
+]
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run; its workers were killed. The message says where it waited."""
 
 
 def advantages(batch: Batch, algorithm: Any) -> Batch:
@@ -84,11 +101,19 @@ class RLTrainer:
         from fipo_trainer.cluster.ray_init import init_ray
         from fipo_trainer.cluster.resource_pool import place_roles
         from fipo_trainer.cluster.weight_sync import WeightSync
+        from fipo_trainer.cluster.worker_group import Deadline
         from fipo_trainer.rewards.pool import RewardPool
-        from fipo_trainer.rollout.group import RolloutGroup
+        from fipo_trainer.rollout.group import GenerationDeadline, RolloutGroup
 
         cfg = self.cfg
         res = cfg.resources
+        call_s = getattr(cfg.trainer, "call_timeout_s", None)
+        calls = Deadline(call_s, "trainer.call_timeout_s")
+        generation = GenerationDeadline(
+            getattr(cfg.rollout, "generate_timeout_s", None),
+            getattr(cfg.rollout, "generate_timeout_floor_s", GenerationDeadline.floor_s),
+            getattr(cfg.rollout, "generate_timeout_s_per_token", GenerationDeadline.s_per_token),
+        )
         init_ray(res.ray_address, res.ray_num_cpus)
         self.placements = place_roles(
             res, rollout_tensor_parallel_size=cfg.rollout.tensor_parallel_size
@@ -100,10 +125,16 @@ class RLTrainer:
             rollout_n=cfg.rollout.n,
             pool=self.placements["actor"],
         )
+        self.actor.worker_group.set_deadline(calls)
         self.rollout = RolloutGroup(
-            cfg.model.path, cfg.rollout, res.rollout_workers, pool=self.placements["rollout"]
+            cfg.model.path,
+            cfg.rollout,
+            res.rollout_workers,
+            pool=self.placements["rollout"],
+            deadline=calls,
+            generation=generation,
         )
-        self.weight_sync = WeightSync(self.actor, self.rollout)
+        self.weight_sync = WeightSync(self.actor, self.rollout, timeout_s=call_s)
 
     def _build_data(self) -> None:
         from fipo_trainer.trainer.data_source import PromptSource
@@ -307,13 +338,17 @@ class RLTrainer:
             out[f"{prefix}dropped_too_long"] = float(stats.dropped_too_long)
         return out
 
-    def shutdown(self) -> None:
+    def shutdown(self, *, graceful: bool = True) -> None:
+        """Stop every role. ``graceful=False`` (Ctrl-C, a failed run) kills the workers without
+        asking the engines to stop first: the failure may be a worker that does not answer."""
         from fipo_trainer.cluster.resource_pool import release
 
-        for role in (self.rollout, self.actor):
-            if role is not None:
-                with contextlib.suppress(Exception):
-                    role.shutdown()
+        if self.rollout is not None:
+            with contextlib.suppress(Exception):
+                self.rollout.shutdown(graceful=graceful)
+        if self.actor is not None:
+            with contextlib.suppress(Exception):
+                self.actor.shutdown()
         if self.reward_pool is not None:
             self.reward_pool.close()
         if self.placements:
@@ -321,13 +356,33 @@ class RLTrainer:
                 release(self.placements)
 
 
+def _interrupted(trainer: RLTrainer, err: KeyboardInterrupt) -> TrainingInterrupted:
+    """Kill the workers after Ctrl-C and say so (on stderr, whatever logging is set up)."""
+    from fipo_trainer.cluster.waiting import interrupts_deferred
+
+    start = time.monotonic()
+    with interrupts_deferred("still stopping the workers (a few seconds)"):
+        trainer.shutdown(graceful=False)
+    where = f" {err}" if str(err) else ""
+    message = (
+        f"interrupted (Ctrl-C){where}; workers stopped in {time.monotonic() - start:.1f}s. "
+        f"Run directory: {trainer.run_dir}"
+    )
+    print(f"fipo-train: {message}", file=sys.stderr, flush=True)
+    return TrainingInterrupted(message)
+
+
 def run_training(cfg: TrainConfig) -> TrainResult:
     """Run a whole training job from a validated config (``prepare_config``); always tears
-    the roles down."""
+    the roles down. Ctrl-C kills the workers and raises :class:`TrainingInterrupted`."""
     trainer = RLTrainer(cfg)
     try:
         result = trainer.fit()
-    finally:
-        trainer.shutdown()
+    except KeyboardInterrupt as err:
+        raise _interrupted(trainer, err) from None
+    except BaseException:
+        trainer.shutdown(graceful=False)
+        raise
+    trainer.shutdown()
     print_summary(result)
     return result

@@ -8,8 +8,9 @@ finds (messages name the full key and the fix); rules that relate two sections l
 `rules.py`, checks against the machine in `environment.py`. The trainer's own sections
 (model, algorithm, trainer, resources) are in `sections.py`.
 
-Component sections reuse the components' own dataclasses: `RolloutConfig`, `RewardConfig`
-(and `PolicyLossConfig` inside the actor) as they are; the actor section extends
+Component sections reuse the components' own dataclasses: `RewardConfig` (and
+`PolicyLossConfig` inside the actor) as they are; the rollout section extends `RolloutConfig`
+with the driver's generation deadline keys, the actor section extends
 `ActorConfig` with the trainer-level keys, and its ``__post_init__`` only coerces (the schema
 needs a default instance; `ActorConfig` refuses an empty model path on construction). The
 data section is the one data config: the dataset loader takes its slice by field name.
@@ -170,6 +171,47 @@ class TrainActorConfig(ActorConfig):
         _raise(errors)
 
 
+# --------------------------------------------------------------------------- rollout
+
+
+@dataclass
+class TrainRolloutConfig(RolloutConfig):
+    """`RolloutConfig` plus the driver's generation deadline (the engines never read it).
+
+    ``generate_timeout_s=None`` derives each call's deadline from its size:
+    ``max(generate_timeout_floor_s, generate_timeout_s_per_token x rows x max_tokens)``
+    (``rollout.group.GenerationDeadline``), so a stalled worker is named within the floor
+    on small runs and long generations of the paper recipes are not cut short.
+    """
+
+    generate_timeout_s: float | None = None
+    generate_timeout_floor_s: float = 120.0
+    generate_timeout_s_per_token: float = 5e-4
+
+    def validate(self) -> None:
+        errors: list[str] = []
+        if self.generate_timeout_s is not None and not self.generate_timeout_s > 0:
+            errors.append(
+                "rollout.generate_timeout_s must be > 0 seconds or null (derived from the "
+                f"batch size and rollout.max_tokens), got {self.generate_timeout_s}"
+            )
+        if not self.generate_timeout_floor_s > 0:
+            errors.append(
+                "rollout.generate_timeout_floor_s must be > 0 seconds, got "
+                f"{self.generate_timeout_floor_s}"
+            )
+        if not self.generate_timeout_s_per_token >= 0:
+            errors.append(
+                "rollout.generate_timeout_s_per_token must be >= 0 seconds, got "
+                f"{self.generate_timeout_s_per_token}"
+            )
+        try:
+            super().validate()
+        except ValueError as err:
+            errors.append(str(err))
+        _raise(errors)
+
+
 # --------------------------------------------------------------------------- the whole
 
 
@@ -180,7 +222,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
     actor: TrainActorConfig = field(default_factory=TrainActorConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rollout: TrainRolloutConfig = field(default_factory=TrainRolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -164,6 +164,10 @@ class TrainerConfig:
     plot: bool = True  # PNG of the curves at the end
     export_hf: bool = True  # Hugging Face export at the end
     seed: int = 0
+    # Deadline of every remote call but generation (log-prob pass, update, weight sync,
+    # save/load/export, sleep/wake): a worker that stops answering is named after this
+    # long instead of hanging the run (null: no deadline). Generation: rollout.generate_*.
+    call_timeout_s: float | None = 3600.0
 
     def validate(self) -> None:
         errors = []
@@ -197,6 +201,11 @@ class TrainerConfig:
             )
         if not self.resume:
             errors.append("trainer.resume is empty: use auto, disable or a checkpoint directory")
+        if self.call_timeout_s is not None and not self.call_timeout_s > 0:
+            errors.append(
+                "trainer.call_timeout_s must be > 0 seconds or null (no deadline), got "
+                f"{self.call_timeout_s}"
+            )
         unknown = [name for name in self.loggers if name not in KNOWN_LOGGERS]
         if unknown:
             errors.append(
