@@ -25,21 +25,13 @@ import ray
 
 from fipo_trainer.cluster import Worker, WorkerCallError, WorkerGroup, init_ray
 from fipo_trainer.cluster.waiting import CallTimeoutError, Deadline
+from tests.e2e.test_train import SHORT_RUN as TRAIN_SHORT_RUN
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 REPO = Path(__file__).resolve().parents[2]
 FIPO_TRAIN = Path(sys.executable).with_name("fipo-train")
-#: Two training steps, nothing but the update (tests/e2e/test_train.py's SHORT_RUN).
-SHORT_RUN = [
-    "trainer.total_training_steps=2",
-    "trainer.test_freq=0",
-    "trainer.val_before_train=false",
-    "trainer.plot=false",
-    "trainer.export_hf=false",
-    "trainer.loggers=[console,jsonl]",
-    "algorithm.filter_groups.on_exhausted=proceed",
-]
+SHORT_RUN = [*TRAIN_SHORT_RUN, "trainer.loggers=[console,jsonl]"]
 
 
 class NapWorker(Worker):
