@@ -59,7 +59,7 @@ def compose_config(overrides: Sequence[str] = (), *, directory: str | Path | Non
     import fipo_trainer.trainer.config  # noqa: F401 - registers the schema
     from fipo_trainer.trainer.config.errors import ConfigError
 
-    remaining, unknown = list(overrides), []
+    remaining, unknown = open_map_overrides(overrides), []
     with initialize_config_dir(str(directory or config_dir()), version_base=None):
         while True:
             try:
@@ -80,6 +80,42 @@ def compose_config(overrides: Sequence[str] = (), *, directory: str | Path | Non
 
 
 _UNKNOWN_OVERRIDE = re.compile(r"Could not override '([^']+)'")
+
+
+def map_keys() -> list[str]:
+    """The schema's mapping-valued keys (``model.override_config``,
+    ``resources.actor_bundle_resources``): their entries are the user's to name."""
+    import dataclasses
+    import typing
+
+    from fipo_trainer.trainer.config.schema import TrainConfig
+
+    found: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if typing.get_origin(hint) is dict:
+                found.append(prefix + f.name)
+            elif dataclasses.is_dataclass(hint):
+                walk(hint, f"{prefix}{f.name}.")
+
+    walk(TrainConfig, "")
+    return found
+
+
+def open_map_overrides(overrides: Sequence[str]) -> list[str]:
+    """``resources.actor_bundle_resources={a: 1}`` or ``model.override_config.k=v`` as
+    ``++...``: Hydra refuses new entries of a typed mapping without it ("not in struct")."""
+    maps = map_keys()
+    out = []
+    for o in overrides:
+        key = _override_key(o)
+        if key and any(key == m or key.startswith(m + ".") for m in maps):
+            o = "++" + o
+        out.append(o)
+    return out
 
 
 def _override_key(override: str) -> str | None:
@@ -202,7 +238,7 @@ def _train_task(cfg) -> None:
 def train_main(argv: Sequence[str] | None = None) -> None:
     """``fipo-train [--dry-run] [recipe=NAME] [key=value ...]`` (Hydra flags such as
     ``--cfg job``, ``--help``, ``--multirun`` work as usual)."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = open_map_overrides(list(sys.argv[1:] if argv is None else argv))
     if DRY_RUN_FLAG in args:
         sys.exit(dry_run([a for a in args if a != DRY_RUN_FLAG]))
     _check_overrides(args)

@@ -9,7 +9,7 @@ RAY_BIN="${RAY_BIN:-ray}"
 FIPO_TRAIN="${FIPO_TRAIN:-fipo-train}"
 RAY_PORT="${RAY_PORT:-6379}"
 DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
-DASHBOARD_HOST="${DASHBOARD_HOST:-0.0.0.0}"
+DASHBOARD_HOST="${DASHBOARD_HOST:-127.0.0.1}"
 PRINT_ONLY="${PRINT_ONLY:-0}"
 
 usage() {
@@ -29,7 +29,8 @@ Commands:
   stop                              ray stop on this node (all Ray processes of this user)
 
 Environment: RAY_BIN (ray), FIPO_TRAIN (fipo-train), RAY_PORT (6379), DASHBOARD_PORT (8265),
-             DASHBOARD_HOST (0.0.0.0; 127.0.0.1 keeps the job API on this machine),
+             DASHBOARD_HOST (127.0.0.1: the dashboard and job API answer on the head only;
+             set the head's cluster IP to submit from other machines, never 0.0.0.0),
              PRINT_ONLY=1 prints the commands instead of running them.
 
 Example (16 nodes x 8 GPUs, the 32B FIPO recipe):
@@ -62,6 +63,11 @@ cmd="${1:-}"
 [[ $# -gt 0 ]] && shift
 case "$cmd" in
   head)
+    if [[ "$DASHBOARD_HOST" == 0.0.0.0 || "$DASHBOARD_HOST" == "::" ]]; then
+      echo "error: DASHBOARD_HOST=$DASHBOARD_HOST would serve the dashboard and job API" \
+        "(unauthenticated) on every interface: use 127.0.0.1 or the head's cluster IP" >&2
+      exit 2
+    fi
     run "$RAY_BIN" start --head --port="$RAY_PORT" --dashboard-host="$DASHBOARD_HOST" \
       --dashboard-port="$DASHBOARD_PORT" --disable-usage-stats "$@"
     ;;
@@ -82,7 +88,7 @@ case "$cmd" in
     need_args $# 1 submit "a recipe name (see recipes/)"
     recipe="$1"
     shift
-    run "$RAY_BIN" job submit --address="http://127.0.0.1:$DASHBOARD_PORT" --no-wait -- \
+    run "$RAY_BIN" job submit --address="http://$DASHBOARD_HOST:$DASHBOARD_PORT" --no-wait -- \
       "$FIPO_TRAIN" "recipe=$recipe" resources.ray_address=auto "$@"
     ;;
   status)

@@ -66,8 +66,12 @@ class ResourcePool:
         strategy: str = "PACK",
         name: str = "pool",
         timeout_s: float = 120.0,
+        extra: dict[str, float] | None = None,
     ) -> ResourcePool:
-        """Reserve ``num_bundles`` bundles; raise a clear error if Ray cannot place them."""
+        """Reserve ``num_bundles`` bundles; raise a clear error if Ray cannot place them.
+
+        ``extra``: custom resources each bundle asks for too (pins the pool to the nodes that
+        have them)."""
         if num_bundles < 1:
             raise ValueError(f"resource pool {name!r}: num_bundles must be >= 1, got {num_bundles}")
         if strategy not in STRATEGIES:
@@ -81,6 +85,7 @@ class ResourcePool:
         bundle = {"CPU": float(cpus_per_bundle)}
         if gpus_per_bundle > 0:
             bundle["GPU"] = float(gpus_per_bundle)
+        bundle.update({k: float(v) for k, v in (extra or {}).items()})
         bundles = [dict(bundle) for _ in range(num_bundles)]
         pg = placement_group(bundles, strategy=strategy, name=f"fipo_{name}")
         try:
@@ -91,7 +96,13 @@ class ResourcePool:
                 f"resource pool {name!r}: Ray could not reserve {num_bundles} x {bundle} "
                 f"(strategy {strategy}) within {timeout_s:.0f}s. Cluster total "
                 f"{_fmt(ray.cluster_resources())}, available {_fmt(ray.available_resources())}. "
-                "Lower the world size or the per-worker CPUs/GPUs, or add nodes."
+                "Lower the world size or the per-worker CPUs/GPUs, or add nodes"
+                + (
+                    f" (custom resources {sorted(extra)} exist only on nodes started with "
+                    "ray start --resources)."
+                    if extra
+                    else "."
+                )
             ) from None
         logger.info("resource pool %s: %d x %s", name, num_bundles, bundle)
         return cls(name=name, bundles=bundles, strategy=strategy, pg=pg)
@@ -160,6 +171,8 @@ def plan_placement(
     rollout_cpus_per_worker: float | None = None,
     strategy: str = "PACK",
     timeout_s: float = 120.0,
+    actor_extra: dict[str, float] | None = None,
+    rollout_extra: dict[str, float] | None = None,
 ) -> dict[str, RolePlacement]:
     """Reserve resources for the actor and rollout roles; returns ``{"actor", "rollout"}``.
 
@@ -167,6 +180,7 @@ def plan_placement(
     CPUs: each actor rank asks ``actor_cpus_per_worker`` and each rollout worker
     ``rollout_cpus_per_worker`` (a colocated slot reserves their sum); a role without its own
     figure takes ``cpus_per_slot`` (colocated: both halve one slot of that size).
+    ``*_extra``: custom resources per bundle (colocated: both roles' in the shared bundle).
     """
     if mode not in PLACEMENTS:
         raise ValueError(f"placement {mode!r} is unknown; choose one of {PLACEMENTS}")
@@ -186,6 +200,7 @@ def plan_placement(
             strategy=strategy,
             name="actor",
             timeout_s=timeout_s,
+            extra=actor_extra,
         )
         try:
             rollout_pool = ResourcePool.create(
@@ -195,6 +210,7 @@ def plan_placement(
                 strategy=strategy,
                 name="rollout",
                 timeout_s=timeout_s,
+                extra=rollout_extra,
             )
         except Exception:
             actor_pool.remove()
@@ -221,6 +237,7 @@ def plan_placement(
         strategy=strategy,
         name="colocated",
         timeout_s=timeout_s,
+        extra={**(rollout_extra or {}), **(actor_extra or {})},
     )
     half = RolePlacement.whole_pool(pool, share=2)
     actor = dataclasses.replace(half, num_cpus_per_worker=actor_cpus) if own else half
@@ -288,6 +305,8 @@ def place_roles(
         actor_cpus_per_worker=resources.cpus_per_actor_worker,
         rollout_cpus_per_worker=resources.cpus_per_rollout_worker,
         timeout_s=timeout_s,
+        actor_extra=dict(resources.actor_bundle_resources),
+        rollout_extra=dict(resources.rollout_bundle_resources),
     )
 
 

@@ -114,7 +114,7 @@ class RLTrainer:
             getattr(cfg.rollout, "generate_timeout_floor_s", GenerationDeadline.floor_s),
             getattr(cfg.rollout, "generate_timeout_s_per_token", GenerationDeadline.s_per_token),
         )
-        init_ray(res.ray_address, res.ray_num_cpus)
+        init_ray(res.ray_address, res.ray_num_cpus, run_dir=self.run_dir)
         self.placements = place_roles(
             res, rollout_tensor_parallel_size=cfg.rollout.tensor_parallel_size
         )

@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from fipo_trainer.cli import compose_config
+from fipo_trainer.cluster import leftovers
 from fipo_trainer.cluster.ray_init import shutdown_ray
 from fipo_trainer.trainer.config import prepare_config
 from fipo_trainer.trainer.loop import run_training
@@ -81,14 +82,19 @@ def test_local_run_listens_on_loopback_only(tmp_path):
     shutdown_ray()  # a fresh local Ray, started by this run
     sampler = ListenSampler()
     sampler.start()
+    run_dir = tmp_path / "run"
     try:
-        cfg = prepare_config(compose_config([*RUN, f"trainer.run_dir={tmp_path / 'run'}"]))
+        cfg = prepare_config(compose_config([*RUN, f"trainer.run_dir={run_dir}"]))
         result = run_training(cfg)
         sampler.sample()  # Ray is still up after the run (the roles are gone)
+        # the run recorded its local Ray session (for the next start's orphan report)
+        record = leftovers.read_record(run_dir)
+        assert record is not None and record.node_ip == "127.0.0.1"
     finally:
         sampler.stop.set()
         sampler.join(10)
         shutdown_ray()
+    assert leftovers.read_record(run_dir) is None, "a clean shutdown keeps no session record"
     assert result.steps == 2
     owners = {owner.split("[")[0] for owner, _, _ in sampler.seen}
     # the sampler saw the run's processes, not just the driver

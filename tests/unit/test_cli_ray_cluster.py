@@ -48,3 +48,19 @@ def test_usage_and_errors():
     for args in ((), ("worker",), ("launch",), ("bogus",)):
         res = script(*args)
         assert res.returncode == 2 and "Usage:" in res.stderr
+
+
+def test_dashboard_listens_on_loopback_unless_told_and_never_on_every_interface():
+    head = printed("head")
+    assert "--dashboard-host=127.0.0.1" in head
+    submitted = printed("submit", "quickstart_cpu")
+    assert "--address=http://127.0.0.1:8265" in submitted
+    for wildcard in ("0.0.0.0", "::"):
+        res = subprocess.run(
+            ["bash", str(SCRIPT), "head"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PRINT_ONLY": "1", "DASHBOARD_HOST": wildcard},
+            timeout=30,
+        )
+        assert res.returncode == 2 and "every interface" in res.stderr

@@ -226,7 +226,9 @@ class ResourcesConfig:
     ``nnodes x gpus_per_node`` is the cluster the run expects: start-up refuses a joined Ray
     cluster with fewer GPUs (or nodes). ``gpus_per_node=0`` runs on CPU. Each actor rank
     reserves ``cpus_per_actor_worker`` CPUs and each rollout worker
-    ``cpus_per_rollout_worker`` (colocated: a slot holds both).
+    ``cpus_per_rollout_worker`` (colocated: a slot holds both). ``*_bundle_resources`` are
+    extra Ray resources each of the role's bundles asks for: a custom resource given to some
+    nodes at ``ray start --resources`` pins the role to those nodes.
     """
 
     nnodes: int = 1
@@ -238,6 +240,8 @@ class ResourcesConfig:
     cpus_per_rollout_worker: float = 0.5
     ray_address: str | None = None  # None: local Ray; "auto": join the running cluster
     ray_num_cpus: int | None = None  # local Ray only
+    actor_bundle_resources: dict[str, float] = field(default_factory=dict)
+    rollout_bundle_resources: dict[str, float] = field(default_factory=dict)
 
     @property
     def local(self) -> bool:
@@ -272,6 +276,13 @@ class ResourcesConfig:
                 "resources.ray_num_cpus only applies to a local Ray start; drop it when "
                 f"resources.ray_address={self.ray_address!r} (the cluster fixes its resources)"
             )
+        for key in ("actor_bundle_resources", "rollout_bundle_resources"):
+            for name, amount in getattr(self, key).items():
+                if name in ("CPU", "GPU") or not amount > 0:
+                    errors.append(
+                        f"resources.{key}.{name}={amount}: give custom resources (> 0) only; "
+                        "CPUs and GPUs come from resources.cpus_per_*_worker / gpus_per_node"
+                    )
         if self.placement == "colocated" and self.rollout_workers > self.actor_world_size >= 1:
             errors.append(
                 "resources.placement=colocated puts rollout worker i on actor rank i's slot: "
