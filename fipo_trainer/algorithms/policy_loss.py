@@ -50,6 +50,9 @@ class PolicyLossConfig:
     future_kl_clip_ratio: float = 0.2
     future_kl_clip_high_only: bool = True
     safety_thresh: float = 10.0
+    # §1.2 participation mask (ratio <= c) of Future-KL; false = every response token
+    # participates (the paper's ablation: training collapses near step 70 without it).
+    participation_filter: bool = True
     # Constant length for "seq-mean-token-sum-norm" (Dr. GRPO); None = the tensor's length.
     loss_norm_length: float | None = None
 
@@ -246,8 +249,11 @@ def vanilla_policy_loss(
     log_ratio, ratio = _log_ratio_and_ratio(old_log_prob, log_prob)
     advantages = advantages.detach()
     dc = _dual_clip(advantages, ratio, config)
-    tokens = token_values(_clip_tokens(dc, advantages, log_ratio), response_mask, shards)
-    return PolicyLossTerms(dc.pg_losses, response_mask.to(log_prob.dtype), clip_metrics(tokens))
+    flags = _clip_tokens(dc, advantages, log_ratio)
+    tokens = token_values(flags, response_mask, shards)
+    stats = {"ratio": ratio.detach(), "clipped": flags["clipped"], "dual_clipped": flags["dual_clipped"]}
+    mask = response_mask.to(log_prob.dtype)
+    return PolicyLossTerms(dc.pg_losses, mask, clip_metrics(tokens), stats)
 
 
 def influence_weights(
@@ -257,15 +263,16 @@ def influence_weights(
     response_mask: torch.Tensor,
     config: PolicyLossConfig,
     shards: SequenceShards | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """§1.2–1.6: detached influence weights f, raw exp(FutureKL), and the clip bounds.
+) -> tuple[torch.Tensor, torch.Tensor, float, float, torch.Tensor]:
+    """§1.2–1.6: detached influence weights f, raw exp(FutureKL), the clip bounds, FutureKL.
 
     With ``shards`` the Future-KL of this rank's tokens is exact over the whole response."""
     with torch.no_grad():
         log_ratio = log_ratio.detach()
-        participation = log_ratio <= math.log(config.clip_ratio_c)  # §1.2
+        mask = response_mask.bool()
+        if config.participation_filter:  # §1.2 (false: the ablation without the filter)
+            mask = mask & (log_ratio <= math.log(config.clip_ratio_c))
         gamma = gamma_from_half_life(config.decay_rate)  # §1.3
-        mask = response_mask.bool() & participation
         fkl = sharded_future_kl(log_ratio, mask, gamma, shards)  # §1.4
         raw = torch.exp(fkl)
         eps_f = config.future_kl_clip_ratio  # §1.5
@@ -280,7 +287,7 @@ def influence_weights(
             weights = torch.clamp(raw, lower, upper)
         unsafe = (advantages < 0) & (ratio.detach() > config.safety_thresh)  # §1.6
         weights = torch.where(unsafe, torch.clamp(weights, 0.8, 1.0), weights)
-    return weights, raw, lower, upper
+    return weights, raw, lower, upper, fkl
 
 
 @register_policy_loss("fipo")
@@ -295,7 +302,7 @@ def fipo_policy_loss(
     """FIPO: dual-clip PPO on advantages re-weighted by clipped exp(Future-KL)."""
     log_ratio, ratio = _log_ratio_and_ratio(old_log_prob, log_prob)  # §1.1
     advantages = advantages.detach()
-    weights, raw, lower, upper = influence_weights(
+    weights, raw, lower, upper, fkl = influence_weights(
         log_ratio, ratio, advantages, response_mask, config, shards
     )
     weighted_adv = advantages * weights  # §1.7 (constants: §1.11)
@@ -316,5 +323,13 @@ def fipo_policy_loss(
     metrics.update(influence_metrics(tokens, lower, upper))
     metrics["invalid_seq_frac"] = float((~seq_valid).float().mean()) if seq_valid.numel() else 0.0
     metrics.update(ratio_tail_metrics(tokens, config.clip_ratio_c))
-    stats = {"influence_weights": weights, "raw_influence_weights": raw}
+    stats = {  # detached, per token: what rollout-dump steps record (trainer.token_record_samples)
+        "influence_weights": weights,
+        "raw_influence_weights": raw,
+        "future_kl": fkl,
+        "ratio": ratio.detach(),
+        "clipped": per_token["clipped"],
+        "dual_clipped": per_token["dual_clipped"],
+        "dropped": (~seq_valid).expand_as(weights),
+    }
     return PolicyLossTerms(dc.pg_losses, loss_mask, metrics, stats)
