@@ -11,6 +11,11 @@ RAY_PORT="${RAY_PORT:-6379}"
 DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
 DASHBOARD_HOST="${DASHBOARD_HOST:-127.0.0.1}"
 PRINT_ONLY="${PRINT_ONLY:-0}"
+# Token authentication on every node and every client (Ray >= 2.52): the GCS, the dashboard
+# and the job API answer only requests carrying the cluster's token. The head creates
+# ~/.ray/auth_token if there is none; copy that file to every node (or point
+# RAY_AUTH_TOKEN_PATH at a copy on a shared filesystem) before their 'worker' command.
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 
 usage() {
   cat <<EOF
@@ -28,7 +33,9 @@ Commands:
   status                            ray status (nodes, GPUs, running work)
   stop                              ray stop on this node (all Ray processes of this user)
 
-Environment: RAY_BIN (ray), FIPO_TRAIN (fipo-train), RAY_PORT (6379), DASHBOARD_PORT (8265),
+Environment: RAY_AUTH_MODE (token; the token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+             ~/.ray/auth_token, created by 'head' if missing: copy it to every node),
+             RAY_BIN (ray), FIPO_TRAIN (fipo-train), RAY_PORT (6379), DASHBOARD_PORT (8265),
              DASHBOARD_HOST (127.0.0.1: the dashboard and job API answer on the head only;
              set the head's cluster IP to submit from other machines, never 0.0.0.0),
              PRINT_ONLY=1 prints the commands instead of running them.
@@ -59,6 +66,21 @@ need_args() {
   fi
 }
 
+# The head's token: kept if one is configured, else created in ~/.ray/auth_token.
+ensure_token() {
+  [[ "$RAY_AUTH_MODE" == token ]] || return 0
+  [[ -n "${RAY_AUTH_TOKEN:-}" ]] && return 0
+  if [[ -n "${RAY_AUTH_TOKEN_PATH:-}" ]]; then
+    if [[ ! -s "$RAY_AUTH_TOKEN_PATH" ]]; then
+      echo "error: RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH is missing or empty: write the" \
+        "cluster's token there (e.g. ray get-auth-token --generate, then copy ~/.ray/auth_token)" >&2
+      exit 2
+    fi
+    return 0
+  fi
+  run "$RAY_BIN" get-auth-token --generate >/dev/null
+}
+
 cmd="${1:-}"
 [[ $# -gt 0 ]] && shift
 case "$cmd" in
@@ -68,6 +90,7 @@ case "$cmd" in
         "(unauthenticated) on every interface: use 127.0.0.1 or the head's cluster IP" >&2
       exit 2
     fi
+    ensure_token
     run "$RAY_BIN" start --head --port="$RAY_PORT" --dashboard-host="$DASHBOARD_HOST" \
       --dashboard-port="$DASHBOARD_PORT" --disable-usage-stats "$@"
     ;;

@@ -40,14 +40,18 @@ ROLES = {"DeepSpeedActorWorker": ACTOR_NODE, "RolloutWorker": ROLLOUT_NODE}
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RayNodes]:
     nodes = RayNodes()
+    patch = pytest.MonkeyPatch()
+    # this process asks the cluster's state and job APIs: with the token, as the script does
+    patch.setenv("RAY_AUTH_MODE", "token")
     try:
-        # One CPU per node: the two actor ranks (0.5 each) fill the head, so nothing but the
-        # custom resources decides; a wrong pinning could not be placed at all.
-        nodes.start_head({ACTOR_NODE: 2}, num_cpus=1)
-        nodes.add_worker({ROLLOUT_NODE: 2}, num_cpus=1)
+        # One CPU per node: the two actor ranks (0.5 each) fill a node. The actor goes to the
+        # joined node, not the head where the driver runs, which Ray prefers when free to.
+        nodes.start_head({ROLLOUT_NODE: 2}, num_cpus=1)
+        nodes.add_worker({ACTOR_NODE: 2}, num_cpus=1)
         _wait_for_nodes(nodes, 2)
         yield nodes
     finally:
+        patch.undo()
         nodes.stop()
         assert not nodes.processes(), "the test's Ray cluster outlived stop()"
 
