@@ -20,6 +20,7 @@ from typing import Any
 CONFIG_DIR_ENV = "FIPO_CONFIG_DIR"
 CONFIG_NAME = "config"
 DRY_RUN_FLAG = "--dry-run"
+MULTIRUN_FLAGS = ("--multirun", "-m")
 
 __all__ = [
     "compose_config",
@@ -27,6 +28,7 @@ __all__ = [
     "config_keys",
     "data_main",
     "dry_run",
+    "dry_run_sweep",
     "eval_main",
     "plot_main",
     "train_main",
@@ -220,15 +222,85 @@ def dry_run(overrides: Sequence[str]) -> int:
     return 0
 
 
+def sweep_jobs(args: Sequence[str]) -> list[list[str]]:
+    """The overrides of every job ``fipo-train --multirun ARGS`` launches (Hydra's
+    BasicSweeper expansion, with the config's ``hydra.sweeper.params``)."""
+    from fipo_trainer.trainer.sweep import expand_sweep, sweeper_params
+
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    return expand_sweep(overrides, sweeper_params(overrides, config_dir(), CONFIG_NAME))
+
+
+def job_errors(overrides: Sequence[str], *, check_data: bool = False) -> list[str]:
+    """Every config problem of one job (empty: it would start); its Hydra-only overrides
+    (``hydra.sweep.dir=...``) are not the training config's."""
+    from fipo_trainer.trainer.config import ConfigError, load_config, validate_config
+
+    config_overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    try:
+        cfg = load_config(compose_config(config_overrides), build_model=False)
+        validate_config(cfg, check_data=check_data)
+    except ConfigError as err:
+        return list(err.errors)
+    except Exception as err:  # Hydra composition: report it per job
+        return [" ".join(str(err).split())]
+    return []
+
+
+def dry_run_sweep(args: Sequence[str], *, check_data: bool = True) -> int:
+    """``--dry-run --multirun``: expand the sweep and validate every job; start nothing."""
+    try:
+        jobs = sweep_jobs(args)
+    except Exception as err:  # a malformed sweep override
+        print(f"fipo-train: bad sweep: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.ERROR)
+    bad = 0
+    for num, job in enumerate(jobs):
+        errors = job_errors(job, check_data=check_data)
+        bad += bool(errors)
+        print(f"job {num}: {' '.join(job) or '(no overrides)'}: {'ERROR' if errors else 'OK'}")
+        for message in errors:
+            print(f"  - {message}", file=sys.stderr)
+    verdict = f"{bad} of {len(jobs)} jobs invalid" if bad else f"all {len(jobs)} jobs OK"
+    print(f"sweep: {verdict} (dry run: nothing started)", file=sys.stderr)
+    return 2 if bad else 0
+
+
+def _check_sweep(args: Sequence[str]) -> None:
+    """Before a multirun starts: every job must be valid, or nothing runs (exit 2). Hydra
+    itself only finds a bad job when its turn comes, after the others trained."""
+    try:
+        jobs = sweep_jobs(args)
+    except Exception:  # Hydra reports a malformed sweep itself
+        return
+    failed = [(n, job, errs) for n, job in enumerate(jobs) if (errs := job_errors(job))]
+    for num, job, errors in failed:
+        print(f"job {num} ({' '.join(job)}):", file=sys.stderr)
+        for message in errors:
+            print(f"  - {message}", file=sys.stderr)
+    if failed:
+        print(f"fipo-train: {len(failed)} of {len(jobs)} sweep jobs invalid; nothing started",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 def _train_task(cfg) -> None:
     """The Hydra task: `prepare_config` (convert, validate once, build the tiny model), then
-    the loop, which takes the validated config as it is. All before Ray starts."""
+    the loop, which takes the validated config as it is. All before Ray starts. In a sweep
+    the job's own Hydra directory is its run directory, and a bad job fails alone."""
     from fipo_trainer.trainer.config import ConfigError, prepare_config
+    from fipo_trainer.trainer.sweep import multirun_job_dir
 
+    job_dir = multirun_job_dir()
+    if job_dir is not None:
+        cfg.trainer.run_dir = job_dir
     try:
         train_cfg = prepare_config(cfg)
     except ConfigError as err:
         print(err, file=sys.stderr)
+        if job_dir is not None:
+            raise  # Hydra marks this job failed and runs the next
         sys.exit(2)
     from fipo_trainer.trainer.loop import run_training
 
@@ -239,12 +311,18 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     """``fipo-train [--dry-run] [recipe=NAME] [key=value ...]`` (Hydra flags such as
     ``--cfg job``, ``--help``, ``--multirun`` work as usual)."""
     args = open_map_overrides(list(sys.argv[1:] if argv is None else argv))
+    multirun = any(a in MULTIRUN_FLAGS for a in args)
     if DRY_RUN_FLAG in args:
-        sys.exit(dry_run([a for a in args if a != DRY_RUN_FLAG]))
-    _check_overrides(args)
+        rest = [a for a in args if a != DRY_RUN_FLAG]
+        sys.exit(dry_run_sweep(rest) if multirun else dry_run(rest))
+    if multirun and not any(a.startswith(_OTHER_CONFIG_FLAGS) for a in args):
+        _check_sweep(args)
+    else:
+        _check_overrides(args)
     import hydra
 
-    import fipo_trainer.trainer.config  # noqa: F401 - registers the schema
+    import fipo_trainer.trainer.config  # registers the schema
+    import fipo_trainer.trainer.sweep  # noqa: F401 - the ${fipo_job_dir:} resolver
 
     sys.argv = [sys.argv[0] if sys.argv else "fipo-train", *args]
     main = hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base=None)
