@@ -267,13 +267,16 @@ def dry_run_sweep(args: Sequence[str], *, check_data: bool = True) -> int:
     return 2 if bad else 0
 
 
-def _check_sweep(args: Sequence[str]) -> None:
-    """Before a multirun starts: every job must be valid, or nothing runs (exit 2). Hydra
-    itself only finds a bad job when its turn comes, after the others trained."""
+def _check_sweep(args: list[str]) -> list[str]:
+    """Before a multirun starts: every job must be valid, or nothing runs (exit 2; Hydra
+    itself finds a bad job only when its turn comes, after the others trained). Returns
+    ``args`` naming each job directory by its swept overrides (`sweep.dirname_override`)."""
+    from fipo_trainer.trainer.sweep import dirname_override
+
     try:
         jobs = sweep_jobs(args)
     except Exception:  # Hydra reports a malformed sweep itself
-        return
+        return args
     failed = [(n, job, errs) for n, job in enumerate(jobs) if (errs := job_errors(job))]
     for num, job, errors in failed:
         print(f"job {num} ({' '.join(job)}):", file=sys.stderr)
@@ -283,6 +286,8 @@ def _check_sweep(args: Sequence[str]) -> None:
         print(f"fipo-train: {len(failed)} of {len(jobs)} sweep jobs invalid; nothing started",
               file=sys.stderr)
         sys.exit(2)
+    extra = dirname_override(args, jobs)
+    return [*args, extra] if extra else args
 
 
 def _train_task(cfg) -> None:
@@ -316,7 +321,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
         rest = [a for a in args if a != DRY_RUN_FLAG]
         sys.exit(dry_run_sweep(rest) if multirun else dry_run(rest))
     if multirun and not any(a.startswith(_OTHER_CONFIG_FLAGS) for a in args):
-        _check_sweep(args)
+        args = _check_sweep(args)
     else:
         _check_overrides(args)
     import hydra

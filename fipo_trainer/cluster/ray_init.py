@@ -212,6 +212,11 @@ def _forget_session() -> None:
         _record_dir = None
 
 
+def ray_initialized() -> bool:
+    """Whether this process is connected to Ray (a run that starts it also stops it)."""
+    return ray.is_initialized()
+
+
 def shutdown_ray() -> None:
     """Stop this process's Ray connection (and the local cluster if it started one)."""
     if ray.is_initialized():

@@ -89,6 +89,7 @@ class RLTrainer:
         self.reward_pool = None
         self.weight_sync = None
         self.placements = None
+        self._owns_ray = False
 
     @property
     def temperature(self) -> float:
@@ -98,7 +99,7 @@ class RLTrainer:
     # ----------------------------------------------------------------- set-up
     def _start_roles(self) -> None:
         from fipo_trainer.actor.group import ActorGroup
-        from fipo_trainer.cluster.ray_init import init_ray
+        from fipo_trainer.cluster.ray_init import init_ray, ray_initialized
         from fipo_trainer.cluster.resource_pool import place_roles
         from fipo_trainer.cluster.weight_sync import WeightSync
         from fipo_trainer.cluster.worker_group import Deadline
@@ -114,6 +115,7 @@ class RLTrainer:
             getattr(cfg.rollout, "generate_timeout_floor_s", GenerationDeadline.floor_s),
             getattr(cfg.rollout, "generate_timeout_s_per_token", GenerationDeadline.s_per_token),
         )
+        self._owns_ray = not ray_initialized()  # then shutdown() stops it again
         init_ray(res.ray_address, res.ray_num_cpus, run_dir=self.run_dir)
         self.placements = place_roles(
             res, rollout_tensor_parallel_size=cfg.rollout.tensor_parallel_size
@@ -339,9 +341,9 @@ class RLTrainer:
         return out
 
     def shutdown(self, *, graceful: bool = True) -> None:
-        """Stop every role. ``graceful=False`` (Ctrl-C, a failed run) kills the workers without
-        asking the engines to stop first: the failure may be a worker that does not answer."""
-        from fipo_trainer.cluster.resource_pool import release
+        """Stop every role and the Ray this run started (a sweep's next job starts afresh);
+        ``graceful=False`` (Ctrl-C, failure) kills workers unasked: one may not answer."""
+        from fipo_trainer.cluster import release, shutdown_ray
 
         if self.rollout is not None:
             with contextlib.suppress(Exception):
@@ -354,6 +356,9 @@ class RLTrainer:
         if self.placements:
             with contextlib.suppress(Exception):
                 release(self.placements)
+        if self._owns_ray:
+            self._owns_ray = False
+            shutdown_ray()
 
 
 def _interrupted(trainer: RLTrainer, err: KeyboardInterrupt) -> TrainingInterrupted:

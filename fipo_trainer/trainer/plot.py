@@ -144,9 +144,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fipo-plot", description="Plot training curves from a run's metrics.jsonl to a PNG."
     )
-    parser.add_argument("path", type=Path, help=f"run directory or its {METRICS_FILE}")
+    parser.add_argument("path", type=Path, nargs="?", help=f"run directory or its {METRICS_FILE}")
+    parser.add_argument("--compare", nargs="+", type=Path, default=None, metavar="RUN_DIR",
+                        help="overlay several runs (seeds grouped: mean + min-max band); "
+                        "default output: compare.png in the runs' common parent")
+    parser.add_argument("--smooth", type=int, default=1, help="with --compare: moving average over N steps")
     parser.add_argument("-o", "--out", type=Path, default=None, help=f"output PNG (default: <run dir>/{DEFAULT_PNG})")
     args = parser.parse_args(argv)
+    if args.compare:
+        from fipo_trainer.trainer.compare_plot import compare_main
+
+        try:
+            return compare_main([*filter(None, [args.path]), *args.compare], args.out, args.smooth)
+        except FileNotFoundError as err:
+            parser.error(str(err))
+    if args.path is None:
+        parser.error("pass a run directory (or --compare RUN_DIR RUN_DIR ...)")
     path: Path = args.path
     metrics = path / METRICS_FILE if path.is_dir() else path
     if not metrics.is_file():
