@@ -141,6 +141,6 @@ def test_summary_rows_and_csv_come_from_the_run_dirs(tmp_path):
     assert common == ["trainer.test_freq=3"]
     path = write_summary_csv(rows, sweep / "sweep_summary.csv")
     table = list(csv.DictReader(path.open()))
-    assert [t["overrides"] for t in table][0] == "algorithm=fipo trainer.test_freq=3"
+    assert table[0]["overrides"] == "algorithm=fipo trainer.test_freq=3"
     assert table[1]["val_best"] == "0.5" and table[2]["val_best"] == ""
     assert set(table[0]) >= {"overrides", "steps", "val_first", "val_best", "val_last", "wall_s"}
