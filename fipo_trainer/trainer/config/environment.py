@@ -110,27 +110,76 @@ def model_positions(model_path: str | Path, override_config: dict[str, Any]) -> 
     return int(positions) if positions is not None else None
 
 
+def model_heads(cfg: TrainConfig) -> tuple[int, int] | None:
+    """(num_attention_heads, num_key_value_heads) of the model's ``config.json`` after
+    ``model.override_config`` (None: not stated; kv defaults to the attention heads)."""
+    heads = model_value(cfg.model.path, cfg.model.override_config, "num_attention_heads")
+    if heads is None:
+        return None
+    kv = model_value(cfg.model.path, cfg.model.override_config, "num_key_value_heads") or heads
+    return int(heads), int(kv)
+
+
+def _heads_source(cfg: TrainConfig) -> str:
+    keys = {"num_attention_heads", "num_key_value_heads"} & set(cfg.model.override_config)
+    where = f"{cfg.model.path}/config.json"
+    return where + (" + model.override_config" if keys else "")
+
+
 def heads_split(cfg: TrainConfig, r: Report) -> None:
     """Sequence parallel k: the model's attention heads split into k groups."""
     sp = int(getattr(cfg.actor, "ulysses_sequence_parallel_size", 1))
-    heads = model_value(cfg.model.path, cfg.model.override_config, "num_attention_heads")
+    heads = model_heads(cfg)
     if sp <= 1 or heads is None:
         return
-    kv = model_value(cfg.model.path, cfg.model.override_config, "num_key_value_heads") or heads
     from fipo_trainer.actor.ulysses import check_heads
 
     try:
-        check_heads(int(heads), int(kv), sp)
+        check_heads(*heads, sp)
     except ValueError as err:
-        r.error(f"{err} ({cfg.model.path}/config.json)")
+        r.error(f"{err} ({_heads_source(cfg)})")
+
+
+def tp_splits_heads(heads: int, kv: int, tp: int) -> bool:
+    """vLLM's rule: TP shards the attention heads evenly; the KV heads too, or, when there are
+    fewer KV heads than ranks, each KV head is replicated on tp / kv ranks."""
+    return heads % tp == 0 and (kv % tp == 0 or tp % kv == 0)
+
+
+def tp_heads_split(cfg: TrainConfig, r: Report) -> None:
+    """vLLM tensor parallel k: the model's heads shard over the k TP ranks."""
+    tp = cfg.rollout.tensor_parallel_size
+    found = model_heads(cfg)
+    if cfg.rollout.engine != "vllm" or tp <= 1 or found is None:
+        return
+    heads, kv = found
+    if tp_splits_heads(heads, kv, tp):
+        return
+    res = cfg.resources
+    valid = [k for k in range(1, heads + 1) if tp_splits_heads(heads, kv, k)]
+    fits = [
+        k
+        for k in valid
+        if (res.gpus_per_node <= 0 or res.gpus_per_node % k == 0)
+        and (res.placement != "colocated" or res.actor_world_size % k == 0)
+    ]
+    r.error(
+        f"rollout.tensor_parallel_size={tp} cannot split the model's heads "
+        f"(num_attention_heads={heads}, num_key_value_heads={kv}; {_heads_source(cfg)}): vLLM "
+        f"needs num_attention_heads divisible by it and num_key_value_heads divisible by it "
+        f"or dividing it (KV heads replicated). Values of rollout.tensor_parallel_size that "
+        f"split these heads: {valid}"
+        + (f"; of those, fitting resources: {fits}" if fits != valid else "")
+    )
 
 
 def model_fits(cfg: TrainConfig, r: Report) -> None:
     """The longest sequence (prompt + response, or rollout.max_model_len) fits the positions;
-    the heads split across sequence-parallel ranks."""
+    the heads split across sequence-parallel ranks and vLLM's tensor-parallel ranks."""
     if not cfg.model.path or not Path(cfg.model.path).expanduser().is_dir():
         return
     heads_split(cfg, r)
+    tp_heads_split(cfg, r)
     positions = model_positions(cfg.model.path, cfg.model.override_config)
     if positions is None:
         return

@@ -215,15 +215,43 @@ def _lengths(cfg: TrainConfig, r: Report) -> None:
         )
 
 
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
 def _resources(cfg: TrainConfig, r: Report) -> None:
-    """resources x rollout: placement of the engines and the GPUs they need."""
+    """resources x rollout: placement of the engines and the GPUs they need.
+
+    ``resources.rollout_workers`` counts vLLM engines; each spans ``rollout.tensor_parallel_size``
+    = k devices, one TP rank per device. Colocated: engine e's k ranks share the devices of
+    actor ranks e*k .. e*k+k-1 (one actor rank and at most one TP rank per device), so the
+    engines need engines x k <= actor_world_size and k | actor_world_size. Split: the engines
+    have engines x k devices of their own.
+    """
     res, rollout = cfg.resources, cfg.rollout
-    tp = rollout.tensor_parallel_size
+    tp, engines, world = rollout.tensor_parallel_size, res.rollout_workers, res.actor_world_size
+    if tp < 1 or engines < 1 or world < 1:
+        return  # reported by the sections
     if res.placement == "colocated":
-        if res.gpus_per_node > 0 and tp != 1:
+        if world % tp:
             r.error(
-                f"resources.placement=colocated needs rollout.tensor_parallel_size=1, got {tp}: "
-                "use resources.placement=split for tensor-parallel vLLM"
+                f"resources.placement=colocated with rollout.tensor_parallel_size={tp}: an engine "
+                f"spans {tp} consecutive actor devices, so resources.actor_world_size={world} must "
+                f"be a multiple of {tp} (TP sizes that divide it: {_divisors(world)})"
+            )
+        if tp > 1 and engines * tp > world:  # (tp 1: the resources section reports it)
+            r.error(
+                f"resources.placement=colocated with more engines than devices: "
+                f"resources.rollout_workers={engines} engines x rollout.tensor_parallel_size={tp} "
+                f"= {engines * tp} devices, but resources.actor_world_size={world} devices host "
+                f"them: set resources.rollout_workers <= {world // tp}"
+            )
+        elif res.gpus_per_node > 0 and engines * tp < world and world % tp == 0:
+            r.warn(
+                f"resources.placement=colocated: resources.rollout_workers={engines} engines x "
+                f"rollout.tensor_parallel_size={tp} use {engines * tp} of the "
+                f"{world} actor GPUs; the others idle during generation (rollout_workers="
+                f"{world // tp} uses them all)"
             )
         if res.gpus_per_node > 0 and not rollout.free_cache_engine:
             r.warn(
@@ -232,16 +260,22 @@ def _resources(cfg: TrainConfig, r: Report) -> None:
             )
     elif rollout.free_cache_engine:
         r.warn("rollout.free_cache_engine=true has no use with resources.placement=split")
-    if res.gpus_per_node > 0 and res.nnodes >= 1 and res.actor_world_size >= 1:
+    if res.gpus_per_node > 0 and res.gpus_per_node % tp:
+        r.error(
+            f"rollout.tensor_parallel_size={tp} does not divide resources.gpus_per_node="
+            f"{res.gpus_per_node}: an engine's TP ranks must sit on one node; choose "
+            f"rollout.tensor_parallel_size from {_divisors(res.gpus_per_node)}"
+        )
+    if res.gpus_per_node > 0 and res.nnodes >= 1:
         total = res.nnodes * res.gpus_per_node
-        need = res.actor_world_size + (res.rollout_workers * tp if res.placement == "split" else 0)
+        # Colocated: the engines live on the actor's devices (checked above).
+        need = world + (engines * tp if res.placement == "split" else 0)
         if need > total:
             r.error(
                 f"{res.placement} placement needs {need} GPUs (resources.actor_world_size="
-                f"{res.actor_world_size}"
+                f"{world}"
                 + (
-                    f" + resources.rollout_workers={res.rollout_workers} x "
-                    f"rollout.tensor_parallel_size={tp}"
+                    f" + resources.rollout_workers={engines} x rollout.tensor_parallel_size={tp}"
                     if res.placement == "split"
                     else ""
                 )
