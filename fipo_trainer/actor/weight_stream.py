@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import torch
 
 from fipo_trainer.actor.engine import DeepSpeedEngine, full_numel
+from fipo_trainer.cluster.weight_bucket import TensorMeta, aligned_nbytes
+from fipo_trainer.platform import current_platform
 
 DEFAULT_BUCKET_BYTES = 256 * 2**20
 
@@ -62,3 +64,51 @@ def full_state_dict(
         with engine.gathered([t]):
             out[name] = t.detach().cpu().clone()
     return out
+
+
+def full_shape(t: torch.Tensor) -> tuple[int, ...]:
+    """Shape of a tensor, also of a ZeRO-3 partitioned parameter."""
+    return tuple(getattr(t, "ds_shape", t.shape))
+
+
+def packed_full_weights(
+    engine: DeepSpeedEngine,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    *,
+    keep: bool = True,
+) -> Iterator[tuple[list[TensorMeta], torch.Tensor]]:
+    """Full weights packed into shareable flat buckets on this rank's device, every rank.
+
+    For the colocated sync: each actor rank feeds the engine rank on its own device. A
+    bucket is filled one tensor at a time (under ZeRO-3 one gather per tensor), so the extra
+    memory is one bucket plus the largest tensor. ``keep=False`` (a rank with no colocated
+    engine) only takes part in the gathers. Exhaust it on every rank.
+    """
+    plat = current_platform()
+    named = engine.named_tensors()
+    start = 0
+    while start < len(named):
+        # The bucket: tensors in order up to bucket_bytes (a larger tensor alone).
+        end, size = start, 0
+        while end < len(named):
+            t = named[end][1]
+            nbytes = aligned_nbytes(full_numel(t) * t.element_size())
+            if end > start and size + nbytes > bucket_bytes:
+                break
+            size += nbytes
+            end += 1
+        metas: list[TensorMeta] = []
+        flat = plat.shareable_buffer(size, engine.device) if keep else None
+        offset = 0
+        for name, t in named[start:end]:
+            nbytes = full_numel(t) * t.element_size()
+            metas.append(TensorMeta(name, str(t.dtype), full_shape(t), offset, nbytes))
+            with engine.gathered([t]):
+                if flat is not None:
+                    src = t.detach().contiguous().reshape(-1).view(torch.uint8)
+                    flat[offset : offset + nbytes].copy_(src)
+            offset += aligned_nbytes(nbytes)
+        start = end
+        if flat is not None:
+            yield metas, flat
+        del flat

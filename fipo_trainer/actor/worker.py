@@ -28,6 +28,7 @@ from fipo_trainer.actor.comm import Collectives
 from fipo_trainer.actor.config import ActorConfig
 from fipo_trainer.actor.engine import DeepSpeedEngine, load_hf_config
 from fipo_trainer.actor.policy_trainer import PolicyTrainer
+from fipo_trainer.actor.shared_weights_source import SharedWeightsSourceMixin
 from fipo_trainer.actor.weight_stream import (
     DEFAULT_BUCKET_BYTES,
     drain,
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 SYNC_BUCKET_BYTES = DEFAULT_BUCKET_BYTES
 
 
-class DeepSpeedActorWorker(Worker, WeightSender):
+class DeepSpeedActorWorker(Worker, WeightSender, SharedWeightsSourceMixin):
     """ZeRO-2/3 policy: ``compute_log_prob``, ``update_policy``, checkpoints, HF export."""
 
     def __init__(self, config: ActorConfig | dict[str, Any]) -> None:

@@ -176,7 +176,9 @@ def plan_placement(
 ) -> dict[str, RolePlacement]:
     """Reserve resources for the actor and rollout roles; returns ``{"actor", "rollout"}``.
 
-    ``rollout_gpus_per_worker`` is the rollout tensor-parallel size on GPU (ignored on CPU).
+    ``rollout_world_size`` counts engines; ``rollout_gpus_per_worker`` is their tensor-parallel
+    size k: an engine is k workers, one device each (split: one k-device bundle per engine,
+    so an engine never spans nodes; colocated: k consecutive actor bundles).
     CPUs: each actor rank asks ``actor_cpus_per_worker`` and each rollout worker
     ``rollout_cpus_per_worker`` (a colocated slot reserves their sum); a role without its own
     figure takes ``cpus_per_slot`` (colocated: both halve one slot of that size).
@@ -215,19 +217,29 @@ def plan_placement(
         except Exception:
             actor_pool.remove()
             raise
+        k = rollout_gpus_per_worker
+        per_engine = RolePlacement.whole_pool(rollout_pool)
         return {
             "actor": RolePlacement.whole_pool(actor_pool),
-            "rollout": RolePlacement.whole_pool(rollout_pool),
+            # an engine's k TP ranks share its bundle (k GPUs: one each; one node)
+            "rollout": RolePlacement(
+                pool=rollout_pool,
+                bundle_indices=tuple(b for b in per_engine.bundle_indices for _ in range(k)),
+                num_cpus_per_worker=per_engine.num_cpus_per_worker / k,
+                num_gpus_per_worker=per_engine.num_gpus_per_worker / k,
+            ),
         }
-    if use_gpu and rollout_gpus_per_worker != 1:
+    engine_ranks = rollout_world_size * rollout_gpus_per_worker
+    if actor_world_size % rollout_gpus_per_worker:
         raise ValueError(
-            "placement=colocated needs rollout tensor_parallel_size=1 (one rollout worker per "
-            f"actor GPU), got {rollout_gpus_per_worker}; use placement=split for tensor parallel"
+            f"placement=colocated: rollout tensor_parallel_size {rollout_gpus_per_worker} must "
+            f"divide the actor world size {actor_world_size} (an engine spans that many devices)"
         )
-    if rollout_world_size > actor_world_size:
+    if engine_ranks > actor_world_size:
         raise ValueError(
-            f"placement=colocated puts rollout worker i on actor rank i's slot: rollout world "
-            f"size {rollout_world_size} must be <= actor world size {actor_world_size}"
+            f"placement=colocated puts one engine rank on each actor device: {rollout_world_size} "
+            f"engines x tensor_parallel_size {rollout_gpus_per_worker} = {engine_ranks} devices "
+            f"but the actor has {actor_world_size}"
         )
     own = actor_cpus_per_worker is not None and rollout_cpus_per_worker is not None
     pool = ResourcePool.create(
@@ -245,7 +257,7 @@ def plan_placement(
         "actor": actor,
         "rollout": RolePlacement(
             pool=pool,
-            bundle_indices=tuple(range(rollout_world_size)),
+            bundle_indices=tuple(range(engine_ranks)),
             num_cpus_per_worker=rollout_cpus if own else half.num_cpus_per_worker,
             num_gpus_per_worker=half.num_gpus_per_worker,
         ),

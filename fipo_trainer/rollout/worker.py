@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 
+from fipo_trainer.cluster.shared_weight_sync import SharedWeightsSink
+from fipo_trainer.cluster.shared_weights import SharedWeightsReceiver
 from fipo_trainer.cluster.weight_sync import WeightReceiver
 from fipo_trainer.cluster.weight_transport import WeightSyncReceiver
-from fipo_trainer.cluster.worker import Worker
+from fipo_trainer.cluster.worker import Worker, bind_host, free_port, node_ip
 from fipo_trainer.data.batch import Batch
 from fipo_trainer.rollout.assemble import build_rollout_batch, prompt_token_lists, rollout_metrics
 from fipo_trainer.rollout.config import RolloutConfig, SamplingConfig, ValSamplingConfig
@@ -46,8 +48,10 @@ def rollout_config_from(value: RolloutConfig | dict[str, Any]) -> RolloutConfig:
     return RolloutConfig(**data)
 
 
-class RolloutWorker(Worker, WeightReceiver):
-    """One engine per actor; on GPU it is given ``tensor_parallel_size`` GPUs by its group."""
+class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
+    """One engine rank per process (one device). With ``rollout.tensor_parallel_size`` k > 1,
+    k workers form one engine: ``RolloutGroup`` starts it with ``start_engine`` once each
+    rank knows its TP rank and the group's rendezvous."""
 
     def __init__(self, model_path: str | Path, config: RolloutConfig | dict[str, Any]):
         super().__init__()
@@ -59,9 +63,26 @@ class RolloutWorker(Worker, WeightReceiver):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         if self.tokenizer.pad_token_id is None:
             raise ValueError(f"the tokenizer in {self.model_path} has no pad token; set pad_token")
-        self.engine = build_engine(self.model_path, self.config)
+        tp = self.config.tensor_parallel_size
+        self.engine = build_engine(self.model_path, self.config) if tp == 1 else None
         self._receiver: WeightSyncReceiver | None = None
+        self._shared: SharedWeightsReceiver | None = None
         self.weights_version = 0
+
+    # --- tensor parallel ---------------------------------------------------------------
+    def engine_endpoint(self) -> tuple[str, int]:
+        """The rendezvous of an engine whose TP rank 0 this worker is: (node IP, free port)."""
+        host = bind_host(node_ip())
+        return host, free_port(host)
+
+    def start_engine(self, tp_rank: int, master: tuple[str, int]) -> int:
+        """Build this process's rank of a TP engine (its k ranks call it concurrently)."""
+        if self.engine is not None:
+            raise RuntimeError("start_engine(): this worker's engine already runs")
+        self.engine = build_engine(
+            self.model_path, self.config, tp_rank=tp_rank, tp_master=tuple(master)
+        )
+        return tp_rank
 
     # --- generation -----------------------------------------------------------------
     def generate_batch(
@@ -156,6 +177,40 @@ class RolloutWorker(Worker, WeightReceiver):
             "sync/loaded_tensors": float(count),
         }
 
+    # --- colocated weight sync (cluster.shared_weight_sync) --------------------------
+    def listen_shared_weights(self, timeout_s: float = 300.0) -> tuple[str, bytes]:
+        if self._shared is not None:
+            self._shared.close()
+        self._shared = SharedWeightsReceiver(timeout_s)
+        return self._shared.address()
+
+    def accept_shared_weights(self) -> None:
+        if self._shared is None:
+            raise RuntimeError("accept_shared_weights() before listen_shared_weights()")
+        self._shared.accept()
+
+    def receive_shared_weights(self) -> dict[str, float]:
+        """Wake the engine, then load the colocated actor rank's buffers (its TP slice)."""
+        if self._shared is None:
+            raise RuntimeError("receive_shared_weights() before listen_shared_weights()")
+        start = time.perf_counter()
+        self.engine.wake()
+        stream = self._shared.receive()
+        try:
+            count = self.engine.update_weights(stream)
+        finally:
+            leftover = sum(1 for _ in stream)  # never leave the actor waiting for an ack
+        if leftover:
+            raise RuntimeError(
+                f"the rollout engine stopped after {count} tensors; {leftover} were not loaded"
+            )
+        self.weights_version += 1
+        return {
+            **self._shared.last_stats.metrics(),
+            "sync/seconds": time.perf_counter() - start,
+            "sync/loaded_tensors": float(count),
+        }
+
     # --- memory / lifecycle -----------------------------------------------------------
     def sleep(self) -> None:
         self.engine.sleep()
@@ -167,5 +222,9 @@ class RolloutWorker(Worker, WeightReceiver):
         if self._receiver is not None:
             self._receiver.close()
             self._receiver = None
-        self.engine.shutdown()
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
+        if self.engine is not None:
+            self.engine.shutdown()
 

@@ -101,6 +101,7 @@ class RLTrainer:
         from fipo_trainer.actor.group import ActorGroup
         from fipo_trainer.cluster.ray_init import init_ray, ray_initialized
         from fipo_trainer.cluster.resource_pool import place_roles
+        from fipo_trainer.cluster.shared_weight_sync import SharedWeightSync
         from fipo_trainer.cluster.weight_sync import WeightSync
         from fipo_trainer.cluster.worker_group import Deadline
         from fipo_trainer.rewards.pool import RewardPool
@@ -136,7 +137,10 @@ class RLTrainer:
             deadline=calls,
             generation=generation,
         )
-        self.weight_sync = WeightSync(self.actor, self.rollout, timeout_s=call_s)
+        if res.placement == "colocated":  # same devices: hand buffers across, no broadcast
+            self.weight_sync = SharedWeightSync(self.actor, self.rollout, timeout_s=call_s)
+        else:
+            self.weight_sync = WeightSync(self.actor, self.rollout, timeout_s=call_s)
 
     def _build_data(self) -> None:
         from fipo_trainer.trainer.data_source import PromptSource

