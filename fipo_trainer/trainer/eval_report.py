@@ -14,7 +14,7 @@ from typing import Any
 
 from fipo_trainer.trainer.validation_metrics import validation_metrics
 
-__all__ = ["print_table", "results"]
+__all__ = ["paper_comparison", "print_paper_comparison", "print_table", "results"]
 
 
 def _summary(metrics: dict[str, float], k: int, prefix: str) -> dict[str, float]:
@@ -93,4 +93,48 @@ def print_table(console: Any, result: dict[str, Any]) -> None:
         add(ds, r)
     if len(result["results"]) > 1:
         add("overall", result["overall"], style="bold")
+    console.print(table)
+
+
+def paper_comparison(result: dict[str, Any]) -> list[list[str]]:
+    """Rows (benchmark, run, avg, cons, pass, sampling) in percent: this model on each AIME
+    data source it was evaluated on, then the paper's DAPO/FIPO rows for that benchmark
+    (:mod:`fipo_trainer.trainer.published`). Empty when no AIME data was evaluated."""
+    from fipo_trainer.trainer.published import PAPER_SAMPLING, PUBLISHED, benchmark_of
+
+    k, s = result["k"], result["sampling"]
+    ours = f"k={k}, T={s['temperature']}, top_p={s['top_p']}, max_tokens={s['max_tokens']}"
+    paper = "k={k}, T={temperature}, top_p={top_p}, max_tokens={max_tokens}".format(**PAPER_SAMPLING)
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    rows = []
+    for ds, r in result["results"].items():
+        bench = benchmark_of(ds)
+        if bench is None:
+            continue
+        rows.append([bench, f"this model ({ds})", *(pct(100 * r[f"{m}@{k}"]) for m in ("avg", "cons", "pass")), ours])
+        for p in PUBLISHED:
+            if p.benchmark == bench:
+                name = f"paper: {p.method}, {p.model}" + (f" ({p.note})" if p.note else "")
+                rows.append([bench, name, pct(p.avg), pct(p.cons), pct(p.pass_), paper])
+    return rows
+
+
+def print_paper_comparison(console: Any, result: dict[str, Any]) -> None:
+    """The evaluated model beside the paper's published numbers (only for AIME 24/25)."""
+    from rich.table import Table
+
+    rows = paper_comparison(result)
+    if not rows:
+        return
+    k = result["k"]
+    table = Table(title="AIME: this model vs the FIPO paper (percent)")
+    for name in ("benchmark", "run", f"avg@{k} / @32", f"cons@{k} / @32", f"pass@{k} / @32", "sampling"):
+        table.add_column(name, justify="right" if "@" in name else "left")
+    for row in rows:
+        table.add_row(*row, style="bold" if row[1].startswith("this model") else None)
+    if k != 32:
+        table.caption = f"this model at k={k}: cons@k and pass@k grow with k, so they are not comparable with @32"
     console.print(table)

@@ -9,7 +9,8 @@ same timeouts as in training) and reports the same metrics as training validatio
 pass@k = best@k. Prompts are loaded, checked and tokenised by the trainer's own dataset
 (:class:`~fipo_trainer.data.dataset.PromptDataset`), so a model is evaluated on exactly the
 prompt ids it sees in training. The results dict and table are
-:mod:`fipo_trainer.trainer.eval_report`.
+:mod:`fipo_trainer.trainer.eval_report`; on AIME 2024/2025 a second table puts the paper's
+published avg@32 / cons@32 / pass@32 (:mod:`fipo_trainer.trainer.published`) beside them.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fipo_trainer.data.config import DataConfig
-from fipo_trainer.trainer.eval_report import print_table, results
+from fipo_trainer.trainer.eval_report import print_paper_comparison, print_table, results
 
 if TYPE_CHECKING:
     from fipo_trainer.data.dataset import PromptDataset
@@ -275,6 +276,7 @@ def evaluate(cfg: EvalConfig, *, console: Any = None) -> dict[str, Any]:
 
     result = results(cfg, model_dir, files, records, max_tokens, timings)
     print_table(console, result)
+    print_paper_comparison(console, result)  # on AIME 24/25: the published DAPO/FIPO rows
     if cfg.out:
         out = Path(cfg.out).expanduser()
         out.parent.mkdir(parents=True, exist_ok=True)
