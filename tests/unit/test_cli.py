@@ -60,7 +60,7 @@ def test_dry_run_reports_validation_errors(tmp_path):
     )
     assert res.returncode == 2
     assert "ulysses_sequence_parallel_size" not in res.stderr  # SP 8 is accepted now
-    assert "actor layout: 64 actor ranks = 8 DP groups × SP 8" in res.stderr
+    assert "actor layout: 128 actor ranks = 16 DP groups × SP 8" in res.stderr
     assert "data.train_files" in res.stderr
 
 

@@ -212,8 +212,19 @@ def test_spec_hardware(fipo32):
     assert (res.nnodes, res.gpus_per_node) == (16, 8)
     assert fipo32.actor.ulysses_sequence_parallel_size == 8
     assert (r.engine, r.tensor_parallel_size, r.gpu_memory_utilization) == ("vllm", 4, 0.8)
-    assert res.actor_world_size + res.rollout_workers * r.tensor_parallel_size == 128
+    # The paper's colocated hybrid engine: every GPU holds one actor rank and one TP rank.
+    assert res.placement == "colocated" and r.free_cache_engine
+    assert res.actor_world_size == 128 == res.rollout_workers * r.tensor_parallel_size
     assert res.ray_address == "auto"
+
+
+@pytest.mark.parametrize("name", ["fipo_qwen2.5_7b_math", "dapo_qwen2.5_7b_math"])
+def test_7b_layout_is_colocated_on_its_32_gpus(name):
+    cfg = recipe(name)
+    res, r = cfg.resources, cfg.rollout
+    assert (res.placement, res.nnodes * res.gpus_per_node) == ("colocated", 32)
+    assert res.actor_world_size == 32 == res.rollout_workers * r.tensor_parallel_size
+    assert r.free_cache_engine and not cfg.actor.param_offload
 
 
 def test_spec_memory(fipo32):
