@@ -9,6 +9,7 @@ the fields it reads (``data/schema.py``: ``ACTOR_LOG_PROB_READS``, ``ACTOR_UPDAT
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fipo_trainer.actor.config import ActorConfig
@@ -88,6 +89,7 @@ class ActorGroup:
                 "actor ranks (resources.actor_world_size)"
             )
         self.rollout_n = rollout_n
+        self.token_records: dict[int, dict[str, Any]] = {}  # of the last update's record_rows
         self._workers = WorkerGroup(
             DeepSpeedActorWorker,
             world_size,
@@ -113,8 +115,17 @@ class ActorGroup:
         """Data-parallel groups: ranks / ``actor.ulysses_sequence_parallel_size``."""
         return self.world_size // self.config.ulysses_sequence_parallel_size
 
-    def _dispatch(self, fn, batch: Batch, fields: tuple[str, ...], **kwargs: Any) -> Any:
-        partitions, local_rows = plan_rows(batch, self.config, self.dp_size, self.rollout_n)
+    def _dispatch(
+        self,
+        fn,
+        batch: Batch,
+        fields: tuple[str, ...],
+        plan: tuple[list[list[int]], int] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        partitions, local_rows = plan or plan_rows(
+            batch, self.config, self.dp_size, self.rollout_n
+        )
         return self._workers.dispatch_dp(
             fn,
             batch.select(*fields, meta=False),
@@ -144,17 +155,34 @@ class ActorGroup:
         temperature: float,
         global_step: int,
         max_token_len: int | None = None,
+        record_rows: Sequence[int] = (),
     ) -> dict[str, float]:
         """The PPO update of training step ``global_step`` (1-based); metrics (identical on
-        all ranks). ``max_token_len`` overrides the configured token budget."""
-        return self._dispatch(
+        all ranks). ``max_token_len`` overrides the configured token budget.
+
+        ``record_rows`` (batch rows): their per-token loss values, from the last mini-batch
+        that saw each, land in ``self.token_records`` by batch row (see
+        ``actor/token_record.py``); {} when none are asked for."""
+        plan = plan_rows(batch, self.config, self.dp_size, self.rollout_n)
+        wanted = {int(r) for r in record_rows}
+        local = [[j for j, row in enumerate(part) if row in wanted] for part in plan[0]]
+        metrics = self._dispatch(
             DeepSpeedActorWorker.update_policy,
             batch,
             ACTOR_UPDATE_READS,
+            plan,
             temperature=float(temperature),
             global_step=int(global_step),
             max_token_len=max_token_len,
+            record_rows=local if wanted else (),
         )[0]
+        self.token_records = {}
+        if wanted:  # each data-parallel group's first rank holds its rows' whole records
+            sp = self.config.ulysses_sequence_parallel_size
+            per_rank = self._workers.call_all(DeepSpeedActorWorker.token_records)
+            for part, records in zip(plan[0], per_rank[::sp]):
+                self.token_records.update({int(part[j]): r for j, r in records.items()})
+        return metrics
 
     def save(self, path: str) -> str:
         return self._workers.call_all(DeepSpeedActorWorker.save_checkpoint, str(path))[0]

@@ -34,7 +34,8 @@ k and ``global`` divides its normaliser by the world size (each token is counted
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -50,6 +51,7 @@ from fipo_trainer.actor.micro_batch import (
     unpack_to_rows,
 )
 from fipo_trainer.actor.sequence_parallel import shard_packed
+from fipo_trainer.actor.token_record import TokenRecorder
 from fipo_trainer.algorithms.aggregation import aggregate_loss, local_denominator
 from fipo_trainer.algorithms.metrics import mean_metrics, reduce_metrics
 from fipo_trainer.algorithms.policy_loss import compute_policy_terms
@@ -101,6 +103,7 @@ class PolicyTrainer:
         self.engine = engine
         self.comm = comm
         self.weights_version = 0  # optimizer steps taken (restored from checkpoints)
+        self.token_records: dict[int, dict[str, Any]] = {}  # of the last update's record_rows
 
     # ------------------------------------------------------------------ pieces
     def plan(self, lengths: list[int], budget: int, budget_key: str) -> list[list[int]]:
@@ -225,12 +228,14 @@ class PolicyTrainer:
         temperature: float,
         global_step: int,
         max_token_len: int | None = None,
+        record_rows: Sequence[int] = (),
     ) -> dict[str, float]:
         """One optimizer step per mini-batch (x ``ppo_epochs``); metrics identical on all ranks.
 
         ``global_step`` is the 1-based training step being run (it sets the LR when
         ``lr_warmup_unit=train_step``); ``max_token_len`` overrides
-        ``actor.ppo_max_token_len_per_gpu`` for this call.
+        ``actor.ppo_max_token_len_per_gpu`` for this call. The loss's per-token values of
+        the local rows ``record_rows`` end in ``self.token_records`` (``TokenRecorder``).
         """
         require_fields(batch, UPDATE_INPUTS, "update_policy")
         cfg = self.config
@@ -251,6 +256,7 @@ class PolicyTrainer:
         micro_records: list[tuple[int, dict[str, float], float]] = []  # (step, metrics, weight)
         step_records: list[dict[str, float]] = []
         comm, sp = self.comm, self.comm.sp_size
+        recorder = TokenRecorder(record_rows)
         self.engine.train()
         step = 0
         for epoch in range(cfg.ppo_epochs):
@@ -292,6 +298,7 @@ class PolicyTrainer:
                         cfg.policy_loss,
                         shards,
                     )
+                    recorder.observe(idx, step, terms.token_stats, mask, shards)
                     # Each row's loss tokens over all shards (None: this rank holds them all).
                     row_counts = None if shards is None else shards.sum(terms.loss_mask.sum(-1))
                     micro = {f"actor/{k}": v for k, v in terms.metrics.items()}
@@ -348,6 +355,7 @@ class PolicyTrainer:
                     (record["actor/on_policy_log_ratio_abs_max"],) = comm.max([drift])
                 step_records.append(record)
                 step += 1
+        self.token_records = recorder.records()
         return self._finish_metrics(micro_records, step_records, time.perf_counter() - t_start)
 
     def _finish_metrics(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,15 +115,25 @@ class DeepSpeedActorWorker(Worker, WeightSender, SharedWeightsSourceMixin):
         temperature: float,
         global_step: int,
         max_token_len: int | None = None,
+        record_rows: Sequence[Sequence[int]] = (),
     ) -> dict[str, float]:
-        """The PPO update of training step ``global_step`` on this rank's rows."""
+        """The PPO update of training step ``global_step`` on this rank's rows.
+
+        ``record_rows[g]``: the local rows of data-parallel group ``g`` whose per-token loss
+        values to keep for :meth:`token_records` (empty: none)."""
+        group = self.rank // self.config.ulysses_sequence_parallel_size
         return self.trainer.update(
             batch,
             mini_batch_rows=mini_batch_rows,
             temperature=temperature,
             global_step=global_step,
             max_token_len=max_token_len,
+            record_rows=record_rows[group] if record_rows else (),
         )
+
+    def token_records(self) -> dict[int, dict[str, Any]]:
+        """The per-token values the last update recorded, by local row."""
+        return self.trainer.token_records
 
     # ------------------------------------------------------------------ weights
     def state_dict_for_sync(

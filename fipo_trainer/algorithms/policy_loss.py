@@ -251,7 +251,7 @@ def vanilla_policy_loss(
     dc = _dual_clip(advantages, ratio, config)
     flags = _clip_tokens(dc, advantages, log_ratio)
     tokens = token_values(flags, response_mask, shards)
-    stats = {"ratio": ratio.detach(), "clipped": flags["clipped"], "dual_clipped": flags["dual_clipped"]}
+    stats = {"ratio": ratio.detach(), **{k: flags[k] for k in ("clipped", "dual_clipped")}}
     mask = response_mask.to(log_prob.dtype)
     return PolicyLossTerms(dc.pg_losses, mask, clip_metrics(tokens), stats)
 

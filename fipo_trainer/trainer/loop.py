@@ -42,6 +42,7 @@ from fipo_trainer.trainer.config import TrainConfig
 from fipo_trainer.trainer.sampling import Sampler, TrainingStopped
 from fipo_trainer.trainer.step_metrics import logprob_metrics, non_finite, perf_metrics, timed
 from fipo_trainer.trainer.summary import TrainResult, print_summary
+from fipo_trainer.trainer.token_record import dump_step_tokens, record_kwargs
 
 __all__ = [
     "RLTrainer",
@@ -167,8 +168,10 @@ class RLTrainer:
         metrics |= logprob_metrics(batch)
         with timed(timings, "adv"):
             batch |= advantages(batch, cfg.algorithm)
+        record = record_kwargs(cfg.trainer, step, len(batch))  # dump steps: per-token values
         with timed(timings, "update"):
-            actor_metrics = self.actor.update(batch, temperature=T, global_step=step)
+            actor_metrics = self.actor.update(batch, temperature=T, global_step=step, **record)
+        dump_step_tokens(self, step, batch, record)  # rollouts/tokens_step_N.jsonl
         metrics |= self._check_finite(step, actor_metrics)
         metrics |= actor_metrics
         with timed(timings, "sync"):

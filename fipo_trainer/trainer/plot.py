@@ -120,8 +120,11 @@ def _panel(ax: Any, panel: Panel, series: dict) -> None:
 
 
 def plot_run(metrics_jsonl: str | Path, out_png: str | Path, *, title: str | None = None) -> Path:
-    """Draw :data:`PANELS` from ``metrics_jsonl`` into ``out_png`` and return its path."""
+    """Draw :data:`PANELS` from ``metrics_jsonl`` into ``out_png`` and return its path (and,
+    if the run recorded tokens, ``tokens_by_position.png`` beside it: ``token_plot``)."""
     from matplotlib.figure import Figure
+
+    from fipo_trainer.trainer.token_plot import POSITIONS_PNG, plot_token_positions
 
     metrics_jsonl, out_png = Path(metrics_jsonl), Path(out_png)
     if not metrics_jsonl.is_file():
@@ -136,6 +139,7 @@ def plot_run(metrics_jsonl: str | Path, out_png: str | Path, *, title: str | Non
     fig.suptitle(f"{name} — {'no steps logged' if last is None else f'up to step {last}'}", fontsize=12)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, format="png")
+    plot_token_positions(metrics_jsonl.parent, out_png.with_name(POSITIONS_PNG))
     return out_png
 
 
@@ -150,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "default output: compare.png in the runs' common parent")
     parser.add_argument("--smooth", type=int, default=1, help="with --compare: moving average over N steps")
     parser.add_argument("-o", "--out", type=Path, default=None, help=f"output PNG (default: <run dir>/{DEFAULT_PNG})")
+    parser.add_argument("--tokens", action="store_true", help="render RUN_DIR's token records (HTML + PNG heat map)")
+    parser.add_argument("--step", type=int, default=None, help="with --tokens: this step (default: the latest)")
     args = parser.parse_args(argv)
     if args.compare:
         from fipo_trainer.trainer.compare_plot import compare_main
@@ -161,6 +167,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.path is None:
         parser.error("pass a run directory (or --compare RUN_DIR RUN_DIR ...)")
     path: Path = args.path
+    if args.tokens:
+        from fipo_trainer.trainer import token_plot
+
+        try:
+            return token_plot.main(path, args.step, args.out)
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(str(err))
     metrics = path / METRICS_FILE if path.is_dir() else path
     if not metrics.is_file():
         parser.error(f"{metrics} does not exist; pass a run directory containing {METRICS_FILE} or the file itself")

@@ -156,6 +156,9 @@ class TrainerConfig:
     max_ckpt_to_keep: int | None = None
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard"])
     rollout_dump_freq: int = 0  # dump prompt/response/score/acc jsonl every N steps (0 off)
+    # On those steps, also the update's per-token ratio / Future-KL / influence weight /
+    # clip flags of this many responses (rollouts/tokens_step_N.jsonl; 0 off).
+    token_record_samples: int = 8
     nan_policy: str = "stop"  # stop | skip
     # Stop when >= this fraction of a step's reward items time out or fail, for
     # max_failed_reward_steps steps in a row (a broken grader must not train on zeros).
@@ -180,7 +183,7 @@ class TrainerConfig:
                 "trainer.total_training_steps must be >= 1 or null (= epochs x batches), got "
                 f"{self.total_training_steps}"
             )
-        for key in ("test_freq", "save_freq", "rollout_dump_freq"):
+        for key in ("test_freq", "save_freq", "rollout_dump_freq", "token_record_samples"):
             if getattr(self, key) < 0:
                 errors.append(f"trainer.{key} must be >= 0 (0 = off), got {getattr(self, key)}")
         if self.max_ckpt_to_keep is not None and self.max_ckpt_to_keep < 1:
