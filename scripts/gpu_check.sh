@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU check (issue 10): vLLM CUDA generate + weight reload + sleep/wake, DeepSpeed ZeRO-3
+# bf16 (and with offload), flash-attn packed varlen vs sdpa, colocated CUDA-IPC weight sync,
+# and a 3-step colocated fipo-train, on one GPU. Prints a table (check | result | value |
+# seconds); exits 1 if any check fails, 2 at once on a machine without a CUDA device.
+#   scripts/gpu_check.sh                      # set up (scripts/setup.sh: the gpu extra), check
+#   scripts/gpu_check.sh --no-setup           # use the installed environment as it is
+#   scripts/gpu_check.sh --only vllm_generate_reload_sleep --budget-s 300
+# The checks share one budget (--budget-s, 480 s); installing the gpu extra on a fresh
+# machine comes on top (vLLM download, flash-attn wheel or build).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+# The same test as scripts/setup.sh uses to pick the CUDA branch; nothing is installed first.
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+  echo "no CUDA device: nvidia-smi finds no GPU; scripts/gpu_check.sh runs on a CUDA machine" >&2
+  exit 2
+fi
+unset FIPO_FORCE_CPU
+
+SETUP=1
+ARGS=()
+for arg in "$@"; do
+  if [[ "$arg" == --no-setup ]]; then SETUP=0; else ARGS+=("$arg"); fi
+done
+START=$(date +%s)
+if [[ "$SETUP" == 1 ]]; then
+  bash scripts/setup.sh
+  PY="$ROOT/.venv/bin/python"
+else
+  PY="${PYTHON:-$ROOT/.venv/bin/python}"
+fi
+echo "[gpu_check] set-up: $(( $(date +%s) - START )) s; $("$PY" -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))' 2>/dev/null || echo 'torch without CUDA')"
+export PATH="$(dirname "$PY"):$PATH"  # fipo-train of this environment
+exec "$PY" scripts/gpu_check.py "${ARGS[@]+"${ARGS[@]}"}"

@@ -1,0 +1,182 @@
+"""scripts/gpu_check.sh / gpu_check.py: what can be checked without a GPU — the no-CUDA exit
+(at once, nothing installed), the table, the parsers, timeouts, the fipo-train overrides."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "gpu_check.sh"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+gc = _load()
+
+
+def _fake_bin(tmp_path: Path, marker: Path, nvidia_smi_rc: int | None) -> Path:
+    """A PATH dir whose installers only leave a marker (and a failing nvidia-smi)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    names = ["pip", "pip3", "python", "python3", "uv"]
+    for name in names:
+        (bin_dir / name).write_text(f"#!/bin/sh\necho {name} >> {marker}\nexit 1\n")
+    if nvidia_smi_rc is not None:
+        (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\nexit {nvidia_smi_rc}\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize("nvidia_smi", ["fails", "absent"])
+def test_without_cuda_the_script_exits_2_at_once_and_installs_nothing(tmp_path, nvidia_smi):
+    if nvidia_smi == "absent" and any(Path(d, "nvidia-smi").exists() for d in ("/usr/bin", "/bin")):
+        pytest.skip("this machine has nvidia-smi in /usr/bin")
+    marker = tmp_path / "installed"
+    bin_dir = _fake_bin(tmp_path, marker, 9 if nvidia_smi == "fails" else None)
+    stamp = REPO / ".venv" / ".fipo-installed"
+    stamp_before = stamp.stat().st_mtime if stamp.exists() else None
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    start = time.monotonic()
+    res = subprocess.run(
+        ["bash", str(SCRIPT)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=30
+    )
+    assert res.returncode == 2, res.stderr
+    assert "no CUDA device" in res.stderr
+    assert time.monotonic() - start < 5
+    assert not marker.exists()  # no pip / python ran
+    assert (stamp.stat().st_mtime if stamp.exists() else None) == stamp_before
+
+
+def test_the_driver_exits_2_without_cuda():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--workdir", "/nonexistent"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert res.returncode == 2 and "no CUDA device" in res.stderr
+
+
+def test_table():
+    rows = [
+        gc.Row("vllm_generate_reload_sleep", gc.PASS, "greedy equal", 61.25),
+        gc.Row("flash", gc.FAIL, "max |d| 3e-2", 3.0),
+    ]
+    lines = gc.format_table(rows).splitlines()
+    assert lines[0].split("|")[1:-1] == [
+        " check                      ",
+        " result ",
+        " value          ",
+        " seconds ",
+    ]
+    assert set(lines[1]) == {"|", "-"}
+    assert lines[2].startswith("| vllm_generate_reload_sleep | PASS   | greedy equal")
+    assert "61.2" in lines[2] or "61.3" in lines[2]
+    assert r"max \|d\| 3e-2" in lines[3]  # a pipe in a value does not break the row
+    assert len({len(line) for line in lines}) == 1  # aligned
+
+
+def test_exit_code():
+    ok, skip, bad = (gc.Row("a", r, "", 0) for r in (gc.PASS, gc.SKIP, gc.FAIL))
+    assert gc.exit_code([ok, skip]) == 0
+    assert gc.exit_code([ok, bad]) == 1
+    assert gc.exit_code([]) == 1
+
+
+def test_parse_result_line():
+    out = 'noise\nGPU_CHECK_RESULT {"result": "PASS", "value": "v1"}\nmore noise\n'
+    assert gc.parse_result_line(out) == ("PASS", "v1")
+    assert gc.parse_result_line("Traceback ...\n") is None
+    result, value = gc._parse_in_process("boom\nRuntimeError: CUDA error\n", 1, Path())
+    assert result == gc.FAIL and "rc 1" in value and "CUDA error" in value
+
+
+def test_parse_sync():
+    line = "GPU_CHECK sync/peak_extra_bytes=1572864 bucket_bytes=1048576"
+    result, value = gc.parse_sync(f"..\n{line}\n1 passed\n", 0)
+    assert result == gc.PASS
+    assert "sync/peak_extra_bytes=1572864" in value and "1.50 MiB" in value
+    assert gc.parse_sync(f"{line}\n1 failed", 1)[0] == gc.FAIL
+    assert "matched -k gpu_check" in gc.parse_sync("no tests ran", 5)[1]
+    assert "does not exist" in gc.parse_sync("ERROR: file or directory not found: t", 4)[1]
+    assert gc.parse_sync("1 passed", 0) == (gc.FAIL, "pytest rc 0, no GPU_CHECK line")
+
+
+def _metrics(run_dir: Path, diffs: list[float]) -> None:
+    run_dir.mkdir(parents=True)
+    rows = [{"step": 0, "val/x": 1}] + [
+        {"step": s, "perf/step_seconds": 2.0 + s, "rollout/actor_logprob_abs_diff": d}
+        for s, d in enumerate(diffs, start=1)
+    ]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_parse_train(tmp_path):
+    _metrics(tmp_path / "ok", [1e-3, 2e-3, 1e-3])
+    result, value = gc.parse_train(tmp_path / "ok", 0)
+    assert result == gc.PASS
+    assert value.startswith("4.00 s/step (steps 3.0/4.0/5.0)") and "2.0e-03" in value
+    _metrics(tmp_path / "stale", [1e-3, 0.5, 1e-3])  # stale weights: the engine disagrees
+    assert gc.parse_train(tmp_path / "stale", 0)[0] == gc.FAIL
+    _metrics(tmp_path / "short", [1e-3])
+    assert gc.parse_train(tmp_path / "short", 0)[0] == gc.FAIL
+    assert gc.parse_train(tmp_path / "ok", 1)[0] == gc.FAIL
+    result, value = gc.parse_train(tmp_path / "missing", 1)
+    assert result == gc.FAIL and "no step metrics" in value
+
+
+def test_a_hanging_check_costs_its_timeout_only(tmp_path):
+    hang = gc.Check(
+        "hang",
+        1,
+        lambda work: [sys.executable, "-c", "import time; print('x', flush=True); time.sleep(60)"],
+        gc._parse_in_process,
+    )
+    start = time.monotonic()
+    row = gc.run_check(hang, tmp_path, 1.0, dict(os.environ))
+    assert row.result == gc.FAIL and "timeout after 1 s" in row.value
+    assert time.monotonic() - start < 20
+    assert (tmp_path / "logs" / "hang.log").read_text().startswith("x")
+
+
+def test_every_check_has_a_timeout_within_the_budget():
+    names = [c.name for c in gc.CHECKS]
+    assert len(names) == len(set(names))
+    assert all(0 < c.timeout_s <= 480 for c in gc.CHECKS)
+    assert {
+        "vllm_generate_reload_sleep",
+        "colocated_ipc_sync",
+        "deepspeed_zero3_bf16",
+        "flash_attn_varlen_vs_sdpa",
+        "fipo_train_colocated_3_steps",
+    } <= set(names)
+
+
+def test_the_training_check_is_a_valid_colocated_config(tmp_path):
+    from fipo_trainer.cli import compose_config
+    from fipo_trainer.trainer.config import load_config, validate_config
+
+    argv = gc._train_argv(tmp_path)
+    assert Path(argv[0]).name == "fipo-train"
+    cfg = load_config(compose_config(argv[1:]), build_model=False)
+    assert (cfg.resources.placement, cfg.resources.gpus_per_node) == ("colocated", 1)
+    assert cfg.resources.actor_world_size == cfg.resources.rollout_workers == 1
+    assert cfg.rollout.free_cache_engine and cfg.trainer.total_training_steps == gc.TRAIN_STEPS
+    validate_config(cfg, check_files=False, check_platform=False)
