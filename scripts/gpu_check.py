@@ -19,6 +19,10 @@ by default), so a hang costs that check, not the run. Checks:
 * ``fipo_train_colocated_3_steps`` — ``fipo-train`` of the quickstart, colocated on 1 GPU
   with sleep/wake, 3 steps; reports s/step (perf/step_seconds) and the worst
   rollout/actor_logprob_abs_diff (pass < 2e-2 in bf16; stale weights give far more).
+* Only where 2 GPUs are visible (skipped on one; their timeouts extend the budget):
+  ``fipo_train_colocated_tp2_2gpu`` (one vLLM engine of TP 2 over the 2 actor ranks' GPUs:
+  the external launcher and IPC of TP slices on CUDA) and ``fipo_train_split_nccl_2gpu``
+  (actor and engine on their own GPUs: the NCCL broadcast sync).
 
 Prints a table (check | result | value | seconds), writes ``<workdir>/gpu_check.json``,
 exits 1 if any check failed or did not run, 2 at once without a CUDA device.
@@ -139,6 +143,7 @@ class Check:
     argv: Callable[[Path], list[str]]
     parse: Callable[[str, int, Path], tuple[str, str]]
     needs_cuda: bool = False  # True: nothing of it runs on CPU (skipped under --allow-cpu)
+    min_gpus: int = 1  # > 1: skipped on smaller machines; its timeout extends the budget
 
 
 def _in_process(name: str) -> Callable[[Path], list[str]]:
@@ -153,17 +158,39 @@ def _parse_in_process(output: str, rc: int, _work: Path) -> tuple[str, str]:
     return found
 
 
-def _train_argv(work: Path) -> list[str]:
+COLOCATED_1GPU = (
+    "resources.gpus_per_node=1",
+    "resources.actor_world_size=1",
+    "resources.rollout_workers=1",
+    "resources.placement=colocated",
+    "rollout.free_cache_engine=true",
+)
+# The paper's layout in small: one engine of TP 2 over the 2 actor ranks' GPUs.
+COLOCATED_TP2 = (
+    "resources.gpus_per_node=2",
+    "resources.actor_world_size=2",
+    "resources.rollout_workers=1",
+    "rollout.tensor_parallel_size=2",
+    "resources.placement=colocated",
+    "rollout.free_cache_engine=true",
+)
+# Split: actor on GPU 0, the engine on GPU 1, weights by NCCL broadcast.
+SPLIT_NCCL = (
+    "resources.gpus_per_node=2",
+    "resources.actor_world_size=1",
+    "resources.rollout_workers=1",
+    "resources.placement=split",
+    "rollout.free_cache_engine=false",
+)
+
+
+def _train_argv(work: Path, name: str = "fipo_train", layout: Sequence[str] = COLOCATED_1GPU):
     return [
         str(Path(sys.executable).parent / "fipo-train"),
         "recipe=quickstart_cpu",
-        "resources.gpus_per_node=1",
-        "resources.actor_world_size=1",
-        "resources.rollout_workers=1",
-        "resources.placement=colocated",
+        *layout,
         "resources.cpus_per_actor_worker=1",
         "resources.cpus_per_rollout_worker=1",
-        "rollout.free_cache_engine=true",
         "rollout.gpu_memory_utilization=0.3",  # beside the actor on the same GPU
         f"trainer.total_training_steps={TRAIN_STEPS}",
         "trainer.test_freq=0",
@@ -171,8 +198,19 @@ def _train_argv(work: Path) -> list[str]:
         "trainer.plot=false",
         "trainer.export_hf=false",
         "algorithm.filter_groups.on_exhausted=proceed",
-        f"trainer.run_dir={work / 'fipo_train'}",
+        f"trainer.run_dir={work / name}",
     ]
+
+
+def _train_check(name: str, layout: Sequence[str], timeout_s: float, min_gpus: int) -> Check:
+    return Check(
+        name,
+        timeout_s,
+        lambda work: _train_argv(work, name, layout),
+        lambda out, rc, work: parse_train(work / name, rc),
+        needs_cuda=True,
+        min_gpus=min_gpus,
+    )
 
 
 CHECKS = [
@@ -198,13 +236,7 @@ CHECKS = [
         ],
         lambda out, rc, work: parse_sync(out, rc),
     ),
-    Check(
-        "fipo_train_colocated_3_steps",
-        240,
-        _train_argv,
-        lambda out, rc, work: parse_train(work / "fipo_train", rc),
-        needs_cuda=True,
-    ),
+    _train_check("fipo_train_colocated_3_steps", COLOCATED_1GPU, 240, 1),
     Check(
         "deepspeed_zero3_offload",
         180,
@@ -212,6 +244,10 @@ CHECKS = [
         _parse_in_process,
         needs_cuda=True,
     ),
+    # Only where 2 GPUs are visible: vLLM TP > 1 on CUDA (external_launcher, IPC of TP
+    # slices) and the split placement's NCCL broadcast.
+    _train_check("fipo_train_colocated_tp2_2gpu", COLOCATED_TP2, 240, 2),
+    _train_check("fipo_train_split_nccl_2gpu", SPLIT_NCCL, 240, 2),
 ]
 
 
@@ -259,10 +295,10 @@ def run_check(check: Check, work: Path, timeout_s: float, env: dict[str, str]) -
     return Row(check.name, result, value, time.perf_counter() - start)
 
 
-def cuda_available() -> bool:
+def cuda_devices() -> int:
     import torch
 
-    return torch.cuda.is_available()
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -279,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_case(*args.run_check)
 
     env = {k: v for k, v in os.environ.items() if k != "FIPO_FORCE_CPU"}
-    on_cuda = cuda_available()
+    gpus = cuda_devices()
+    on_cuda = gpus > 0
     if not on_cuda and not args.allow_cpu:
         print("no CUDA device: torch sees no GPU (scripts/gpu_check.sh needs one)", file=sys.stderr)
         return NO_CUDA
@@ -289,12 +326,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     checks = [c for c in CHECKS if args.only is None or c.name in args.only]
     if args.only is not None and len(checks) != len(set(args.only)):
         parser.error(f"--only: known checks are {[c.name for c in CHECKS]}")
-    deadline = time.monotonic() + args.budget_s
+    extra = sum(c.timeout_s for c in checks if 1 < c.min_gpus <= gpus)
+    deadline = time.monotonic() + args.budget_s + extra
     rows: list[Row] = []
     for check in checks:
         left = deadline - time.monotonic()
         if check.needs_cuda and not on_cuda:
             rows.append(Row(check.name, SKIP, "needs CUDA", 0.0))
+        elif check.min_gpus > gpus:
+            rows.append(Row(check.name, SKIP, f"needs {check.min_gpus} GPUs, {gpus} visible", 0.0))
         elif left < 5:
             rows.append(
                 Row(check.name, FAIL, f"not run: --budget-s {args.budget_s:.0f} spent", 0.0)

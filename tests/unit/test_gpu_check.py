@@ -169,14 +169,55 @@ def test_every_check_has_a_timeout_within_the_budget():
     } <= set(names)
 
 
-def test_the_training_check_is_a_valid_colocated_config(tmp_path):
+@pytest.mark.parametrize(
+    "name",
+    ["fipo_train_colocated_3_steps", "fipo_train_colocated_tp2_2gpu", "fipo_train_split_nccl_2gpu"],
+)
+def test_the_training_checks_are_valid_configs(tmp_path, name):
     from fipo_trainer.cli import compose_config
     from fipo_trainer.trainer.config import load_config, validate_config
 
-    argv = gc._train_argv(tmp_path)
+    (check,) = [c for c in gc.CHECKS if c.name == name]
+    argv = check.argv(tmp_path)
     assert Path(argv[0]).name == "fipo-train"
     cfg = load_config(compose_config(argv[1:]), build_model=False)
-    assert (cfg.resources.placement, cfg.resources.gpus_per_node) == ("colocated", 1)
-    assert cfg.resources.actor_world_size == cfg.resources.rollout_workers == 1
-    assert cfg.rollout.free_cache_engine and cfg.trainer.total_training_steps == gc.TRAIN_STEPS
-    validate_config(cfg, check_files=False, check_platform=False)
+    res = cfg.resources
+    assert res.gpus_per_node == check.min_gpus
+    assert res.rollout_workers == 1 and cfg.trainer.total_training_steps == gc.TRAIN_STEPS
+    assert cfg.trainer.run_dir == str(tmp_path / name)
+    if res.placement == "colocated":
+        assert cfg.rollout.free_cache_engine
+        assert res.actor_world_size == cfg.rollout.tensor_parallel_size == check.min_gpus
+    else:
+        assert res.actor_world_size + cfg.rollout.tensor_parallel_size == check.min_gpus
+    assert validate_config(cfg, check_files=False, check_platform=False) == []
+
+
+def _quick(name: str, result: str = "PASS", **kwargs) -> object:
+    line = gc.RESULT_PREFIX + json.dumps({"result": result, "value": name})
+    return gc.Check(
+        name,
+        30,
+        lambda work: [sys.executable, "-c", f"print({line!r})"],
+        gc._parse_in_process,
+        **kwargs,
+    )
+
+
+def test_main_skips_what_the_machine_lacks_and_fails_what_the_budget_misses(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(gc, "cuda_devices", lambda: 1)
+    monkeypatch.setattr(gc, "CHECKS", [_quick("a"), _quick("two_gpus", min_gpus=2)])
+    assert gc.main(["--workdir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [(r["check"], r["result"]) for r in rows] == [("a", "PASS"), ("two_gpus", "SKIP")]
+    assert rows[1]["value"] == "needs 2 GPUs, 1 visible"
+    assert "| a " in capsys.readouterr().out
+    assert gc.main(["--workdir", str(tmp_path), "--budget-s", "0"]) == 1
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rows[0]["result"] == "FAIL" and "not run" in rows[0]["value"]
+    monkeypatch.setattr(gc, "CHECKS", [_quick("a"), _quick("b", result="FAIL")])
+    assert gc.main(["--workdir", str(tmp_path)]) == 1
+    with pytest.raises(SystemExit):
+        gc.main(["--workdir", str(tmp_path), "--only", "nope"])
