@@ -7,7 +7,8 @@ by default), so a hang costs that check, not the run. Checks:
 * ``tiny_model`` — build the tiny Qwen2 the in-process checks share (cached).
 * ``vllm_generate_reload_sleep`` — vLLM CUDA: greedy generate; reload the same weights
   (``VllmEngine.update_weights``): the greedy output is unchanged; sleep (level 1) frees
-  device memory, generate is refused while asleep, after wake the output is unchanged.
+  device memory, generate is refused while asleep, after wake the output is unchanged;
+  sleep level 2 (weights dropped), wake, reload: unchanged again.
 * ``deepspeed_zero3_bf16`` / ``deepspeed_zero3_offload`` — one ZeRO-3 training step of the
   actor's DeepSpeed engine (torch.distributed world 1, NCCL), bf16; the second with param +
   optimizer offload (DeepSpeed's CPU Adam).
@@ -20,8 +21,9 @@ by default), so a hang costs that check, not the run. Checks:
   with sleep/wake, 3 steps; reports s/step (perf/step_seconds) and the worst
   rollout/actor_logprob_abs_diff (pass < 2e-2 in bf16; stale weights give far more).
 * Only where 2 GPUs are visible (skipped on one; their timeouts extend the budget):
-  ``fipo_train_colocated_tp2_2gpu`` (one vLLM engine of TP 2 over the 2 actor ranks' GPUs:
-  the external launcher and IPC of TP slices on CUDA) and ``fipo_train_split_nccl_2gpu``
+  ``fipo_train_colocated_tp2_sp2_2gpu`` (one vLLM engine of TP 2 over the 2 actor ranks'
+  GPUs: the external launcher and IPC of TP slices on CUDA; Ulysses SP 2 on flash-attn)
+  and ``fipo_train_split_nccl_2gpu``
   (actor and engine on their own GPUs: the NCCL broadcast sync).
 
 Prints a table (check | result | value | seconds), writes ``<workdir>/gpu_check.json``,
@@ -165,12 +167,13 @@ COLOCATED_1GPU = (
     "resources.placement=colocated",
     "rollout.free_cache_engine=true",
 )
-# The paper's layout in small: one engine of TP 2 over the 2 actor ranks' GPUs.
-COLOCATED_TP2 = (
+# The paper's layout in small: one engine of TP 2 over the 2 actor ranks' GPUs, Ulysses SP 2.
+COLOCATED_TP2_SP2 = (
     "resources.gpus_per_node=2",
     "resources.actor_world_size=2",
     "resources.rollout_workers=1",
     "rollout.tensor_parallel_size=2",
+    "actor.ulysses_sequence_parallel_size=2",
     "resources.placement=colocated",
     "rollout.free_cache_engine=true",
 )
@@ -245,8 +248,8 @@ CHECKS = [
         needs_cuda=True,
     ),
     # Only where 2 GPUs are visible: vLLM TP > 1 on CUDA (external_launcher, IPC of TP
-    # slices) and the split placement's NCCL broadcast.
-    _train_check("fipo_train_colocated_tp2_2gpu", COLOCATED_TP2, 240, 2),
+    # slices), Ulysses SP 2 on flash-attn, and the split placement's NCCL broadcast.
+    _train_check("fipo_train_colocated_tp2_sp2_2gpu", COLOCATED_TP2_SP2, 240, 2),
     _train_check("fipo_train_split_nccl_2gpu", SPLIT_NCCL, 240, 2),
 ]
 
@@ -333,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         left = deadline - time.monotonic()
         if check.needs_cuda and not on_cuda:
             rows.append(Row(check.name, SKIP, "needs CUDA", 0.0))
-        elif check.min_gpus > gpus:
+        elif check.min_gpus > max(gpus, 1):  # (under --allow-cpu: the 1-GPU checks run)
             rows.append(Row(check.name, SKIP, f"needs {check.min_gpus} GPUs, {gpus} visible", 0.0))
         elif left < 5:
             rows.append(

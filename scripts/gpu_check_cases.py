@@ -110,12 +110,23 @@ def case_vllm(work: Path) -> str:
             raise CheckFailed("greedy output changed after wake + reload")
         if cuda and freed <= 0:
             raise CheckFailed(f"sleep(level 1) freed no device memory ({freed} B)")
+        engine.config.sleep_level = 2  # level 2 drops the weights: the reload restores them
+        free_awake = _device_free_bytes() if cuda else 0
+        engine.sleep()
+        freed2 = (_device_free_bytes() - free_awake) if cuda else 0
+        engine.wake()
+        engine.update_weights(iter(weights.items()))
+        if tokens() != before:
+            raise CheckFailed("greedy output changed after sleep(level 2) + wake + reload")
     finally:
         engine.shutdown()
     length = sum(map(len, before))
     if not cuda:
         return f"greedy equal after reload, wake ({length} tokens; CPU: no sleep mode)"
-    return f"greedy equal after reload, sleep/wake; sleep freed {freed / 2**30:.2f} GiB"
+    return (
+        f"greedy equal after reload, sleep 1/wake, sleep 2/wake/reload; sleep freed "
+        f"{freed / 2**30:.2f} / {freed2 / 2**30:.2f} GiB"
+    )
 
 
 def _packed_batch(vocab: int, rows: int = 6, seed: int = 0):

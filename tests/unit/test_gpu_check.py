@@ -171,7 +171,11 @@ def test_every_check_has_a_timeout_within_the_budget():
 
 @pytest.mark.parametrize(
     "name",
-    ["fipo_train_colocated_3_steps", "fipo_train_colocated_tp2_2gpu", "fipo_train_split_nccl_2gpu"],
+    [
+        "fipo_train_colocated_3_steps",
+        "fipo_train_colocated_tp2_sp2_2gpu",
+        "fipo_train_split_nccl_2gpu",
+    ],
 )
 def test_the_training_checks_are_valid_configs(tmp_path, name):
     from fipo_trainer.cli import compose_config
