@@ -132,7 +132,7 @@ class VllmEngine:
         config: RolloutConfig,
         *,
         tp_rank: int = 0,
-        tp_master: tuple[str, int, str] | None = None,
+        tp_master: tuple[str, int] | None = None,
     ):
         config.validate()
         self.config = config
@@ -339,7 +339,7 @@ class VllmEngine:
             destroy_model_parallel()
             destroy_distributed_environment()
         if self._on_cpu and self.config.tensor_parallel_size > 1:
-            remove_cpu_shm(os.environ.get("VLLM_DIST_IDENT", ""))
+            remove_cpu_shm(int(os.environ.get("RANK", 0)))
 
 
 def _sampled_logprobs(token_ids: Sequence[int], logprobs) -> tuple[float, ...]:

