@@ -51,9 +51,11 @@ def _title(proc: psutil.Process) -> str:
 class ListenSampler(threading.Thread):
     """Collects (process title, ip, port) of every LISTEN socket of this process tree."""
 
-    def __init__(self, interval_s: float = 0.5) -> None:
+    def __init__(self, interval_s: float = 0.5, watch=None) -> None:
         super().__init__(daemon=True)
         self.interval_s = interval_s
+        self.watch = watch  # a run dir: did its Ray session record appear while it ran?
+        self.record: leftovers.SessionRecord | None = None
         self.stop = threading.Event()
         self.seen: set[tuple[str, str, int]] = set()
         self.samples = 0
@@ -70,6 +72,9 @@ class ListenSampler(threading.Thread):
             if conn.pid not in titles:
                 titles[conn.pid] = _title(procs[conn.pid])
             self.seen.add((f"{titles[conn.pid]}[{conn.pid}]", conn.laddr.ip, conn.laddr.port))
+        if self.watch is not None and self.record is None:
+            with contextlib.suppress(OSError, ValueError):
+                self.record = leftovers.read_record(self.watch)
         self.samples += 1
 
     def run(self) -> None:
@@ -79,21 +84,20 @@ class ListenSampler(threading.Thread):
 
 
 def test_local_run_listens_on_loopback_only(tmp_path):
-    shutdown_ray()  # a fresh local Ray, started by this run
-    sampler = ListenSampler()
-    sampler.start()
+    shutdown_ray()  # a fresh local Ray, started by this run (and stopped by it)
     run_dir = tmp_path / "run"
+    sampler = ListenSampler(watch=run_dir)
+    sampler.start()
     try:
         cfg = prepare_config(compose_config([*RUN, f"trainer.run_dir={run_dir}"]))
         result = run_training(cfg)
-        sampler.sample()  # Ray is still up after the run (the roles are gone)
-        # the run recorded its local Ray session (for the next start's orphan report)
-        record = leftovers.read_record(run_dir)
-        assert record is not None and record.node_ip == "127.0.0.1"
     finally:
         sampler.stop.set()
         sampler.join(10)
         shutdown_ray()
+    # the run recorded its local Ray session while it ran (for the next start's orphan
+    # report) and removed it when it stopped its Ray
+    assert sampler.record is not None and sampler.record.node_ip == "127.0.0.1"
     assert leftovers.read_record(run_dir) is None, "a clean shutdown keeps no session record"
     assert result.steps == 2
     owners = {owner.split("[")[0] for owner, _, _ in sampler.seen}
