@@ -18,7 +18,11 @@ from fipo_trainer.cluster.dispatch import dp_partition
 from fipo_trainer.cluster.resource_pool import ResourcePool, RolePlacement
 from fipo_trainer.cluster.worker_group import WorkerGroup
 from fipo_trainer.data.batch import Batch
-from fipo_trainer.data.schema import ACTOR_LOG_PROB_READS, ACTOR_UPDATE_READS
+from fipo_trainer.data.schema import (
+    ACTOR_LOG_PROB_READS,
+    ACTOR_UPDATE_OPTIONAL_READS,
+    ACTOR_UPDATE_READS,
+)
 
 
 def responses_per_prompt(batch: Batch, n: int | None = None) -> int:
@@ -169,7 +173,7 @@ class ActorGroup:
         metrics = self._dispatch(
             DeepSpeedActorWorker.update_policy,
             batch,
-            ACTOR_UPDATE_READS,
+            (*ACTOR_UPDATE_READS, *(k for k in ACTOR_UPDATE_OPTIONAL_READS if k in batch)),
             plan,
             temperature=float(temperature),
             global_step=int(global_step),

@@ -249,6 +249,7 @@ class PolicyTrainer:
         resp_mask = batch["response_mask"].float()
         old_lp = batch["old_log_probs"].float()
         adv = batch["advantages"].float()
+        is_w = batch["rollout_is_weights"].float() if "rollout_is_weights" in batch else None
         lengths = attn.sum(-1).tolist()
         step_lr = self.lr_for_step(global_step)
         device = self.engine.device
@@ -297,6 +298,7 @@ class PolicyTrainer:
                         own_mask,
                         cfg.policy_loss,
                         shards,
+                        None if is_w is None else is_w[idx],  # rollout correction
                     )
                     recorder.observe(idx, step, terms.token_stats, mask, shards)
                     # Each row's loss tokens over all shards (None: this rank holds them all).

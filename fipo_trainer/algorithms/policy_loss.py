@@ -148,29 +148,37 @@ def compute_policy_terms(
     response_mask: torch.Tensor,
     config: PolicyLossConfig | None = None,
     shards: SequenceShards | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> PolicyLossTerms:
     """Per-token loss + surviving mask + metrics of loss `name` (no aggregation).
 
-    ``shards``: this rank's sequence-parallel segment of each row (see the module doc)."""
+    ``shards``: this rank's sequence-parallel segment of each row (see the module doc).
+    ``is_weights``: rollout-correction weights [B, L] (``algorithms.rollout_correction``,
+    constants) that multiply the per-token loss, whatever the loss; None = all 1."""
     fn = get_policy_loss(name)
     shape = log_prob.shape
     for label, t in (
         ("old_log_prob", old_log_prob),
         ("advantages", advantages),
         ("response_mask", response_mask),
+        ("is_weights", log_prob if is_weights is None else is_weights),
     ):
         if t.shape != shape:
             raise ValueError(f"{label} shape {tuple(t.shape)} != log_prob shape {tuple(shape)}")
     config = config or PolicyLossConfig()
     if shards is None:
-        return fn(old_log_prob, log_prob, advantages, response_mask, config)
-    if not takes_shards(fn):
+        terms = fn(old_log_prob, log_prob, advantages, response_mask, config)
+    elif not takes_shards(fn):
         raise ValueError(
             f"policy loss {name!r} takes no `shards` parameter, so it cannot run with "
             "actor.ulysses_sequence_parallel_size > 1 (add `shards=None` to it and make what "
             "spans a response exact across shards, or set the size to 1)"
         )
-    return fn(old_log_prob, log_prob, advantages, response_mask, config, shards=shards)
+    else:
+        terms = fn(old_log_prob, log_prob, advantages, response_mask, config, shards=shards)
+    if is_weights is not None:
+        terms.loss_mat = terms.loss_mat * is_weights.detach().to(terms.loss_mat)
+    return terms
 
 
 def compute_policy_loss(
@@ -181,10 +189,14 @@ def compute_policy_loss(
     response_mask: torch.Tensor,
     config: PolicyLossConfig | None = None,
     global_denominator: float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Scalar loss and metrics. `global_denominator`: mini-batch-wide normaliser, if split."""
+    """Scalar loss and metrics. `global_denominator`: mini-batch-wide normaliser, if split;
+    `is_weights`: rollout-correction weights of the per-token loss (see compute_policy_terms)."""
     config = config or PolicyLossConfig()
-    terms = compute_policy_terms(name, old_log_prob, log_prob, advantages, response_mask, config)
+    terms = compute_policy_terms(
+        name, old_log_prob, log_prob, advantages, response_mask, config, is_weights=is_weights
+    )
     loss = aggregate_loss(
         terms.loss_mat,
         terms.loss_mask,

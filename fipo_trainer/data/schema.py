@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "ACTOR_LOG_PROB_READS",
+    "ACTOR_UPDATE_OPTIONAL_READS",
     "ACTOR_UPDATE_READS",
     "FIELDS",
     "GENERATE_READS",
@@ -32,8 +33,10 @@ PROMPTS = "prompts"  # data.dataset: collate (per prompt, repeated n times by ge
 GENERATE = "generate"  # rollout: RolloutGroup.generate
 GRADE = "grade"  # rewards: RewardPool via trainer.sampling.grade
 LOG_PROB = "log_prob"  # actor: ActorGroup.compute_log_prob
+# trainer: trainer.rollout_correction.rollout_correction (pure; only with the correction on)
+ROLLOUT_CORRECTION = "rollout_correction"
 ADVANTAGES = "advantages"  # trainer: loop.advantages (pure)
-STAGES = (PROMPTS, GENERATE, GRADE, LOG_PROB, ADVANTAGES)
+STAGES = (PROMPTS, GENERATE, GRADE, LOG_PROB, ROLLOUT_CORRECTION, ADVANTAGES)
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,8 @@ _TABLE = (
        "1 on real prompt and response tokens"),
     _f("response_mask", "tensor", "[n, R]", "float32", GENERATE,
        ("actor", "grade", "advantages", "metrics"), "1 on real response tokens"),
-    _f("rollout_log_probs", "tensor", "[n, R]", "float32", GENERATE, ("metrics",),
+    _f("rollout_log_probs", "tensor", "[n, R]", "float32", GENERATE,
+       ("metrics", "rollout_correction"),
        "log-prob of each sampled token under the engine's sampling distribution"),
     _f("response_text", "object", "[n]", "str", GENERATE, ("grade", "dump"),
        "decoded response (special tokens skipped)"),
@@ -84,10 +88,15 @@ _TABLE = (
     _f("pred", "object", "[n]", "str", GRADE, ("dump", "validation"),
        "the answer the grader extracted"),
     # --- log-prob (actor, training temperature)
-    _f("old_log_probs", "tensor", "[n, R]", "float32", LOG_PROB, ("actor", "metrics"),
+    _f("old_log_probs", "tensor", "[n, R]", "float32", LOG_PROB,
+       ("actor", "metrics", "rollout_correction"),
        "log-probs of the responses under the policy before the update"),
     _f("entropy", "tensor", "[n, R]", "float32", LOG_PROB, ("metrics",),
        "token entropy of the policy before the update"),
+    # --- rollout correction (algorithm.rollout_correction.enable; absent when off)
+    _f("rollout_is_weights", "tensor", "[n, R]", "float32", ROLLOUT_CORRECTION, ("actor",),
+       "importance weight pi_old / pi_rollout (thresholded, 0 on padding) multiplying the "
+       "per-token policy loss"),
     # --- advantages
     _f("advantages", "tensor", "[n, R]", "float32", ADVANTAGES, ("actor",),
        "per-token advantage (GRPO/RLOO/... of score within each uid group)"),
@@ -102,6 +111,8 @@ GENERATE_READS = ("input_ids", "attention_mask")
 #: What the actor reads for the old-log-prob pass and for the update.
 ACTOR_LOG_PROB_READS = ("input_ids", "attention_mask", "responses")
 ACTOR_UPDATE_READS = (*ACTOR_LOG_PROB_READS, "response_mask", "old_log_probs", "advantages")
+#: Read by the update when the batch has them (produced only by an optional stage).
+ACTOR_UPDATE_OPTIONAL_READS = ("rollout_is_weights",)
 
 
 def produced_by(stage: str) -> tuple[str, ...]:

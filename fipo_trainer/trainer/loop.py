@@ -8,6 +8,7 @@ stage returns only the fields it adds (``data/schema.py``), merged with ``batch 
     rollout.sleep()                               # colocated: free the engines' memory
     batch |= actor.compute_log_prob(batch, temperature=T)
     metrics |= logprob_metrics(batch)             # rollout/actor mismatch, actor entropy
+    batch, metrics = rollout_correction(batch, metrics, cfg.algorithm)  # + rollout_corr/*
     batch |= advantages(batch, cfg.algorithm)     # pure
     metrics |= actor.update(batch, temperature=T, global_step=step)
     metrics |= weight_sync.sync()
@@ -39,19 +40,14 @@ from fipo_trainer.algorithms.advantages import compute_advantage
 from fipo_trainer.data.batch import Batch
 from fipo_trainer.trainer.checkpoint import rng_state, set_rng_state
 from fipo_trainer.trainer.config import TrainConfig
+from fipo_trainer.trainer.rollout_correction import rollout_correction
 from fipo_trainer.trainer.sampling import Sampler, TrainingStopped
 from fipo_trainer.trainer.step_metrics import logprob_metrics, non_finite, perf_metrics, timed
 from fipo_trainer.trainer.summary import TrainResult, print_summary
 from fipo_trainer.trainer.token_record import dump_step_tokens, record_kwargs
 
-__all__ = [
-    "RLTrainer",
-    "TrainResult",
-    "TrainingInterrupted",
-    "TrainingStopped",
-    "advantages",
-    "run_training",
-]
+__all__ = ["RLTrainer", "TrainResult", "TrainingInterrupted", "TrainingStopped", "advantages",
+           "run_training"]
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +161,7 @@ class RLTrainer:
                 self.rollout.sleep()  # the weight sync below wakes it
         with timed(timings, "old_log_prob"):
             batch |= self.actor.compute_log_prob(batch, temperature=T)
-        metrics |= logprob_metrics(batch)
+        batch, metrics = rollout_correction(batch, metrics | logprob_metrics(batch), cfg.algorithm)
         with timed(timings, "adv"):
             batch |= advantages(batch, cfg.algorithm)
         record = record_kwargs(cfg.trainer, step, len(batch))  # dump steps: per-token values

@@ -3,6 +3,7 @@ step metrics, and one `train_step` driven through fake roles (the order of the v
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -185,11 +186,12 @@ class FakeSync:
         return {"sync/seconds": 0.0}
 
 
-def cfg(*, enable=True, max_rounds=3, on_exhausted="proceed", nan_policy="stop"):
+def cfg(*, enable=True, max_rounds=3, on_exhausted="proceed", nan_policy="stop", rc=False):
     return SimpleNamespace(
         algorithm=SimpleNamespace(
             adv_estimator="grpo",
             norm_adv_by_std_in_grpo=True,
+            rollout_correction=SimpleNamespace(enable=rc, level="token", threshold=2.0),
             filter_groups=SimpleNamespace(
                 enable=enable,
                 metric="acc",
@@ -257,6 +259,16 @@ def test_train_step_runs_the_verbs_in_order_with_typed_settings(tmp_path):
     assert metrics["actor/entropy"] == 1.0 and metrics["actor/pg_loss"] == 0.5
     for key in ("timing_s/gen", "timing_s/update", "sync/seconds", "perf/step_seconds"):
         assert key in metrics
+    # rollout correction off: the mismatch metrics are logged, the update gets no weights
+    assert metrics["rollout_corr/kl_k1"] == pytest.approx(-0.1)
+    assert metrics["rollout_corr/ratio_max"] == pytest.approx(math.exp(0.1))
+    assert "rollout_is_weights" not in log[1][3]
+
+
+def test_train_step_with_rollout_correction_hands_the_weights_to_the_update(tmp_path):
+    t, log = trainer_with_fakes(tmp_path, cfg(rc=True), [[True, False, False, True]])
+    t.train_step(1)
+    assert "rollout_is_weights" in log[1][3]
 
 
 def test_train_step_non_finite_update_stops_or_is_counted(tmp_path):

@@ -117,11 +117,41 @@ class FilterGroupsConfig:
 
 
 @dataclass
+class RolloutCorrectionConfig:
+    """Importance weights π_old / π_rollout on the per-token policy loss
+    (``algorithms.rollout_correction``). Off by default: the paper recipes are on-policy.
+    ``level`` and ``threshold`` also set how the ``rollout_corr/*`` metrics, logged every
+    step, count clipped tokens and the ESS while the correction is off."""
+
+    enable: bool = False
+    level: str = "token"  # token | sequence
+    # One number u: truncated IS, w <- min(w, u). "lower_upper" (e.g. "0.5_2.0") or
+    # [lower, upper]: IcePop, w <- 0 outside [lower, upper].
+    threshold: Any = 2.0
+
+    def validate(self) -> None:
+        from fipo_trainer.algorithms.rollout_correction import LEVELS, parse_threshold
+
+        p = "algorithm.rollout_correction"
+        errors = []
+        if self.level not in LEVELS:
+            errors.append(f"{p}.level must be one of {LEVELS}, got {self.level!r}")
+        try:
+            parse_threshold(self.threshold)
+        except (TypeError, ValueError) as err:
+            errors.append(
+                f"{p}.{err} (set {p}.threshold=2.0 for truncated IS or '0.5_2.0' for IcePop)"
+            )
+        _raise(errors)
+
+
+@dataclass
 class AlgorithmConfig:
     name: str = "fipo"  # a label (fipo | dapo | grpo): warned about when the loss differs
     adv_estimator: str = "grpo"
     norm_adv_by_std_in_grpo: bool = True
     filter_groups: FilterGroupsConfig = field(default_factory=FilterGroupsConfig)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
     def validate(self) -> None:
         from fipo_trainer.algorithms.advantages import ADVANTAGE_ESTIMATORS
@@ -132,10 +162,11 @@ class AlgorithmConfig:
                 f"algorithm.adv_estimator={self.adv_estimator!r} is unknown; use one of "
                 f"{sorted(ADVANTAGE_ESTIMATORS)}"
             )
-        try:
-            self.filter_groups.validate()
-        except ConfigError as err:
-            errors += err.errors
+        for section in (self.filter_groups, self.rollout_correction):
+            try:
+                section.validate()
+            except ConfigError as err:
+                errors += err.errors
         _raise(errors)
 
 
