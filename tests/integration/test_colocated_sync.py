@@ -18,7 +18,12 @@ from fipo_trainer.cluster.shared_weight_sync import SharedWeightSync
 from fipo_trainer.data.tiny_model import build_tiny_model
 from fipo_trainer.rollout import RolloutConfig, SamplingConfig
 from fipo_trainer.rollout.group import RolloutGroup
-from tests.integration.test_weight_sync_actor import LOGP_ATOL, MAX_TOKENS, _prompt_batch
+from tests.integration.test_weight_sync_actor import (
+    LOGP_ATOL,
+    MAX_TOKENS,
+    _prompt_batch,
+    assert_greedy_matches_hf,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -180,18 +185,4 @@ def test_update_sleep_wake_sync_then_engine_equals_actor(colocated):
     ), "the engine still generates with the old weights"
     actor_lp = actor.compute_log_prob(after, temperature=1.0)["old_log_probs"]
     assert _masked_max(actor_lp, after["rollout_log_probs"], after["response_mask"]) < LOGP_ATOL
-
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    ref.load_state_dict(state)
-    with torch.no_grad():
-        hf = ref.generate(
-            input_ids=prompts["input_ids"],
-            attention_mask=prompts["attention_mask"],
-            max_new_tokens=MAX_TOKENS,
-            do_sample=False,
-        )[:, prompts["input_ids"].shape[1] :]
-    for row in range(len(prompts)):
-        got = after["responses"][row][after["response_mask"][row].bool()].tolist()
-        assert got == hf[row, : len(got)].tolist()
+    assert_greedy_matches_hf(model, state, prompts, after)

@@ -98,6 +98,27 @@ def roles(request):
         shutdown_ray()
 
 
+def assert_greedy_matches_hf(model, state: dict, prompts: Batch, generated: Batch) -> None:
+    """The engine's greedy responses equal a plain HF model's holding ``state``."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= (
+        {"lm_head.weight"} if ref.config.tie_word_embeddings else set()
+    )
+    with torch.no_grad():
+        hf = ref.generate(
+            input_ids=prompts["input_ids"],
+            attention_mask=prompts["attention_mask"],
+            max_new_tokens=MAX_TOKENS,
+            do_sample=False,
+        )[:, prompts["input_ids"].shape[1] :]
+    for row in range(len(prompts)):
+        got = generated["responses"][row][generated["response_mask"][row].bool()].tolist()
+        assert got == hf[row, : len(got)].tolist()
+
+
 def _masked_close(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     return float(((a - b).abs() * mask).max())
 
@@ -162,30 +183,16 @@ def test_update_then_sync_rollout_equals_actor(roles):
     assert _masked_close(actor_lp, after["rollout_log_probs"], after["response_mask"]) < LOGP_ATOL
 
     # (2) greedy tokens == a plain HF model holding the actor's gathered weights
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    missing, unexpected = ref.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= (
-        {"lm_head.weight"} if ref.config.tie_word_embeddings else set()
-    )
-    with torch.no_grad():
-        hf = ref.generate(
-            input_ids=prompts["input_ids"],
-            attention_mask=prompts["attention_mask"],
-            max_new_tokens=MAX_TOKENS,
-            do_sample=False,
-        )[:, prompts["input_ids"].shape[1] :]
-    for row in range(len(prompts)):
-        got = after["responses"][row][after["response_mask"][row].bool()].tolist()
-        assert got == hf[row, : len(got)].tolist()
+    assert_greedy_matches_hf(model, state, prompts, after)
 
     # A second sync with unchanged weights leaves generation unchanged.
     again = weight_sync.sync()
     assert again["sync/buckets"] == 1
     assert torch.equal(rollout.generate(prompts, greedy)[0]["responses"], after["responses"])
 
-    # Colocated path: tensors handed over through Ray; the original weights come back exactly.
+    # Tensors handed over through Ray (load_weights); the original weights come back exactly.
+    from transformers import AutoModelForCausalLM
+
     original = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     (loaded,) = rollout.load_weights([(n, p.detach()) for n, p in original.named_parameters()])
     assert loaded["sync/tensors"] >= len(state)
