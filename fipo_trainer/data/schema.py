@@ -78,6 +78,8 @@ _TABLE = (
     _f("rollout_log_probs", "tensor", "[n, R]", "float32", GENERATE,
        ("metrics", "rollout_correction"),
        "log-prob of each sampled token under the engine's sampling distribution"),
+    _f("rollout_weight_version", "tensor", "[n, R]", "int64", GENERATE, ("pipeline",),
+       "weight version (syncs loaded by the engine) that produced each token; -1 on padding"),
     _f("response_text", "object", "[n]", "str", GENERATE, ("grade", "dump"),
        "decoded response (special tokens skipped)"),
     # --- grade

@@ -56,7 +56,8 @@ def assemble_responses(
     prompt_width: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-response tensors (n consecutive rows per prompt): responses, input_ids,
-    attention_mask, response_mask, rollout_log_probs."""
+    attention_mask, response_mask, rollout_log_probs, rollout_weight_version (-1 on padding
+    and where the output carries no versions)."""
     if len(outputs) != len(prompts) * n:
         raise ValueError(f"{len(outputs)} responses for {len(prompts)} prompts x n={n}")
     width = max((len(p) for p in prompts), default=0)
@@ -72,6 +73,7 @@ def assemble_responses(
     resp_t = torch.full((rows, response_length), pad_token_id, dtype=torch.long)
     resp_mask = torch.zeros((rows, response_length), dtype=torch.long)
     logp = torch.zeros((rows, response_length), dtype=torch.float32)
+    versions = torch.full((rows, response_length), -1, dtype=torch.long)
     for row, out in enumerate(outputs):
         expected = row // n
         if out.prompt_index != expected:
@@ -91,12 +93,15 @@ def assemble_responses(
             resp_t[row, :length] = torch.tensor(out.token_ids, dtype=torch.long)
             resp_mask[row, :length] = 1
             logp[row, :length] = torch.tensor(out.log_probs, dtype=torch.float32)
+            if out.versions:
+                versions[row, :length] = torch.tensor(out.versions, dtype=torch.long)
     return {
         "responses": resp_t,
         "input_ids": torch.cat([prompt_t, resp_t], dim=1),
         "attention_mask": torch.cat([prompt_mask, resp_mask], dim=1),
         "response_mask": resp_mask.to(torch.float32),
         "rollout_log_probs": logp,
+        "rollout_weight_version": versions,
     }
 
 

@@ -30,8 +30,16 @@ class RolloutOutput:
     token_ids: tuple[int, ...]
     log_probs: tuple[float, ...]
     finish_reason: str
+    # The weight version (syncs loaded so far) that produced each token; () = unknown.
+    # A partial rollout's tokens can come from several versions.
+    versions: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.versions and len(self.versions) != len(self.token_ids):
+            raise ValueError(
+                f"response of prompt {self.prompt_index} has {len(self.token_ids)} tokens "
+                f"but {len(self.versions)} weight versions"
+            )
         if len(self.token_ids) != len(self.log_probs):
             raise ValueError(
                 f"response of prompt {self.prompt_index} has {len(self.token_ids)} tokens "

@@ -24,8 +24,10 @@ from fipo_trainer.cluster.weight_transport import WeightSyncReceiver
 from fipo_trainer.cluster.worker import Worker, bind_host, free_port, node_ip
 from fipo_trainer.data.batch import Batch
 from fipo_trainer.rollout.assemble import build_rollout_batch, prompt_token_lists, rollout_metrics
+from fipo_trainer.rollout.base import RolloutOutput
 from fipo_trainer.rollout.config import RolloutConfig, SamplingConfig, ValSamplingConfig
 from fipo_trainer.rollout.factory import build_engine
+from fipo_trainer.rollout.partial import PartialRollout
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
         self._receiver: WeightSyncReceiver | None = None
         self._shared: SharedWeightsReceiver | None = None
         self.weights_version = 0
+        self._partial: tuple | None = None  # start_partial's job
 
     # --- tensor parallel ---------------------------------------------------------------
     def engine_endpoint(self) -> tuple[str, int]:
@@ -104,7 +107,7 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
             sampling = self.config.val_sampling() if validate else self.config.sampling()
         token_lists, _ = prompt_token_lists(prompts)
         start = time.perf_counter()
-        outputs = self.engine.generate(token_lists, sampling)
+        outputs = self._stamped(self.engine.generate(token_lists, sampling))
         seconds = time.perf_counter() - start
         texts = self.tokenizer.batch_decode(
             [list(o.token_ids) for o in outputs], skip_special_tokens=True
@@ -120,7 +123,60 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
         )
         return out, rollout_metrics(outputs, seconds)
 
+    # --- partial rollout (rollout.partial): segments, weights may change in between -----
+    def start_partial(
+        self,
+        prompts: Batch,
+        sampling: SamplingConfig | None = None,
+        *,
+        segment_tokens: int,
+        prompt_width: int | None = None,
+    ) -> None:
+        """Begin a generation cut into segments; :meth:`continue_partial` runs them."""
+        token_lists, _ = prompt_token_lists(prompts)
+        sampling = sampling or self.config.sampling()
+        self._partial = (
+            PartialRollout(token_lists, sampling, segment_tokens),
+            prompts,
+            prompt_width,
+            [0.0, 0.0],
+        )  # seconds, tokens
+
+    def continue_partial(self) -> tuple[Batch, dict[str, float]] | None:
+        """One segment on the weights loaded now; the whole batch once every response
+        finished (as :meth:`generate_batch` returns it), else None."""
+        job, prompts, width, spent = self._partial
+        start = time.perf_counter()
+        spent[1] += job.advance(self.engine.generate, self.weights_version)
+        spent[0] += time.perf_counter() - start
+        if not job.done:
+            return None
+        self._partial = None
+        outputs = job.outputs()
+        texts = self.tokenizer.batch_decode(
+            [list(o.token_ids) for o in outputs], skip_special_tokens=True
+        )
+        out = build_rollout_batch(
+            prompts,
+            outputs,
+            n=job.sampling.n,
+            pad_token_id=self.tokenizer.pad_token_id,
+            response_length=job.sampling.max_tokens,
+            response_text=texts,
+            prompt_width=width,
+        )
+        return out, rollout_metrics(outputs, spent[0])
+
+    def _stamped(self, outputs: Sequence[RolloutOutput]) -> list[RolloutOutput]:
+        """Outputs with every token marked by the weight version that produced it."""
+        v = self.weights_version
+        return [dataclasses.replace(o, versions=(v,) * len(o.token_ids)) for o in outputs]
+
     # --- weights --------------------------------------------------------------------
+    def set_weights_version(self, version: int) -> None:
+        """The trainer's number for the weights now loaded (updates applied to the actor)."""
+        self.weights_version = int(version)
+
     def update_weights(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> dict[str, float]:
         """Load tensors handed over directly (colocated / through the Ray object store)."""
         start = time.perf_counter()
@@ -227,4 +283,3 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
             self._shared = None
         if self.engine is not None:
             self.engine.shutdown()
-

@@ -72,3 +72,15 @@ def resolve_file(spec: str, cfg: TrainConfig, split: str) -> Path:
     n = syn.num_train if split == "train" else syn.num_val
     rows = make_rows(n, seed=syn.seed, task=ArithmeticTask(digits=syn.digits), split=split)
     return write_rows(rows, Path(cfg.trainer.run_dir) / "data" / f"arithmetic_{split}.jsonl")
+
+
+def data_metrics(train: PromptSource, val: PromptSource) -> dict[str, float]:
+    """What loading the datasets dropped (logged once, with the first step)."""
+    out = {}
+    for split, source in (("train", train), ("val", val)):
+        stats = source.dataset.stats
+        prefix = "data/" if split == "train" else "data/val_"
+        out[f"{prefix}prompts"] = float(len(source))
+        out[f"{prefix}skipped_bad_rows"] = float(stats.skipped_bad)
+        out[f"{prefix}dropped_too_long"] = float(stats.dropped_too_long)
+    return out

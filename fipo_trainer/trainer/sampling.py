@@ -9,8 +9,11 @@ so a resumed run draws exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -98,13 +101,28 @@ class Sampler:
         self.last_rollouts: Batch | None = None
         self.reward_health = RewardHealth.from_config(cfg.trainer)
         self.last_reward_result: Any = None
+        # Async (trainer/pipeline.py): training rounds hold the engines through `turn` one
+        # call at a time; partial rollouts generate `partial_rollout_tokens` per call.
+        self.turn: Callable[[], AbstractContextManager] = contextlib.nullcontext
+        self.partial_rollout_tokens: int | None = None
 
     def generate_and_grade(
-        self, prompts: Batch, sampling: Any, timings: dict[str, float]
+        self,
+        prompts: Batch,
+        sampling: Any,
+        timings: dict[str, float],
+        turn: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+        partial_rollout_tokens: int | None = None,
     ) -> tuple[Batch, dict[str, float]]:
         with timed(timings, "gen"):
-            batch, metrics = self.rollout.generate(prompts, sampling)
-        with timed(timings, "reward"):
+            if partial_rollout_tokens:
+                batch, metrics = self.rollout.generate_partial(
+                    prompts, sampling, segment_tokens=partial_rollout_tokens, turn=turn
+                )
+            else:
+                with turn():
+                    batch, metrics = self.rollout.generate(prompts, sampling)
+        with timed(timings, "reward"), turn():
             result = self.reward_pool.grade(
                 list(batch["response_text"]),
                 list(batch["ground_truth"]),
@@ -140,7 +158,9 @@ class Sampler:
             sampling = dataclasses.replace(
                 cfg.rollout.sampling(), seed=step_seed(cfg.trainer.seed, step, rounds)
             )
-            batch, round_stats = self.generate_and_grade(prompts, sampling, timings)
+            batch, round_stats = self.generate_and_grade(
+                prompts, sampling, timings, self.turn, self.partial_rollout_tokens
+            )
             try:  # validation grades through generate_and_grade too; only training counts
                 round_stats |= self.reward_health.record(step, self.last_reward_result)
             except RewardFailuresExceeded as err:

@@ -14,6 +14,7 @@ from fipo_trainer.data.batch import Batch, to_object_array
 from fipo_trainer.data.schema import ACTOR_LOG_PROB_READS, ACTOR_UPDATE_READS
 from fipo_trainer.rollout.config import SamplingConfig
 from fipo_trainer.trainer.loop import RLTrainer, TrainingStopped, advantages
+from fipo_trainer.trainer.pipeline import BatchSource
 from fipo_trainer.trainer.sampling import (
     Sampler,
     concat_rollouts,
@@ -138,6 +139,9 @@ class FakeRollout:
         self._next = self.accs.pop(0)
         return b, {"rollout/tokens_per_s": 10.0}
 
+    def set_weights_version(self, version):
+        self.calls.append(f"version {version}")
+
     def sleep(self):
         self.calls.append("sleep")
 
@@ -244,13 +248,14 @@ def trainer_with_fakes(tmp_path, config, accs):
     log: list = []
     t.sampler, t.rollout = sampler(config, accs)
     t.actor, t.weight_sync = FakeActor(log), FakeSync(log)
+    t.batches = BatchSource(t.sampler)  # async_mode=off: made when the step asks
     return t, log
 
 
 def test_train_step_runs_the_verbs_in_order_with_typed_settings(tmp_path):
     t, log = trainer_with_fakes(tmp_path, cfg(), [[True, False, False, True]])
     metrics = t.train_step(3)
-    assert t.rollout.calls == ["generate", "sleep"]
+    assert t.rollout.calls == ["generate", "sleep", "version 3"]
     assert [entry[0] for entry in log] == ["compute_log_prob", "update", "sync"]
     assert log[0][1] == 0.6 and log[1][1:3] == (0.6, 3)  # training temperature, 1-based step
     assert set(ACTOR_LOG_PROB_READS) <= set(log[0][2])

@@ -232,6 +232,12 @@ def _resources(cfg: TrainConfig, r: Report) -> None:
     tp, engines, world = rollout.tensor_parallel_size, res.rollout_workers, res.actor_world_size
     if tp < 1 or engines < 1 or world < 1:
         return  # reported by the sections
+    if res.placement == "colocated" and cfg.trainer.async_mode != "off":
+        r.error(
+            f"trainer.async_mode={cfg.trainer.async_mode} needs resources.placement=split: "
+            "colocated engines share the actor's devices, so generation cannot overlap the "
+            "update; set resources.placement=split or trainer.async_mode=off"
+        )
     if res.placement == "colocated":
         if world % tp:
             r.error(

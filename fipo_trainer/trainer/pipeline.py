@@ -1,0 +1,333 @@
+"""Where a step's batch comes from: made when the step asks (``trainer.async_mode=off``) or
+by a producer thread that runs ahead of the update (``one_step``, ``bounded``).
+
+Why a thread on the driver, not a new role: generation already runs in the rollout workers
+and grading in the reward processes, so the driver only has to *ask* for the next batch
+while the actor updates; a thread that calls ``Sampler.collect`` does that, and the rest of
+the loop stays the plain sequence of verbs.
+
+Weight versions. Version v = the actor after v updates; the engines hold version v once the
+sync after update v is loaded (``RolloutGroup.set_weights_version``), and every generated
+token carries the version that produced it (``rollout_weight_version``). Update k trains
+with the actor at version k-1, so a sample started at version s is ``k-1-s`` versions stale.
+
+The producer may start the batch of step j once the engines hold version >= j-1-S:
+- ``off``: no thread; S = 0, the batch of step k is made at version k-1.
+- ``one_step``: S = 1 and the producer holds the engines for a whole batch, so the sync
+  after update k waits for batch k+1 to finish: batch k+1 is made entirely at version k-1.
+- ``bounded``: S = ``trainer.max_staleness``; the producer gives the engines up between
+  calls (a generation round, or with ``partial_rollout`` a segment of
+  ``partial_rollout_tokens`` tokens), so a sync lands while a batch is being made; in-flight
+  responses then continue on the new weights (partial) or had finished on the old ones.
+
+Syncs and validation take the engines through :meth:`BatchSource.engines` (they go first:
+the producer waits while the trainer asks). A checkpoint pauses the producer at a batch
+boundary and stores the batches made ahead (``state_dict``), so a resumed run trains on
+exactly the batches the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fipo_trainer.data.batch import Batch
+from fipo_trainer.trainer.step_metrics import timed
+
+
+@dataclass
+class MadeBatch:
+    """One step's batch as the producer left it (``batch`` None: no whole mini-batch)."""
+
+    step: int
+    batch: Batch | None
+    metrics: dict[str, float]
+    timings: dict[str, float]
+    rollouts: Batch | None = None  # every response of the step (for dumps)
+    epoch: float = 0.0
+
+
+class EngineTurn:
+    """Who drives the engines and the grader now: the producer between its calls, or the
+    trainer (sync, validation), which goes first whenever it waits."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = False
+        self._trainer_waiting = 0
+
+    @contextlib.contextmanager
+    def trainer(self) -> Iterator[None]:
+        with self._cond:
+            self._trainer_waiting += 1
+            self._cond.wait_for(lambda: not self._busy)
+            self._trainer_waiting -= 1
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def producer(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._busy and not self._trainer_waiting)
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+
+def staleness_metrics(batch: Batch, version: int) -> dict[str, float]:
+    """How many versions behind the training actor (``version``) each sample started."""
+    if "rollout_weight_version" not in batch.tensors:
+        return {}
+    versions = batch["rollout_weight_version"]
+    started = versions.masked_fill(versions < 0, 2**62).min(dim=-1).values
+    started = started[started < 2**62]  # rows with no response token carry no version
+    if started.numel() == 0:
+        return {}
+    stale = (version - started).float()
+    return {
+        "async/staleness_max": float(stale.max()),
+        "async/staleness_mean": float(stale.mean()),
+        "async/weight_version": float(version),
+    }
+
+
+@dataclass
+class BatchSource:
+    """The step's batch: made on demand (off) or taken from what the producer made ahead.
+
+    ``version`` is the weight version the engines hold; ``ahead`` the batches a resumed run
+    restores from its checkpoint (they are served first, in order).
+    """
+
+    sampler: Any
+    mode: str = "off"
+    max_staleness: int = 0
+    version: int = 0
+    ahead: list[MadeBatch] = field(default_factory=list)
+    partial_rollout_tokens: int | None = None  # bounded + partial_rollout
+    last_rollouts: Batch | None = None
+
+    def __post_init__(self) -> None:
+        self.turn = EngineTurn()
+        self.staleness = {"off": 0, "one_step": 1}.get(self.mode, self.max_staleness)
+        self._made: queue.Queue[MadeBatch | BaseException] = queue.Queue()
+        for made in self.ahead:
+            self._made.put(made)
+        self._next_step = self.ahead[-1].step + 1 if self.ahead else None
+        self._cond = threading.Condition()
+        self._stop = self._paused = False
+        self._producing = False
+        self._thread: threading.Thread | None = None
+        if self.mode == "bounded":  # the sampler gives the engines up between its calls
+            self.sampler.turn = self.turn.producer
+            self.sampler.partial_rollout_tokens = self.partial_rollout_tokens
+
+    # ----------------------------------------------------------------- trainer side
+    def start(self, first_step: int, last_step: int) -> None:
+        """Start making batches from ``first_step`` (async modes; off makes them on demand)."""
+        if self._next_step is None:
+            self._next_step = first_step
+        self._last_step = last_step
+        if self.mode != "off" and self._next_step <= last_step:
+            self._thread = threading.Thread(
+                target=self._produce, name="batch-producer", daemon=True
+            )
+            self._thread.start()
+
+    def next(self, step: int, timings: dict[str, float]) -> tuple[Batch | None, dict[str, float]]:
+        """The batch of ``step`` and its metrics (waits for the producer when it is behind)."""
+        if self.mode == "off" and self._made.empty():
+            made = self._make(step)
+        else:
+            with timed(timings, "wait_batch"):
+                made = self._take()
+        if made.step != step:
+            raise RuntimeError(f"the batch producer made step {made.step}'s batch for step {step}")
+        timings.update(made.timings)
+        self.last_rollouts = made.rollouts
+        metrics = {**made.metrics, "train/epoch": made.epoch}
+        if made.batch is not None:
+            metrics |= staleness_metrics(made.batch, self.version)
+            if metrics.get("async/staleness_max", 0.0) > self.staleness:
+                raise RuntimeError(
+                    f"step {step} got a sample {metrics['async/staleness_max']:.0f} versions "
+                    f"stale; the bound is {self.staleness} (trainer.async_mode={self.mode})"
+                )
+        return made.batch, metrics
+
+    @contextlib.contextmanager
+    def engines(self) -> Iterator[None]:
+        """Hold the engines and the grader (weight sync, validation) between producer calls."""
+        with self.turn.trainer():
+            yield
+
+    def weights_synced(self, version: int) -> None:
+        """The engines now hold ``version``: batches that waited for it may start."""
+        with self._cond:
+            self.version = version
+            self._cond.notify_all()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The batches made ahead (the producer pauses at a batch boundary first)."""
+        with self._cond:
+            self._paused = True
+            self._cond.wait_for(lambda: not self._producing or self._stop)
+        ahead = []
+        while not self._made.empty():
+            item = self._made.get()
+            if isinstance(item, BaseException):
+                raise item
+            ahead.append(item)
+        for item in ahead:  # they are still this run's next batches
+            self._made.put(item)
+        return {"ahead": [made_to_plain(m) for m in ahead], "version": self.version}
+
+    def resume(self) -> None:
+        """Let the producer go on after ``state_dict``."""
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+
+    # ----------------------------------------------------------------- producer side
+    def _make(self, step: int) -> MadeBatch:
+        timings: dict[str, float] = {}
+        batch, metrics = self.sampler.collect(step, timings)
+        epoch = float(self.sampler.prompts.epoch)
+        return MadeBatch(step, batch, metrics, timings, self.sampler.last_rollouts, epoch)
+
+    def _take(self) -> MadeBatch:
+        while True:
+            try:
+                item = self._made.get(timeout=0.5)
+            except queue.Empty:
+                if self._thread is None or not self._thread.is_alive():
+                    raise RuntimeError("the batch producer stopped without a batch") from None
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            return item
+
+    def _may_start(self, step: int) -> bool:
+        return self._stop or (not self._paused and self.version >= step - 1 - self.staleness)
+
+    def _produce(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    step = self._next_step
+                    self._cond.wait_for(lambda s=step: self._may_start(s))
+                    if self._stop or step > self._last_step:
+                        return
+                    self._producing = True
+                try:
+                    whole = (
+                        self.turn.producer()
+                        if self.mode == "one_step"
+                        else contextlib.nullcontext()
+                    )
+                    with whole:
+                        made = self._make(step)
+                finally:
+                    with self._cond:
+                        self._producing = False
+                        self._cond.notify_all()
+                self._made.put(made)
+                self._next_step = step + 1
+        except BaseException as err:  # the trainer re-raises it at its next batch
+            self._made.put(err)
+            with self._cond:
+                self._producing = False
+                self._cond.notify_all()
+
+
+def _plain(value: Any) -> Any:
+    """Python values only (numpy scalars and arrays unpacked): what a checkpoint may hold."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _batch_to_plain(batch: Batch | None) -> dict[str, Any] | None:
+    if batch is None:
+        return None
+    non_tensors = {k: [_plain(v) for v in arr] for k, arr in batch.non_tensors.items()}
+    return {"tensors": dict(batch.tensors), "non_tensors": non_tensors, "meta": _plain(batch.meta)}
+
+
+def _batch_from_plain(state: dict[str, Any] | None) -> Batch | None:
+    if state is None:
+        return None
+    non_tensors = {}
+    for key, values in state["non_tensors"].items():
+        arr = np.empty(len(values), dtype=object)
+        for i, v in enumerate(values):  # element-wise: a list value stays one object
+            arr[i] = v
+        non_tensors[key] = arr
+    return Batch(state["tensors"], non_tensors, state["meta"])
+
+
+def made_to_plain(made: MadeBatch) -> dict[str, Any]:
+    """A made-ahead batch as tensors and plain values (checkpoints load weights-only)."""
+    return {
+        "step": made.step,
+        "batch": _batch_to_plain(made.batch),
+        "metrics": dict(made.metrics),
+        "timings": dict(made.timings),
+        "rollouts": _batch_to_plain(made.rollouts),
+        "epoch": made.epoch,
+    }
+
+
+def made_from_plain(state: dict[str, Any]) -> MadeBatch:
+    return MadeBatch(
+        int(state["step"]),
+        _batch_from_plain(state["batch"]),
+        dict(state["metrics"]),
+        dict(state["timings"]),
+        _batch_from_plain(state["rollouts"]),
+        float(state["epoch"]),
+    )
+
+
+def batch_source(
+    trainer_cfg: Any, sampler: Any, start_step: int, resume: tuple[Any, dict] | None
+) -> BatchSource:
+    """The run's ``BatchSource`` from ``trainer.*`` (and a resumed checkpoint's batches)."""
+    state = (resume[1].get("pipeline") if resume else None) or {}
+    partial = trainer_cfg.partial_rollout and trainer_cfg.async_mode == "bounded"
+    return BatchSource(
+        sampler,
+        mode=trainer_cfg.async_mode,
+        max_staleness=trainer_cfg.max_staleness,
+        version=start_step,
+        ahead=[made_from_plain(m) for m in state.get("ahead", [])],
+        partial_rollout_tokens=trainer_cfg.partial_rollout_tokens if partial else None,
+    )
