@@ -19,6 +19,10 @@ from fipo_trainer.fsutil import atomic_file
 
 DATA_SOURCE = "arithmetic"
 SUPPORTED_OPS = ("+", "-", "*")
+#: Response formats: ``short`` = one worked line; ``worked`` = the steps written out (>= 64
+#: characters, so >= 64 tokens with the tiny model's byte tokenizer: a rollout-heavy task).
+SOLUTION_FORMATS = ("short", "worked")
+_OP_NAMES = {"+": "add", "-": "subtract", "*": "multiply"}
 DEFAULT_PROMPT_TEMPLATE = "What is {expr}?"
 _ANSWER_RE = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
 
@@ -29,12 +33,14 @@ class ArithmeticTask:
 
     Each operand has 1..``digits`` digits (length drawn uniformly, so short, easy problems
     give a freshly warm-started model partial accuracy); ``*`` uses a 1-digit right operand.
+    ``solution`` only changes the target response of the warm start (see `solution_text`).
     """
 
     digits: int = 2
     ops: tuple[str, ...] = ("+", "-")
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     data_source: str = DATA_SOURCE
+    solution: str = "short"
 
     def __post_init__(self) -> None:
         if not 1 <= self.digits <= 9:
@@ -45,6 +51,10 @@ class ArithmeticTask:
             )
         if "{expr}" not in self.prompt_template:
             raise ValueError("ArithmeticTask.prompt_template must contain '{expr}'")
+        if self.solution not in SOLUTION_FORMATS:
+            raise ValueError(
+                f"ArithmeticTask.solution must be one of {SOLUTION_FORMATS}, got {self.solution!r}"
+            )
 
 
 def sample_problem(rng: random.Random, task: ArithmeticTask) -> tuple[str, int]:
@@ -63,9 +73,29 @@ def _operand(rng: random.Random, digits: int) -> int:
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
 
 
-def solution_text(expr: str, result: int) -> str:
-    """The target response: the worked line then the graded ``Answer:`` line."""
-    return f"{expr}={result}\nAnswer: {result}"
+def solution_text(expr: str, result: int, solution: str = "short") -> str:
+    """The target response: the worked line (or, ``worked``, the steps) then ``Answer: N``.
+
+    The ``worked`` steps only copy and restate numbers (learnable by a 2-layer model) and end
+    with the same final ``Answer:`` line, so the DAPO rule grades both formats alike.
+    """
+    if solution == "short":
+        return f"{expr}={result}\nAnswer: {result}"
+    if solution != "worked":
+        raise ValueError(f"solution must be one of {SOLUTION_FORMATS}, got {solution!r}")
+    op = next(o for o in SUPPORTED_OPS if o in expr)
+    a, b = expr.split(op)
+    check = {"+": f"{result}-{b}={a}", "-": f"{result}+{b}={a}", "*": f"{b}*{a}={result}"}[op]
+    return (
+        f"Problem: {expr}\nFirst number: {a}\nSecond number: {b}\nOperation: {_OP_NAMES[op]}\n"
+        f"Result: {expr}={result}\nCheck: {check}\nAnswer: {result}"
+    )
+
+
+def max_solution_chars(task: ArithmeticTask) -> int:
+    """An upper bound on the target response's length (a generation budget for evaluation)."""
+    worst = 10 ** (task.digits + 1)  # covers any operand and any result of the task
+    return max(len(solution_text(f"{worst}{op}{worst}", worst, task.solution)) for op in task.ops)
 
 
 def make_rows(
@@ -95,11 +125,14 @@ def make_sft_pairs(
     n: int, *, seed: int = 0, task: ArithmeticTask | None = None
 ) -> list[tuple[list[dict[str, str]], str]]:
     """``n`` (chat messages, target response) pairs for the supervised warm start."""
+    task = task or ArithmeticTask()
     rows = make_rows(n, seed=seed, task=task, split="sft")
     return [
         (
             row["prompt"],
-            solution_text(row["extra_info"]["expr"], int(row["reward_model"]["ground_truth"])),
+            solution_text(
+                row["extra_info"]["expr"], int(row["reward_model"]["ground_truth"]), task.solution
+            ),
         )
         for row in rows
     ]

@@ -62,6 +62,7 @@ class TinyModelSettings:
     warm_start_batch_size: int = 64
     task_digits: int = 2
     task_ops: tuple[str, ...] = ("+", "-")
+    task_solution: str = "short"  # synthetic.SOLUTION_FORMATS: the warm start's target format
     format_version: int = FORMAT_VERSION
 
     def validate(self) -> None:
@@ -81,10 +82,15 @@ class TinyModelSettings:
             raise ValueError(
                 f"max_position_embeddings must be >= 64, got {self.max_position_embeddings}"
             )
-        ArithmeticTask(digits=self.task_digits, ops=tuple(self.task_ops))
+        ArithmeticTask(
+            digits=self.task_digits, ops=tuple(self.task_ops), solution=self.task_solution
+        )
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True)
+        fields = asdict(self)
+        if fields["task_solution"] == "short":  # the default leaves keys of older builds valid
+            del fields["task_solution"]
+        blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -215,6 +221,7 @@ def build_tiny_model(
     warm_start_batch_size: int = 64,
     task_digits: int = 2,
     task_ops: tuple[str, ...] = ("+", "-"),
+    task_solution: str = "short",
     cache_dir: str | Path | None = None,
     force: bool = False,
 ) -> Path:
@@ -237,6 +244,7 @@ def build_tiny_model(
         warm_start_batch_size=warm_start_batch_size,
         task_digits=task_digits,
         task_ops=tuple(task_ops),
+        task_solution=task_solution,
     )
     settings.validate()
     key = settings.key()

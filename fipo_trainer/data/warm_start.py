@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from fipo_trainer.data.synthetic import ArithmeticTask, is_correct, make_rows, make_sft_pairs
+from fipo_trainer.data.synthetic import (
+    ArithmeticTask,
+    is_correct,
+    make_rows,
+    make_sft_pairs,
+    max_solution_chars,
+)
 from fipo_trainer.data.tokenization import prompt_ids
 
 if TYPE_CHECKING:
@@ -51,7 +57,9 @@ def warm_start(
 
     Returns losses, seconds and the greedy accuracy on ``eval_prompts`` held-out problems.
     """
-    task = ArithmeticTask(digits=settings.task_digits, ops=tuple(settings.task_ops))
+    task = ArithmeticTask(
+        digits=settings.task_digits, ops=tuple(settings.task_ops), solution=settings.task_solution
+    )
     steps, bs = settings.warm_start_steps, settings.warm_start_batch_size
     data = sft_tensors(tokenizer, make_sft_pairs(steps * bs, seed=settings.seed, task=task))
     optim = torch.optim.AdamW(model.parameters(), lr=settings.warm_start_lr, weight_decay=0.0)
@@ -107,10 +115,16 @@ def greedy_accuracy(
     n: int = 128,
     seed: int = 12345,
     task: ArithmeticTask | None = None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     batch_size: int = 64,
 ) -> float:
-    """Fraction of rows whose greedy HF-generate answer line equals the ground truth."""
+    """Fraction of rows whose greedy HF-generate answer line equals the ground truth.
+
+    ``max_new_tokens=None``: 32, or the task's longest target (+8) when it is longer, so a
+    long solution format is not cut off before its ``Answer:`` line.
+    """
+    if max_new_tokens is None:
+        max_new_tokens = max(32, max_solution_chars(task or ArithmeticTask()) + 8)
     rows = list(rows) if rows is not None else make_rows(n, seed=seed, task=task, split="eval")
     pad = tokenizer.pad_token_id
     correct = 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import operator
 
@@ -15,6 +17,7 @@ from fipo_trainer.data.synthetic import (
     is_correct,
     make_rows,
     make_sft_pairs,
+    max_solution_chars,
     solution_text,
     write_rows,
 )
@@ -104,3 +107,48 @@ def test_write_rows(tmp_path):
     assert [json.loads(line) for line in p.read_text().splitlines()] == rows
     with pytest.raises(ValueError, match="unsupported suffix"):
         write_rows(rows, tmp_path / "a.csv")
+
+
+def test_worked_solution_is_long_and_graded_by_the_dapo_rule():
+    task = ArithmeticTask(digits=1, ops=("+", "-", "*"), solution="worked")
+    for messages, response in make_sft_pairs(200, seed=5, task=task):
+        expr = messages[0]["content"].removeprefix("What is ").removesuffix("?")
+        a, op, b = split_expr(expr)
+        gt = str(OPS[op](a, b))
+        lines = response.split("\n")
+        assert lines[0] == f"Problem: {expr}" and lines[-1] == f"Answer: {gt}"
+        assert f"Result: {expr}={gt}" in lines
+        assert len(response) >= 64  # one token per byte with the tiny model's tokenizer
+        assert len(response) <= max_solution_chars(task)
+        assert is_correct(response, gt) and compute_score(response, gt)["score"] == 1.0
+        wrong = solution_text(expr, int(gt) + 1, "worked")
+        assert compute_score(wrong, gt)["score"] == -1.0
+    short = make_sft_pairs(3, seed=5, task=ArithmeticTask(digits=1))
+    assert [r for _, r in short] == [
+        solution_text(m[0]["content"][8:-1], int(r.split()[-1])) for m, r in short
+    ]
+
+
+def test_solution_format_is_validated():
+    with pytest.raises(ValueError, match="solution"):
+        ArithmeticTask(solution="verbose")
+    with pytest.raises(ValueError, match="solution"):
+        solution_text("1+2", 3, "verbose")
+    assert max_solution_chars(ArithmeticTask(digits=2)) < 32
+
+
+def test_solution_format_config_key_and_tiny_model_cache_key():
+    from fipo_trainer.data.tiny_model import TinyModelSettings
+    from fipo_trainer.trainer.config import ConfigError
+    from fipo_trainer.trainer.config.sections import SyntheticDataConfig
+
+    SyntheticDataConfig(solution_format="worked").validate()
+    with pytest.raises(ConfigError, match="solution_format"):
+        SyntheticDataConfig(solution_format="verbose").validate()
+    short, worked = TinyModelSettings(), TinyModelSettings(task_solution="worked")
+    assert short.key() != worked.key()  # a worked-format warm start is its own build
+    legacy = {k: v for k, v in dataclasses.asdict(short).items() if k != "task_solution"}
+    blob = json.dumps(legacy, sort_keys=True).encode()
+    assert short.key() == hashlib.sha256(blob).hexdigest()[:16]  # older cache keys still hold
+    with pytest.raises(ValueError, match="solution"):
+        TinyModelSettings(task_solution="verbose").validate()

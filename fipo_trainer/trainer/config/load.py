@@ -139,6 +139,7 @@ def resolve_model(cfg: TrainConfig) -> TrainConfig:
             warm_start_steps=model.tiny.warm_start_steps,
             seed=model.tiny.seed,
             task_digits=cfg.data.synthetic.digits,
+            task_solution=cfg.data.synthetic.solution_format,
         )
     )
     if model.path and model.path != built:

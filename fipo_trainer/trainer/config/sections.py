@@ -80,11 +80,19 @@ class SyntheticDataConfig:
     num_val: int = 64
     digits: int = 2
     seed: int = 0
+    # short = "expr=N\nAnswer: N"; worked = the steps written out before "Answer: N" (>= 64
+    # tokens: a rollout-heavy shape). Sets the tiny model's warm-start target format.
+    solution_format: str = "short"
 
     def validate(self) -> None:
         errors = []
         if not 1 <= self.digits <= 9:
             errors.append(f"data.synthetic.digits must be in 1..9, got {self.digits}")
+        if self.solution_format not in ("short", "worked"):
+            errors.append(
+                "data.synthetic.solution_format must be 'short' or 'worked', "
+                f"got {self.solution_format!r}"
+            )
         if self.num_train < 1 or self.num_val < 0:
             errors.append("data.synthetic.num_train must be >= 1 and data.synthetic.num_val >= 0")
         _raise(errors)

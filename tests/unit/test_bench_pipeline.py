@@ -1,0 +1,134 @@
+"""scripts/bench_pipeline.py's pure parts: metrics rows -> per-run numbers -> SUMMARY."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location(
+        "bench_pipeline", REPO / "scripts" / "bench_pipeline.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_pipeline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bp = _load()
+
+
+def step_row(step: int, **extra: float) -> str:
+    row = {
+        "step": step,
+        "perf/step_seconds": 2.0,
+        "timing_s/gen": 1.5,
+        "timing_s/old_log_prob": 0.1,
+        "timing_s/update": 0.3,
+        "timing_s/sync": 0.1,
+        "rollout/tokens_per_s": 1000.0,
+        **extra,
+    }
+    return json.dumps(row)
+
+
+def rows_of(timed_lines: list[tuple[float, list[str]]]) -> dict:
+    rows: dict = {}
+    for t, lines in timed_lines:
+        bp.parse_lines(lines, t, rows)
+    return rows
+
+
+def test_parse_lines_merges_by_step_keeps_first_time_and_skips_bad_lines():
+    rows = rows_of(
+        [
+            (1.0, [json.dumps({"step": 0, "val/mean@4": 0.2}), "{partial", "", "[1]"]),
+            (2.0, [step_row(1), json.dumps({"no_step": 1})]),
+            (3.0, [json.dumps({"step": 1, "async/staleness_max": 1})]),
+        ]
+    )
+    assert sorted(rows) == [0, 1]
+    assert rows[1].t == 2.0 and rows[1].metrics["async/staleness_max"] == 1
+    assert rows[1].metrics["timing_s/gen"] == 1.5
+
+
+def test_run_stats_numbers():
+    rows = rows_of(
+        [
+            (10.0, [json.dumps({"step": 0, "val/mean@4": 0.25, "timing_s/validate": 3.0})]),
+            (14.5, [step_row(1)]),
+            (16.5, [step_row(2, **{"perf/step_seconds": 4.0, "timing_s/wait_batch": 0.5})]),
+            (19.0, [step_row(3, **{"val/mean@4": 0.5, "timing_s/validate": 0.5})]),
+            (21.0, [step_row(4, **{"val/mean@4": 0.6, "rollout/response_tokens": 500.0})]),
+        ]
+    )
+    s = bp.run_stats(rows, wall_s=30.0)
+    assert s["steps"] == 4 and s["wall_s"] == 30.0
+    assert s["s_per_step"] == 2.0  # median of 2, 4, 2, 2
+    # tokens: 3 x (1000 tok/s x 1.5 s) + 500, over 10 s of steps
+    assert s["gen_tokens_per_s"] == pytest.approx((3 * 1500 + 500) / 10)
+    assert s["rollout_idle"] == pytest.approx(1 - 4 * 1.5 / 10)
+    assert s["actor_idle"] == pytest.approx(1 - 4 * 0.5 / 10)
+    assert s["wait_batch_s"] == 0.5 and s["staleness_max"] is None
+    assert s["val_first"] == 0.25 and s["val_final"] == 0.6
+    assert s["time_to_0.45_s"] == 19.0 and s["time_to_0.55_s"] == 21.0
+    assert s["startup_s"] == pytest.approx(14.5 - 2.0)
+
+
+def test_run_stats_without_step_timer_or_rows():
+    rows = rows_of([(5.0, [step_row(1)]), (8.0, [step_row(2)]), (12.0, [step_row(3)])])
+    for r in rows.values():
+        del r.metrics["perf/step_seconds"]
+    s = bp.run_stats(rows)
+    assert s["s_per_step"] == 3.5  # between rows
+    assert s["val_final"] is None and s["time_to_0.45_s"] is None
+    empty = bp.run_stats({}, wall_s=1.0)
+    assert empty["steps"] == 0 and empty["s_per_step"] is None and empty["rollout_idle"] is None
+
+
+def test_idle_is_clamped():
+    assert bp._idle(3.0, 2.0) == 0.0 and bp._idle(0.0, 2.0) == 1.0 and bp._idle(1.0, 0.0) is None
+
+
+def test_summary_speedups_deltas_and_quickstart_numbers():
+    results = {
+        "heavy": {
+            "off": {"s_per_step": 3.0, "val_final": 0.40},
+            "one_step": {"s_per_step": 2.0, "val_final": 0.42},
+            "bounded": {"status": "refused", "error": "unknown key"},
+        },
+        "quickstart": {
+            "off": {
+                "startup_s": 30.0,
+                "s_per_step": 0.9,
+                "time_to_0.45_s": 140.0,
+                "time_to_0.55_s": None,
+                "peak_mem_bytes": 3 * 2**30,
+                "busy_cores": 1.3,
+            }
+        },
+    }
+    out = bp.summary(results, "off")
+    assert out["speedup_one_step"] == 1.5 and out["val_delta_one_step"] == pytest.approx(0.02)
+    assert out["speedup_bounded"] is None and out["val_delta_bounded"] is None
+    assert out["quickstart_startup_s"] == 30.0 and out["quickstart_s_per_step"] == 0.9
+    assert out["quickstart_time_to_045_s"] == 140.0 and out["quickstart_time_to_055_s"] is None
+    assert out["quickstart_peak_mem_gib"] == 3.0 and out["quickstart_busy_cores"] == 1.3
+    assert set(bp.summary({}, "off")) == set(out)  # every key, even with nothing run
+    json.dumps(out)
+
+
+def test_parse_steps_and_refusal():
+    assert bp.parse_steps("3", ["quickstart", "heavy"]) == {"quickstart": 3, "heavy": 3}
+    assert bp.parse_steps("heavy=5", ["quickstart", "heavy"]) == {
+        "quickstart": bp.DEFAULT_STEPS["quickstart"],
+        "heavy": 5,
+    }
+    assert bp.refusal("a\n\n  b\nc\nd\n") == "b | c | d"
