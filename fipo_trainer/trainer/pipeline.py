@@ -99,7 +99,10 @@ def staleness_metrics(batch: Batch, version: int) -> dict[str, float]:
     if started.numel() == 0:
         return {}
     stale = (version - started).float()
+    per_row = versions.masked_fill(versions < 0, -(2**62)).max(dim=-1).values
+    mixed = (per_row[per_row >= 0] > started).float()  # tokens from two or more versions
     return {
+        "async/mixed_version_frac": float(mixed.mean()),
         "async/staleness_max": float(stale.max()),
         "async/staleness_mean": float(stale.mean()),
         "async/weight_version": float(version),
@@ -138,12 +141,15 @@ class BatchSource:
             self.sampler.partial_rollout_tokens = self.partial_rollout_tokens
 
     # ----------------------------------------------------------------- trainer side
-    def start(self, first_step: int, last_step: int) -> None:
-        """Start making batches from ``first_step`` (async modes; off makes them on demand)."""
+    def start(self, first_step: int) -> None:
+        """Start making batches from ``first_step`` (async modes; off makes them on demand).
+
+        The producer does not stop at the run's last step: the batches it made ahead are in
+        the final checkpoint, so a run resumed with more steps trains on what an
+        uninterrupted run would (at the cost of up to ``S`` batches generated unused)."""
         if self._next_step is None:
             self._next_step = first_step
-        self._last_step = last_step
-        if self.mode != "off" and self._next_step <= last_step:
+        if self.mode != "off":
             self._thread = threading.Thread(
                 target=self._produce, name="batch-producer", daemon=True
             )
@@ -238,7 +244,7 @@ class BatchSource:
                 with self._cond:
                     step = self._next_step
                     self._cond.wait_for(lambda s=step: self._may_start(s))
-                    if self._stop or step > self._last_step:
+                    if self._stop:
                         return
                     self._producing = True
                 try:

@@ -15,6 +15,7 @@ from fipo_trainer.trainer.config.errors import ConfigError, _raise
 KNOWN_LOGGERS = ("console", "jsonl", "tensorboard", "wandb", "swanlab")
 FILTER_METRICS = ("acc", "score")
 PLACEMENTS = ("split", "colocated")
+ASYNC_MODES = ("off", "one_step", "bounded")
 
 
 # --------------------------------------------------------------------------- model
@@ -210,9 +211,35 @@ class TrainerConfig:
     # save/load/export, sleep/wake): a worker that stops answering is named after this
     # long instead of hanging the run (null: no deadline). Generation: rollout.generate_*.
     call_timeout_s: float | None = 3600.0
+    # Overlap generation with training (trainer/pipeline.py): off = every stage waits for the
+    # previous one; one_step = step k+1's batch is generated while step k updates (1 version
+    # stale); bounded = generation never stops, no sample trains more than max_staleness
+    # weight versions after it was started. Split placement only.
+    async_mode: str = "off"
+    max_staleness: int = 2  # bounded only
+    # bounded only: at a sync, in-flight responses pause, take the new weights and resume
+    # (every partial_rollout_tokens tokens); false: they finish with the old weights first.
+    partial_rollout: bool = False
+    partial_rollout_tokens: int = 8
 
     def validate(self) -> None:
         errors = []
+        if self.async_mode not in ASYNC_MODES:
+            errors.append(
+                f"trainer.async_mode must be one of {list(ASYNC_MODES)}, got {self.async_mode!r}"
+            )
+        if self.max_staleness < 0:
+            errors.append(f"trainer.max_staleness must be >= 0, got {self.max_staleness}")
+        if self.partial_rollout and self.async_mode != "bounded":
+            errors.append(
+                "trainer.partial_rollout=true needs trainer.async_mode=bounded (got "
+                f"{self.async_mode!r}): only a generation that never stops has requests in "
+                "flight at a weight sync"
+            )
+        if self.partial_rollout_tokens < 1:
+            errors.append(
+                f"trainer.partial_rollout_tokens must be >= 1, got {self.partial_rollout_tokens}"
+            )
         if not self.run_dir:
             errors.append("trainer.run_dir is empty: set a directory for metrics and checkpoints")
         if self.total_epochs < 1:

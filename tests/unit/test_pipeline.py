@@ -1,0 +1,165 @@
+"""BatchSource (trainer/pipeline.py): which weight version makes each step's batch, who
+holds the engines, what a checkpoint stores. The sampler here only records the version the
+engines held when it was asked (the real roles run in tests/e2e/test_async.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from fipo_trainer.data.batch import Batch
+from fipo_trainer.trainer.pipeline import (
+    BatchSource,
+    EngineTurn,
+    made_from_plain,
+    made_to_plain,
+    staleness_metrics,
+)
+
+
+def versions_batch(rows: list[list[int]]) -> Batch:
+    width = max(len(r) for r in rows)
+    v = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        v[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return Batch(
+        {"rollout_weight_version": v},
+        {"uid": np.array([f"u{i}" for i in range(len(rows))], dtype=object)},
+    )
+
+
+class VersionSampler:
+    """Makes a one-row batch stamped with the engines' version at the time it is asked."""
+
+    def __init__(self, source_ref: list, gen_s: float = 0.0) -> None:
+        self.source_ref, self.gen_s = source_ref, gen_s
+        self.prompts = SimpleNamespace(epoch=0)
+        self.last_rollouts = None
+        self.made: list[tuple[int, int]] = []
+        self.turn = None
+
+    def collect(self, step, timings):
+        version = self.source_ref[0].version
+        time.sleep(self.gen_s)
+        self.made.append((step, version))
+        return versions_batch([[version, version]]), {"sampling/step": float(step)}
+
+
+def run(mode: str, steps: int, staleness: int = 0, update_s: float = 0.02, gen_s: float = 0.01):
+    """Drive a BatchSource the way RLTrainer does; returns {step: (made version, metrics)}."""
+    ref: list = []
+    sampler = VersionSampler(ref, gen_s)
+    source = BatchSource(sampler, mode=mode, max_staleness=staleness)
+    ref.append(source)
+    source.start(1)
+    out = {}
+    try:
+        for step in range(1, steps + 1):
+            batch, metrics = source.next(step, {})
+            out[step] = (int(batch["rollout_weight_version"][0, 0]), metrics)
+            time.sleep(update_s)  # the update
+            with source.engines():
+                pass  # the sync
+            source.weights_synced(step)
+    finally:
+        source.close()
+    return out
+
+
+def test_off_makes_every_batch_with_the_previous_steps_weights():
+    out = run("off", 5)
+    assert [v for v, _ in out.values()] == [0, 1, 2, 3, 4]
+    assert all(m["async/staleness_max"] == 0 for _, m in out.values())
+
+
+def test_one_step_batch_k_is_made_at_version_k_minus_2_exactly_one_behind_off():
+    out = run("one_step", 6, update_s=0.05)
+    assert [v for v, _ in out.values()] == [0, 0, 1, 2, 3, 4]
+    assert [m["async/staleness_max"] for _, m in out.values()] == [0, 1, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("bound", [0, 1, 2, 3])
+def test_bounded_never_exceeds_its_bound_even_when_generation_is_fast(bound):
+    out = run("bounded", 8, staleness=bound, update_s=0.05, gen_s=0.0)
+    stale = [m["async/staleness_max"] for _, m in out.values()]
+    assert max(stale) == bound  # fast generation runs ahead as far as allowed, no further
+    for step, (made, _) in out.items():
+        assert made >= step - 1 - bound
+
+
+def test_trainer_goes_first_when_both_wait_for_the_engines():
+    turn, order = EngineTurn(), []
+    with turn.trainer():  # the engines are busy; a producer and the trainer queue up
+        producer = threading.Thread(target=lambda: _hold(turn.producer, order, "producer"))
+        producer.start()
+        time.sleep(0.05)
+        trainer = threading.Thread(target=lambda: _hold(turn.trainer, order, "trainer"))
+        trainer.start()
+        time.sleep(0.05)
+    producer.join(2)
+    trainer.join(2)
+    assert order == ["trainer", "producer"]
+
+
+def _hold(turn, order, name):
+    with turn():
+        order.append(name)
+
+
+def test_checkpoint_keeps_the_batches_made_ahead_and_a_resumed_source_serves_them_first():
+    ref: list = []
+    sampler = VersionSampler(ref)
+    source = BatchSource(sampler, mode="bounded", max_staleness=2)
+    ref.append(source)
+    source.start(1)
+    source.next(1, {})
+    time.sleep(0.2)  # the producer runs ahead (steps 2 and 3 may start at version 0)
+    state = source.state_dict()
+    source.close()
+    steps = [m["step"] for m in state["ahead"]]
+    assert steps == [2, 3]
+    restored = BatchSource(
+        VersionSampler([]), mode="off", ahead=[made_from_plain(m) for m in state["ahead"]]
+    )
+    batch, metrics = restored.next(2, {})
+    assert metrics["sampling/step"] == 2.0 and batch is not None
+
+
+def test_producer_failure_reaches_the_trainer():
+    class Failing(VersionSampler):
+        def collect(self, step, timings):
+            raise ValueError("grader exploded")
+
+    source = BatchSource(Failing([]), mode="one_step")
+    source.start(1)
+    with pytest.raises(ValueError, match="grader exploded"):
+        source.next(1, {})
+    source.close()
+
+
+def test_staleness_and_mixed_versions_from_per_token_stamps():
+    batch = versions_batch([[3, 3, 4], [4, 4], [2]])
+    m = staleness_metrics(batch, version=4)
+    assert m["async/staleness_max"] == 2 and m["async/staleness_mean"] == pytest.approx(1.0)
+    assert m["async/mixed_version_frac"] == pytest.approx(1 / 3)
+
+
+def test_made_batch_round_trips_through_plain_values():
+    batch = versions_batch([[1, 1], [2]])
+    batch.non_tensors["acc"] = np.array([np.bool_(True), False], dtype=object)
+    batch.non_tensors["raw_prompt"] = np.empty(2, dtype=object)
+    batch.non_tensors["raw_prompt"][:] = [[{"role": "user", "content": "1+1"}]] * 2
+    from fipo_trainer.trainer.pipeline import MadeBatch
+
+    plain = made_to_plain(MadeBatch(4, batch, {"a": 1.0}, {"timing_s/gen": 2.0}, batch, 1.0))
+    torch.save(plain, buf := __import__("io").BytesIO())
+    buf.seek(0)
+    back = made_from_plain(torch.load(buf, weights_only=True))
+    assert back.step == 4 and back.batch["raw_prompt"][1] == [{"role": "user", "content": "1+1"}]
+    assert torch.equal(back.batch["rollout_weight_version"], batch["rollout_weight_version"])
+    assert list(back.batch["acc"]) == [True, False]
