@@ -62,24 +62,18 @@ class EngineTurn:
         self._busy = False
         self._trainer_waiting = 0
 
-    @contextlib.contextmanager
-    def trainer(self) -> Iterator[None]:
-        with self._cond:
-            self._trainer_waiting += 1
-            self._cond.wait_for(lambda: not self._busy)
-            self._trainer_waiting -= 1
-            self._busy = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
+    def trainer(self) -> contextlib.AbstractContextManager[None]:
+        return self._holding(lambda: not self._busy, trainer=True)
+
+    def producer(self) -> contextlib.AbstractContextManager[None]:
+        return self._holding(lambda: not self._busy and not self._trainer_waiting)
 
     @contextlib.contextmanager
-    def producer(self) -> Iterator[None]:
+    def _holding(self, free: Any, trainer: bool = False) -> Iterator[None]:
         with self._cond:
-            self._cond.wait_for(lambda: not self._busy and not self._trainer_waiting)
+            self._trainer_waiting += trainer
+            self._cond.wait_for(free)
+            self._trainer_waiting -= trainer
             self._busy = True
         try:
             yield
