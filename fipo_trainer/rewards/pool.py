@@ -22,7 +22,7 @@ import subprocess
 import time
 import weakref
 from collections import defaultdict, deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -30,9 +30,9 @@ from ._process import _stop_workers, _Worker, spawn_worker
 from .config import RewardConfig
 from .custom import split_spec
 from .dapo import TAIL_CHARS
-from .result import Outcome, RewardResult, check_scores, finish
+from .result import GradeItems, Outcome, RewardResult, StreamedItems, check_scores, finish
 
-__all__ = ["RewardPool", "RewardResult"]
+__all__ = ["GradeItems", "RewardPool", "RewardResult"]
 
 _MAX_STARTUP_FAILURES = 3
 
@@ -132,36 +132,34 @@ class RewardPool:
         ``response_lengths`` (tokens) is needed when overlong shaping is enabled;
         ``extra_infos`` is passed to custom reward functions that accept it.
         """
+        n = len(responses)
+        part = GradeItems(range(n), responses, ground_truths, data_sources, response_lengths,
+                          extra_infos)  # fmt: skip
+        return self.grade_stream([part], n)
+
+    def grade_stream(self, parts: Iterable[GradeItems], total: int) -> RewardResult:
+        """Grade ``total`` items that arrive in parts (e.g. as the engine finishes them):
+        each part's items go to the workers as soon as it arrives, so grading overlaps
+        whatever produces the next part. The result is in item order, as ``grade``'s."""
         self._check_open()
         cfg = self.config
         cfg.validate()  # fields may have been edited since the pool was built
-        n = len(responses)
-        self._validate(responses, ground_truths, data_sources, response_lengths, extra_infos)
         t0 = time.perf_counter()
-
-        route = {ds: cfg.grader_for(ds) for ds in set(map(str, data_sources))}
-        by_grader: dict[str, list[int]] = defaultdict(list)
-        for i, ds in enumerate(data_sources):
-            by_grader[route[str(ds)]].append(i)
-
+        items = StreamedItems(total)
         queue: deque[list[tuple]] = deque()
-        for grader in sorted(by_grader, key=lambda g: g == "dapo"):  # slow graders first
-            idxs = by_grader[grader]
-            if grader == "math_verify":  # a group's responses share a worker's parsed gold
-                idxs.sort(key=lambda i: str(ground_truths[i]))
-            size = cfg.dapo_chunk_size if grader == "dapo" else cfg.chunk_size
-            for s in range(0, len(idxs), size):
-                queue.append(
-                    [
-                        self._item(i, grader, responses, ground_truths, data_sources, extra_infos)
-                        for i in idxs[s : s + size]
-                    ]
-                )
-
-        out = Outcome(n)
+        out = Outcome(total)
         restarts_before = self.totals["worker_restarts"]
         self._fill()
         try:
+            for part in parts:
+                self._validate(part.responses, part.ground_truths, part.data_sources,
+                               part.response_lengths, part.extra_infos)  # fmt: skip
+                items.add(part)
+                queue += self._chunks(part.indices, items)
+                self._dispatch(queue)
+                self._wait_and_collect(out, queue, block=False)
+            if items.missing:
+                raise ValueError(f"grade_stream(): {items.missing} of {total} items never came")
             while out.remaining:
                 self._dispatch(queue)
                 self._wait_and_collect(out, queue)
@@ -171,15 +169,38 @@ class RewardPool:
             _stop_workers(self._workers, graceful=False)
             raise
 
-        graders = [route[str(ds)] for ds in data_sources]
-        self.totals["errors"] += check_scores(out, cfg, graders, responses, data_sources)
-        self.totals["items"] += n
+        graders = [items.route[str(ds)] for ds in items.data_sources]
+        self.totals["errors"] += check_scores(
+            out, cfg, graders, items.responses, items.data_sources
+        )
+        self.totals["items"] += total
         elapsed = time.perf_counter() - t0
-        result = finish(out, cfg, data_sources, response_lengths, elapsed, graders)
+        lengths = items.response_lengths if cfg.overlong_buffer_enable else None
+        result = finish(out, cfg, items.data_sources, lengths, elapsed, graders)
         result.metrics["reward/worker_restarts"] = float(
             self.totals["worker_restarts"] - restarts_before
         )
         return result
+
+    def _chunks(self, indices: Sequence[int], items: StreamedItems) -> list[list[tuple]]:
+        """The work units of some items: per grader, slow graders first, chunked."""
+        cfg = self.config
+        by_grader: dict[str, list[int]] = defaultdict(list)
+        for i in indices:
+            ds = str(items.data_sources[i])
+            if ds not in items.route:
+                items.route[ds] = cfg.grader_for(ds)
+            by_grader[items.route[ds]].append(i)
+        chunks = []
+        inputs = (items.responses, items.ground_truths, items.data_sources, items.extra_infos)
+        for grader in sorted(by_grader, key=lambda g: g == "dapo"):  # slow graders first
+            idxs = by_grader[grader]
+            if grader == "math_verify":  # a group's responses share a worker's parsed gold
+                idxs.sort(key=lambda i: str(items.ground_truths[i]))
+            size = cfg.dapo_chunk_size if grader == "dapo" else cfg.chunk_size
+            for s in range(0, len(idxs), size):
+                chunks.append([self._item(i, grader, *inputs) for i in idxs[s : s + size]])
+        return chunks
 
     @staticmethod
     def _item(i, grader, responses, ground_truths, data_sources, extra_infos) -> tuple:
@@ -237,12 +258,13 @@ class RewardPool:
                     continue
                 w.task, w.pos, w.item_started = task, 0, time.monotonic()
 
-    def _wait_and_collect(self, out: Outcome, queue: deque) -> None:
+    def _wait_and_collect(self, out: Outcome, queue: deque, block: bool = True) -> None:
         cfg = self.config
         now = time.monotonic()
         deadlines = [w.item_started + cfg.timeout_s for w in self._workers if w.task]
         deadlines += [w.started_at + cfg.startup_timeout_s for w in self._workers if not w.ready]
         timeout = max(0.0, min(deadlines) - now) if deadlines else 5.0
+        timeout = timeout if block else 0.0
         handles = [h for w in self._workers for h in w.handles]
         ready = set(wait(handles, timeout=timeout))
         for w in list(self._workers):

@@ -13,6 +13,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,44 @@ class RewardResult:
     errors: dict[int, str] = field(default_factory=dict)  # item index -> failure message
     #: reward function (see `describe_grader`) -> {"timeout": n, "error": n} of failed items
     failures: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+@dataclass
+class GradeItems:
+    """Some of a grading call's items: their positions in the call and their inputs."""
+
+    indices: Sequence[int]
+    responses: Sequence[str]
+    ground_truths: Sequence[Any]
+    data_sources: Sequence[str]
+    response_lengths: Sequence[int] | None = None
+    extra_infos: Sequence[Any] | None = None
+
+
+class StreamedItems:
+    """A grading call's inputs, filled in as its parts arrive (``RewardPool.grade_stream``)."""
+
+    def __init__(self, total: int) -> None:
+        self.responses: list[Any] = [None] * total
+        self.ground_truths: list[Any] = [None] * total
+        self.data_sources: list[Any] = [None] * total
+        self.response_lengths: list[int] = [0] * total
+        self.extra_infos: list[Any] = [None] * total
+        self.route: dict[str, str] = {}  # data source -> grader
+        self.missing = total
+
+    def add(self, part: GradeItems) -> None:
+        for k, i in enumerate(part.indices):
+            if self.responses[i] is not None:
+                raise ValueError(f"grade_stream(): item {i} came twice")
+            self.responses[i] = part.responses[k]
+            self.ground_truths[i] = part.ground_truths[k]
+            self.data_sources[i] = part.data_sources[k]
+            if part.response_lengths is not None:
+                self.response_lengths[i] = int(part.response_lengths[k])
+            if part.extra_infos is not None:
+                self.extra_infos[i] = part.extra_infos[k]
+            self.missing -= 1
 
 
 class Outcome:

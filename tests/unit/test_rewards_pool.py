@@ -9,6 +9,7 @@ import pytest
 
 from fipo_trainer.rewards import RewardConfig, RewardPool, dapo
 from fipo_trainer.rewards import math_verify as mv
+from fipo_trainer.rewards.pool import GradeItems
 
 # A regression that loses an item would make grade() wait forever: fail instead.
 pytestmark = pytest.mark.timeout(90)
@@ -102,6 +103,32 @@ def test_routing_matches_direct_graders(pool: RewardPool) -> None:
     ]
     assert result.metrics["reward/acc/math_dapo"] == pytest.approx(1 / 3)
     assert result.metrics["reward/timeouts"] == 0 and result.metrics["reward/errors"] == 0
+
+
+def test_grade_stream_grades_parts_as_they_come_and_equals_grade(pool: RewardPool) -> None:
+    responses = ["Answer: 1", "Answer: 2", "So \\boxed{3}", "Answer: 5", "nothing", "Answer: 6"]
+    gts = ["1", "3", "3", "5", "5", "6"]
+    sources = ["math_dapo", "math_dapo", "math500", "aime24", "math_dapo", "gsm8k"]
+    whole = pool.grade(responses, gts, sources)
+    arrived: list[int] = []
+
+    def parts():  # out of order, the way engines finish prompts
+        for idx in ([3, 4], [0], [1, 2, 5]):
+            arrived.append(len(idx))
+            yield GradeItems(idx, [responses[i] for i in idx], [gts[i] for i in idx],
+                             [sources[i] for i in idx])  # fmt: skip
+
+    streamed = pool.grade_stream(parts(), 6)
+    assert arrived == [2, 1, 3]
+    assert (streamed.scores, streamed.acc, streamed.preds) == (
+        whole.scores, whole.acc, whole.preds
+    )
+    assert streamed.metrics["reward/acc/math_dapo"] == whole.metrics["reward/acc/math_dapo"]
+    with pytest.raises(ValueError, match="1 of 2 items never came"):
+        pool.grade_stream([GradeItems([0], ["Answer: 1"], ["1"], ["math_dapo"])], 2)
+    twice = [GradeItems([0], ["Answer: 1"], ["1"], ["math_dapo"])] * 2
+    with pytest.raises(ValueError, match="item 0 came twice"):
+        pool.grade_stream(twice, 2)
 
 
 def test_hostile_inputs_all_get_verdicts(pool: RewardPool) -> None:
