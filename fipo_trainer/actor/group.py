@@ -70,7 +70,7 @@ class ActorGroup:
     """The actor role: ``world_size`` DeepSpeed ranks behind one object.
 
     ``rollout_n`` (responses per prompt) sizes the mini-batches in rows; without it, the
-    ``uid`` groups of each batch tell.
+    ``uid`` groups of each batch tell. ``wait=False``: start the ranks, :meth:`wait_ready` later.
     """
 
     def __init__(
@@ -84,6 +84,7 @@ class ActorGroup:
         num_cpus_per_worker: float | None = None,
         num_gpus_per_worker: float | None = None,
         startup_timeout_s: float = 900.0,
+        wait: bool = True,
     ) -> None:
         self.config = ActorConfig.coerce(config)
         sp = self.config.ulysses_sequence_parallel_size
@@ -103,7 +104,13 @@ class ActorGroup:
             num_cpus_per_worker=num_cpus_per_worker,
             num_gpus_per_worker=num_gpus_per_worker,
             startup_timeout_s=startup_timeout_s,
+            wait=wait,
         )
+
+    def wait_ready(self) -> None:
+        """Wait for the ranks of a group built with ``wait=False`` (idempotent): the trainer
+        starts the ranks and the rollout engines together and waits once."""
+        self._workers.wait_ready()
 
     @property
     def worker_group(self) -> WorkerGroup:
@@ -127,9 +134,7 @@ class ActorGroup:
         plan: tuple[list[list[int]], int] | None = None,
         **kwargs: Any,
     ) -> Any:
-        partitions, local_rows = plan or plan_rows(
-            batch, self.config, self.dp_size, self.rollout_n
-        )
+        partitions, local_rows = plan or plan_rows(batch, self.config, self.dp_size, self.rollout_n)
         return self._workers.dispatch_dp(
             fn,
             batch.select(*fields, meta=False),

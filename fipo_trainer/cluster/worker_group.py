@@ -49,6 +49,14 @@ def _probe_master() -> tuple[str, int]:
     return node_ip(), free_port()
 
 
+def _single_node() -> bool:
+    """Whether the cluster is this one machine (then rank 0's node is the driver's)."""
+    try:
+        return sum(1 for n in ray.nodes() if n.get("Alive")) == 1
+    except Exception:  # pragma: no cover - a client connection without node info
+        return False
+
+
 class WorkerGroup:
     """N Ray actors of ``worker_cls`` (a ``Worker`` subclass), rank ``i`` on bundle ``i``.
 
@@ -56,6 +64,7 @@ class WorkerGroup:
     bundles and how much of each), or None (a private pool is created and removed with the
     group). Every actor starts with ``worker_env()`` plus RANK/WORLD_SIZE/MASTER_ADDR/
     MASTER_PORT/LOCAL_RANK; MASTER_ADDR/PORT are a free port on rank 0's node.
+    ``wait=False`` returns once the actors are created; :meth:`wait_ready` waits for them.
     """
 
     def __init__(
@@ -71,6 +80,7 @@ class WorkerGroup:
         startup_timeout_s: float = 600.0,
         env: dict[str, str] | None = None,
         deadline: Deadline | None = None,
+        wait: bool = True,
     ) -> None:
         if world_size < 1:
             raise ValueError(f"worker group {name!r}: world_size must be >= 1, got {world_size}")
@@ -85,11 +95,28 @@ class WorkerGroup:
         self.placement = placement
         self._actors: list[Any] = []
         self._local: list[LocalProcess] = []  # worker processes on this machine
+        self._startup_timeout_s = startup_timeout_s
+        self._ready = False
         try:
             self._start(placement, init_kwargs or {}, env or {}, startup_timeout_s)
         except BaseException:
             self.shutdown()
             raise
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Wait until every rank finished ``__init__`` (idempotent; shuts the group down if
+        one fails). Why separate: a group built with ``wait=False`` starts its workers and
+        returns, so several roles' workers start concurrently and the caller waits once."""
+        if self._ready:
+            return
+        try:
+            self._health_check(self._startup_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        self._ready = True
 
     # ----------------------------------------------------------------- start-up
     def _resolve_placement(
@@ -132,17 +159,23 @@ class WorkerGroup:
         timeout_s: float,
     ) -> None:
         pool = placement.pool
-        probe = (
-            ray.remote(num_cpus=0)(_probe_master)
-            .options(scheduling_strategy=pool.scheduling(placement.bundle_indices[0]))
-            .remote()
-        )
-        master_addr, master_port = wait_labelled(
-            [(f"{self._label(0)}'s node probe", probe)],
-            what="start-up",
-            timeout_s=max(timeout_s, 1.0),
-            error=WorkerStartupError,
-        )[0]
+        if _single_node():
+            # Why not the probe task here too: it costs a worker process that imports this
+            # package (torch included: ~3 s of CPU, ~0.3 GiB held while idle) for an answer
+            # the driver has.
+            master_addr, master_port = _probe_master()
+        else:
+            probe = (
+                ray.remote(num_cpus=0)(_probe_master)
+                .options(scheduling_strategy=pool.scheduling(placement.bundle_indices[0]))
+                .remote()
+            )
+            master_addr, master_port = wait_labelled(
+                [(f"{self._label(0)}'s node probe", probe)],
+                what="start-up",
+                timeout_s=max(timeout_s, 1.0),
+                error=WorkerStartupError,
+            )[0]
         base_env = {**worker_env(), **forwarded_env()}
         remote_cls = ray.remote(self.worker_cls)
         for rank, bundle in enumerate(placement.bundle_indices):
@@ -163,7 +196,6 @@ class WorkerGroup:
                 max_restarts=0,
             ).remote(**init_kwargs)
             self._actors.append(actor)
-        self._health_check(timeout_s)
 
     def _health_check(self, timeout_s: float) -> None:
         start = time.monotonic()

@@ -98,7 +98,7 @@ class RolloutGroup:
 
     ``generation`` bounds each ``generate`` call; ``deadline`` every other call. The k ranks
     of an engine get the same prompts (vLLM's external launcher is SPMD) and TP rank 0's
-    output is kept.
+    output is kept. ``wait=False``: start the workers, :meth:`wait_ready` later.
     """
 
     def __init__(
@@ -114,6 +114,7 @@ class RolloutGroup:
         startup_timeout_s: float = 600.0,
         deadline: Deadline | None = None,
         generation: GenerationDeadline | None = None,
+        wait: bool = True,
     ) -> None:
         self.config = plain_rollout_config(config)
         self.generation = generation or GenerationDeadline()
@@ -129,13 +130,24 @@ class RolloutGroup:
             num_gpus_per_worker=num_gpus_per_worker,
             startup_timeout_s=startup_timeout_s,
             deadline=deadline,
+            wait=False,
         )
-        if self.tp > 1:
+        self._startup_timeout_s = startup_timeout_s
+        self._engines_started = False
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Wait for the workers (and build TP engines) of a group built with ``wait=False``
+        (idempotent): the trainer starts them with the actor ranks and waits once."""
+        self._workers.wait_ready()
+        if self.tp > 1 and not self._engines_started:
             try:
-                self._start_tp_engines(startup_timeout_s)
+                self._start_tp_engines(self._startup_timeout_s)
             except BaseException:
                 self._workers.shutdown()
                 raise
+        self._engines_started = True
 
     def _start_tp_engines(self, timeout_s: float) -> None:
         """Each engine's k ranks rendezvous at its TP rank 0's node and build together."""

