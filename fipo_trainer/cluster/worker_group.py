@@ -267,6 +267,16 @@ class WorkerGroup:
             for r in ranks
         ]
 
+    def stream(self, rank: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Start generator method ``fn`` on ``rank``; a Ray ``ObjectRefGenerator`` hands out
+        each value it yields as soon as it is made (``RolloutGroup.generate_stream``)."""
+        method = getattr(self._actors[rank], self._method(fn))
+        return method.options(num_returns="streaming").remote(*args, **kwargs)
+
+    def label(self, rank: int) -> RankLabel:
+        """How errors and progress lines name ``rank`` of this group."""
+        return self._label(rank)
+
     def call_all(
         self, fn: Callable[..., Any], *args: Any, deadline: Deadline | None = None, **kwargs: Any
     ) -> list[Any]:

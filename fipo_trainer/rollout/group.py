@@ -17,13 +17,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import ray
 import torch
 
 from fipo_trainer.cluster.resource_pool import ResourcePool, RolePlacement
+from fipo_trainer.cluster.waiting import timeout_error, wait_labelled
 from fipo_trainer.cluster.worker_group import Deadline, WorkerGroup
 from fipo_trainer.data.batch import Batch
 from fipo_trainer.rollout.assemble import expand_prompt_fields, generate_inputs, prompt_token_lists
@@ -33,6 +38,8 @@ from fipo_trainer.rollout.worker import RolloutWorker, rollout_config_from
 #: A decode step costs at least this many rows' worth of time, however few rows there are
 #: (a few long responses still take max_tokens steps).
 MIN_DEADLINE_ROWS = 64
+#: Parts an engine's share of a generate_stream call is handed out in (graded as they come).
+STREAM_PARTS = 4
 #: The engine shutdown at the end of a run waits at most this long, then the workers go.
 SHUTDOWN_TIMEOUT_S = 30.0
 
@@ -153,9 +160,7 @@ class RolloutGroup:
         """Each engine's k ranks rendezvous at its TP rank 0's node and build together."""
         k = self.tp
         firsts = [e * k for e in range(self.engines)]
-        masters = [
-            self._workers.call_rank(rank, RolloutWorker.engine_endpoint) for rank in firsts
-        ]
+        masters = [self._workers.call_rank(rank, RolloutWorker.engine_endpoint) for rank in firsts]
         self._workers.scatter(
             RolloutWorker.start_engine,
             [(r % k, masters[r // k]) for r in range(self._workers.world_size)],
@@ -200,9 +205,120 @@ class RolloutGroup:
         out |= expand_prompt_fields(prompts, n)
         return out, merge_rollout_metrics([m for _, m in results])
 
+    def generate_stream(
+        self,
+        prompts: Batch,
+        sampling: SamplingConfig | None = None,
+        *,
+        validate: bool = False,
+        parts_per_engine: int = STREAM_PARTS,
+    ) -> Iterator[tuple[np.ndarray, Batch, dict[str, float]]]:
+        """:meth:`generate` handed out as the engines finish prompts: parts of
+        (the rows these responses take in :meth:`generate`'s output, their batch with the
+        prompt fields, ``rollout/*`` metrics so far). A part holds whole prompts (n rows
+        each); the parts of all engines cover every row once. Bounded by the call's
+        generation deadline."""
+        if len(prompts) == 0:
+            raise ValueError("RolloutGroup.generate_stream got an empty prompt batch")
+        token_lists, width = prompt_token_lists(prompts)
+        width = width or max(len(p) for p in token_lists)
+        shards = generate_inputs(prompts).chunk(min(self.engines, len(prompts)))
+        resolved = sampling or (self.config.val_sampling() if validate else self.config.sampling())
+        n, k = resolved.n, self.tp
+        offsets = np.cumsum([0] + [len(shard) for shard in shards])
+        deadline = self.generation.for_call(math.ceil(len(prompts) / len(shards)) * n,
+                                            resolved.max_tokens)  # fmt: skip
+        kwargs = {"validate": validate, "prompt_width": width}
+        streams = {}
+        others = []  # TP ranks > 0 run the same steps (SPMD); only rank 0's output is kept
+        for e, shard in enumerate(shards):
+            chunk = max(1, math.ceil(len(shard) / parts_per_engine))
+            gen = self._workers.stream(
+                e * k, RolloutWorker.generate_stream, shard, sampling, chunk_prompts=chunk,
+                **kwargs,
+            )  # fmt: skip
+            streams[gen] = e
+            others += self._workers.submit(RolloutWorker.generate_batch, shard, sampling,
+                                           ranks=range(e * k + 1, e * k + k), **kwargs)  # fmt: skip
+        start = time.monotonic()
+        while streams:
+            left = None if deadline.seconds is None else deadline.seconds - (time.monotonic() - start)
+            ready, _ = ray.wait(list(streams), num_returns=1, timeout=left)
+            if not ready:
+                raise timeout_error(
+                    [self._workers.label(e * k) for e in streams.values()],
+                    "generate_stream",
+                    elapsed_s=time.monotonic() - start,
+                    timeout_s=float(deadline.seconds),
+                    key=deadline.key,
+                    note=deadline.note,
+                )
+            gen = ready[0]
+            e = streams[gen]
+            try:
+                ref = next(gen)
+            except StopIteration:
+                del streams[gen]
+                continue
+            label = self._workers.label(e * k)
+            rows, part, metrics = wait_labelled([(label, ref)], what="generate_stream")[0]
+            prompt_rows = offsets[e] + np.asarray(rows, dtype=np.int64)
+            part |= expand_prompt_fields(prompts[prompt_rows], n)
+            yield (prompt_rows[:, None] * n + np.arange(n)).reshape(-1), part, metrics
+        if others:
+            wait_labelled(others, what="generate_batch", timeout_s=deadline.seconds,
+                          timeout_key=deadline.key)  # fmt: skip
+
+    def generate_partial(
+        self,
+        prompts: Batch,
+        sampling: SamplingConfig | None = None,
+        *,
+        segment_tokens: int,
+        turn: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    ) -> tuple[Batch, dict[str, float]]:
+        """:meth:`generate`, cut into engine calls of ``segment_tokens`` tokens, each made
+        while holding ``turn()``: a weight sync between two calls reaches the unfinished
+        responses (``rollout.partial``); every token keeps the version that produced it."""
+        if len(prompts) == 0:
+            raise ValueError("RolloutGroup.generate_partial got an empty prompt batch")
+        token_lists, width = prompt_token_lists(prompts)
+        width = width or max(len(p) for p in token_lists)
+        shards = generate_inputs(prompts).chunk(min(self.engines, len(prompts)))
+        resolved = sampling or self.config.sampling()
+        k = self.tp
+        ranks = list(range(len(shards) * k))
+        with turn():
+            self._workers.scatter(
+                RolloutWorker.start_partial,
+                [(shards[r // k], resolved) for r in ranks],
+                segment_tokens=segment_tokens,
+                prompt_width=width,
+            )
+        rows = math.ceil(len(prompts) / len(shards)) * resolved.n
+        deadline = self.generation.for_call(rows, segment_tokens)
+        results: dict[int, tuple[Batch, dict[str, float]]] = {}
+        while len(results) < len(shards):
+            pending = [r for r in ranks if r // k not in results]
+            with turn():
+                answers = self._workers.call_all(
+                    RolloutWorker.continue_partial, deadline=deadline, ranks=pending
+                )
+            for rank, answer in zip(pending, answers):
+                if answer is not None and rank % k == 0:
+                    results[rank // k] = answer
+        parts = [results[e] for e in range(len(shards))]
+        out = Batch.concat([batch for batch, _ in parts])
+        out |= expand_prompt_fields(prompts, len(out) // len(prompts))
+        return out, merge_rollout_metrics([m for _, m in parts])
+
     def load_weights(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> list[dict]:
         """Hand tensors to every engine directly (through the Ray object store)."""
         return self._workers.call_all(RolloutWorker.update_weights, list(named_tensors))
+
+    def set_weights_version(self, version: int) -> None:
+        """Number the weights the engines hold (stamped on every token they generate next)."""
+        self._workers.call_all(RolloutWorker.set_weights_version, int(version))
 
     def sleep(self) -> None:
         """Release the engines' memory (colocated: the actor needs it); the sync wakes them."""

@@ -253,24 +253,64 @@ class VllmEngine:
         self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig
     ) -> list[RolloutOutput]:
         """n responses per prompt, prompt-major; log-probs are raw (see ``rollout.base``)."""
+        parts = self.generate_stream(prompt_token_ids, sampling, chunk_prompts=0)
+        return sorted((o for part in parts for o in part), key=lambda o: o.prompt_index)
+
+    def generate_stream(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        chunk_prompts: int = 1,
+    ) -> Iterator[list[RolloutOutput]]:
+        """:meth:`generate`, handed out as prompts finish: each part holds the n responses of
+        at least ``chunk_prompts`` finished prompts (0: everything at the end), so a caller
+        can grade them while the engine generates the rest.
+
+        Why ``enqueue`` + ``step``: it is what ``LLM.generate`` runs (the same requests, the
+        same scheduling, so the same tokens), only with the finished requests visible early.
+        """
         sampling.validate()
         if self._asleep:
             raise RuntimeError("the vLLM engine is asleep; call wake() before generate()")
         if not prompt_token_ids:
-            return []
+            return
         check_prompts(prompt_token_ids, self.vocab_size, self.max_model_len)
         prompts = [{"prompt_token_ids": list(map(int, ids))} for ids in prompt_token_ids]
         if sampling.seed is None:
             params = self._sampling_params(sampling)
         else:
             params = [self._sampling_params(sampling, i) for i in range(len(prompts))]
-        results = self._llm.generate(prompts, params, use_tqdm=False)
+        # Outputs name a request by the id LLM gave it (a counter); enqueue returns vLLM's
+        # internal ids (for aborting), so prompt i is request `first + i`.
+        first = self._llm.request_counter.counter
+        internal_ids = self._llm.enqueue(prompts, params, use_tqdm=False)
+        index = {str(first + i): i for i in range(len(prompts))}
+        if self._llm.request_counter.counter != first + len(prompts):
+            engine_ids = self._llm.request_counter.counter - first
+            raise RuntimeError(f"vLLM numbered {engine_ids} requests for {len(prompts)} prompts")
+        engine = self._llm.llm_engine
+        ready: list = []
+        try:
+            while engine.has_unfinished_requests():
+                ready += [r for r in engine.step() if r.finished]
+                if chunk_prompts and len(ready) >= chunk_prompts:
+                    yield self._outputs(ready, index, sampling.n)
+                    ready = []
+            if ready:
+                yield self._outputs(ready, index, sampling.n)
+        finally:  # the caller stopped early (an error): leave no request behind
+            if engine.has_unfinished_requests():
+                engine.abort_request(list(internal_ids), internal=True)
+
+    @staticmethod
+    def _outputs(results: list, index: dict[str, int], n: int) -> list[RolloutOutput]:
         outputs: list[RolloutOutput] = []
-        for i, result in enumerate(results):
+        for result in sorted(results, key=lambda r: index[str(r.request_id)]):
+            i = index[str(result.request_id)]
             completions = sorted(result.outputs, key=lambda c: c.index)
-            if len(completions) != sampling.n:
+            if len(completions) != n:
                 raise RuntimeError(
-                    f"vLLM returned {len(completions)} responses for prompt {i}, expected {sampling.n}"
+                    f"vLLM returned {len(completions)} responses for prompt {i}, expected {n}"
                 )
             for c in completions:
                 outputs.append(

@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fipo_trainer.cluster.shared_weight_sync import SharedWeightsSink
@@ -122,6 +123,46 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
             prompt_width=prompt_width,
         )
         return out, rollout_metrics(outputs, seconds)
+
+    def generate_stream(
+        self,
+        prompts: Batch,
+        sampling: SamplingConfig | None = None,
+        *,
+        validate: bool = False,
+        prompt_width: int | None = None,
+        chunk_prompts: int = 1,
+    ) -> Iterator[tuple[list[int], Batch, dict[str, float]]]:
+        """:meth:`generate_batch` handed out as prompts finish (a Ray streaming generator):
+        each part is (its prompts' rows in ``prompts``, their responses' ``generate``
+        fields, metrics so far), so the driver grades them while the engine goes on."""
+        if sampling is None:
+            sampling = self.config.val_sampling() if validate else self.config.sampling()
+        token_lists, width = prompt_token_lists(prompts)
+        start = time.perf_counter()
+        stream = getattr(self.engine, "generate_stream", None)
+        if stream is None:  # an engine that cannot stream: one part at the end
+            parts = iter([self.engine.generate(token_lists, sampling)])
+        else:
+            parts = stream(token_lists, sampling, chunk_prompts)
+        for outputs in parts:
+            outputs = self._stamped(outputs)
+            rows = sorted({o.prompt_index for o in outputs})
+            local = {row: i for i, row in enumerate(rows)}
+            outputs = [dataclasses.replace(o, prompt_index=local[o.prompt_index]) for o in outputs]
+            texts = self.tokenizer.batch_decode(
+                [list(o.token_ids) for o in outputs], skip_special_tokens=True
+            )
+            part = build_rollout_batch(
+                prompts[np.asarray(rows, dtype=np.int64)],
+                outputs,
+                n=sampling.n,
+                pad_token_id=self.tokenizer.pad_token_id,
+                response_length=sampling.max_tokens,
+                response_text=texts,
+                prompt_width=prompt_width or width,
+            )
+            yield rows, part, rollout_metrics(outputs, time.perf_counter() - start)
 
     # --- partial rollout (rollout.partial): segments, weights may change in between -----
     def start_partial(

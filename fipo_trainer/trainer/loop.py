@@ -4,17 +4,18 @@ The driver process owns the loop and only moves ``Batch`` objects between roles;
 heavy step runs in a worker (vLLM rollout, DeepSpeed actor, reward process pool). Each
 stage returns only the fields it adds (``data/schema.py``), merged with ``batch |= ...``::
 
-    batch, metrics = sampler.collect(step)        # generate + grade + dynamic sampling
+    batch, metrics = batches.next(step)           # generate + grade + dynamic sampling
     rollout.sleep()                               # colocated: free the engines' memory
     batch |= actor.compute_log_prob(batch, temperature=T)
     metrics |= logprob_metrics(batch)             # rollout/actor mismatch, actor entropy
     batch, metrics = rollout_correction(batch, metrics, cfg.algorithm)  # + rollout_corr/*
     batch |= advantages(batch, cfg.algorithm)     # pure
     metrics |= actor.update(batch, temperature=T, global_step=step)
-    metrics |= weight_sync.sync()
+    metrics |= weight_sync.sync()                 # the engines now hold version `step`
 
-``T`` is the rollout's training temperature, so the actor's log-probs are those of the
-distribution the engine sampled from. Validation every ``test_freq``, a checkpoint every
+``trainer.async_mode`` decides when ``batches`` makes a batch (``trainer/pipeline.py``): on
+demand, or ahead while the actor updates. ``T`` is the rollout's training temperature, so
+the actor's log-probs are those of the distribution the engine sampled from. Validation every ``test_freq``, a checkpoint every
 ``save_freq``, metrics every step.
 
 Every remote call has a deadline (``trainer.call_timeout_s``; generation's from
@@ -33,41 +34,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from fipo_trainer.algorithms.advantages import compute_advantage
-from fipo_trainer.data.batch import Batch
 from fipo_trainer.trainer.checkpoint import rng_state, set_rng_state
 from fipo_trainer.trainer.config import TrainConfig
+from fipo_trainer.trainer.pipeline import batch_source
 from fipo_trainer.trainer.rollout_correction import rollout_correction
 from fipo_trainer.trainer.sampling import Sampler, TrainingStopped
+from fipo_trainer.trainer.stages import advantages
 from fipo_trainer.trainer.step_metrics import logprob_metrics, non_finite, perf_metrics, timed
 from fipo_trainer.trainer.summary import TrainResult, print_summary
 from fipo_trainer.trainer.token_record import dump_step_tokens, record_kwargs
 
-__all__ = ["RLTrainer", "TrainResult", "TrainingInterrupted", "TrainingStopped", "advantages",
-           "run_training"]
+__all__ = [
+    "RLTrainer",
+    "TrainResult",
+    "TrainingInterrupted",
+    "TrainingStopped",
+    "advantages",
+    "run_training",
+]
 
 logger = logging.getLogger(__name__)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped the run; its workers were killed. The message says where it waited."""
-
-
-def advantages(batch: Batch, algorithm: Any) -> Batch:
-    """The ``advantages`` field: the estimator over each uid group's scores (pure)."""
-    scores = torch.tensor(np.asarray(batch["score"], dtype=np.float32))
-    extra = (
-        {"norm_adv_by_std_in_grpo": algorithm.norm_adv_by_std_in_grpo}
-        if algorithm.adv_estimator == "grpo"
-        else {}
-    )
-    adv = compute_advantage(
-        algorithm.adv_estimator, scores, batch["response_mask"], list(batch["uid"]), **extra
-    )
-    return Batch({"advantages": adv})
 
 
 class RLTrainer:
@@ -154,11 +144,12 @@ class RLTrainer:
         cfg, T = self.cfg, self.temperature
         timings: dict[str, float] = {}
         step_start = time.perf_counter()
-        batch, metrics = self.sampler.collect(step, timings)
+        batch, metrics = self.batches.next(step, timings)
         if batch is None:
             logger.warning(
                 "step %d: no whole mini-batch of groups with varying accuracy; update skipped", step
             )
+            self._engines_at(step)  # the actor is unchanged: version `step` = version step-1
             return {**metrics, "actor/skipped": 1.0, **timings}
         if cfg.rollout.free_cache_engine:  # colocated: give the memory to the actor
             with timed(timings, "rollout_sleep"):
@@ -175,11 +166,19 @@ class RLTrainer:
         metrics |= self._check_finite(step, actor_metrics)
         metrics |= actor_metrics
         with timed(timings, "sync"):
-            metrics |= self.weight_sync.sync()
+            metrics |= self._engines_at(step, self.weight_sync.sync)
         metrics |= perf_metrics(
             batch, time.perf_counter() - step_start, cfg.resources.actor_world_size
         )
         return {**metrics, **timings}
+
+    def _engines_at(self, version: int, sync: Any = dict) -> dict[str, float]:
+        """Sync (between producer calls) so the engines hold ``version``; tell the producer."""
+        with self.batches.engines():
+            metrics = sync()
+            self.rollout.set_weights_version(version)
+        self.batches.weights_synced(version)
+        return metrics
 
     def _check_finite(self, step: int, actor_metrics: dict[str, float]) -> dict[str, float]:
         """Stop (``trainer.nan_policy=stop``) or count (``skip``) a non-finite update."""
@@ -206,7 +205,7 @@ class RLTrainer:
 
         cfg = self.cfg
         timings: dict[str, float] = {}
-        with timed(timings, "validate"):
+        with timed(timings, "validate"), self.batches.engines():
             prompts = self.val_prompts.all_prompts(uid_prefix="val")
             sampling = cfg.rollout.val_sampling()
             if sampling.seed is None:
@@ -236,11 +235,15 @@ class RLTrainer:
     def save_checkpoint(self, step: int) -> Path:
         state = {
             "step": step,
-            "sampler": self.prompts.state_dict(),
+            "sampler": self.prompts.state_dict(),  # after the batches made ahead
+            "pipeline": self.batches.state_dict(),
             "rng": rng_state(),
             "config": dataclasses.asdict(self.cfg),
         }
-        return self.ckpt.save(step, lambda path: self.actor.save(str(path / "actor")), state)
+        try:
+            return self.ckpt.save(step, lambda path: self.actor.save(str(path / "actor")), state)
+        finally:
+            self.batches.resume()
 
     def prepare_resume(self) -> None:
         """Clean crash leftovers, then pick, verify and read the checkpoint to resume from,
@@ -274,6 +277,7 @@ class RLTrainer:
         return per_epoch * cfg.total_epochs
 
     def fit(self) -> TrainResult:
+        from fipo_trainer.trainer.data_source import data_metrics
         from fipo_trainer.trainer.rollout_dump import dump_rollouts, records_from_batch
         from fipo_trainer.trainer.tracking import Tracker
 
@@ -285,7 +289,10 @@ class RLTrainer:
         start_step = self.maybe_resume()
         if start_step:
             self.weight_sync.sync()  # the engines still hold the initial weights
+            self.rollout.set_weights_version(start_step)
         total = self.total_steps()
+        self.batches = batch_source(cfg.trainer, self.sampler, start_step, self._resume)
+        self.batches.start(start_step + 1)
         tracker = Tracker(
             list(cfg.trainer.loggers),
             self.run_dir,
@@ -304,9 +311,8 @@ class RLTrainer:
                 tracker.log(val, step=0)
             for step in range(start_step + 1, total + 1):
                 metrics = self.train_step(step)
-                metrics["train/epoch"] = float(self.prompts.epoch)
                 if step == start_step + 1:
-                    metrics.update(self.data_metrics())
+                    metrics.update(data_metrics(self.prompts, self.val_prompts))
                 if cfg.trainer.test_freq > 0 and (
                     step % cfg.trainer.test_freq == 0 or step == total
                 ):
@@ -314,7 +320,9 @@ class RLTrainer:
                     metrics.update(val)
                     result.validations.append({"step": step, **val})
                 if cfg.trainer.rollout_dump_freq > 0 and step % cfg.trainer.rollout_dump_freq == 0:
-                    dump_rollouts(self.run_dir, step, records_from_batch(self.sampler.last_rollouts))
+                    dump_rollouts(
+                        self.run_dir, step, records_from_batch(self.batches.last_rollouts)
+                    )
                 if cfg.trainer.save_freq > 0 and (
                     step % cfg.trainer.save_freq == 0 or step == total
                 ):
@@ -329,23 +337,13 @@ class RLTrainer:
             if cfg.trainer.export_hf:
                 result.export_dir = Path(self.actor.export(str(self.run_dir / "hf_model")))
         finally:
+            self.batches.close()
             tracker.close()
         if cfg.trainer.plot:
             from fipo_trainer.trainer.plot import plot_run
 
             result.plot = plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
         return result
-
-    def data_metrics(self) -> dict[str, float]:
-        """What loading the datasets dropped (logged once, with the first step)."""
-        out = {}
-        for split, source in (("train", self.prompts), ("val", self.val_prompts)):
-            stats = source.dataset.stats
-            prefix = "data/" if split == "train" else "data/val_"
-            out[f"{prefix}prompts"] = float(len(source))
-            out[f"{prefix}skipped_bad_rows"] = float(stats.skipped_bad)
-            out[f"{prefix}dropped_too_long"] = float(stats.dropped_too_long)
-        return out
 
     def shutdown(self, *, graceful: bool = True) -> None:
         """Stop every role and the Ray this run started (a sweep's next job starts afresh);

@@ -12,13 +12,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
 
 from fipo_trainer.data.batch import Batch
+from fipo_trainer.rewards.pool import GradeItems
+from fipo_trainer.rollout.group import merge_rollout_metrics
 from fipo_trainer.trainer.reward_health import RewardFailuresExceeded, RewardHealth
 from fipo_trainer.trainer.step_metrics import (
     response_metrics,
@@ -48,6 +51,18 @@ def reward_fields(result: Any) -> Batch:
             "acc": np.asarray(result.acc, dtype=object),
             "pred": np.asarray(result.preds, dtype=object),
         }
+    )
+
+
+def grade_inputs(batch: Batch) -> tuple[list, list, list, list[int], list | None]:
+    """What the grader reads of a rollout batch: responses, ground truths, data sources,
+    response lengths (tokens), extra_info."""
+    return (
+        list(batch["response_text"]),
+        list(batch["ground_truth"]),
+        list(batch["data_source"]),
+        [int(x) for x in batch["response_mask"].sum(-1).tolist()],
+        list(batch["extra_info"]) if "extra_info" in batch else None,
     )
 
 
@@ -114,25 +129,51 @@ class Sampler:
         turn: Callable[[], AbstractContextManager] = contextlib.nullcontext,
         partial_rollout_tokens: int | None = None,
     ) -> tuple[Batch, dict[str, float]]:
-        with timed(timings, "gen"):
-            if partial_rollout_tokens:
+        """Generate n responses per prompt and grade them; the batch in prompt order.
+
+        Responses are graded as the engines finish them (``RolloutGroup.generate_stream``
+        into ``RewardPool.grade_stream``), so grading hides behind generation: timing_s/gen
+        ends when the last response arrived, timing_s/reward runs from the first response
+        to the last verdict, timing_s/reward_exposed is the part after generation ended.
+        """
+        if partial_rollout_tokens:  # cut into segments: graded once whole
+            with timed(timings, "gen"):
                 batch, metrics = self.rollout.generate_partial(
                     prompts, sampling, segment_tokens=partial_rollout_tokens, turn=turn
                 )
-            else:
-                with turn():
-                    batch, metrics = self.rollout.generate(prompts, sampling)
-        with timed(timings, "reward"), turn():
-            result = self.reward_pool.grade(
-                list(batch["response_text"]),
-                list(batch["ground_truth"]),
-                list(batch["data_source"]),
-                response_lengths=[int(x) for x in batch["response_mask"].sum(-1).tolist()],
-                extra_infos=list(batch["extra_info"]) if "extra_info" in batch else None,
-            )
+            with timed(timings, "reward"), timed(timings, "reward_exposed"), turn():
+                result = self.reward_pool.grade(*grade_inputs(batch))
+            return self._graded(batch, result, [metrics])
+        parts: list[tuple[np.ndarray, Batch, dict[str, float]]] = []
+        clock: dict[str, float] = {}
+
+        def arriving() -> Iterator[GradeItems]:
+            for rows, part, metrics in self.rollout.generate_stream(prompts, sampling):
+                clock.setdefault("first", time.perf_counter())
+                parts.append((rows, part, metrics))
+                yield GradeItems(rows, *grade_inputs(part))
+            clock["last"] = time.perf_counter()
+
+        with turn():
+            start = time.perf_counter()
+            result = self.reward_pool.grade_stream(arriving(), len(prompts) * sampling.n)
+            end = time.perf_counter()
+        for key, seconds in (
+            ("gen", clock["last"] - start),
+            ("reward", end - clock["first"]),
+            ("reward_exposed", end - clock["last"]),
+        ):
+            timings[f"timing_s/{key}"] = timings.get(f"timing_s/{key}", 0.0) + seconds
+        rows = np.concatenate([r for r, _, _ in parts])
+        batch = Batch.concat([p for _, p, _ in parts])[np.argsort(rows, kind="stable")]
+        return self._graded(batch, result, [m for _, _, m in parts])
+
+    def _graded(
+        self, batch: Batch, result: Any, rollout_metrics: list[dict[str, float]]
+    ) -> tuple[Batch, dict[str, float]]:
         batch |= reward_fields(result)
         self.last_reward_result = result
-        return batch, {**metrics, **result.metrics}
+        return batch, {**merge_rollout_metrics(rollout_metrics), **result.metrics}
 
     def collect(
         self, step: int, timings: dict[str, float] | None = None

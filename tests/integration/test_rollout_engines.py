@@ -117,6 +117,25 @@ def test_bad_prompt_is_rejected_with_its_row(vllm_engine, hf_engine):
             engine.generate([[5, 6], [7, 100000]], SamplingConfig(temperature=0.0, max_tokens=4))
 
 
+def test_vllm_stream_hands_out_finished_prompts_early_and_equals_generate(vllm_engine, warm_model):
+    """The streamed parts (graded while the engine goes on) hold exactly the responses of one
+    uncut generate: same seeds, same scheduling, same tokens and log-probs."""
+    prompts, _ = _prompts(warm_model, k=8)
+    sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=MAX_TOKENS, seed=5)
+    whole = vllm_engine.generate(prompts, sampling)
+    parts = list(vllm_engine.generate_stream(prompts, sampling, chunk_prompts=2))
+    assert len(parts) >= 2  # handed out in pieces, not once at the end
+    streamed = sorted((o for part in parts for o in part), key=lambda o: o.prompt_index)
+    assert streamed == whole
+    for part in parts:  # each part: whole prompts, n responses each
+        indices = [o.prompt_index for o in part]
+        assert indices == sorted(indices) and all(indices.count(i) == 2 for i in set(indices))
+    stopped = vllm_engine.generate_stream(prompts, sampling, chunk_prompts=1)
+    next(stopped)
+    stopped.close()  # a caller that stops early leaves no request in the engine
+    assert vllm_engine.generate(prompts, sampling) == whole
+
+
 def _check_reload(engine, path, source):
     """Load ``source``'s weights into ``engine``; greedy + log-probs must follow it exactly."""
     prompts = [[5, 70, 80, 90, 100], [7, 8, 9], [120, 33]]
@@ -161,3 +180,4 @@ def test_vllm_weight_update_untied_then_tied(vllm_engine):
         _check_reload(tied, None, _hf(build_tiny_model(tie_word_embeddings=True, seed=3)))
     finally:
         tied.shutdown()
+

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,7 +131,8 @@ class Rollout:
     def __init__(self, n: int, rounds: list[list[str]]) -> None:
         self.n, self.rounds = n, list(rounds)
 
-    def generate(self, prompts: Batch, sampling: SamplingConfig) -> tuple[Batch, dict]:
+    def generate_stream(self, prompts: Batch, sampling: SamplingConfig):
+        """One part holding every response (what RolloutGroup.generate_stream yields)."""
         texts = self.rounds.pop(0)
         rows = len(texts)
         mask = torch.ones(rows, 2)
@@ -149,7 +151,9 @@ class Rollout:
                 "data_source": ["arith"] * rows,
             },
         )
-        return batch, {"rollout/tokens_per_s": 1.0}
+        metrics = {"rollout/seconds": 1.0, "rollout/responses": float(rows),
+                   "rollout/response_tokens": 2.0 * rows}  # fmt: skip
+        yield np.arange(rows), batch, metrics
 
 
 def sampler_cfg(max_frac: float = 0.5, max_steps: int = 3) -> SimpleNamespace:

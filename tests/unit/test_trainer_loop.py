@@ -132,12 +132,17 @@ class FakeRollout:
         self.n, self.accs = n, list(accs_per_call)
         self.calls: list[str] = []
 
-    def generate(self, prompts, sampling):
+    def generate_stream(self, prompts, sampling):
+        """Two parts, the second prompt's rows first (engines finish out of order)."""
         self.calls.append("generate")
         uids = [u for u in prompts["uid"] for _ in range(self.n)]
         b = rollout(uids)
         self._next = self.accs.pop(0)
-        return b, {"rollout/tokens_per_s": 10.0}
+        rows = np.arange(len(b))
+        cut = np.concatenate([rows[self.n : 2 * self.n], rows[: self.n], rows[2 * self.n :]])
+        for part in (cut[: self.n], cut[self.n :]):
+            yield part, b[part], {"rollout/seconds": 1.0, "rollout/responses": float(len(part)),
+                                  "rollout/response_tokens": 10.0}  # fmt: skip
 
     def set_weights_version(self, version):
         self.calls.append(f"version {version}")
@@ -150,7 +155,9 @@ class FakeGrader:
     def __init__(self, rollout_role):
         self.rollout = rollout_role
 
-    def grade(self, responses, ground_truths, data_sources, response_lengths, extra_infos):
+    def grade_stream(self, parts, total):
+        rows = [i for part in parts for i in part.indices]
+        assert sorted(rows) == list(range(total))
         return graded(self.rollout._next)
 
 
@@ -262,7 +269,7 @@ def test_train_step_runs_the_verbs_in_order_with_typed_settings(tmp_path):
     assert set(ACTOR_UPDATE_READS) <= set(log[1][3])
     assert metrics["rollout/actor_logprob_abs_diff"] == pytest.approx(0.1)
     assert metrics["actor/entropy"] == 1.0 and metrics["actor/pg_loss"] == 0.5
-    for key in ("timing_s/gen", "timing_s/update", "sync/seconds", "perf/step_seconds"):
+    for key in ("timing_s/gen", "timing_s/reward_exposed", "timing_s/update", "sync/seconds"):
         assert key in metrics
     # rollout correction off: the mismatch metrics are logged, the update gets no weights
     assert metrics["rollout_corr/kl_k1"] == pytest.approx(-0.1)
