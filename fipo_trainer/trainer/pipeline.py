@@ -242,24 +242,17 @@ class BatchSource:
                         return
                     self._producing = True
                 try:
-                    whole = (
-                        self.turn.producer()
-                        if self.mode == "one_step"
-                        else contextlib.nullcontext()
-                    )
-                    with whole:
+                    whole = self.turn.producer() if self.mode == "one_step" else None
+                    with whole or contextlib.nullcontext():
                         made = self._make(step)
+                    self._made.put(made)  # before `producing` ends: a checkpoint waits for it
+                    self._next_step = step + 1
                 finally:
                     with self._cond:
                         self._producing = False
                         self._cond.notify_all()
-                self._made.put(made)
-                self._next_step = step + 1
         except BaseException as err:  # the trainer re-raises it at its next batch
             self._made.put(err)
-            with self._cond:
-                self._producing = False
-                self._cond.notify_all()
 
 
 def _plain(value: Any) -> Any:
