@@ -126,6 +126,7 @@ class RLTrainer:
             generation=generation,
             wait=res.placement == "colocated",
         )
+        self._build_data()  # while the workers start
         self.actor.wait_ready()  # split: the ranks and the engines start together
         self.rollout.wait_ready()
         if res.placement == "colocated":  # same devices: hand buffers across, no broadcast
@@ -283,7 +284,6 @@ class RLTrainer:
 
         cfg = self.cfg
         self.prepare_resume()  # before anything heavy starts
-        self._build_data()
         self._start_roles()
         self.sampler = Sampler(cfg, self.prompts, self.rollout, self.reward_pool)
         start_step = self.maybe_resume()
