@@ -110,10 +110,21 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
         start = time.perf_counter()
         outputs = self._stamped(self.engine.generate(token_lists, sampling))
         seconds = time.perf_counter() - start
+        out = self._batch(prompts, outputs, sampling, prompt_width)
+        return out, rollout_metrics(outputs, seconds)
+
+    def _batch(
+        self,
+        prompts: Batch,
+        outputs: Sequence[RolloutOutput],
+        sampling: SamplingConfig,
+        prompt_width: int | None,
+    ) -> Batch:
+        """The ``generate`` fields of ``outputs`` (their prompt_index points into prompts)."""
         texts = self.tokenizer.batch_decode(
             [list(o.token_ids) for o in outputs], skip_special_tokens=True
         )
-        out = build_rollout_batch(
+        return build_rollout_batch(
             prompts,
             outputs,
             n=sampling.n,
@@ -122,7 +133,6 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
             response_text=texts,
             prompt_width=prompt_width,
         )
-        return out, rollout_metrics(outputs, seconds)
 
     def generate_stream(
         self,
@@ -150,18 +160,8 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
             rows = sorted({o.prompt_index for o in outputs})
             local = {row: i for i, row in enumerate(rows)}
             outputs = [dataclasses.replace(o, prompt_index=local[o.prompt_index]) for o in outputs]
-            texts = self.tokenizer.batch_decode(
-                [list(o.token_ids) for o in outputs], skip_special_tokens=True
-            )
-            part = build_rollout_batch(
-                prompts[np.asarray(rows, dtype=np.int64)],
-                outputs,
-                n=sampling.n,
-                pad_token_id=self.tokenizer.pad_token_id,
-                response_length=sampling.max_tokens,
-                response_text=texts,
-                prompt_width=prompt_width or width,
-            )
+            mine = prompts[np.asarray(rows, dtype=np.int64)]
+            part = self._batch(mine, outputs, sampling, prompt_width or width)
             yield rows, part, rollout_metrics(outputs, time.perf_counter() - start)
 
     # --- partial rollout (rollout.partial): segments, weights may change in between -----
@@ -194,19 +194,9 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
             return None
         self._partial = None
         outputs = job.outputs()
-        texts = self.tokenizer.batch_decode(
-            [list(o.token_ids) for o in outputs], skip_special_tokens=True
+        return self._batch(prompts, outputs, job.sampling, width), rollout_metrics(
+            outputs, spent[0]
         )
-        out = build_rollout_batch(
-            prompts,
-            outputs,
-            n=job.sampling.n,
-            pad_token_id=self.tokenizer.pad_token_id,
-            response_length=job.sampling.max_tokens,
-            response_text=texts,
-            prompt_width=width,
-        )
-        return out, rollout_metrics(outputs, spent[0])
 
     def _stamped(self, outputs: Sequence[RolloutOutput]) -> list[RolloutOutput]:
         """Outputs with every token marked by the weight version that produced it."""
