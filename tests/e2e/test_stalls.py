@@ -161,16 +161,16 @@ def test_a_stalled_rollout_worker_fails_the_run_within_its_deadline(
     from fipo_trainer.trainer.loop import run_training
 
     stopped: dict[str, float | int] = {}
-    original = RolloutGroup.generate
+    original = RolloutGroup.generate_stream  # what training and validation generate with
 
-    def generate(self, *args, **kwargs):
+    def generate_stream(self, *args, **kwargs):
         if not stopped:
             stopped["pid"] = self.worker_group.worker_info[0]["pid"]
             os.kill(int(stopped["pid"]), signal.SIGSTOP)
             stopped["at"] = time.monotonic()
-        return original(self, *args, **kwargs)
+        yield from original(self, *args, **kwargs)
 
-    monkeypatch.setattr(RolloutGroup, "generate", generate)
+    monkeypatch.setattr(RolloutGroup, "generate_stream", generate_stream)
     cfg = prepare_config(
         compose_config(
             [
@@ -186,10 +186,10 @@ def test_a_stalled_rollout_worker_fails_the_run_within_its_deadline(
         took = time.monotonic() - float(stopped["at"])
         assert 10.0 <= took < 10.0 + 25.0, f"failed {took:.0f}s after the stop"
         err = info.value
-        assert (err.role, err.ranks, err.method) == ("rollout", [0], "generate_batch")
+        assert (err.role, err.ranks, err.method) == ("rollout", [0], "generate_stream")
         assert err.key == "rollout.generate_timeout_s" and err.elapsed_s >= 10.0
         msg = str(err)
-        assert "worker group 'rollout': rank 0 did not finish generate_batch within 10s" in msg
+        assert "worker group 'rollout': rank 0 did not finish generate_stream within 10s" in msg
         assert "raise rollout.generate_timeout_s" in msg
         assert "rollout.generate_timeout_floor_s=10" in msg
         assert gone_within([int(stopped["pid"])], 15.0), "the stopped rollout worker survived"
