@@ -12,6 +12,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import shutil
 import sys
 import sysconfig
 from collections.abc import Mapping
@@ -144,9 +145,18 @@ def _version(name: str) -> str:
         return ""
 
 
+def _ninja(environ: Mapping[str, str]) -> str:
+    """The ninja that torch will run (first on ``PATH``), resolved; '' if none."""
+    found = shutil.which("ninja", path=environ.get("PATH", os.defpath))
+    return os.path.realpath(found) if found else ""
+
+
 @functools.lru_cache(maxsize=8)
-def _build_key(flag_env: tuple[tuple[str, str], ...]) -> str:
+def _build_key(flag_env: tuple[tuple[str, str], ...], ninja: str = "") -> str:
     parts = [
+        # Two ninja versions hash a build's command line differently ("command line
+        # changed"): runs with the venv's ninja and the system's on PATH rebuilt each other.
+        ninja,
         sys.version,
         sysconfig.get_paths()["include"],
         torch.__version__,
@@ -165,7 +175,8 @@ def torch_extensions_dir(environ: Mapping[str, str] | None = None) -> str:
     when the command line changes. The command holds the include paths of torch, DeepSpeed
     and Python (so every checkout/venv differs) and the compiler env, so two checkouts on one
     machine rebuilt the same directory each time their runs alternated (29-87 s each on 2
-    cores). Keyed by those inputs, each build keeps its own directory and a second run
+    cores); so did runs finding different ninja binaries on ``PATH`` (the venv's, the
+    system's). Keyed by those inputs, each build keeps its own directory and a second run
     compiles nothing. A user's ``TORCH_EXTENSIONS_DIR`` wins.
     """
     environ = os.environ if environ is None else environ
@@ -175,7 +186,8 @@ def torch_extensions_dir(environ: Mapping[str, str] | None = None) -> str:
     cache = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     accel = current_platform().device_type
     tag = f"py{sys.version_info[0]}{sys.version_info[1]}_{accel}"
-    return str(Path(cache) / "torch_extensions" / f"fipo-{tag}-{_build_key(flag_env)}")
+    key = _build_key(flag_env, _ninja(environ))
+    return str(Path(cache) / "torch_extensions" / f"fipo-{tag}-{key}")
 
 
 def worker_env() -> dict[str, str]:
@@ -200,6 +212,10 @@ def worker_env() -> dict[str, str]:
         env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         # The KV cache is sized to the model (rollout.vllm_setup.cpu_kv_cache_args); a user's
         # VLLM_CPU_KVCACHE_SPACE (whole GiB) still reaches the workers and wins.
+        # torch.compile off in CPU workers: nothing here compiles on purpose (vLLM runs eager),
+        # but vLLM compiles its log-prob rank helper on the first generate: ~3.5 CPU-s of
+        # dynamo + inductor per start for a kernel that saves one bool copy (a user's wins).
+        env["TORCH_COMPILE_DISABLE"] = os.environ.get("TORCH_COMPILE_DISABLE", "1")
         if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             env["VLLM_CPU_KVCACHE_SPACE"] = os.environ["VLLM_CPU_KVCACHE_SPACE"]
     return env

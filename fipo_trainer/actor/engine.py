@@ -13,7 +13,10 @@ marks the last micro-batch of each mini-batch as the accumulation boundary.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
+import os
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -177,6 +180,35 @@ def load_model(config: ActorConfig, platform: Platform, ds_config: dict[str, Any
     return model, keepalive
 
 
+_DEEPSPEED_MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def import_deepspeed_muon_eagerly() -> None:
+    """Import DeepSpeed's Muon module with ``torch.compile`` as a plain decorator, when
+    compilation is disabled (``TORCH_COMPILE_DISABLE=1``, set for CPU workers).
+
+    Why: ZeRO-1/2 imports that module on every gradient reduction, and its import wraps a
+    kernel in ``torch.compile``, which loads inductor (measured: 0.5 CPU-s and 41 MiB per
+    rank) even though, with compilation disabled, the kernel would run eagerly anyway.
+    Nothing changes where compilation is on (GPU workers).
+    """
+    if os.environ.get("TORCH_COMPILE_DISABLE") != "1" or _DEEPSPEED_MUON in sys.modules:
+        return
+
+    def eager(*args: Any, **kwargs: Any) -> Any:
+        if args and callable(args[0]):
+            return args[0]
+        return lambda fn: fn
+
+    compile_fn = torch.compile
+    torch.compile = eager  # type: ignore[assignment]
+    try:
+        with contextlib.suppress(ImportError):  # a DeepSpeed without Muon
+            importlib.import_module(_DEEPSPEED_MUON)
+    finally:
+        torch.compile = compile_fn
+
+
 class DeepSpeedEngine:
     """A ZeRO-2/3 DeepSpeed engine seen through the verbs the update needs.
 
@@ -203,6 +235,7 @@ class DeepSpeedEngine:
             def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
                 return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
+        import_deepspeed_muon_eagerly()
         self._engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],

@@ -51,6 +51,22 @@ def test_another_install_gets_another_dir(monkeypatch: pytest.MonkeyPatch) -> No
         plat._build_key.cache_clear()
 
 
+def test_another_ninja_gets_another_dir(tmp_path: Path) -> None:
+    """Two ninja versions disagree on a build's command hash, so each rebuilt the other's
+    objects ("ninja explain: command line changed"): the venv's vs the system's on PATH."""
+    dirs = []
+    for name in ("a", "b"):
+        bin_dir = tmp_path / name
+        bin_dir.mkdir()
+        ninja = bin_dir / "ninja"
+        ninja.write_text("#!/bin/sh\n")
+        ninja.chmod(0o755)
+        dirs.append(plat.torch_extensions_dir({"XDG_CACHE_HOME": "/c", "PATH": str(bin_dir)}))
+    assert dirs[0] != dirs[1]
+    same = plat.torch_extensions_dir({"XDG_CACHE_HOME": "/c", "PATH": str(tmp_path / "a")})
+    assert same == dirs[0]
+
+
 def test_user_setting_wins() -> None:
     assert plat.torch_extensions_dir({"TORCH_EXTENSIONS_DIR": "/mine"}) == "/mine"
 
