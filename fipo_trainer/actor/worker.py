@@ -64,6 +64,7 @@ class DeepSpeedActorWorker(Worker, WeightSender, SharedWeightsSourceMixin):
         import_plugins(self.config.loss_plugins, "actor.loss_plugins")
         self.platform = current_platform()
         self.platform.bind_device(self.dist_info.local_rank)
+        self.platform.yield_cpu_to_rollout()
         torch.manual_seed(self.config.seed)
         init_torch_distributed(
             self.dist_info, self.platform.dist_backend, self.config.dist_timeout_s

@@ -422,3 +422,24 @@ def test_train_step_warm_up_starts_at_lr_zero(actors):
     after = group.full_state_dict()
     # AdamW at lr 0 moves nothing (weight decay is lr-scaled too).
     assert_state_close(before, after, atol=0.0)
+
+
+def _niceness(worker: DeepSpeedActorWorker) -> int:
+    import os
+
+    return os.nice(0)
+
+
+def test_cpu_actor_ranks_yield_cores_to_the_rollout_engine(actors):
+    """On CPU the ranks run below the priority Ray gives every worker (the rollout engine's),
+    so async overlap fills idle cores instead of taking the engine's
+    (``Platform.yield_cpu_to_rollout``)."""
+    import os
+
+    from fipo_trainer.platform import CPU_TRAINING_NICE_STEP
+
+    ray_default = ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote())
+    group, _ = actors[2]
+    wanted = min(19, ray_default + CPU_TRAINING_NICE_STEP)
+    assert wanted > ray_default
+    assert group.worker_group.call_all(DeepSpeedActorWorker.run, _niceness) == [wanted] * 2
