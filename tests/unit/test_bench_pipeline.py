@@ -111,9 +111,11 @@ def test_summary_speedups_deltas_and_quickstart_numbers():
                 "time_to_0.45_s": 140.0,
                 "time_to_0.55_s": None,
                 "peak_mem_bytes": 3 * 2**30,
+                "peak_pss_bytes": 2**30,
                 "busy_cores": 1.3,
             }
         },
+        "plain": {"off": {"s_per_step": 0.6}},
     }
     out = bp.summary(results, "off")
     assert out["speedup_one_step"] == 1.5 and out["val_delta_one_step"] == pytest.approx(0.02)
@@ -121,6 +123,8 @@ def test_summary_speedups_deltas_and_quickstart_numbers():
     assert out["quickstart_startup_s"] == 30.0 and out["quickstart_s_per_step"] == 0.9
     assert out["quickstart_time_to_045_s"] == 140.0 and out["quickstart_time_to_055_s"] is None
     assert out["quickstart_peak_mem_gib"] == 3.0 and out["quickstart_busy_cores"] == 1.3
+    assert out["quickstart_peak_pss_gib"] == 1.0
+    assert out["quickstart_like_for_like_s_per_step"] == 0.6
     assert set(bp.summary({}, "off")) == set(out)  # every key, even with nothing run
     json.dumps(out)
 
@@ -132,3 +136,25 @@ def test_parse_steps_and_refusal():
         "heavy": 5,
     }
     assert bp.refusal("a\n\n  b\nc\nd\n") == "b | c | d"
+
+
+def test_tree_monitor_samples_pss_next_to_rss():
+    """A process sharing torch's libraries with this one: its PSS is charged part of them."""
+    import subprocess
+
+    import torch  # noqa: F401  (shared with the child)
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import torch, time; print('up', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "up"
+        monitor = bp.TreeMonitor(child.pid)
+        monitor.sample()
+        assert 0 < monitor.peak_pss < monitor.peak_rss
+        assert bp._pss(child.pid) > 0
+    finally:
+        child.kill()
+        child.wait()
