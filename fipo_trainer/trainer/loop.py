@@ -15,8 +15,8 @@ stage returns only the fields it adds (``data/schema.py``), merged with ``batch 
 
 ``trainer.async_mode`` decides when ``batches`` makes a batch (``trainer/pipeline.py``): on
 demand, or ahead while the actor updates. ``T`` is the rollout's training temperature, so
-the actor's log-probs are those of the distribution the engine sampled from. Validation every ``test_freq``, a checkpoint every
-``save_freq``, metrics every step.
+the actor's log-probs are those of the distribution the engine sampled from. Validation
+every ``test_freq``, a checkpoint every ``save_freq``, metrics every step, the plot at the end.
 
 Every remote call has a deadline (``trainer.call_timeout_s``; generation's from
 ``rollout.generate_timeout_*``), so a stalled worker is named instead of hanging the run.
@@ -44,14 +44,8 @@ from fipo_trainer.trainer.step_metrics import logprob_metrics, non_finite, perf_
 from fipo_trainer.trainer.summary import TrainResult, print_summary
 from fipo_trainer.trainer.token_record import dump_step_tokens, record_kwargs
 
-__all__ = [
-    "RLTrainer",
-    "TrainResult",
-    "TrainingInterrupted",
-    "TrainingStopped",
-    "advantages",
-    "run_training",
-]
+__all__ = ["RLTrainer", "TrainResult", "TrainingInterrupted", "TrainingStopped"]
+__all__ += ["advantages", "run_training"]
 
 logger = logging.getLogger(__name__)
 
@@ -339,11 +333,14 @@ class RLTrainer:
         finally:
             self.batches.close()
             tracker.close()
-        if cfg.trainer.plot:
-            from fipo_trainer.trainer.plot import plot_run
-
-            result.plot = plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
         return result
+
+    def plot(self, result: TrainResult) -> None:
+        """The curves PNG, drawn after shutdown: matplotlib's ~0.2 GiB never adds to workers'."""
+        if self.cfg.trainer.plot:
+            from fipo_trainer.trainer.plot import plot_run as draw
+
+            result.plot = draw(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
 
     def shutdown(self, *, graceful: bool = True) -> None:
         """Stop every role and the Ray this run started (a sweep's next job starts afresh);
@@ -394,5 +391,6 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         trainer.shutdown(graceful=False)
         raise
     trainer.shutdown()
+    trainer.plot(result)
     print_summary(result)
     return result

@@ -34,7 +34,19 @@ def read_metrics(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in rows}
 
 
-def test_three_steps_write_everything_and_load(tmp_path):
+def test_three_steps_write_everything_and_load(tmp_path, monkeypatch):
+    import ray
+
+    from fipo_trainer.trainer import plot
+
+    ray_up_at_plot = []
+    draw = plot.plot_run
+
+    def recording_plot(*args, **kwargs):
+        ray_up_at_plot.append(ray.is_initialized())
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(plot, "plot_run", recording_plot)
     run_dir = tmp_path / "run"
     result = train(
         run_dir, "trainer.total_training_steps=3", "trainer.test_freq=3", "trainer.save_freq=3"
@@ -83,6 +95,7 @@ def test_three_steps_write_everything_and_load(tmp_path):
     first = json.loads(dumps[0].read_text().splitlines()[0])
     assert {"prompt", "response", "score", "acc"} <= set(first)
     assert result.plot is not None and result.plot.stat().st_size > 10_000
+    assert ray_up_at_plot == [False]  # drawn once the workers are gone (memory peak)
     assert result.checkpoint is not None and result.checkpoint.name == "global_step_3"
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
