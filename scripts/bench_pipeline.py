@@ -51,7 +51,7 @@ SHAPES: dict[str, list[str]] = {
     "quickstart": [],
     # The quickstart without dynamic sampling: one generation round per step, as TRL's
     # GRPOTrainer runs it (the like-for-like s/step).
-    "plain": ["algorithm.filter_groups.enable=false"],
+    "plain": ["algorithm.filter_groups.enable=false", "data.gen_batch_size=16"],
     "heavy": [
         "data.synthetic.solution_format=worked",
         "data.max_response_length=128",

@@ -1,0 +1,54 @@
+"""scripts/bench_trl.py's pure parts: optimizer-step clock -> s/step -> SUMMARY."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_trl", REPO / "scripts" / "bench_trl.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_trl"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bt = _load()
+
+
+def test_step_times_group_optimizer_steps_into_rollout_steps():
+    # 3 rollout steps of 4 optimizer steps; the first ends at 4.0, then 1.0 s and 2.0 s later
+    ends = [1.0, 2.0, 3.0, 4.0, 4.2, 4.4, 4.6, 5.0, 5.5, 6.0, 6.5, 7.0]
+    assert bt.step_times(ends, 4) == pytest.approx([1.0, 2.0])
+    assert bt.step_times(ends[:3], 4) == []
+
+
+def test_median_after_warmup_keeps_everything_when_too_short():
+    assert bt.median_after_warmup([9.0, 9.0, 9.0, 1.0, 2.0, 3.0]) == 2.0
+    assert bt.median_after_warmup([5.0, 7.0]) == 6.0
+    assert bt.median_after_warmup([]) is None
+
+
+def test_summary_ratio_and_missing_sides():
+    out = bt.summary({"s_per_step": 0.3, "startup_s": 6.0}, {"s_per_step": 0.6})
+    assert out["ratio_ours_vs_trl"] == 2.0 and out["trl_startup_s"] == 6.0
+    assert bt.summary({}, {"s_per_step": 0.6})["ratio_ours_vs_trl"] is None
+    json.dumps(out)
+
+
+def test_our_side_runs_the_like_for_like_recipe():
+    """DAPO loss, no dynamic sampling: what TRL's GRPOTrainer with loss_type=dapo does."""
+    from fipo_trainer.cli import compose_config
+    from fipo_trainer.trainer.config import prepare_config
+
+    cfg = prepare_config(compose_config([*bt.OURS, "trainer.total_training_steps=3"]))
+    assert cfg.algorithm.filter_groups.enable is False
+    assert cfg.actor.loss_name == "vanilla" and cfg.actor.policy_loss.loss_agg_mode == "token-mean"
+    assert cfg.data.gen_batch_size == cfg.data.train_batch_size == 16  # nothing generated twice
