@@ -44,8 +44,17 @@ from fipo_trainer.rollout.worker import RolloutWorker, rollout_config_from
 #: A decode step costs at least this many rows' worth of time, however few rows there are
 #: (a few long responses still take max_tokens steps).
 MIN_DEADLINE_ROWS = 64
-#: Parts an engine's share of a generate_stream call is handed out in (graded as they come).
+#: Parts an engine's share of a generate_stream call is handed out in (graded as they come),
+#: at most; fewer for small calls: each part must hold at least MIN_PART_TOKENS (responses x
+#: max tokens), as a part's round trip costs ~10 ms. Quickstart (128 x 24 tokens): 4 parts
+#: 0.368 s/step, 1 part 0.328 s, 2 ms of grading exposed either way.
 STREAM_PARTS = 4
+MIN_PART_TOKENS = 8192
+
+
+def stream_parts(responses: int, max_tokens: int, most: int = STREAM_PARTS) -> int:
+    """Parts one engine streams ``responses`` responses of up to ``max_tokens`` in."""
+    return max(1, min(most, responses * max_tokens // MIN_PART_TOKENS))
 #: The engine shutdown at the end of a run waits at most this long, then the workers go.
 SHUTDOWN_TIMEOUT_S = 30.0
 
@@ -238,7 +247,8 @@ class RolloutGroup:
         streams = {}
         others = []  # TP ranks > 0 run the same steps (SPMD); only rank 0's output is kept
         for e, shard in enumerate(shards):
-            chunk = max(1, math.ceil(len(shard) / parts_per_engine))
+            parts = stream_parts(len(shard) * n, resolved.max_tokens, parts_per_engine)
+            chunk = max(1, math.ceil(len(shard) / parts))
             gen = self._workers.stream(
                 e * k, RolloutWorker.generate_stream, shard, sampling, chunk_prompts=chunk,
                 **kwargs,

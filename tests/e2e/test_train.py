@@ -298,3 +298,38 @@ def test_sequence_parallel_2_trains(tmp_path):
         assert row["actor/on_policy_log_ratio_abs_max"] == 0.0
         assert row["rollout/actor_logprob_abs_diff"] < 1e-3
         assert row["actor/tokens"] > 0
+
+
+def test_streaming_in_parts_changes_no_metric(tmp_path, monkeypatch):
+    """Quickstart-sized calls go to the reward pool whole (one part per engine); forced into
+    parts, the run is the same step for step: parts only change when responses are handed
+    out, never what is generated or how it is ordered."""
+    from fipo_trainer.rollout import group
+
+    steps = ["trainer.total_training_steps=2", "trainer.test_freq=2", "trainer.save_freq=0",
+             "trainer.export_hf=false", "trainer.plot=false"]  # fmt: skip
+    used: list[int] = []
+    count = group.stream_parts
+
+    def counting(*args, **kwargs):
+        used.append(count(*args, **kwargs))
+        return used[-1]
+
+    monkeypatch.setattr(group, "stream_parts", counting)
+    train(tmp_path / "whole", *steps)
+    assert used and set(used) == {1}
+    used.clear()
+    monkeypatch.setattr(group, "MIN_PART_TOKENS", 1)
+    train(tmp_path / "parts", *steps)
+    assert used and min(used) > 1
+    whole, parts = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "parts")
+    assert whole.keys() == parts.keys()
+    clocks = ("timing", "time", "seconds", "per_s", "perf/")
+    differ = [
+        (step, key)
+        for step, row in whole.items()
+        for key, value in row.items()
+        if not any(c in key for c in clocks) and not key.endswith("_s")
+        and parts[step][key] != value
+    ]  # fmt: skip
+    assert differ == []
