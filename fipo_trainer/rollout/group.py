@@ -55,6 +55,8 @@ MIN_PART_TOKENS = 8192
 def stream_parts(responses: int, max_tokens: int, most: int = STREAM_PARTS) -> int:
     """Parts one engine streams ``responses`` responses of up to ``max_tokens`` in."""
     return max(1, min(most, responses * max_tokens // MIN_PART_TOKENS))
+
+
 #: The engine shutdown at the end of a run waits at most this long, then the workers go.
 SHUTDOWN_TIMEOUT_S = 30.0
 
