@@ -35,18 +35,21 @@ def read_metrics(run_dir: Path) -> dict[int, dict]:
 
 
 def test_three_steps_write_everything_and_load(tmp_path, monkeypatch):
-    import ray
+    from fipo_trainer.trainer import loop, plot
 
-    from fipo_trainer.trainer import plot
-
-    ray_up_at_plot = []
-    draw = plot.plot_run
+    events = []
+    draw, stop = plot.plot_run, loop.RLTrainer.shutdown
 
     def recording_plot(*args, **kwargs):
-        ray_up_at_plot.append(ray.is_initialized())
+        events.append("plot")
         return draw(*args, **kwargs)
 
+    def recording_shutdown(self, *args, **kwargs):
+        events.append("shutdown")
+        return stop(self, *args, **kwargs)
+
     monkeypatch.setattr(plot, "plot_run", recording_plot)
+    monkeypatch.setattr(loop.RLTrainer, "shutdown", recording_shutdown)
     run_dir = tmp_path / "run"
     result = train(
         run_dir, "trainer.total_training_steps=3", "trainer.test_freq=3", "trainer.save_freq=3"
@@ -95,7 +98,7 @@ def test_three_steps_write_everything_and_load(tmp_path, monkeypatch):
     first = json.loads(dumps[0].read_text().splitlines()[0])
     assert {"prompt", "response", "score", "acc"} <= set(first)
     assert result.plot is not None and result.plot.stat().st_size > 10_000
-    assert ray_up_at_plot == [False]  # drawn once the workers are gone (memory peak)
+    assert events == ["shutdown", "plot"]  # drawn once the workers are gone (memory peak)
     assert result.checkpoint is not None and result.checkpoint.name == "global_step_3"
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -333,8 +333,9 @@ def test_a_failed_run_kills_its_workers_and_a_finished_one_stops_them(monkeypatc
     assert shutdowns == [False]
     monkeypatch.setattr(loop, "print_summary", lambda result: None)
     monkeypatch.setattr(loop.RLTrainer, "fit", lambda self: "result")
+    monkeypatch.setattr(loop.RLTrainer, "plot", lambda self, result: shutdowns.append("plot"))
     assert loop.run_training(trainer_cfg) == "result"
-    assert shutdowns == [False, True]
+    assert shutdowns == [False, True, "plot"]  # the curves are drawn after the workers stop
 
 
 # --------------------------------------------------------------------------- reaping
