@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from fipo_trainer.cluster.startup_gc import settle_gc
+
 T = TypeVar("T")
 
 ENV_GROUP_NAME = "FIPO_WORKER_GROUP"
@@ -224,7 +226,9 @@ class Worker:
         return self.dist_info.world_size
 
     def health(self) -> dict[str, Any]:
-        """Cheap probe used by the start-up check (it also proves ``__init__`` finished)."""
+        """Cheap probe used by the start-up check (it also proves ``__init__`` finished, so
+        the start-up heap is frozen and the GC back on here: ``startup_gc``)."""
+        settle_gc()
         return {
             "group": self.dist_info.group_name,
             "rank": self.rank,

@@ -83,6 +83,7 @@ class RLTrainer:
         from fipo_trainer.cluster.ray_init import init_ray, ray_initialized
         from fipo_trainer.cluster.resource_pool import place_roles
         from fipo_trainer.cluster.shared_weight_sync import SharedWeightSync
+        from fipo_trainer.cluster.startup_gc import settle_gc
         from fipo_trainer.cluster.weight_sync import WeightSync
         from fipo_trainer.cluster.worker_group import Deadline
         from fipo_trainer.rewards.pool import RewardPool
@@ -127,6 +128,7 @@ class RLTrainer:
             self.weight_sync = SharedWeightSync(self.actor, self.rollout, timeout_s=call_s)
         else:
             self.weight_sync = WeightSync(self.actor, self.rollout, timeout_s=call_s)
+        settle_gc()  # `fipo-train` paused the GC for its start-up (cluster.startup_gc)
 
     def _build_data(self) -> None:
         from fipo_trainer.trainer.data_source import PromptSource

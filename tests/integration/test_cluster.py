@@ -31,8 +31,11 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 class EchoWorker(Worker):
     def __init__(self, tag: str = "x") -> None:
+        import gc
+
         super().__init__()
         self.tag = tag
+        self.gc_at_init = gc.isenabled()
 
     def env(self) -> dict[str, str]:
         keys = (
@@ -44,6 +47,11 @@ class EchoWorker(Worker):
             "DS_ACCELERATOR",
         )
         return {k: os.environ.get(k, "") for k in keys} | {"tag": self.tag}
+
+    def gc_state(self) -> dict[str, object]:
+        import gc
+
+        return {"at_init": self.gc_at_init, "now": gc.isenabled(), "frozen": gc.get_freeze_count()}
 
     def double(self, batch: Batch) -> Batch:
         return Batch({"y": batch["x"] * 2, "rank": torch.full((len(batch),), self.rank)})
@@ -108,6 +116,19 @@ def test_ranks_env_and_collective():
             group.call_all(health_check)  # a function, but not one of EchoWorker's
         # Master address/port really work for torch.distributed (gloo).
         assert group.call_all(EchoWorker.allreduce) == [3.0, 3.0]
+    finally:
+        group.shutdown()
+
+
+def test_workers_start_with_the_gc_paused_and_settle_it_at_the_probe():
+    """init_ray's setup hook pauses the GC before the worker class is imported; the start-up
+    probe freezes the start-up heap and turns it back on (cluster.startup_gc)."""
+    group = WorkerGroup(EchoWorker, 1, name="gc", num_cpus_per_worker=0.25)
+    try:
+        (state,) = group.call_all(EchoWorker.gc_state)
+        assert state["at_init"] is False  # paused while the worker imported and built
+        assert state["now"] is True
+        assert state["frozen"] > 10_000  # torch, Ray, this package: frozen, not rescanned
     finally:
         group.shutdown()
 
