@@ -12,16 +12,14 @@ survived, so later collections (every step's, for the whole run) skip it.
 Ray worker processes pause the GC through the job's ``worker_process_setup_hook``
 (:func:`pause_gc`, set by ``init_ray``) before they import the worker class; the start-up
 probe (``Worker.health``) settles it, and a process nobody probes (a Ray task's worker)
-settles by itself after :data:`SETTLE_AFTER_S`. The driver wraps its start in
-:func:`gc_paused`.
+settles by itself after :data:`SETTLE_AFTER_S`. ``fipo-train``'s driver pauses it first
+thing and settles it once its roles are up (``RLTrainer._start_roles``).
 """
 
 from __future__ import annotations
 
 import gc
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 SETUP_HOOK = f"{__name__}.pause_gc"
 SETTLE_AFTER_S = 600.0  # longer than any start-up; only the saving is lost if one runs over
@@ -59,12 +57,3 @@ def settle_gc() -> bool:
         gc.enable()
         return True
 
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Start-up work in this process with the GC paused; on exit the heap is frozen."""
-    pause_gc(settle_after_s=None)
-    try:
-        yield
-    finally:
-        settle_gc()

@@ -42,13 +42,6 @@ def test_a_pause_nobody_settles_ends_by_itself():
     assert gc.isenabled()
 
 
-def test_gc_paused_settles_on_error():
-    with pytest.raises(RuntimeError), startup_gc.gc_paused():
-        assert not gc.isenabled()
-        raise RuntimeError("start-up failed")
-    assert gc.isenabled()
-
-
 def test_the_setup_hook_names_pause_gc_as_ray_loads_it():
     from ray._common.utils import load_class
 
