@@ -57,3 +57,12 @@ def settle_gc() -> bool:
         gc.enable()
         return True
 
+
+def freeze_if_paused() -> bool:
+    """Freeze the heap now if this process is starting with the GC paused (before a build
+    that calls ``gc.collect()`` itself, e.g. vLLM's): a starting process holds no garbage
+    worth keeping, unlike a long-lived one (a test session), which is left alone."""
+    with _lock:
+        if _paused:
+            gc.freeze()
+        return _paused

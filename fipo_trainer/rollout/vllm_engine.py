@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fipo_trainer.cluster.startup_gc import freeze_if_paused
 from fipo_trainer.platform import current_platform, worker_env
 from fipo_trainer.rollout.base import (
     FINISH_LENGTH,
@@ -200,7 +201,7 @@ class VllmEngine:
         start = time.perf_counter()
         # vLLM freezes the GC heap once built; frozen before, its five gc.collect() calls
         # during the build skip the imports' million objects (~1 CPU-s: cluster.startup_gc).
-        gc.freeze()
+        freeze_if_paused()
         self._llm = LLM(**kwargs)
         self.startup_seconds = time.perf_counter() - start
         model_config = self._llm.llm_engine.model_config

@@ -28,6 +28,14 @@ def test_pause_then_settle_freezes_the_heap_and_turns_the_gc_back_on():
     assert startup_gc.settle_gc() is False  # once only
 
 
+def test_the_heap_is_frozen_early_only_while_starting():
+    gc.unfreeze()
+    assert startup_gc.freeze_if_paused() is False and gc.get_freeze_count() == 0
+    startup_gc.pause_gc(settle_after_s=None)
+    assert startup_gc.freeze_if_paused() is True and gc.get_freeze_count() > 0
+    assert not gc.isenabled()  # still starting: the probe settles it
+
+
 def test_a_gc_someone_else_turned_off_stays_off():
     gc.disable()
     startup_gc.pause_gc(settle_after_s=None)
