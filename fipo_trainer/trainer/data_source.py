@@ -27,10 +27,10 @@ class PromptSource:
 
     @classmethod
     def for_split(cls, cfg: TrainConfig, split: str) -> PromptSource:
-        from transformers import AutoTokenizer
+        from fipo_trainer.data.tokenization import load_tokenizer
 
         data = cfg.data
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
+        tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
         files = [
             resolve_file(spec, cfg, split)
             for spec in (data.train_files if split == "train" else data.val_files)

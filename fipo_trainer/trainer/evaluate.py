@@ -229,15 +229,15 @@ def _sample_and_grade(cfg, engine, pool, tokenizer, rows, prompt_ids, max_tokens
 def evaluate(cfg: EvalConfig, *, console: Any = None) -> dict[str, Any]:
     """Run one evaluation; returns the results dict (also written to ``cfg.out`` if set)."""
     from rich.console import Console
-    from transformers import AutoTokenizer
 
+    from fipo_trainer.data.tokenization import load_tokenizer
     from fipo_trainer.rewards import RewardConfig, RewardPool
 
     cfg.validate()
     console = console if console is not None else Console(soft_wrap=True)
     model_dir = resolve_model_dir(cfg.model)
     files = [Path(f) for f in cfg.data] or [default_data_dir() / name for name in DEFAULT_DATA_FILES]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     rows: list[dict[str, Any]] = []
     prompt_ids: list[list[int]] = []
     for fi, file in enumerate(files):
