@@ -56,11 +56,10 @@ def _build_actor(model_path: str) -> None:
 
 
 def _build_driver(model_path: str) -> None:
-    from transformers import AutoTokenizer
-
     import fipo_trainer.trainer.loop  # noqa: F401 - what fipo-train imports before Ray starts
+    from fipo_trainer.data.tokenization import load_tokenizer
 
-    AutoTokenizer.from_pretrained(model_path)
+    load_tokenizer(model_path)  # as the driver loads it (scripts/bench_tokenizer_load.py)
 
 
 def child(role: str, mode: str, model_path: str) -> dict[str, float]:
