@@ -82,8 +82,9 @@ def _stop_workers(workers: list[_Worker], graceful: bool = True) -> None:
     workers.clear()
 
 
-def spawn_worker(config: RewardConfig) -> _Worker:
-    """Start one grader process and send it ``config`` (its first message)."""
+def spawn_worker(config: RewardConfig, expected: frozenset[str]) -> _Worker:
+    """Start one grader process and send it ``config`` and the graders it imports and warms
+    up before it reports ready (its first message)."""
     parent_sock, child_sock = socket.socketpair()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
@@ -103,5 +104,5 @@ def spawn_worker(config: RewardConfig) -> _Worker:
     with contextlib.suppress(AttributeError, OSError):  # pidfd: Linux >= 5.3
         sentinel = os.pidfd_open(proc.pid)
     with contextlib.suppress(OSError):  # died at once: the pool's drain sees it and reports
-        conn.send(config)
+        conn.send((config, expected))
     return _Worker(proc, conn, sentinel)

@@ -10,7 +10,7 @@ charged to that item alone and the rest of its chunk is re-queued elsewhere.
 
 Protocol (worker -> parent): ("ready", pid) | ("fatal", traceback) once at start-up, then per
 item ("r", idx, score, acc, pred) or ("e", idx, message), and ("d",) at the end of each chunk.
-Parent -> worker: a list of (idx, grader, response, ground_truth, data_source, extra_info),
+Parent -> worker: first (RewardConfig, the graders to warm up), then a list of (idx, grader, response, ground_truth, data_source, extra_info),
 or None to exit.
 """
 
@@ -65,16 +65,13 @@ def build_graders(config: RewardConfig) -> dict[str, Callable[[str, str, str, An
         out = dapo.compute_score(response, ground_truth, boxed_fallback=config.dapo_boxed_fallback)
         return (right if out["acc"] else wrong), out["acc"], out["pred"]
 
-    graders = {"dapo": grade_dapo}
-    if "math_verify" in config.used_graders:  # sympy import + warm-up only when needed
-        from . import math_verify as mv
+    def grade_math_verify(response, ground_truth, data_source, extra_info):
+        from . import math_verify as mv  # sympy: imported by warm_up, or here on first use
 
-        def grade_math_verify(response, ground_truth, data_source, extra_info):
-            out = mv.compute_score(response, ground_truth, score_format=config.score_format)
-            return out["score"], out["acc"], out["pred"]
+        out = mv.compute_score(response, ground_truth, score_format=config.score_format)
+        return out["score"], out["acc"], out["pred"]
 
-        graders["math_verify"] = grade_math_verify
-    return graders
+    return {"dapo": grade_dapo, "math_verify": grade_math_verify}
 
 
 def limit_memory(max_memory_mb: int | None) -> None:
@@ -121,9 +118,10 @@ def worker_main(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and shuts us down
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     try:
-        config: RewardConfig = conn.recv()
+        config: RewardConfig
+        config, expected = conn.recv()  # expected: the graders this run's data routes to
         graders = build_graders(config)
-        if "math_verify" in graders:
+        if "math_verify" in expected:
             warm_up()
         # after start-up: the cap is for grading, and a cap below the start-up size is
         # reported once, here, instead of failing every item

@@ -43,9 +43,23 @@ class RewardPool:
     Use as a context manager or call :meth:`close`. Not thread-safe: one ``grade`` at a time.
     """
 
-    def __init__(self, config: RewardConfig | None = None, *, start: bool = True) -> None:
+    def __init__(
+        self,
+        config: RewardConfig | None = None,
+        *,
+        start: bool = True,
+        graders: Iterable[str] | None = None,
+    ) -> None:
+        """``graders``: the graders the data will be routed to (default: every grader the
+        config routes to). Workers import and warm these up before they report ready (and
+        before ``reward.max_memory_mb`` caps them); another one loads on its first item.
+        The trainer names its data's graders: math-verify's sympy is ~0.5 CPU-s and ~40 MiB
+        per worker that a run routing everything to the DAPO rule never uses."""
         self.config = config if config is not None else RewardConfig()
         self.config.validate()
+        self.expected_graders = frozenset(
+            self.config.used_graders if graders is None else graders
+        )
         if self.config.custom_function is not None:
             # Only the grader processes import the module: its top-level code (model loads,
             # servers, side effects) must not run in the trainer. A missing file fails here;
@@ -77,7 +91,7 @@ class RewardPool:
         return [w.proc.pid for w in self._workers]
 
     def _spawn(self) -> _Worker:
-        return spawn_worker(self.config)
+        return spawn_worker(self.config, self.expected_graders)
 
     def _fill(self) -> None:
         while len(self._workers) < self.num_workers:

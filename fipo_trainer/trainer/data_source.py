@@ -14,6 +14,7 @@ from fipo_trainer.data.batch import Batch
 from fipo_trainer.data.config import DataConfig
 from fipo_trainer.data.dataset import PromptDataset
 from fipo_trainer.data.sampler import ResumableSampler
+from fipo_trainer.rewards.config import RewardConfig
 from fipo_trainer.trainer.config import BUILTIN_PREFIX, TrainConfig
 
 
@@ -84,3 +85,9 @@ def data_metrics(train: PromptSource, val: PromptSource) -> dict[str, float]:
         out[f"{prefix}skipped_bad_rows"] = float(stats.skipped_bad)
         out[f"{prefix}dropped_too_long"] = float(stats.dropped_too_long)
     return out
+
+
+def routed_graders(reward: RewardConfig, *sources: PromptSource) -> set[str]:
+    """The graders the rows of ``sources`` are routed to (what the reward pool warms up)."""
+    names = {item.data_source for source in sources for item in source.dataset.items}
+    return {reward.grader_for(name) for name in names}

@@ -103,7 +103,6 @@ class RLTrainer:
         self.placements = place_roles(
             res, rollout_tensor_parallel_size=cfg.rollout.tensor_parallel_size
         )
-        self.reward_pool = RewardPool(cfg.reward)
         self.actor = ActorGroup(
             cfg.actor.to_actor_config(),
             res.actor_world_size,
@@ -122,6 +121,7 @@ class RLTrainer:
             wait=res.placement == "colocated",
         )
         self._build_data()  # while the workers start
+        self.reward_pool = RewardPool(cfg.reward, graders=self.graders)  # what the data needs
         self.actor.wait_ready()  # split: the ranks and the engines start together
         self.rollout.wait_ready()
         if res.placement == "colocated":  # same devices: hand buffers across, no broadcast
@@ -131,10 +131,11 @@ class RLTrainer:
         settle_gc()  # `fipo-train` paused the GC for its start-up (cluster.startup_gc)
 
     def _build_data(self) -> None:
-        from fipo_trainer.trainer.data_source import PromptSource
+        from fipo_trainer.trainer.data_source import PromptSource, routed_graders
 
         self.prompts = PromptSource.for_split(self.cfg, "train")
         self.val_prompts = PromptSource.for_split(self.cfg, "val")
+        self.graders = routed_graders(self.cfg.reward, self.prompts, self.val_prompts)
 
     # ----------------------------------------------------------------- one step
     def train_step(self, step: int) -> dict[str, float]:

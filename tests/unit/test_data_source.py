@@ -36,3 +36,18 @@ def test_prompt_source_reads_the_data_section(tokenizer_dir, tmp_path):
     val = PromptSource.for_split(cfg, "val")
     assert len(val) == 6 and not val.sampler.shuffle
     assert (tmp_path / "data" / "arithmetic_val.jsonl").is_file()
+
+
+def test_routed_graders_are_those_of_the_rows_data_sources(tokenizer_dir, tmp_path):
+    from fipo_trainer.rewards import RewardConfig
+    from fipo_trainer.trainer.data_source import routed_graders
+
+    cfg = TrainConfig()
+    cfg.model.path = str(tokenizer_dir)
+    cfg.trainer.run_dir = str(tmp_path)
+    cfg.data.train_files = cfg.data.val_files = ["builtin:arithmetic"]
+    cfg.data.synthetic.num_train, cfg.data.synthetic.num_val = 8, 4
+    sources = PromptSource.for_split(cfg, "train"), PromptSource.for_split(cfg, "val")
+    quickstart = RewardConfig(routes={"arithmetic": "dapo"})  # default grader: math-verify
+    assert routed_graders(quickstart, *sources) == {"dapo"}
+    assert routed_graders(RewardConfig(routes={}), *sources) == {"math_verify"}

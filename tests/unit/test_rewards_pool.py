@@ -274,3 +274,25 @@ def test_dapo_boxed_fallback_reaches_the_graders() -> None:
         on = later.grade(responses, ["7"] * 3, ["math_dapo"] * 3)
     assert off.acc == [False, True, False] and off.preds[0] == dapo.INVALID_PRED
     assert on.acc == [True, True, False] and on.preds == ["7", "7", "8"]
+
+
+def _pss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Pss:")) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="Linux smaps_rollup")
+def test_workers_warm_up_only_the_graders_the_data_needs():
+    """A run whose data all goes to the DAPO rule does not pay for math-verify's sympy in
+    its grader processes (~40 MiB each); a grader it did not expect still works."""
+    cfg = RewardConfig(num_workers=1)  # default routes: math-verify is among the used graders
+    assert "math_verify" in cfg.used_graders
+    with RewardPool(cfg) as everything, RewardPool(cfg, graders={"dapo"}) as rule_only:
+        everything.wait_ready()
+        rule_only.wait_ready()
+        assert rule_only.expected_graders == {"dapo"}
+        full, lean = (_pss_mib(p.worker_pids[0]) for p in (everything, rule_only))
+        assert full - lean > 20, (full, lean)
+        result = rule_only.grade(["\\boxed{\\frac{1}{2}}", "Answer: 4"], ["0.5", "4"],
+                                 ["math500", "math_dapo"])  # math-verify loads on first use
+        assert result.status == ["ok", "ok"] and result.acc == [True, True]
