@@ -15,7 +15,9 @@ excluded): median s/step; generated tokens/s = generated response tokens / wall;
 rollout idle = 1 - sum(timing_s/gen) / wall; actor idle = 1 - sum(timing_s/old_log_prob +
 timing_s/update + timing_s/sync) / wall (both clamped to [0, 1]; overlap lowers them);
 val mean@4 after the last step. Start-up = first trained step's row seen (process start = 0)
-minus that step's seconds; time to 0.45 / 0.55 = when the first validation row at or above it
+minus that step's seconds; start-up CPU-s = CPU time of the whole process tree when that
+row appeared (steadier than wall time on a shared machine: step 1 and the first validation
+included); time to 0.45 / 0.55 = when the first validation row at or above it
 appeared (metrics.jsonl is tailed every ~0.5 s, rows carry no time); peak memory = max over
 samples of the RSS, and of the PSS, summed over the process tree (Ray's processes included;
 RSS counts shared library pages once per process, PSS splits them); busy cores =
@@ -174,6 +176,7 @@ def summary(results: Mapping[str, Mapping[str, Mapping[str, Any]]], quick_mode: 
     mem, pss = quick.get("peak_mem_bytes"), quick.get("peak_pss_bytes")
     for key, value in (
         ("startup_s", quick.get("startup_s")),
+        ("startup_cpu_s", quick.get("startup_cpu_s")),
         ("s_per_step", quick.get("s_per_step")),
         ("like_for_like_s_per_step", results.get("plain", {}).get("off", {}).get("s_per_step")),
         ("time_to_045_s", quick.get("time_to_0.45_s")),
@@ -285,7 +288,7 @@ def run_one(overrides: list[str], run_dir: Path, timeout_s: float) -> dict[str, 
         start_new_session=True,  # so a timeout can stop the whole group it started
     )
     monitor, pending, offset = TreeMonitor(proc.pid), "", 0
-    timed_out = False
+    timed_out, startup_cpu = False, None
     while True:
         monitor.sample()
         if metrics.exists():
@@ -295,6 +298,8 @@ def run_one(overrides: list[str], run_dir: Path, timeout_s: float) -> dict[str, 
                 offset = f.tell()
             *complete, pending = (pending + chunk).split("\n")
             parse_lines(complete, time.monotonic() - start, rows)
+        if startup_cpu is None and any(step >= 1 for step in rows):
+            startup_cpu = sum(monitor.cpu.values())  # start-up CPU: what wall time hides
         if proc.poll() is not None:
             break
         if time.monotonic() - start > timeout_s:
@@ -313,6 +318,7 @@ def run_one(overrides: list[str], run_dir: Path, timeout_s: float) -> dict[str, 
         peak_mem_bytes=monitor.peak_rss,
         peak_pss_bytes=monitor.peak_pss or None,
         busy_cores=sum(monitor.cpu.values()) / wall if wall > 0 else None,
+        startup_cpu_s=startup_cpu,
         processes=len(monitor.cpu),
     )
     if out["status"] != "ok":
@@ -337,7 +343,7 @@ def print_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
     cols = [
         "shape", "mode", "status", "steps", "s/step", "gen tok/s", "engine tok/s",
         "rollout idle", "actor idle", "wait s", "stale max", "val@0", "val@end",
-        "start-up s", "to .45 s", "to .55 s", "RSS GiB", "PSS GiB", "busy cores", "procs",
+        "start-up s", "start-up CPU-s", "to .45 s", "to .55 s", "RSS GiB", "PSS GiB", "busy cores", "procs",
         "wall s",
     ]  # fmt: skip
     for c in cols:
@@ -352,6 +358,7 @@ def print_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
                 _fmt(r.get("actor_idle")), _fmt(r.get("wait_batch_s"), ".3f"),
                 _fmt(r.get("staleness_max"), ".0f"), _fmt(r.get("val_first"), ".3f"),
                 _fmt(r.get("val_final"), ".3f"), _fmt(r.get("startup_s"), ".1f"),
+                _fmt(r.get("startup_cpu_s"), ".1f"),
                 _fmt(r.get("time_to_0.45_s"), ".0f"), _fmt(r.get("time_to_0.55_s"), ".0f"),
                 _fmt(mem / 2**30 if mem else None), _fmt(pss / 2**30 if pss else None),
                 _fmt(r.get("busy_cores")),

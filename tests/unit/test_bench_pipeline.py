@@ -107,6 +107,7 @@ def test_summary_speedups_deltas_and_quickstart_numbers():
         "quickstart": {
             "off": {
                 "startup_s": 30.0,
+                "startup_cpu_s": 41.0,
                 "s_per_step": 0.9,
                 "time_to_0.45_s": 140.0,
                 "time_to_0.55_s": None,
@@ -121,6 +122,7 @@ def test_summary_speedups_deltas_and_quickstart_numbers():
     assert out["speedup_one_step"] == 1.5 and out["val_delta_one_step"] == pytest.approx(0.02)
     assert out["speedup_bounded"] is None and out["val_delta_bounded"] is None
     assert out["quickstart_startup_s"] == 30.0 and out["quickstart_s_per_step"] == 0.9
+    assert out["quickstart_startup_cpu_s"] == 41.0
     assert out["quickstart_time_to_045_s"] == 140.0 and out["quickstart_time_to_055_s"] is None
     assert out["quickstart_peak_mem_gib"] == 3.0 and out["quickstart_busy_cores"] == 1.3
     assert out["quickstart_peak_pss_gib"] == 1.0
@@ -158,3 +160,26 @@ def test_tree_monitor_samples_pss_next_to_rss():
     finally:
         child.kill()
         child.wait()
+
+
+FAKE_TRAINER = """#!{python}
+import json, sys, time
+run_dir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("trainer.run_dir="))
+end = time.process_time() + 0.4
+while time.process_time() < end:  # start-up work
+    pass
+with open(run_dir + "/metrics.jsonl", "w") as f:
+    f.write(json.dumps({{"step": 1, "perf/step_seconds": 0.1, "timing_s/gen": 0.05}}) + "\\n")
+time.sleep(1.5)  # the bench sees the row while the process lives
+"""
+
+
+def test_run_one_records_the_cpu_spent_before_the_first_step(tmp_path, monkeypatch):
+    """Start-up CPU: the process tree's CPU time when the first step row appears."""
+    fake = tmp_path / "fake-train"
+    fake.write_text(FAKE_TRAINER.format(python=sys.executable))
+    fake.chmod(0o755)
+    monkeypatch.setattr(bp, "fipo_train", lambda: str(fake))
+    out = bp.run_one([], tmp_path / "run", timeout_s=60)
+    assert out["status"] == "ok" and out["steps"] == 1
+    assert 0.3 < out["startup_cpu_s"] < 30
