@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.scripts import load_script
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "bench_pipeline", REPO / "scripts" / "bench_pipeline.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_pipeline"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bp = _load()
+bp = load_script("bench_pipeline")
 
 
 def step_row(step: int, **extra: float) -> str:

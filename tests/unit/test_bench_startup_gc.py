@@ -3,23 +3,9 @@ and the paused mode really runs with the GC off until the role is built."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from tests.helpers.scripts import load_script
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load():
-    path = REPO / "scripts" / "bench_startup_gc.py"
-    spec = importlib.util.spec_from_file_location("bench_startup_gc", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_startup_gc"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bs = _load()
+bs = load_script("bench_startup_gc")
 
 
 def test_the_driver_role_builds_in_a_fresh_process_in_both_modes(warm_tiny_model):

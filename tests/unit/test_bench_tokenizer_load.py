@@ -3,23 +3,9 @@ imports; only AutoTokenizer brings in the model stack, and both give the same cl
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from tests.helpers.scripts import load_script
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load():
-    path = REPO / "scripts" / "bench_tokenizer_load.py"
-    spec = importlib.util.spec_from_file_location("bench_tokenizer_load", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_tokenizer_load"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bt = _load()
+bt = load_script("bench_tokenizer_load")
 
 
 def test_only_autotokenizer_imports_the_model_stack(warm_tiny_model):

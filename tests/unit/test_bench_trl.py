@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.scripts import load_script
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_trl", REPO / "scripts" / "bench_trl.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_trl"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bt = _load()
+bt = load_script("bench_trl")
 
 
 def test_step_times_group_optimizer_steps_into_rollout_steps():
