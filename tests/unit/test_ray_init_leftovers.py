@@ -65,6 +65,14 @@ def test_a_reused_pid_is_not_a_leftover(tmp_path, sleeper):
     assert ProcessEntry(entry.pid, entry.name, entry.create_time - 100).running() is None
 
 
+def test_a_boot_time_that_ticked_over_is_still_the_same_process(sleeper):
+    """psutil's start time = boot time (whole seconds) + ticks since boot: a slewed clock can
+    move the boot time by one second between the record and the check."""
+    entry = ProcessEntry.of(psutil.Process(sleeper.pid))
+    for shift in (-1.0, 1.0):
+        assert ProcessEntry(entry.pid, entry.name, entry.create_time + shift).running() is not None
+
+
 def test_another_live_driver_in_the_same_run_dir_is_reported(tmp_path, sleeper, caplog):
     _record(tmp_path, ProcessEntry.of(psutil.Process(sleeper.pid)), [])
     caplog.set_level(logging.WARNING, logger="fipo_trainer")
