@@ -22,7 +22,10 @@ appeared (metrics.jsonl is tailed every ~0.5 s, rows carry no time); peak memory
 samples of the RSS, and of the PSS, summed over the process tree (Ray's processes included;
 RSS counts shared library pages once per process, PSS splits them); busy cores =
 CPU time of every process seen in the tree (last value per process, so exited ones count)
-divided by the run's wall time.
+divided by the run's wall time. By role (``process_tree.py``: driver, rollout, actor ranks,
+grader, Ray's helpers): busy cores between the first and the last step row (steady state,
+validations included) and PSS at the run's peak — a second table (``bench_pipeline_report``)
+and, for the quickstart, two SUMMARY dicts.
 
 Machine-wide heavy work: wrap the whole script in ``flock /tmp/heavy.lock``.
 
@@ -48,6 +51,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench_pipeline_report import print_table  # this directory: sys.path[0]
+from process_tree import TreeMonitor
 
 SHAPES: dict[str, list[str]] = {
     "quickstart": [],
@@ -186,61 +192,18 @@ def summary(results: Mapping[str, Mapping[str, Mapping[str, Any]]], quick_mode: 
         ("busy_cores", quick.get("busy_cores")),
     ):
         out[f"quickstart_{key}"] = value
+    busy = quick.get("steady_busy_by_role")
+    out["quickstart_steady_busy_cores_by_role"] = (
+        {role: round(v, 3) for role, v in busy.items()} if busy else None
+    )
+    pss_roles = quick.get("pss_by_role")
+    out["quickstart_pss_gib_by_role"] = (
+        {role: round(v / 2**30, 3) for role, v in pss_roles.items()} if pss_roles else None
+    )
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------- running
-
-
-class TreeMonitor:
-    """Samples a process tree: summed RSS and PSS (peaks) and CPU time per process (last
-    value). RSS counts a page shared by N processes (torch's libraries, say) N times; PSS
-    charges each process 1/N of it, so its sum is the memory the run really holds."""
-
-    def __init__(self, pid: int) -> None:
-        import psutil
-
-        self._psutil = psutil
-        self.root = psutil.Process(pid)
-        self.cpu: dict[tuple[int, float], float] = {}
-        self.peak_rss = 0
-        self.peak_pss = 0
-        self.max_procs = 0
-
-    def sample(self) -> None:
-        ps = self._psutil
-        try:
-            procs = [self.root, *self.root.children(recursive=True)]
-        except ps.Error:
-            return
-        rss = pss = 0
-        for p in procs:
-            try:
-                with p.oneshot():
-                    t = p.cpu_times()
-                    self.cpu[(p.pid, p.create_time())] = t.user + t.system
-                    rss += p.memory_info().rss
-                pss += _pss(p.pid)
-            except ps.Error:
-                continue
-        self.peak_rss = max(self.peak_rss, rss)
-        self.peak_pss = max(self.peak_pss, pss)
-        self.max_procs = max(self.max_procs, len(procs))
-
-    def pids(self) -> list[int]:
-        return [pid for pid, _ in self.cpu]
-
-
-def _pss(pid: int) -> int:
-    """Proportional set size of ``pid`` in bytes (Linux ``smaps_rollup``; 0 elsewhere)."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def fipo_train() -> str:
@@ -288,7 +251,7 @@ def run_one(overrides: list[str], run_dir: Path, timeout_s: float) -> dict[str, 
         start_new_session=True,  # so a timeout can stop the whole group it started
     )
     monitor, pending, offset = TreeMonitor(proc.pid), "", 0
-    timed_out, startup_cpu = False, None
+    timed_out, startup_cpu, first_step, last_step = False, None, None, None
     while True:
         monitor.sample()
         if metrics.exists():
@@ -298,8 +261,12 @@ def run_one(overrides: list[str], run_dir: Path, timeout_s: float) -> dict[str, 
                 offset = f.tell()
             *complete, pending = (pending + chunk).split("\n")
             parse_lines(complete, time.monotonic() - start, rows)
-        if startup_cpu is None and any(step >= 1 for step in rows):
+        trained = max((step for step in rows if step >= 1), default=0)
+        if trained and startup_cpu is None:
             startup_cpu = sum(monitor.cpu.values())  # start-up CPU: what wall time hides
+            first_step = (trained, monitor.snapshot())
+        if trained and (last_step is None or trained > last_step[0]):
+            last_step = (trained, monitor.snapshot())
         if proc.poll() is not None:
             break
         if time.monotonic() - start > timeout_s:
@@ -320,56 +287,17 @@ def run_one(overrides: list[str], run_dir: Path, timeout_s: float) -> dict[str, 
         busy_cores=sum(monitor.cpu.values()) / wall if wall > 0 else None,
         startup_cpu_s=startup_cpu,
         processes=len(monitor.cpu),
+        pss_by_role=monitor.peak_pss_by_role or None,
+        steady_busy_by_role=(
+            monitor.busy_by_role(first_step[1], last_step[1])
+            if first_step and last_step and last_step[0] > first_step[0]
+            else None
+        ),
     )
     if out["status"] != "ok":
         tail = (run_dir.parent / f"{run_dir.name}.log").read_text(errors="replace")
         out["error"] = refusal(tail[-3000:])
     return out
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def _fmt(v: Any, spec: str = ".2f") -> str:
-    return "-" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
-
-
-def print_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
-    """A rich table, one row per run (refused / failed runs say why)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="bench_pipeline (CPU)")
-    cols = [
-        "shape", "mode", "status", "steps", "s/step", "gen tok/s", "engine tok/s",
-        "rollout idle", "actor idle", "wait s", "stale max", "val@0", "val@end",
-        "start-up s", "start-up CPU-s", "to .45 s", "to .55 s", "RSS GiB", "PSS GiB", "busy cores", "procs",
-        "wall s",
-    ]  # fmt: skip
-    for c in cols:
-        table.add_column(c, justify="left" if c in ("shape", "mode", "status") else "right")
-    for shape, modes in results.items():
-        for mode, r in modes.items():
-            mem, pss = r.get("peak_mem_bytes"), r.get("peak_pss_bytes")
-            table.add_row(
-                shape, mode, str(r.get("status")), _fmt(r.get("steps"), "d"),
-                _fmt(r.get("s_per_step"), ".3f"), _fmt(r.get("gen_tokens_per_s"), ".0f"),
-                _fmt(r.get("engine_tokens_per_s"), ".0f"), _fmt(r.get("rollout_idle")),
-                _fmt(r.get("actor_idle")), _fmt(r.get("wait_batch_s"), ".3f"),
-                _fmt(r.get("staleness_max"), ".0f"), _fmt(r.get("val_first"), ".3f"),
-                _fmt(r.get("val_final"), ".3f"), _fmt(r.get("startup_s"), ".1f"),
-                _fmt(r.get("startup_cpu_s"), ".1f"),
-                _fmt(r.get("time_to_0.45_s"), ".0f"), _fmt(r.get("time_to_0.55_s"), ".0f"),
-                _fmt(mem / 2**30 if mem else None), _fmt(pss / 2**30 if pss else None),
-                _fmt(r.get("busy_cores")),
-                _fmt(r.get("processes"), "d"), _fmt(r.get("wall_s"), ".0f"),
-            )  # fmt: skip
-    console = Console(width=max(200, shutil.get_terminal_size().columns))
-    console.print(table)
-    for shape, modes in results.items():
-        for mode, r in modes.items():
-            if r.get("error"):
-                console.print(f"{shape}/{mode} {r['status']}: {r['error']}", markup=False)
 
 
 def parse_steps(text: str, shapes: Sequence[str]) -> dict[str, int]:

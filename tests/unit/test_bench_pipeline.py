@@ -10,6 +10,7 @@ import pytest
 from tests.helpers.scripts import load_script
 
 bp = load_script("bench_pipeline")
+pt = load_script("process_tree")
 
 
 def step_row(step: int, **extra: float) -> str:
@@ -140,10 +141,10 @@ def test_tree_monitor_samples_pss_next_to_rss():
     )
     try:
         assert child.stdout.readline().strip() == "up"
-        monitor = bp.TreeMonitor(child.pid)
+        monitor = pt.TreeMonitor(child.pid)
         monitor.sample()
         assert 0 < monitor.peak_pss < monitor.peak_rss
-        assert bp._pss(child.pid) > 0
+        assert pt.pss_bytes(child.pid) > 0
     finally:
         child.kill()
         child.wait()
@@ -170,3 +171,113 @@ def test_run_one_records_the_cpu_spent_before_the_first_step(tmp_path, monkeypat
     out = bp.run_one([], tmp_path / "run", timeout_s=60)
     assert out["status"] == "ok" and out["steps"] == 1
     assert 0.3 < out["startup_cpu_s"] < 30
+
+
+FAKE_TRAINER_TWO_STEPS = """#!{python}
+import json, sys, time
+run_dir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("trainer.run_dir="))
+row = {{"perf/step_seconds": 0.1, "timing_s/gen": 0.05}}
+with open(run_dir + "/metrics.jsonl", "w") as f:
+    f.write(json.dumps({{"step": 1, **row}}) + "\\n")
+    f.flush()
+    end = time.process_time() + 1.5
+    while time.process_time() < end:  # the steady state: the driver busy
+        pass
+    f.write(json.dumps({{"step": 2, **row}}) + "\\n")
+time.sleep(1.5)
+"""
+
+
+def test_run_one_splits_steady_cpu_and_peak_memory_by_role(tmp_path, monkeypatch):
+    """Between the first and the last step row the fake driver burns one core: the steady
+    busy cores put it on the driver, and the peak PSS is charged to the driver."""
+    fake = tmp_path / "fake-train"
+    fake.write_text(FAKE_TRAINER_TWO_STEPS.format(python=sys.executable))
+    fake.chmod(0o755)
+    monkeypatch.setattr(bp, "fipo_train", lambda: str(fake))
+    out = bp.run_one([], tmp_path / "run", timeout_s=60)
+    assert out["status"] == "ok" and out["steps"] == 2
+    busy = out["steady_busy_by_role"]
+    assert set(busy) == set(pt.ROLES)
+    assert busy["driver"] > 0.5
+    assert busy["rollout"] == busy["actor"] == busy["grader"] == 0.0
+    assert set(out["pss_by_role"]) == {"driver"} and out["pss_by_role"]["driver"] > 0
+    summary = bp.summary({"quickstart": {"off": out}}, "off")
+    assert summary["quickstart_steady_busy_cores_by_role"]["driver"] > 0.5
+    assert summary["quickstart_pss_gib_by_role"]["driver"] > 0
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "role"),
+    [
+        ("ray::RolloutWorker.generate_stream", "rollout"),
+        ("ray::DeepSpeedActorWorker.update_policy", "actor"),
+        ("/venv/bin/python -m fipo_trainer.rewards._worker 33", "grader"),
+        ("ray::IDLE", "ray"),
+        ("/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --x", "ray"),
+        ("ray::DashboardAgent", "ray"),
+    ],
+)
+def test_role_of_names_each_process_of_a_run(cmdline, role):
+    assert pt.role_of(cmdline) == role
+    assert pt.role_of(cmdline, is_root=True) == "driver"
+
+
+def test_tree_monitor_splits_cpu_and_pss_by_role():
+    """A live tree: a child titled as the rollout worker burns a core, one titled as an
+    actor rank sleeps; the monitor charges each its own CPU and memory."""
+    import subprocess
+    import time
+
+    code = (
+        "import subprocess, sys, time\n"
+        "burn = 'import time\\nwhile True: pass'\n"
+        "nap = 'import time; time.sleep(60)'\n"
+        "kids = [subprocess.Popen([sys.executable, '-c', burn, 'ray::RolloutWorker']),\n"
+        "        subprocess.Popen([sys.executable, '-c', nap, 'ray::DeepSpeedActorWorker'])]\n"
+        "print('up', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    root = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert root.stdout.readline().strip() == "up"
+        monitor = pt.TreeMonitor(root.pid)
+        monitor.sample()
+        start = monitor.snapshot()
+        time.sleep(1.5)
+        monitor.sample()
+        busy = monitor.busy_by_role(start, monitor.snapshot())
+        assert busy["rollout"] > 0.5
+        assert busy["actor"] < 0.2 and busy["driver"] < 0.2
+        assert {"driver", "rollout", "actor"} <= set(monitor.peak_pss_by_role)
+        assert sum(monitor.peak_pss_by_role.values()) == monitor.peak_pss
+    finally:
+        import os
+        import signal
+
+        os.killpg(root.pid, signal.SIGKILL)
+        root.wait()
+
+
+def test_a_process_keeps_the_role_it_was_seen_with():
+    """Ray titles a worker ``ray::IDLE`` before and between its actor's calls; once seen as
+    an actor rank it stays one (its CPU is the rank's)."""
+
+    class Proc:
+        def __init__(self, pid: int, title: str) -> None:
+            self.pid, self.title = pid, title
+
+        def cmdline(self) -> list[str]:
+            return [self.title]
+
+    import os
+
+    monitor = pt.TreeMonitor(os.getpid())
+    key = (12345, 1.0)
+    monitor._note_role(key, Proc(12345, "ray::IDLE"))
+    assert monitor.roles[key] == "ray"
+    monitor._note_role(key, Proc(12345, "ray::DeepSpeedActorWorker"))
+    monitor._note_role(key, Proc(12345, "ray::IDLE"))
+    assert monitor.roles[key] == "actor"
