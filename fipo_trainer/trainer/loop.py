@@ -80,6 +80,7 @@ class RLTrainer:
     # ----------------------------------------------------------------- set-up
     def _start_roles(self) -> None:
         from fipo_trainer.actor.group import ActorGroup
+        from fipo_trainer.cluster.cpu_split import split_cpus_for_overlap
         from fipo_trainer.cluster.ray_init import init_ray, ray_initialized
         from fipo_trainer.cluster.resource_pool import place_roles
         from fipo_trainer.cluster.shared_weight_sync import SharedWeightSync
@@ -124,10 +125,10 @@ class RLTrainer:
         self.reward_pool = RewardPool(cfg.reward, graders=self.graders)  # what the data needs
         self.actor.wait_ready()  # split: the ranks and the engines start together
         self.rollout.wait_ready()
-        if res.placement == "colocated":  # same devices: hand buffers across, no broadcast
-            self.weight_sync = SharedWeightSync(self.actor, self.rollout, timeout_s=call_s)
-        else:
-            self.weight_sync = WeightSync(self.actor, self.rollout, timeout_s=call_s)
+        sync = SharedWeightSync if res.placement == "colocated" else WeightSync
+        self.weight_sync = sync(self.actor, self.rollout, timeout_s=call_s)
+        # Async on a CPU node: the engines and the ranks on cores of their own.
+        split_cpus_for_overlap(res, cfg.trainer.async_mode, self.actor, self.rollout)
         settle_gc()  # `fipo-train` paused the GC for its start-up (cluster.startup_gc)
 
     def _build_data(self) -> None:

