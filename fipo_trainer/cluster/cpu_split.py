@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,7 +107,7 @@ def split_cpus_for_overlap(
     return plan
 
 
-def engine_and_actor_cpus(actor: Any, rollout: Any) -> tuple[list[Sequence[int]], list]:
+def engine_and_actor_cpus(actor: Any, rollout: Any) -> tuple[list[list[int]], list[list[int]]]:
     """The cores each rollout and each actor worker may use now (for tests and logs)."""
     from fipo_trainer.cluster.worker import Worker
 
