@@ -162,13 +162,18 @@ time.sleep(1.5)  # the bench sees the row while the process lives
 """
 
 
-def test_run_one_records_the_cpu_spent_before_the_first_step(tmp_path, monkeypatch):
-    """Start-up CPU: the process tree's CPU time when the first step row appears."""
+def run_fake(script: str, tmp_path, monkeypatch) -> dict:
+    """``bench_pipeline.run_one`` on a fake ``fipo-train`` (``script``, formatted)."""
     fake = tmp_path / "fake-train"
-    fake.write_text(FAKE_TRAINER.format(python=sys.executable))
+    fake.write_text(script.format(python=sys.executable))
     fake.chmod(0o755)
     monkeypatch.setattr(bp, "fipo_train", lambda: str(fake))
-    out = bp.run_one([], tmp_path / "run", timeout_s=60)
+    return bp.run_one([], tmp_path / "run", timeout_s=60)
+
+
+def test_run_one_records_the_cpu_spent_before_the_first_step(tmp_path, monkeypatch):
+    """Start-up CPU: the process tree's CPU time when the first step row appears."""
+    out = run_fake(FAKE_TRAINER, tmp_path, monkeypatch)
     assert out["status"] == "ok" and out["steps"] == 1
     assert 0.3 < out["startup_cpu_s"] < 30
 
@@ -191,11 +196,7 @@ time.sleep(1.5)
 def test_run_one_splits_steady_cpu_and_peak_memory_by_role(tmp_path, monkeypatch):
     """Between the first and the last step row the fake driver burns one core: the steady
     busy cores put it on the driver, and the peak PSS is charged to the driver."""
-    fake = tmp_path / "fake-train"
-    fake.write_text(FAKE_TRAINER_TWO_STEPS.format(python=sys.executable))
-    fake.chmod(0o755)
-    monkeypatch.setattr(bp, "fipo_train", lambda: str(fake))
-    out = bp.run_one([], tmp_path / "run", timeout_s=60)
+    out = run_fake(FAKE_TRAINER_TWO_STEPS, tmp_path, monkeypatch)
     assert out["status"] == "ok" and out["steps"] == 2
     busy = out["steady_busy_by_role"]
     assert set(busy) == set(pt.ROLES)
