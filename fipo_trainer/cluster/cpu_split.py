@@ -87,13 +87,13 @@ def split_cpus_for_overlap(
     # A joined cluster (not local): its nodes' cores are not this process's to count.
     if not (resources.cpu_split and overlap and resources.local) or current_platform().is_cuda:
         return None
-    engines = rollout.worker_group.world_size
-    plan = plan_cpu_split(os.sched_getaffinity(0), engines)
+    engines, cores = rollout.worker_group.world_size, os.sched_getaffinity(0)
+    plan = plan_cpu_split(cores, engines)
     if plan is None:
         logger.info(
             "async rollouts on CPU: %d cores cannot give %d engine process(es) a core each "
             "and the actor one more; nothing pinned",
-            len(os.sched_getaffinity(0)),
+            len(cores),
             engines,
         )
         return None
@@ -105,13 +105,3 @@ def split_cpus_for_overlap(
         list(plan.actor_cpus),
     )
     return plan
-
-
-def engine_and_actor_cpus(actor: Any, rollout: Any) -> tuple[list[list[int]], list[list[int]]]:
-    """The cores each rollout and each actor worker may use now (for tests and logs)."""
-    from fipo_trainer.cluster.worker import Worker
-
-    return (
-        rollout.worker_group.call_all(Worker.cpu_affinity),
-        actor.worker_group.call_all(Worker.cpu_affinity),
-    )

@@ -244,12 +244,6 @@ class Worker:
 
         return pin_this_process(cpus)
 
-    def cpu_affinity(self) -> list[int]:
-        """The cores this worker's threads may run on."""
-        from fipo_trainer.cluster.cpu_split import process_cpus
-
-        return process_cpus()
-
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(self, *args, **kwargs)`` in this worker (for code that needs its state)."""
         return fn(self, *args, **kwargs)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from fipo_trainer.cluster.cpu_split import plan_cpu_split
+from fipo_trainer.cluster.cpu_split import plan_cpu_split, process_cpus
 from tests.e2e.test_train import read_metrics, train
 
 pytestmark = pytest.mark.e2e
@@ -32,18 +32,28 @@ def assert_same_steps(a: dict, b: dict, steps) -> None:
             assert a[step][key] == pytest.approx(b[step][key], rel=1e-4, abs=1e-6), (step, key)
 
 
+def worker_cores(worker) -> list[int]:
+    """Run in a worker (``Worker.run``): the cores its threads may use."""
+    return process_cpus()
+
+
 @pytest.fixture
 def worker_cpus(monkeypatch):
     """The cores the rollout and the actor workers may use, read just before each run's
     shutdown: ``[(rollout per rank, actor per rank), ...]``."""
-    from fipo_trainer.cluster.cpu_split import engine_and_actor_cpus
+    from fipo_trainer.cluster.worker import Worker
     from fipo_trainer.trainer import loop
 
     seen, stop = [], loop.RLTrainer.shutdown
 
     def reading_shutdown(self, *args, **kwargs):
         if self.actor is not None and self.rollout is not None:
-            seen.append(engine_and_actor_cpus(self.actor, self.rollout))
+            seen.append(
+                tuple(
+                    role.worker_group.call_all(Worker.run, worker_cores)
+                    for role in (self.rollout, self.actor)
+                )
+            )
         return stop(self, *args, **kwargs)
 
     monkeypatch.setattr(loop.RLTrainer, "shutdown", reading_shutdown)
