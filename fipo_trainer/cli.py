@@ -320,7 +320,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     if DRY_RUN_FLAG in args:
         rest = [a for a in args if a != DRY_RUN_FLAG]
         sys.exit(dry_run_sweep(rest) if multirun else dry_run(rest))
-    from fipo_trainer.cluster.startup_gc import pause_gc
+    from fipo_trainer.startup import pause_gc
 
     pause_gc()  # imports, config, tiny model, Ray: settled once the roles are up
     if multirun and not any(a.startswith(_OTHER_CONFIG_FLAGS) for a in args):

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from fipo_trainer.startup import HIDE_TRITON_ENV
+
 
 @dataclass(frozen=True)
 class Platform:
@@ -267,4 +269,7 @@ def worker_env() -> dict[str, str]:
         # VLLM_CPU_KVCACHE_SPACE (whole GiB) still reaches the workers and wins.
         if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             env["VLLM_CPU_KVCACHE_SPACE"] = os.environ["VLLM_CPU_KVCACHE_SPACE"]
+        # No GPU kernel compiler in CPU workers (fipo_trainer.startup.hide_triton, why there);
+        # a user's 0 wins.
+        env[HIDE_TRITON_ENV] = os.environ.get(HIDE_TRITON_ENV, "1")
     return env

@@ -67,13 +67,13 @@ def child(role: str, mode: str, model_path: str) -> dict[str, float]:
     import gc
 
     if mode == "gc_paused":
-        from fipo_trainer.cluster.startup_gc import pause_gc
+        from fipo_trainer.startup import pause_gc
 
         pause_gc(settle_after_s=None)
     start = time.perf_counter()
     {"rollout": _build_rollout, "actor": _build_actor, "driver": _build_driver}[role](model_path)
     gc_during_build = gc.isenabled()  # the driver role has no probe: still paused here
-    from fipo_trainer.cluster.startup_gc import settle_gc
+    from fipo_trainer.startup import settle_gc
 
     settle_gc()
     return {

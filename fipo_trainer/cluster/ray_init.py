@@ -31,7 +31,8 @@ from typing import Any
 import psutil
 import ray
 
-from fipo_trainer.cluster import leftovers, startup_gc
+from fipo_trainer import startup
+from fipo_trainer.cluster import leftovers
 from fipo_trainer.cluster.worker import bind_host, loopback_interface
 from fipo_trainer.platform import forwarded_env, worker_env
 
@@ -125,9 +126,9 @@ def init_ray(
     if local:
         env = {**local_network_env({**os.environ, **user_env}), **env}
     rt_env = {**(runtime_env or {}), "env_vars": env}
-    # Workers start with the GC paused, settled by their start-up probe (startup_gc); a
+    # Workers start with the GC paused, settled by their start-up probe (fipo_trainer.startup); a
     # user's own hook wins.
-    rt_env.setdefault("worker_process_setup_hook", startup_gc.SETUP_HOOK)
+    rt_env.setdefault("worker_process_setup_hook", startup.SETUP_HOOK)
     kwargs: dict[str, Any] = {
         "namespace": namespace,
         "runtime_env": rt_env,

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from fipo_trainer.cluster.startup_gc import settle_gc
+from fipo_trainer.startup import settle_gc
 
 T = TypeVar("T")
 
@@ -227,7 +227,7 @@ class Worker:
 
     def health(self) -> dict[str, Any]:
         """Cheap probe used by the start-up check (it also proves ``__init__`` finished, so
-        the start-up heap is frozen and the GC back on here: ``startup_gc``)."""
+        the start-up heap is frozen and the GC back on here: ``fipo_trainer.startup``)."""
         settle_gc()
         return {
             "group": self.dist_info.group_name,

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from fipo_trainer.cluster.startup_gc import freeze_if_paused
 from fipo_trainer.platform import current_platform, worker_env
 from fipo_trainer.rollout.base import (
     FINISH_LENGTH,
@@ -33,6 +32,7 @@ from fipo_trainer.rollout.vllm_setup import (
     remove_cpu_shm,
     whole_prefill_args,
 )
+from fipo_trainer.startup import freeze_if_paused
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class VllmEngine:
             kwargs["enable_sleep_mode"] = config.free_cache_engine
         start = time.perf_counter()
         # vLLM freezes the GC heap once built; frozen before, its five gc.collect() calls
-        # during the build skip the imports' million objects (~1 CPU-s: cluster.startup_gc).
+        # during the build skip the imports' million objects (~1 CPU-s: fipo_trainer.startup).
         freeze_if_paused()
         self._llm = LLM(**kwargs)
         self.startup_seconds = time.perf_counter() - start

@@ -84,11 +84,11 @@ class RLTrainer:
         from fipo_trainer.cluster.ray_init import init_ray, ray_initialized
         from fipo_trainer.cluster.resource_pool import place_roles
         from fipo_trainer.cluster.shared_weight_sync import SharedWeightSync
-        from fipo_trainer.cluster.startup_gc import settle_gc
         from fipo_trainer.cluster.weight_sync import WeightSync
         from fipo_trainer.cluster.worker_group import Deadline
         from fipo_trainer.rewards.pool import RewardPool
         from fipo_trainer.rollout.group import GenerationDeadline, RolloutGroup
+        from fipo_trainer.startup import settle_gc
 
         cfg = self.cfg
         res = cfg.resources
@@ -129,7 +129,7 @@ class RLTrainer:
         self.weight_sync = sync(self.actor, self.rollout, timeout_s=call_s)
         # Async on a CPU node: the engines and the ranks on cores of their own.
         split_cpus_for_overlap(res, cfg.trainer.async_mode, self.actor, self.rollout)
-        settle_gc()  # `fipo-train` paused the GC for its start-up (cluster.startup_gc)
+        settle_gc()  # `fipo-train` paused the GC for its start-up (fipo_trainer.startup)
 
     def _build_data(self) -> None:
         from fipo_trainer.trainer.data_source import PromptSource, routed_graders

@@ -53,6 +53,17 @@ class EchoWorker(Worker):
 
         return {"at_init": self.gc_at_init, "now": gc.isenabled(), "frozen": gc.get_freeze_count()}
 
+    def triton_state(self) -> dict[str, bool]:
+        import importlib.util
+        import sys
+
+        import torch._dynamo  # noqa: F401 - what imports triton in an actor rank (transformers)
+
+        return {
+            "hidden": "triton" in sys.modules and sys.modules["triton"] is None,
+            "found": importlib.util.find_spec("triton") is not None,
+        }
+
     def double(self, batch: Batch) -> Batch:
         return Batch({"y": batch["x"] * 2, "rank": torch.full((len(batch),), self.rank)})
 
@@ -122,13 +133,24 @@ def test_ranks_env_and_collective():
 
 def test_workers_start_with_the_gc_paused_and_settle_it_at_the_probe():
     """init_ray's setup hook pauses the GC before the worker class is imported; the start-up
-    probe freezes the start-up heap and turns it back on (cluster.startup_gc)."""
+    probe freezes the start-up heap and turns it back on (fipo_trainer.startup)."""
     group = WorkerGroup(EchoWorker, 1, name="gc", num_cpus_per_worker=0.25)
     try:
         (state,) = group.call_all(EchoWorker.gc_state)
         assert state["at_init"] is False  # paused while the worker imported and built
         assert state["now"] is True
         assert state["frozen"] > 10_000  # torch, Ray, this package: frozen, not rescanned
+    finally:
+        group.shutdown()
+
+
+def test_cpu_workers_do_not_load_triton():
+    """On CPU the setup hook hides triton before the worker imports anything: torch._dynamo
+    (which transformers imports) still loads, through its no-triton path."""
+    group = WorkerGroup(EchoWorker, 1, name="triton", num_cpus_per_worker=0.25)
+    try:
+        (state,) = group.call_all(EchoWorker.triton_state)
+        assert state == {"hidden": True, "found": False}
     finally:
         group.shutdown()
 

@@ -22,7 +22,7 @@ FLOORS = [
     {"data", "rewards"},
     {"algorithms"},
 ]
-BASE = {"platform", "plugins", "fsutil", "__init__"}  # usable from every floor
+BASE = {"platform", "plugins", "fsutil", "startup", "__init__"}  # usable from every floor
 
 
 def floor_of(top: str) -> int | None:

