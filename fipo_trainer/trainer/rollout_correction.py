@@ -14,7 +14,7 @@ from typing import Any
 from fipo_trainer.algorithms.rollout_correction import compute_rollout_correction_weights
 from fipo_trainer.data.batch import Batch
 
-__all__ = ["rollout_correction"]
+__all__ = ["rollout_as_old_log_probs", "rollout_correction"]
 
 
 def rollout_correction(
@@ -32,3 +32,12 @@ def rollout_correction(
     if rc.enable:
         batch = batch | Batch({"rollout_is_weights": weights})
     return batch, metrics
+
+
+def rollout_as_old_log_probs(batch: Batch) -> Batch:
+    """Bypass mode (``algorithm.rollout_correction.bypass_mode``, verl's name): the engine's
+    log-probs stand in for the actor's old-log-prob pass, saving a forward pass over the batch
+    and a round trip per step. Exact up to the engine/actor numerical gap, which the config
+    rules confine to on-policy, untruncated sampling; then π_old / π_rollout = 1, so there is
+    no mismatch to measure or correct (no ``rollout_corr/*``, no ``actor/entropy``)."""
+    return Batch({"old_log_probs": batch["rollout_log_probs"]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -40,3 +41,20 @@ def test_our_side_runs_the_like_for_like_recipe():
     assert cfg.algorithm.filter_groups.enable is False
     assert cfg.actor.loss_name == "vanilla" and cfg.actor.policy_loss.loss_agg_mode == "token-mean"
     assert cfg.data.gen_batch_size == cfg.data.train_batch_size == 16  # nothing generated twice
+
+
+def test_extra_overrides_reach_our_run_and_name_the_side(tmp_path, monkeypatch):
+    seen = []
+
+    def run_one(overrides, run_dir, timeout_s):
+        seen.append(list(overrides))
+        run_dir.mkdir(parents=True)
+        rows = [{"step": s, "perf/step_seconds": 0.5, "reward/score_mean": 0.1} for s in (1, 2)]
+        (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        return {"status": "ok", "startup_s": 1.0, "wall_s": 2.0}
+
+    monkeypatch.setattr(bt, "_bench_pipeline", lambda: SimpleNamespace(run_one=run_one))
+    bypass = "algorithm.rollout_correction.bypass_mode=true"
+    ours = bt.run_ours(2, tmp_path, 60.0, [bypass])
+    assert seen[0][: len(bt.OURS)] == bt.OURS and seen[0][-1] == bypass
+    assert ours["side"].endswith(bypass) and ours["s_per_step"] == 0.5

@@ -253,7 +253,7 @@ def _errors(*overrides: str) -> str:
 def test_config_is_off_by_default_in_every_algorithm():
     for algo in ("fipo", "dapo", "grpo"):
         rc = _quick(f"algorithm={algo}").algorithm.rollout_correction
-        assert (rc.enable, rc.level, rc.threshold) == (False, "token", 2.0)
+        assert (rc.enable, rc.level, rc.threshold, rc.bypass_mode) == (False, "token", 2.0, False)
 
 
 def test_config_accepts_both_threshold_forms():
@@ -276,3 +276,19 @@ def test_config_accepts_both_threshold_forms():
 )
 def test_config_errors_name_the_key(override, match):
     assert __import__("re").search(match, _errors(f"algorithm.rollout_correction.{override}"))
+
+
+def test_bypass_mode_validates_on_policy_untruncated_and_uncorrected():
+    bypass = "algorithm.rollout_correction.bypass_mode=true"
+    validate_config(_quick(bypass), check_files=False, check_platform=False)
+    errors = _errors(bypass, "algorithm.rollout_correction.enable=true")
+    assert "bypass_mode=true with algorithm.rollout_correction.enable=true" in errors
+    errors = _errors(bypass, "trainer.async_mode=one_step")
+    assert "bypass_mode=true with trainer.async_mode=one_step" in errors
+    assert "trainer.async_mode=off" in errors
+    errors = _errors(bypass, "rollout.top_p=0.9")
+    assert "rollout.top_p=0.9" in errors and "rollout.top_p=1.0" in errors
+    assert "rollout.top_k=20" in _errors(bypass, "rollout.top_k=20")
+    # validation sampling (rollout.val.top_p) trains nothing: allowed
+    validate_config(_quick(bypass, "rollout.val.top_p=0.7"), check_files=False,
+                    check_platform=False)

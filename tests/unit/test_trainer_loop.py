@@ -185,6 +185,7 @@ class FakeActor:
 
     def update(self, batch, *, temperature, global_step):
         self.log.append(("update", temperature, global_step, sorted(batch.keys())))
+        self.updated = batch
         return {"actor/pg_loss": 0.5, "actor/grad_norm": float("nan") if global_step == 9 else 1.0}
 
 
@@ -197,12 +198,16 @@ class FakeSync:
         return {"sync/seconds": 0.0}
 
 
-def cfg(*, enable=True, max_rounds=3, on_exhausted="proceed", nan_policy="stop", rc=False):
+def cfg(
+    *, enable=True, max_rounds=3, on_exhausted="proceed", nan_policy="stop", rc=False, bypass=False
+):
     return SimpleNamespace(
         algorithm=SimpleNamespace(
             adv_estimator="grpo",
             norm_adv_by_std_in_grpo=True,
-            rollout_correction=SimpleNamespace(enable=rc, level="token", threshold=2.0),
+            rollout_correction=SimpleNamespace(
+                enable=rc, level="token", threshold=2.0, bypass_mode=bypass
+            ),
             filter_groups=SimpleNamespace(
                 enable=enable,
                 metric="acc",
@@ -281,6 +286,20 @@ def test_train_step_with_rollout_correction_hands_the_weights_to_the_update(tmp_
     t, log = trainer_with_fakes(tmp_path, cfg(rc=True), [[True, False, False, True]])
     t.train_step(1)
     assert "rollout_is_weights" in log[1][3]
+
+
+def test_train_step_in_bypass_mode_trains_on_the_engines_log_probs(tmp_path):
+    """verl's bypass: no old-log-prob pass; π_old is the engine's log-probs, so there is no
+    mismatch to log (the fake actor's pass would have added 0.1 to every log-prob)."""
+    t, log = trainer_with_fakes(tmp_path, cfg(bypass=True), [[True, False, False, True]])
+    metrics = t.train_step(2)
+    assert [entry[0] for entry in log] == ["update", "sync"]
+    updated = t.actor.updated
+    assert updated["old_log_probs"] is updated["rollout_log_probs"]
+    keys = set(updated.keys())
+    assert set(ACTOR_UPDATE_READS) <= keys and "entropy" not in keys
+    assert not [k for k in metrics if k.startswith(("rollout_corr/", "timing_s/old_log_prob"))]
+    assert "rollout/actor_logprob_abs_diff" not in metrics and "actor/entropy" not in metrics
 
 
 def test_train_step_non_finite_update_stops_or_is_counted(tmp_path):

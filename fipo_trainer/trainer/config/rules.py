@@ -152,11 +152,39 @@ def _algorithm(cfg: TrainConfig, r: Report) -> None:
             f"rollout.n={n} with algorithm.filter_groups.enable=true: dynamic sampling keeps "
             "groups whose metric varies, which needs rollout.n>=2 (or disable filter_groups)"
         )
+    _bypass(cfg, r)
     expected = {"fipo": "fipo", "dapo": "vanilla", "grpo": "vanilla"}.get(alg.name)
     if expected is not None and cfg.actor.loss_name != expected:
         r.warn(
             f"algorithm.name={alg.name} but actor.loss_name={cfg.actor.loss_name}: the name is "
             "only a label; the loss that runs is actor.loss_name"
+        )
+
+
+def _bypass(cfg: TrainConfig, r: Report) -> None:
+    """algorithm.rollout_correction.bypass_mode x the correction x async x sampling: the
+    engine's log-probs stand in for π_old only where they are π_old's."""
+    rc, rollout, key = cfg.algorithm.rollout_correction, cfg.rollout, "algorithm.rollout_correction"
+    if not rc.bypass_mode:
+        return
+    if rc.enable:
+        r.error(
+            f"{key}.bypass_mode=true with {key}.enable=true: bypass makes π_old the engine's "
+            f"log-probs, so π_old / π_rollout is 1 and there is nothing to correct; set one false"
+        )
+    if cfg.trainer.async_mode != "off":
+        r.error(
+            f"{key}.bypass_mode=true with trainer.async_mode={cfg.trainer.async_mode}: under "
+            "async π_old is the actor's recomputation and the engine's staleness is rollout "
+            f"correction's to handle (docs/architecture.md); set {key}.bypass_mode=false or "
+            "trainer.async_mode=off"
+        )
+    if rollout.top_p < 1.0 or rollout.top_k > 0:
+        r.error(
+            f"{key}.bypass_mode=true with rollout.top_p={rollout.top_p}, rollout.top_k="
+            f"{rollout.top_k}: the engine's log-probs are then those of the truncated "
+            "distribution, not the policy's; set rollout.top_p=1.0 and rollout.top_k=-1, or "
+            f"{key}.bypass_mode=false"
         )
 
 

@@ -137,6 +137,11 @@ class RolloutCorrectionConfig:
     # One number u: truncated IS, w <- min(w, u). "lower_upper" (e.g. "0.5_2.0") or
     # [lower, upper]: IcePop, w <- 0 outside [lower, upper].
     threshold: Any = 2.0
+    # verl's bypass mode: π_old is the engine's log-probs (π_rollout), so the actor's
+    # old-log-prob pass is skipped (one forward pass and one round trip per step). Only where
+    # the two agree (rollout/actor_logprob_abs_diff, measured with it off) and the batch is
+    # on-policy (trainer.async_mode=off); no rollout_corr/* metrics, no actor/entropy.
+    bypass_mode: bool = False
 
     def validate(self) -> None:
         from fipo_trainer.algorithms.rollout_correction import LEVELS, parse_threshold
