@@ -202,7 +202,7 @@ def print_table(results: Sequence[dict[str, Any]]) -> None:
     cols = ("side", "steps", "s/step", "start-up s", "score first", "score last 8", "wall s")
     for c in cols:
         table.add_column(c, justify="left" if c == "side" else "right")
-    fmt = _bench_pipeline()._fmt
+    from bench_pipeline_report import _fmt as fmt  # scripts/, beside this file
     for r in results:
         table.add_row(
             r["side"], fmt(r.get("steps"), "d"), fmt(r.get("s_per_step"), ".3f"),

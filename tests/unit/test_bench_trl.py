@@ -58,3 +58,11 @@ def test_extra_overrides_reach_our_run_and_name_the_side(tmp_path, monkeypatch):
     ours = bt.run_ours(2, tmp_path, 60.0, [bypass])
     assert seen[0][: len(bt.OURS)] == bt.OURS and seen[0][-1] == bypass
     assert ours["side"].endswith(bypass) and ours["s_per_step"] == 0.5
+
+
+def test_the_table_prints_both_sides(capsys):
+    trl = {"side": "TRL GRPOTrainer", "steps": 40, "s_per_step": 0.265, "startup_s": 7.2}
+    ours = {"side": "fipo-train", "steps": 40, "s_per_step": 0.339, "score_last": -0.7}
+    bt.print_table([trl, ours])
+    out = capsys.readouterr().out
+    assert "0.265" in out and "0.339" in out and "-0.700" in out
