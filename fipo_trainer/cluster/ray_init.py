@@ -126,8 +126,8 @@ def init_ray(
     if local:
         env = {**local_network_env({**os.environ, **user_env}), **env}
     rt_env = {**(runtime_env or {}), "env_vars": env}
-    # Workers start with the GC paused, settled by their start-up probe (fipo_trainer.startup); a
-    # user's own hook wins.
+    # Workers start with the GC paused (settled by their start-up probe) and, on CPU, without
+    # triton (fipo_trainer.startup); a user's own hook wins.
     rt_env.setdefault("worker_process_setup_hook", startup.SETUP_HOOK)
     kwargs: dict[str, Any] = {
         "namespace": namespace,
