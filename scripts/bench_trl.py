@@ -76,7 +76,9 @@ def quickstart_inputs() -> dict[str, Any]:
     return {"model": cfg.model.path, "rows": rows, "cfg": cfg}
 
 
-def run_trl(steps: int, inputs: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+def run_trl(
+    steps: int, inputs: dict[str, Any], out_dir: Path, threads: int = 2
+) -> dict[str, Any]:
     """TRL's GRPOTrainer on the quickstart's model and rows; step end times + scores.
     Run in a process of its own (``--side trl``), so its start-up counts its imports."""
     import psutil
@@ -89,7 +91,7 @@ def run_trl(steps: int, inputs: dict[str, Any], out_dir: Path) -> dict[str, Any]
 
     started = psutil.Process().create_time()
     cfg = inputs["cfg"]
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(inputs["model"])
     model = AutoModelForCausalLM.from_pretrained(inputs["model"], dtype=torch.float32)
     data = Dataset.from_list(
@@ -106,6 +108,11 @@ def run_trl(steps: int, inputs: dict[str, Any], out_dir: Path) -> dict[str, Any]
     args = GRPOConfig(
         output_dir=str(out_dir),
         use_cpu=True,
+        # Ours trains in fp32 without activation checkpointing; TRL defaults to bf16 autocast
+        # and gradient checkpointing, which on a CPU without AVX-512 BF16 is several times
+        # slower and would flatter us.
+        bf16=False,
+        gradient_checkpointing=False,
         report_to="none",
         save_strategy="no",
         logging_steps=1,
@@ -218,6 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="outputs/bench_trl")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds for our run")
     p.add_argument("--side", choices=("both", "trl"), default="both", help=argparse.SUPPRESS)
+    p.add_argument("--trl-threads", type=int, default=2, help="torch threads in TRL's process")
     p.add_argument("overrides", nargs="*", help="extra fipo-train overrides for our side")
     args = p.parse_args(argv)
     if importlib.util.find_spec("trl") is None:
@@ -225,11 +233,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.side == "trl":
-        trl = run_trl(args.steps, quickstart_inputs(), out / "trl")
+        trl = run_trl(args.steps, quickstart_inputs(), out / "trl", args.trl_threads)
         (out / "trl.json").write_text(json.dumps(trl))
         return 0
     ours = run_ours(args.steps, out, args.timeout, args.overrides)  # first: its start-up on a quiet machine
-    cmd = [sys.executable, __file__, "--side", "trl", "--steps", str(args.steps), "--out", str(out)]
+    cmd = [sys.executable, __file__, "--side", "trl", "--steps", str(args.steps), "--out", str(out),
+           "--trl-threads", str(args.trl_threads)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     trl = json.loads((out / "trl.json").read_text())
     (out / "results.json").write_text(json.dumps([trl, ours], indent=1))
