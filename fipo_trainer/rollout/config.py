@@ -12,6 +12,8 @@ from typing import Any
 
 # "vllm" or "hf" (a plain str so Hydra structured configs accept it).
 EngineName = str
+#: Per-request seeds are taken modulo this (vLLM's seeds must fit a signed 32-bit int).
+SEED_MODULUS = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,18 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def for_shard(self, first_prompt: int) -> SamplingConfig:
+        """This call's sampling for an engine given the prompts from row ``first_prompt`` on.
+
+        The vLLM engine seeds sample k of its i-th prompt ``seed + i * n + k``. Shifting the
+        seed by the shard's first row numbers prompts as one engine would: a seeded call
+        draws the same samples however many engines share it, and no two engines reuse a
+        seed stream (which would correlate different prompts' samples).
+        """
+        if self.seed is None or first_prompt == 0:
+            return self
+        return replace(self, seed=(self.seed + int(first_prompt) * self.n) % SEED_MODULUS)
 
 
 @dataclass

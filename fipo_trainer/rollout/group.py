@@ -210,9 +210,10 @@ class RolloutGroup:
         resolved = sampling or (self.config.val_sampling() if validate else self.config.sampling())
         rows = math.ceil(len(prompts) / len(shards)) * resolved.n
         k = self.tp
+        firsts = np.cumsum([0] + [len(shard) for shard in shards])
         results = self._workers.scatter(
             RolloutWorker.generate_batch,
-            [(shards[r // k], sampling) for r in range(len(shards) * k)],
+            [(shards[r // k], resolved.for_shard(firsts[r // k])) for r in range(len(shards) * k)],
             deadline=self.generation.for_call(rows, resolved.max_tokens),
             validate=validate,
             prompt_width=width,
@@ -251,12 +252,12 @@ class RolloutGroup:
         for e, shard in enumerate(shards):
             parts = stream_parts(len(shard) * n, resolved.max_tokens, parts_per_engine)
             chunk = max(1, math.ceil(len(shard) / parts))
+            mine = resolved.for_shard(offsets[e])
             gen = self._workers.stream(
-                e * k, RolloutWorker.generate_stream, shard, sampling, chunk_prompts=chunk,
-                **kwargs,
-            )  # fmt: skip
+                e * k, RolloutWorker.generate_stream, shard, mine, chunk_prompts=chunk, **kwargs
+            )
             streams[gen] = e
-            others += self._workers.submit(RolloutWorker.generate_batch, shard, sampling,
+            others += self._workers.submit(RolloutWorker.generate_batch, shard, mine,
                                            ranks=range(e * k + 1, e * k + k), **kwargs)  # fmt: skip
         start = time.monotonic()
         while streams:
@@ -315,10 +316,11 @@ class RolloutGroup:
         resolved = sampling or self.config.sampling()
         k = self.tp
         ranks = list(range(len(shards) * k))
+        firsts = np.cumsum([0] + [len(shard) for shard in shards])
         with turn():
             self._workers.scatter(
                 RolloutWorker.start_partial,
-                [(shards[r // k], resolved) for r in ranks],
+                [(shards[r // k], resolved.for_shard(firsts[r // k])) for r in ranks],
                 segment_tokens=segment_tokens,
                 prompt_width=width,
             )

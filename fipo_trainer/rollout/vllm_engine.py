@@ -24,7 +24,7 @@ from fipo_trainer.rollout.base import (
     RolloutOutput,
     check_prompts,
 )
-from fipo_trainer.rollout.config import RolloutConfig, SamplingConfig
+from fipo_trainer.rollout.config import SEED_MODULUS, RolloutConfig, SamplingConfig
 from fipo_trainer.rollout.vllm_setup import (
     check_whole_prefill,
     cpu_kv_cache_args,
@@ -238,7 +238,7 @@ class VllmEngine:
         seed = (
             None
             if sampling.seed is None
-            else (sampling.seed + prompt_index * sampling.n) % (2**31 - 1)
+            else (sampling.seed + prompt_index * sampling.n) % SEED_MODULUS
         )
         return SamplingParams(
             n=sampling.n,

@@ -136,6 +136,22 @@ def test_vllm_stream_hands_out_finished_prompts_early_and_equals_generate(vllm_e
     assert vllm_engine.generate(prompts, sampling) == whole
 
 
+def test_vllm_prompts_split_across_engines_sample_as_one_engine(vllm_engine, warm_model):
+    """RolloutGroup hands each engine its shard with ``sampling.for_shard(first row)``: the
+    shards then draw the very tokens one engine draws for the whole call, so a seeded run
+    samples the same with 1 or 2 engines, and two engines never share a seed stream."""
+    prompts, _ = _prompts(warm_model, k=8)
+    sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=MAX_TOKENS, seed=5)
+    whole = vllm_engine.generate(prompts, sampling)
+    shards = [vllm_engine.generate(prompts[a:b], sampling.for_shard(a)) for a, b in ((0, 3), (3, 8))]
+    split = shards[0] + shards[1]
+    assert [o.token_ids for o in split] == [o.token_ids for o in whole]
+    for a, b in zip(split, whole):
+        assert a.log_probs == pytest.approx(b.log_probs, abs=1e-5)
+    unshifted = vllm_engine.generate(prompts[3:], sampling)  # what each engine drew before
+    assert [o.token_ids for o in unshifted] != [o.token_ids for o in shards[1]]
+
+
 def _check_reload(engine, path, source):
     """Load ``source``'s weights into ``engine``; greedy + log-probs must follow it exactly."""
     prompts = [[5, 70, 80, 90, 100], [7, 8, 9], [120, 33]]

@@ -67,3 +67,18 @@ def test_structured_config_and_dict_round_trip():
     assert isinstance(cfg.val, ValSamplingConfig) and cfg.val.n == 3 and cfg.n == 2
     with pytest.raises(ValueError, match="unknown rollout config keys"):
         rollout_config_from({"temprature": 1.0})
+
+
+def test_for_shard_numbers_prompts_as_one_engine_would():
+    import numpy as np
+
+    from fipo_trainer.rollout.config import SEED_MODULUS
+
+    s = SamplingConfig(n=8, seed=100)
+    assert s.for_shard(0) is s
+    shifted = s.for_shard(np.int64(3))  # RolloutGroup passes numpy offsets
+    assert shifted.seed == 124 and type(shifted.seed) is int and shifted.n == 8
+    assert s.for_shard(3).for_shard(2).seed == s.for_shard(5).seed  # shifts add up
+    assert SamplingConfig(n=2, seed=SEED_MODULUS - 1).for_shard(1).seed == 1  # wraps
+    unseeded = SamplingConfig(n=8, seed=None)
+    assert unseeded.for_shard(5) is unseeded
