@@ -8,33 +8,15 @@ stream and the samples depended on how many engines shared the call.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from fipo_trainer.cluster import init_ray, shutdown_ray
 from fipo_trainer.data.batch import Batch
 from fipo_trainer.data.tiny_model import build_tiny_model
-from fipo_trainer.data.warm_start import prompt_ids
 from fipo_trainer.rollout import RolloutConfig, SamplingConfig
 from fipo_trainer.rollout.group import RolloutGroup
+from tests.integration.test_weight_sync_actor import PAIRS, _prompt_batch
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-
-PAIRS = [(12, 34), (5, 77), (40, 2), (9, 9), (31, 18)]  # odd: the shards differ in size
-
-
-def _prompt_batch(path) -> Batch:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    rows = [prompt_ids(tok, [{"role": "user", "content": f"What is {a}+{b}?"}]) for a, b in PAIRS]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-    return Batch(
-        {"input_ids": ids, "attention_mask": (ids != tok.pad_token_id).long()},
-        {"uid": [f"p{i}" for i in range(len(rows))]},
-    )
 
 
 def _responses(batch: Batch) -> list[list[int]]:
