@@ -116,6 +116,40 @@ def merge_rollout_metrics(per_worker: Sequence[dict[str, float]]) -> dict[str, f
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptShards:
+    """A call's prompts cut into one consecutive shard per engine (prompt order kept).
+
+    ``sampling[e]`` is shard e's sampling with the seed shifted by its first row, so an
+    engine draws what one engine given the whole call would (``SamplingConfig.for_shard``).
+    """
+
+    inputs: list[Batch]
+    sampling: list[SamplingConfig]
+    first_rows: np.ndarray  # prompt row each shard starts at
+    width: int  # one prompt width for every shard
+    n: int  # responses per prompt
+
+    @property
+    def rows_per_engine(self) -> int:
+        """Responses the largest shard makes (what a call's deadline is sized by)."""
+        return max(len(shard) for shard in self.inputs) * self.n
+
+
+def split_prompts(prompts: Batch, sampling: SamplingConfig, engines: int) -> PromptShards:
+    """Cut ``prompts`` across ``engines`` (fewer when there are fewer prompts)."""
+    token_lists, width = prompt_token_lists(prompts)
+    inputs = generate_inputs(prompts).chunk(min(engines, len(prompts)))
+    first_rows = np.cumsum([0] + [len(shard) for shard in inputs])[:-1]
+    return PromptShards(
+        inputs=inputs,
+        sampling=[sampling.for_shard(first) for first in first_rows],
+        first_rows=first_rows,
+        width=width or max(len(p) for p in token_lists),
+        n=sampling.n,
+    )
+
+
 class RolloutGroup:
     """``world_size`` engines behind one object; an engine is ``tensor_parallel_size`` = k
     consecutive rollout workers (one TP rank each, one device each).
@@ -194,6 +228,16 @@ class RolloutGroup:
         """Engine ranks (workers): engines x tensor_parallel_size."""
         return self._workers.world_size
 
+    def _split(
+        self, prompts: Batch, sampling: SamplingConfig | None, validate: bool, what: str
+    ) -> PromptShards:
+        """The call's prompts cut across the engines, with the sampling the call resolves to
+        (``None``: the config's training block; ``validate=True``: its val block)."""
+        if len(prompts) == 0:
+            raise ValueError(f"RolloutGroup.{what} got an empty prompt batch")
+        resolved = sampling or (self.config.val_sampling() if validate else self.config.sampling())
+        return split_prompts(prompts, resolved, self.engines)
+
     def generate(
         self, prompts: Batch, sampling: SamplingConfig | None = None, *, validate: bool = False
     ) -> tuple[Batch, dict[str, float]]:
@@ -202,21 +246,14 @@ class RolloutGroup:
         The batch holds the ``generate`` fields plus the prompt fields (``data/schema.py``).
         ``sampling=None``: the config's training block (``validate=True``: its val block).
         """
-        if len(prompts) == 0:
-            raise ValueError("RolloutGroup.generate got an empty prompt batch")
-        token_lists, width = prompt_token_lists(prompts)
-        width = width or max(len(p) for p in token_lists)  # one prompt width for every shard
-        shards = generate_inputs(prompts).chunk(min(self.engines, len(prompts)))
-        resolved = sampling or (self.config.val_sampling() if validate else self.config.sampling())
-        rows = math.ceil(len(prompts) / len(shards)) * resolved.n
+        split = self._split(prompts, sampling, validate, "generate")
         k = self.tp
-        firsts = np.cumsum([0] + [len(shard) for shard in shards])
         results = self._workers.scatter(
             RolloutWorker.generate_batch,
-            [(shards[r // k], resolved.for_shard(firsts[r // k])) for r in range(len(shards) * k)],
-            deadline=self.generation.for_call(rows, resolved.max_tokens),
+            [(split.inputs[r // k], split.sampling[r // k]) for r in range(len(split.inputs) * k)],
+            deadline=self.generation.for_call(split.rows_per_engine, split.sampling[0].max_tokens),
             validate=validate,
-            prompt_width=width,
+            prompt_width=split.width,
         )[::k]
         out = Batch.concat([batch for batch, _ in results])
         n = len(out) // len(prompts)
@@ -236,23 +273,15 @@ class RolloutGroup:
         prompt fields, ``rollout/*`` metrics so far). A part holds whole prompts (n rows
         each); the parts of all engines cover every row once. Bounded by the call's
         generation deadline."""
-        if len(prompts) == 0:
-            raise ValueError("RolloutGroup.generate_stream got an empty prompt batch")
-        token_lists, width = prompt_token_lists(prompts)
-        width = width or max(len(p) for p in token_lists)
-        shards = generate_inputs(prompts).chunk(min(self.engines, len(prompts)))
-        resolved = sampling or (self.config.val_sampling() if validate else self.config.sampling())
-        n, k = resolved.n, self.tp
-        offsets = np.cumsum([0] + [len(shard) for shard in shards])
-        deadline = self.generation.for_call(math.ceil(len(prompts) / len(shards)) * n,
-                                            resolved.max_tokens)  # fmt: skip
-        kwargs = {"validate": validate, "prompt_width": width}
+        split = self._split(prompts, sampling, validate, "generate_stream")
+        n, k = split.n, self.tp
+        deadline = self.generation.for_call(split.rows_per_engine, split.sampling[0].max_tokens)
+        kwargs = {"validate": validate, "prompt_width": split.width}
         streams = {}
         others = []  # TP ranks > 0 run the same steps (SPMD); only rank 0's output is kept
-        for e, shard in enumerate(shards):
-            parts = stream_parts(len(shard) * n, resolved.max_tokens, parts_per_engine)
+        for e, (shard, mine) in enumerate(zip(split.inputs, split.sampling)):
+            parts = stream_parts(len(shard) * n, mine.max_tokens, parts_per_engine)
             chunk = max(1, math.ceil(len(shard) / parts))
-            mine = resolved.for_shard(offsets[e])
             gen = self._workers.stream(
                 e * k, RolloutWorker.generate_stream, shard, mine, chunk_prompts=chunk, **kwargs
             )
@@ -270,7 +299,7 @@ class RolloutGroup:
                 continue
             label = self._workers.label(e * k)
             rows, part, metrics = wait_labelled([(label, ref)], what="generate_stream")[0]
-            prompt_rows = offsets[e] + np.asarray(rows, dtype=np.int64)
+            prompt_rows = split.first_rows[e] + np.asarray(rows, dtype=np.int64)
             part |= expand_prompt_fields(prompts[prompt_rows], n)
             yield (prompt_rows[:, None] * n + np.arange(n)).reshape(-1), part, metrics
         if others:
@@ -308,26 +337,19 @@ class RolloutGroup:
         """:meth:`generate`, cut into engine calls of ``segment_tokens`` tokens, each made
         while holding ``turn()``: a weight sync between two calls reaches the unfinished
         responses (``rollout.partial``); every token keeps the version that produced it."""
-        if len(prompts) == 0:
-            raise ValueError("RolloutGroup.generate_partial got an empty prompt batch")
-        token_lists, width = prompt_token_lists(prompts)
-        width = width or max(len(p) for p in token_lists)
-        shards = generate_inputs(prompts).chunk(min(self.engines, len(prompts)))
-        resolved = sampling or self.config.sampling()
+        split = self._split(prompts, sampling, False, "generate_partial")
         k = self.tp
-        ranks = list(range(len(shards) * k))
-        firsts = np.cumsum([0] + [len(shard) for shard in shards])
+        ranks = list(range(len(split.inputs) * k))
         with turn():
             self._workers.scatter(
                 RolloutWorker.start_partial,
-                [(shards[r // k], resolved.for_shard(firsts[r // k])) for r in ranks],
+                [(split.inputs[r // k], split.sampling[r // k]) for r in ranks],
                 segment_tokens=segment_tokens,
-                prompt_width=width,
+                prompt_width=split.width,
             )
-        rows = math.ceil(len(prompts) / len(shards)) * resolved.n
-        deadline = self.generation.for_call(rows, segment_tokens)
+        deadline = self.generation.for_call(split.rows_per_engine, segment_tokens)
         results: dict[int, tuple[Batch, dict[str, float]]] = {}
-        while len(results) < len(shards):
+        while len(results) < len(split.inputs):
             pending = [r for r in ranks if r // k not in results]
             with turn():
                 answers = self._workers.call_all(
@@ -336,7 +358,7 @@ class RolloutGroup:
             for rank, answer in zip(pending, answers):
                 if answer is not None and rank % k == 0:
                     results[rank // k] = answer
-        parts = [results[e] for e in range(len(shards))]
+        parts = [results[e] for e in range(len(split.inputs))]
         out = Batch.concat([batch for batch, _ in parts])
         out |= expand_prompt_fields(prompts, len(out) // len(prompts))
         return out, merge_rollout_metrics([m for _, m in parts])

@@ -17,7 +17,8 @@ from fipo_trainer.rollout.assemble import (
     rollout_metrics,
 )
 from fipo_trainer.rollout.base import RolloutOutput, check_prompts
-from fipo_trainer.rollout.group import merge_rollout_metrics
+from fipo_trainer.rollout.config import SamplingConfig
+from fipo_trainer.rollout.group import merge_rollout_metrics, split_prompts
 
 PAD = 0
 
@@ -139,3 +140,18 @@ def test_common_prompt_width_for_list_prompts():
     )
     assert out["input_ids"].shape == (4, 10)
     assert out["input_ids"][3, :6].tolist() == [0, 0, 0, 0, 2, 3]
+
+
+def test_split_prompts_cuts_consecutive_shards_each_seeded_from_its_first_row():
+    ids = [[1, 2], [3], [4, 5, 6], [7], [8, 9]]
+    prompts = Batch(non_tensors={"prompt_token_ids": ids})
+    split = split_prompts(prompts, SamplingConfig(n=3, seed=10, max_tokens=4), engines=2)
+    assert [len(shard) for shard in split.inputs] == [3, 2]
+    assert split.first_rows.tolist() == [0, 3]
+    assert [s.seed for s in split.sampling] == [10, 10 + 3 * 3]
+    assert split.width == 3 and split.n == 3 and split.rows_per_engine == 9
+    joined = [row for shard in split.inputs for row in shard.non_tensors["prompt_token_ids"]]
+    assert joined == ids
+    # more engines than prompts: one prompt each, no empty shard
+    few = split_prompts(prompts[:2], SamplingConfig(n=2, seed=None), engines=4)
+    assert len(few.inputs) == 2 and [s.seed for s in few.sampling] == [None, None]
