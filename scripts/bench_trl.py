@@ -180,8 +180,12 @@ def run_ours(
 ) -> dict[str, Any]:
     bp = _bench_pipeline()
     overrides = [*OURS, f"trainer.total_training_steps={steps}", *extra]
+    metrics = out_dir / "ours" / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)  # never read a previous run's steps as this one's
     r = bp.run_one(overrides, out_dir / "ours", timeout_s)
-    rows = [json.loads(line) for line in (out_dir / "ours" / "metrics.jsonl").open()]
+    if r.get("status") != "ok":
+        raise SystemExit(f"our run {r.get('status')} ({out_dir / 'ours.log'}): {r.get('error')}")
+    rows = [json.loads(line) for line in metrics.open()]
     times = [row["perf/step_seconds"] for row in rows if "perf/step_seconds" in row]
     scores = [row["reward/score_mean"] for row in rows if "reward/score_mean" in row]
     return {

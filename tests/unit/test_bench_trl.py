@@ -60,6 +60,20 @@ def test_extra_overrides_reach_our_run_and_name_the_side(tmp_path, monkeypatch):
     assert ours["side"].endswith(bypass) and ours["s_per_step"] == 0.5
 
 
+def test_a_failed_run_of_ours_stops_the_benchmark_not_reads_old_steps(tmp_path, monkeypatch):
+    old = tmp_path / "ours" / "metrics.jsonl"  # a previous run's steps, left in the dir
+    old.parent.mkdir(parents=True)
+    old.write_text(json.dumps({"step": 1, "perf/step_seconds": 0.4}) + "\n")
+
+    def run_one(overrides, run_dir, timeout_s):
+        return {"status": "failed", "error": "invalid training config: ..."}
+
+    monkeypatch.setattr(bt, "_bench_pipeline", lambda: SimpleNamespace(run_one=run_one))
+    with pytest.raises(SystemExit, match=r"our run failed .*invalid training config"):
+        bt.run_ours(2, tmp_path, 60.0)
+    assert not old.exists()
+
+
 def test_the_table_prints_both_sides(capsys):
     trl = {"side": "TRL GRPOTrainer", "steps": 40, "s_per_step": 0.265, "startup_s": 7.2}
     ours = {"side": "fipo-train", "steps": 40, "s_per_step": 0.339, "score_last": -0.7}
