@@ -19,7 +19,9 @@ side; start-up is reported apart.
     ... scripts/bench_trl.py --steps 40 algorithm.rollout_correction.bypass_mode=true  # ours +
 
 The last line is ``SUMMARY {json}`` with ``trl_s_per_step``, ``ours_s_per_step``,
-``ratio_ours_vs_trl`` and each side's start-up and mean score.
+``ratio_ours_vs_trl``, each side's start-up (process start to ready to train) and their ratio
+``startup_ratio_ours_vs_trl`` (both measured minutes apart, so it carries across days this VM
+runs at other speeds), and each side's mean score.
 """
 
 from __future__ import annotations
@@ -208,6 +210,12 @@ def summary(trl: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
         "ratio_ours_vs_trl": a / b if a and b else None,
         "trl_startup_s": trl.get("startup_s"),
         "ours_startup_s": ours.get("startup_s"),
+        # both start-ups in one sitting: comparable across days the VM runs at other speeds
+        "startup_ratio_ours_vs_trl": (
+            ours["startup_s"] / trl["startup_s"]
+            if ours.get("startup_s") and trl.get("startup_s")
+            else None
+        ),
         "trl_score_last": trl.get("score_last"),
         "ours_score_last": ours.get("score_last"),
     }

@@ -26,8 +26,10 @@ def test_median_after_warmup_keeps_everything_when_too_short():
 
 
 def test_summary_ratio_and_missing_sides():
-    out = bt.summary({"s_per_step": 0.3, "startup_s": 6.0}, {"s_per_step": 0.6})
+    out = bt.summary({"s_per_step": 0.3, "startup_s": 6.0}, {"s_per_step": 0.6, "startup_s": 9.0})
     assert out["ratio_ours_vs_trl"] == 2.0 and out["trl_startup_s"] == 6.0
+    assert out["startup_ratio_ours_vs_trl"] == 1.5
+    assert bt.summary({"startup_s": 6.0}, {})["startup_ratio_ours_vs_trl"] is None
     assert bt.summary({}, {"s_per_step": 0.6})["ratio_ours_vs_trl"] is None
     json.dumps(out)
 
