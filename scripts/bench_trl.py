@@ -17,6 +17,7 @@ side; start-up is reported apart.
     pip install -e '.[bench]'     # trl + datasets (not needed by the trainer itself)
     flock /tmp/heavy.lock .venv/bin/python scripts/bench_trl.py --steps 40
     ... scripts/bench_trl.py --steps 40 algorithm.rollout_correction.bypass_mode=true  # ours +
+    ... scripts/bench_trl.py --steps 40 --pairs 3   # 3 pairs, alternating; medians
 
 The last line is ``SUMMARY {json}`` with ``trl_s_per_step``, ``ours_s_per_step``,
 ``ratio_ours_vs_trl``, each side's start-up (process start to ready to train) and their ratio
@@ -222,6 +223,19 @@ def summary(trl: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
+def pairs_summary(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """:func:`summary` of one (TRL, ours) pair; of several, each key's median over the pairs
+    (ratios are taken within a pair first), with every pair's ratio in ``pair_ratios``."""
+    each = [summary(trl, ours) for trl, ours in pairs]
+    if len(each) == 1:
+        return each[0]
+    out: dict[str, Any] = {}
+    for key in each[0]:
+        values = [s[key] for s in each if s.get(key) is not None]
+        out[key] = round(statistics.median(values), 4) if values else None
+    return out | {"pairs": len(each), "pair_ratios": [s["ratio_ours_vs_trl"] for s in each]}
+
+
 def print_table(results: Sequence[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -240,6 +254,24 @@ def print_table(results: Sequence[dict[str, Any]]) -> None:
     Console(width=160).print(table)
 
 
+def run_pairs(
+    n: int, steps: int, out: Path, timeout_s: float, overrides: Sequence[str], threads: int
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """``n`` (TRL, ours) pairs; ours goes first in pairs 1, 3, ... (its start-up on a quiet
+    machine), TRL in 2, 4, ..., so a slow minute of the VM hits both sides."""
+    pairs = []
+    for i in range(n):
+        where = out if n == 1 else out / f"pair{i + 1}"
+        trl = _trl_in_a_subprocess(steps, where, threads) if i % 2 else None
+        ours = run_ours(steps, where, timeout_s, overrides)
+        trl = trl or _trl_in_a_subprocess(steps, where, threads)
+        if n > 1:
+            ours["side"] += f" (pair {i + 1})"
+            trl["side"] += f" (pair {i + 1})"
+        pairs.append((trl, ours))
+    return pairs
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=40)
@@ -247,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds for our run")
     p.add_argument("--side", choices=("both", "trl"), default="both", help=argparse.SUPPRESS)
     p.add_argument("--trl-threads", type=int, default=2, help="torch threads in TRL's process")
+    p.add_argument("--pairs", type=int, default=1,
+                   help="runs of each side, alternating which goes first; medians reported")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="extra fipo-train overrides for our side")
     args = p.parse_args(argv)
     if importlib.util.find_spec("trl") is None:
@@ -257,16 +291,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         trl = run_trl(args.steps, quickstart_inputs(), out / "trl", args.trl_threads)
         (out / "trl.json").write_text(json.dumps(trl))
         return 0
-    # Ours first: its start-up on a quiet machine.
-    ours = run_ours(args.steps, out, args.timeout, args.overrides)
-    cmd = [sys.executable, __file__, "--side", "trl", "--steps", str(args.steps), "--out", str(out),
-           "--trl-threads", str(args.trl_threads)]  # fmt: skip
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    trl = json.loads((out / "trl.json").read_text())
-    (out / "results.json").write_text(json.dumps([trl, ours], indent=1))
-    print_table([trl, ours])
-    print("SUMMARY " + json.dumps(summary(trl, ours)), flush=True)
+    pairs = run_pairs(args.pairs, args.steps, out, args.timeout, args.overrides, args.trl_threads)
+    results = [row for pair in pairs for row in pair]
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print_table(results)
+    print("SUMMARY " + json.dumps(pairs_summary(pairs)), flush=True)
     return 0
+
+
+def _trl_in_a_subprocess(steps: int, out: Path, threads: int) -> dict[str, Any]:
+    """TRL's side in a fresh interpreter (its imports and threads never touch our run)."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, __file__, "--side", "trl", "--steps", str(steps), "--out", str(out),
+           "--trl-threads", str(threads)]  # fmt: skip
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out / "trl.json").read_text())
 
 
 if __name__ == "__main__":

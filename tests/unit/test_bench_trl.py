@@ -76,6 +76,32 @@ def test_a_failed_run_of_ours_stops_the_benchmark_not_reads_old_steps(tmp_path, 
     assert not old.exists()
 
 
+def test_pairs_alternate_who_goes_first_and_report_medians(tmp_path, monkeypatch):
+    order = []
+
+    def ours(steps, out_dir, timeout_s, extra=()):
+        order.append(("ours", out_dir.name))
+        return {"side": "ours", "s_per_step": 0.6 + 0.1 * len(order), "startup_s": 20.0}
+
+    def trl(steps, out_dir, threads):
+        order.append(("trl", out_dir.name))
+        return {"side": "TRL", "s_per_step": 0.4, "startup_s": 10.0}
+
+    monkeypatch.setattr(bt, "run_ours", ours)
+    monkeypatch.setattr(bt, "_trl_in_a_subprocess", trl)
+    pairs = bt.run_pairs(3, 40, tmp_path, 60.0, [], 2)
+    assert order == [("ours", "pair1"), ("trl", "pair1"), ("trl", "pair2"), ("ours", "pair2"),
+                     ("ours", "pair3"), ("trl", "pair3")]  # fmt: skip
+    assert [o["side"] for _, o in pairs] == [f"ours (pair {i})" for i in (1, 2, 3)]
+    out = bt.pairs_summary(pairs)  # ours: 0.7, 1.0, 1.1 against 0.4
+    assert out["pairs"] == 3 and out["pair_ratios"] == [1.75, 2.5, 2.75]
+    assert out["ratio_ours_vs_trl"] == 2.5 and out["ours_s_per_step"] == 1.0
+    assert bt.pairs_summary(pairs[:1]) == bt.summary(*pairs[0])
+    one = bt.run_pairs(1, 40, tmp_path, 60.0, [], 2)  # one pair: straight into --out
+    assert order[-2:] == [("ours", tmp_path.name), ("trl", tmp_path.name)]
+    assert one[0][1]["side"] == "ours"
+
+
 def test_the_table_prints_both_sides(capsys):
     trl = {"side": "TRL GRPOTrainer", "steps": 40, "s_per_step": 0.265, "startup_s": 7.2}
     ours = {"side": "fipo-train", "steps": 40, "s_per_step": 0.339, "score_last": -0.7}
