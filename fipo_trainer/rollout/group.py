@@ -129,6 +129,7 @@ class PromptShards:
     first_rows: np.ndarray  # prompt row each shard starts at
     width: int  # one prompt width for every shard
     n: int  # responses per prompt
+    max_tokens: int  # per response
 
     @property
     def rows_per_engine(self) -> int:
@@ -147,6 +148,7 @@ def split_prompts(prompts: Batch, sampling: SamplingConfig, engines: int) -> Pro
         first_rows=first_rows,
         width=width or max(len(p) for p in token_lists),
         n=sampling.n,
+        max_tokens=sampling.max_tokens,
     )
 
 
@@ -251,7 +253,7 @@ class RolloutGroup:
         results = self._workers.scatter(
             RolloutWorker.generate_batch,
             [(split.inputs[r // k], split.sampling[r // k]) for r in range(len(split.inputs) * k)],
-            deadline=self.generation.for_call(split.rows_per_engine, split.sampling[0].max_tokens),
+            deadline=self.generation.for_call(split.rows_per_engine, split.max_tokens),
             validate=validate,
             prompt_width=split.width,
         )[::k]
@@ -275,12 +277,12 @@ class RolloutGroup:
         generation deadline."""
         split = self._split(prompts, sampling, validate, "generate_stream")
         n, k = split.n, self.tp
-        deadline = self.generation.for_call(split.rows_per_engine, split.sampling[0].max_tokens)
+        deadline = self.generation.for_call(split.rows_per_engine, split.max_tokens)
         kwargs = {"validate": validate, "prompt_width": split.width}
         streams = {}
         others = []  # TP ranks > 0 run the same steps (SPMD); only rank 0's output is kept
         for e, (shard, mine) in enumerate(zip(split.inputs, split.sampling)):
-            parts = stream_parts(len(shard) * n, mine.max_tokens, parts_per_engine)
+            parts = stream_parts(len(shard) * n, split.max_tokens, parts_per_engine)
             chunk = max(1, math.ceil(len(shard) / parts))
             gen = self._workers.stream(
                 e * k, RolloutWorker.generate_stream, shard, mine, chunk_prompts=chunk, **kwargs

@@ -150,6 +150,7 @@ def test_split_prompts_cuts_consecutive_shards_each_seeded_from_its_first_row():
     assert split.first_rows.tolist() == [0, 3]
     assert [s.seed for s in split.sampling] == [10, 10 + 3 * 3]
     assert split.width == 3 and split.n == 3 and split.rows_per_engine == 9
+    assert split.max_tokens == 4
     joined = [row for shard in split.inputs for row in shard.non_tensors["prompt_token_ids"]]
     assert joined == ids
     # more engines than prompts: one prompt each, no empty shard
