@@ -31,6 +31,7 @@ __all__ = [
     "dry_run_sweep",
     "eval_main",
     "plot_main",
+    "quoted_override",
     "train_main",
     "unknown_key_message",
 ]
@@ -56,7 +57,7 @@ def compose_config(overrides: Sequence[str] = (), *, directory: str | Path | Non
     (Hydra's own advice, ``+a.b=1``, only moves the failure to the schema check).
     """
     from hydra import compose, initialize_config_dir
-    from hydra.errors import ConfigCompositionException
+    from hydra.errors import ConfigCompositionException, OverrideParseException
 
     import fipo_trainer.trainer.config  # noqa: F401 - registers the schema
     from fipo_trainer.trainer.config.errors import ConfigError
@@ -67,6 +68,8 @@ def compose_config(overrides: Sequence[str] = (), *, directory: str | Path | Non
             try:
                 cfg = compose(config_name=CONFIG_NAME, overrides=remaining)
                 break
+            except OverrideParseException as err:
+                raise ConfigError(unreadable_override_message(err.override, err.message)) from None
             except ConfigCompositionException as err:
                 match = _UNKNOWN_OVERRIDE.search(str(err))
                 key = match.group(1) if match else None
@@ -82,6 +85,27 @@ def compose_config(overrides: Sequence[str] = (), *, directory: str | Path | Non
 
 
 _UNKNOWN_OVERRIDE = re.compile(r"Could not override '([^']+)'")
+_BACKSLASHES_BEFORE_QUOTE_OR_END = re.compile(r"(\\*)('|$)")
+
+
+def quoted_override(key: str, value: object) -> str:
+    """``key='value'``, which Hydra reads back as exactly ``str(value)`` (a path may hold
+    ``=``, spaces, commas, brackets or quotes, each of which its grammar would parse)."""
+    text = _BACKSLASHES_BEFORE_QUOTE_OR_END.sub(
+        lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), str(value)
+    )
+    return f"{key}='{text}'"
+
+
+def unreadable_override_message(override: str, hydra_message: str) -> str:
+    """Hydra could not parse ``override``: say which, why, and how to quote its value."""
+    key, _, value = override.partition("=")
+    reason = hydra_message.splitlines()[0] if hydra_message else "unreadable"
+    return (
+        f"cannot read the override {override!r} ({reason}). A value holding '=', spaces, "
+        f"commas, brackets or quotes must be quoted: {quoted_override(key, value)} "
+        "(https://hydra.cc/docs/advanced/override_grammar/basic/)"
+    )
 
 
 def map_keys() -> list[str]:
@@ -271,10 +295,15 @@ def _check_sweep(args: list[str]) -> list[str]:
     """Before a multirun starts: every job must be valid, or nothing runs (exit 2; Hydra
     itself finds a bad job only when its turn comes, after the others trained). Returns
     ``args`` naming each job directory by its swept overrides (`sweep.dirname_override`)."""
+    from hydra.errors import OverrideParseException
+
     from fipo_trainer.trainer.sweep import dirname_override
 
     try:
         jobs = sweep_jobs(args)
+    except OverrideParseException as err:
+        print(unreadable_override_message(err.override, err.message), file=sys.stderr)
+        sys.exit(2)
     except Exception:  # Hydra reports a malformed sweep itself
         return args
     failed = [(n, job, errs) for n, job in enumerate(jobs) if (errs := job_errors(job))]

@@ -55,6 +55,8 @@ from typing import Any
 from bench_pipeline_report import print_table  # this directory: sys.path[0]
 from process_tree import TreeMonitor
 
+from fipo_trainer.cli import quoted_override
+
 SHAPES: dict[str, list[str]] = {
     "quickstart": [],
     # The quickstart without dynamic sampling: one generation round per step, as TRL's
@@ -245,7 +247,7 @@ def run_one(overrides: list[str], run_dir: Path, timeout_s: float) -> dict[str, 
     log = (run_dir.parent / f"{run_dir.name}.log").open("w")
     start = time.monotonic()
     proc = subprocess.Popen(
-        [fipo_train(), *overrides, f"trainer.run_dir={run_dir}"],
+        [fipo_train(), *overrides, quoted_override("trainer.run_dir", run_dir)],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # so a timeout can stop the whole group it started

@@ -45,6 +45,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fipo_trainer.cli import quoted_override
+
 REPO = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "GPU_CHECK_RESULT "
 SYNC_LINE = re.compile(r"GPU_CHECK sync/peak_extra_bytes=(\d+) bucket_bytes=(\d+)")
@@ -201,7 +203,7 @@ def _train_argv(work: Path, name: str = "fipo_train", layout: Sequence[str] = CO
         "trainer.plot=false",
         "trainer.export_hf=false",
         "algorithm.filter_groups.on_exhausted=proceed",
-        f"trainer.run_dir={work / name}",
+        quoted_override("trainer.run_dir", work / name),
     ]
 
 

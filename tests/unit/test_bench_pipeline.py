@@ -152,7 +152,7 @@ def test_tree_monitor_samples_pss_next_to_rss():
 
 FAKE_TRAINER = """#!{python}
 import json, sys, time
-run_dir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("trainer.run_dir="))
+run_dir = next(a.split("=", 1)[1].strip("'") for a in sys.argv if a.startswith("trainer.run_dir="))
 end = time.process_time() + 0.4
 while time.process_time() < end:  # start-up work
     pass
@@ -180,7 +180,7 @@ def test_run_one_records_the_cpu_spent_before_the_first_step(tmp_path, monkeypat
 
 FAKE_TRAINER_TWO_STEPS = """#!{python}
 import json, sys, time
-run_dir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("trainer.run_dir="))
+run_dir = next(a.split("=", 1)[1].strip("'") for a in sys.argv if a.startswith("trainer.run_dir="))
 row = {{"perf/step_seconds": 0.1, "timing_s/gen": 0.05}}
 with open(run_dir + "/metrics.jsonl", "w") as f:
     f.write(json.dumps({{"step": 1, **row}}) + "\\n")

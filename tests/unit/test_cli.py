@@ -82,6 +82,34 @@ def test_unknown_recipe_is_a_hydra_error():
         cli.compose_config(["recipe=nope"])
 
 
+@pytest.mark.parametrize(
+    "value", ["/runs/lr=1e-6", "/tmp/x y,z[1]", "/tmp/it's", "/tmp/back\\slash", "/tmp/end\\", ""]
+)
+def test_quoted_override_reads_back_as_the_exact_string(value):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    (override,) = OverridesParser.create().parse_overrides(
+        [cli.quoted_override("trainer.run_dir", value)]
+    )
+    assert override.value() == value
+
+
+def test_an_unreadable_override_is_named_with_the_quoted_fix(tmp_path, capsys):
+    from fipo_trainer.trainer.config import ConfigError
+
+    run_dir = tmp_path / "lr=1e-6"  # a sweep-style name: '=' inside a value
+    with pytest.raises(ConfigError) as err:
+        cli.compose_config([f"trainer.run_dir={run_dir}"])
+    fix = f"trainer.run_dir='{run_dir}'"
+    assert "cannot read the override" in str(err.value) and fix in str(err.value)
+    assert cli.compose_config([fix]).trainer.run_dir == str(run_dir)  # the fix works
+    assert cli.dry_run([f"trainer.run_dir={run_dir}"]) == 2  # exit 2, not a traceback
+    assert fix in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # a sweep says the same before any job starts
+        cli._check_sweep(["--multirun", f"trainer.run_dir={run_dir}", "trainer.seed=1,2"])
+    assert stop.value.code == 2 and fix in capsys.readouterr().err
+
+
 def test_config_dir_override_and_clear_error(monkeypatch, tmp_path):
     assert (cli.config_dir() / "config.yaml").is_file()
     monkeypatch.setenv(cli.CONFIG_DIR_ENV, str(tmp_path))
