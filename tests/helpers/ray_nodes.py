@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,17 +107,66 @@ class RayNodes:
         )
         self.log.append(f"$ ray_cluster.sh {' '.join(args)}\n{res.stdout}\n{res.stderr}")
         if res.returncode != 0:
-            raise RuntimeError(f"ray_cluster.sh {args[0]} failed:\n{res.stdout}\n{res.stderr}")
+            self.log[-1] += self.diagnosis()
+            raise RuntimeError(f"ray_cluster.sh {args[0]} failed:\n{self.log[-1]}")
         return res
 
-    def start_head(self, resources: dict[str, float], num_cpus: int = 1) -> None:
-        client = free_ports(1)[0]
-        self._script(
-            "head", *self._node_args(resources, num_cpus), f"--ray-client-server-port={client}"
+    def _start_node(self, build_args: Callable[[int], list[str]], attempts: int) -> None:
+        """Start one node; a start that fails is killed and retried on fresh ports.
+
+        ``ray start`` gives the raylet a fixed 30 s to register with the GCS, which a loaded
+        2-core machine can miss once (CI saw "The current node timed out during startup").
+        Every failure stays in ``log``; the last one is raised with the diagnosis.
+        """
+        for attempt in range(1, attempts + 1):
+            before = {p.pid for p in self.processes()}
+            try:
+                self._script(*build_args(attempt))
+                return
+            except (RuntimeError, subprocess.TimeoutExpired):
+                self._kill([p for p in self.processes() if p.pid not in before])
+                if attempt == attempts:
+                    raise
+
+    def start_head(self, resources: dict[str, float], num_cpus: int = 1, attempts: int = 2) -> None:
+        def head_args(attempt: int) -> list[str]:
+            if attempt > 1:  # the failed head's ports may still be held
+                self.gcs_port, self.dashboard_port = free_ports(2)
+            client = free_ports(1)[0]
+            return [
+                "head",
+                *self._node_args(resources, num_cpus),
+                f"--ray-client-server-port={client}",
+            ]
+
+        self._start_node(head_args, attempts)
+
+    def add_worker(self, resources: dict[str, float], num_cpus: int = 1, attempts: int = 2) -> None:
+        self._start_node(
+            lambda _attempt: ["worker", self.address, *self._node_args(resources, num_cpus)], attempts
         )
 
-    def add_worker(self, resources: dict[str, float], num_cpus: int = 1) -> None:
-        self._script("worker", self.address, *self._node_args(resources, num_cpus))
+    def diagnosis(self, lines: int = 15) -> str:
+        """The machine's load, its busiest processes and the tails of this cluster's core logs."""
+        busy = sorted(
+            psutil.process_iter(["pid", "name", "cpu_times"]),
+            key=lambda p: sum((p.info["cpu_times"] or (0, 0))[:2]),
+            reverse=True,
+        )[:5]
+        out = [
+            f"load average {os.getloadavg()}",
+            "busiest processes (CPU-s): "
+            + ", ".join(
+                f"{p.info['name']}[{p.info['pid']}] {sum((p.info['cpu_times'] or (0, 0))[:2]):.0f}"
+                for p in busy
+            ),
+        ]
+        for log in sorted(self.temp_dir.glob("session_2*/logs/*")):
+            if log.name in ("gcs_server.out", "gcs_server.err", "raylet.out", "raylet.err"):
+                with contextlib.suppress(OSError):
+                    tail = log.read_text(errors="replace").splitlines()[-lines:]
+                    out.append(f"--- {log.relative_to(self.temp_dir)}\n" + "\n".join(tail))
+        return "\n".join(out)
 
     def processes(self) -> list[psutil.Process]:
         """This cluster's processes: those naming its temp dir, and their children."""
@@ -134,18 +184,23 @@ class RayNodes:
         found.pop(os.getpid(), None)
         return list(found.values())
 
+    @staticmethod
+    def _kill(procs: list[psutil.Process], grace_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL what is left after ``grace_s``."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for proc in procs:
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(sig)
+            _, procs = psutil.wait_procs(procs, timeout=grace_s)
+            if not procs:
+                return
+
     def stop(self, grace_s: float = 10.0) -> None:
         """Kill this cluster's processes by pid (SIGTERM, then SIGKILL); remove its dir."""
         for _ in range(3):  # raylets may spawn workers while going down
             procs = self.processes()
             if not procs:
                 break
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                for proc in procs:
-                    with contextlib.suppress(psutil.Error):
-                        proc.send_signal(sig)
-                _, procs = psutil.wait_procs(procs, timeout=grace_s)
-                if not procs:
-                    break
+            self._kill(procs, grace_s)
             time.sleep(0.5)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
