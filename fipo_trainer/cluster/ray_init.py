@@ -162,8 +162,7 @@ def init_ray(
             )
         kwargs["address"] = address
     if local:
-        with _loopback_node():
-            ray.init(**kwargs)
+        _start_local(kwargs)
         if run_dir is not None:
             _record_session(Path(run_dir))
     else:
@@ -171,6 +170,64 @@ def init_ray(
     resources = dict(ray.cluster_resources())
     logger.info("Ray ready (%s): %s", address or "local", resources)
     return resources
+
+
+LOCAL_START_ATTEMPTS = 2
+
+
+def _start_local(kwargs: dict[str, Any], attempts: int = LOCAL_START_ATTEMPTS) -> None:
+    """``ray.init`` of a local node; a start that fails is cleaned up and tried again.
+
+    Ray gives a new raylet a fixed 30 s to register with its GCS, which an overloaded machine
+    can miss once; what the failed start spawned (GCS, raylet, agents) is killed first, so
+    the retry starts clean. The last failure names Ray's logs and the usual causes.
+    """
+    for attempt in range(1, attempts + 1):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        try:
+            with _loopback_node():
+                ray.init(**kwargs)
+            return
+        except (ValueError, TypeError):  # Ray refused its arguments: a retry would too
+            raise
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            _kill_new_children(before)
+            if attempt < attempts:
+                logger.warning(
+                    "Ray's local node did not start (attempt %d of %d: %s); retrying",
+                    attempt, attempts, str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                )
+                continue
+            raise RuntimeError(_local_start_failure(exc, attempts)) from exc
+
+
+def _kill_new_children(before: set[int], grace_s: float = 5.0) -> None:
+    """Kill this process's children that are not in ``before`` (a failed start's servers)."""
+    new = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    for proc in new:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(new, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+def _local_start_failure(exc: BaseException, attempts: int) -> str:
+    from ray._common.utils import get_default_ray_temp_dir
+
+    logs = Path(get_default_ray_temp_dir()) / "session_latest" / "logs"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"Ray could not start its local node ({attempts} attempts): {exc}\n"
+        f"Ray's logs: {logs} (gcs_server.out, raylet.out). Usual causes: an overloaded "
+        f"machine (load average {load:.1f} on {os.cpu_count()} CPUs), too little free memory "
+        "or /dev/shm, or Ray processes a killed run left running (a start in the same "
+        "trainer.run_dir names them and their kill command). Free the machine and rerun, or "
+        "join a running cluster with resources.ray_address=auto."
+    )
 
 
 def _ray_processes(node: Any) -> list[psutil.Process]:

@@ -1,0 +1,62 @@
+"""A local Ray start that fails is cleaned up, tried again, and then named with its logs.
+
+Ray gives a new raylet a fixed 30 s to register with its GCS; CI once missed it under load.
+Here the start fails for sure: ``RAY_GCS_SERVER_PORT`` points the local GCS at a port this
+test holds. The driver runs in its own process, so this test's Ray state stays untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+
+DRIVER = """
+import json, logging, psutil
+logging.basicConfig(level=logging.WARNING)
+from fipo_trainer.cluster.ray_init import init_ray
+try:
+    init_ray(None, 1)
+    print("RESULT", json.dumps({"started": True}))
+except RuntimeError as err:
+    left = [" ".join(p.cmdline()[:1]) for p in psutil.Process().children(recursive=True)]
+    print("RESULT", json.dumps({"started": False, "error": str(err), "children": left}))
+"""
+
+
+def test_a_local_start_that_fails_is_retried_clean_then_named() -> None:
+    # short: Ray's socket paths under it must stay within the 107-byte limit
+    tmp_path = Path(tempfile.mkdtemp(prefix="rls", dir="/tmp"))
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    port = squatter.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_GCS_SERVER_PORT=str(port), RAY_TMPDIR=str(tmp_path))
+    try:
+        res = subprocess.run(
+            [sys.executable, "-c", DRIVER], env=env, capture_output=True, text=True, timeout=360
+        )
+    finally:
+        squatter.close()
+        shutil.rmtree(tmp_path, ignore_errors=True)
+    line = next(x for x in res.stdout.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line.removeprefix("RESULT "))
+    assert not result["started"], res.stderr[-2000:]
+    # the first failure was retried after cleaning up, and the retry met the same cause
+    assert "did not start (attempt 1 of 2" in res.stderr, res.stderr[-2000:]
+    assert result["error"].startswith("Ray could not start its local node (2 attempts)")
+    assert "Failed to start GCS" in result["error"]
+    assert f"{tmp_path}/ray/session_latest/logs" in result["error"], result["error"]
+    assert "load average" in result["error"] and "resources.ray_address" in result["error"]
+    assert result["children"] == [], "a failed start left its servers running"
