@@ -204,8 +204,14 @@ def _start_local(kwargs: dict[str, Any], attempts: int = LOCAL_START_ATTEMPTS) -
 
 
 def _kill_new_children(before: set[int], grace_s: float = 5.0) -> None:
-    """Kill this process's children that are not in ``before`` (a failed start's servers)."""
-    new = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    """Kill the Ray servers a failed start spawned: this process's children that are not in
+    ``before`` and run from Ray's package (GCS, raylet, agents), nothing else of the caller's."""
+    ray_dir = str(Path(ray.__file__).parent)
+    new = []
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if proc.pid not in before and any(ray_dir in part for part in proc.cmdline()):
+                new.append(proc)
     for proc in new:
         with contextlib.suppress(psutil.Error):
             proc.terminate()

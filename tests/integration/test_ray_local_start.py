@@ -60,3 +60,25 @@ def test_a_local_start_that_fails_is_retried_clean_then_named() -> None:
     assert f"{tmp_path}/ray/session_latest/logs" in result["error"], result["error"]
     assert "load average" in result["error"] and "resources.ray_address" in result["error"]
     assert result["children"] == [], "a failed start left its servers running"
+
+
+def test_cleanup_kills_only_the_new_processes_run_from_ray() -> None:
+    """What a failed start leaves while its GCS lives (the 30 s timeout case): Ray's servers
+    are killed, the caller's own children are not."""
+    import ray
+
+    from fipo_trainer.cluster.ray_init import _kill_new_children
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    mine_before = subprocess.Popen([*sleeper, str(Path(ray.__file__).parent)])
+    before = {mine_before.pid}
+    rays = subprocess.Popen([*sleeper, str(Path(ray.__file__).parent / "core/src/ray/gcs")])
+    mine = subprocess.Popen(sleeper)
+    try:
+        _kill_new_children(before, grace_s=5.0)
+        assert rays.wait(timeout=10) is not None
+        assert mine.poll() is None and mine_before.poll() is None
+    finally:
+        for proc in (mine_before, rays, mine):
+            proc.kill()
+            proc.wait()
