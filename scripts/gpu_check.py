@@ -20,6 +20,9 @@ by default), so a hang costs that check, not the run. Checks:
 * ``fipo_train_colocated_3_steps`` — ``fipo-train`` of the quickstart, colocated on 1 GPU
   with sleep/wake, 3 steps; reports s/step (perf/step_seconds) and the worst
   rollout/actor_logprob_abs_diff (pass < 2e-2 in bf16; stale weights give far more).
+* ``fipo_train_colocated_hf_3_steps`` — the same run with ``rollout.engine=hf``: the
+  trainer's colocated CUDA-IPC weight sync, ZeRO-3 on NCCL and sleep/wake, where vLLM is
+  not installed (a machine without the gpu extra, e.g. ``--wheels``).
 * Only where 2 GPUs are visible (skipped on one; their timeouts extend the budget):
   ``fipo_train_colocated_tp2_sp2_2gpu`` (one vLLM engine of TP 2 over the 2 actor ranks'
   GPUs: the external launcher and IPC of TP slices on CUDA; Ulysses SP 2 on flash-attn)
@@ -242,6 +245,9 @@ CHECKS = [
         lambda out, rc, work: parse_sync(out, rc),
     ),
     _train_check("fipo_train_colocated_3_steps", COLOCATED_1GPU, 240, 1),
+    _train_check(
+        "fipo_train_colocated_hf_3_steps", (*COLOCATED_1GPU, "rollout.engine=hf"), 240, 1
+    ),
     Check(
         "deepspeed_zero3_offload",
         180,

@@ -6,6 +6,8 @@
 #   scripts/gpu_check.sh                      # set up (scripts/setup.sh: the gpu extra), check
 #   scripts/gpu_check.sh --no-setup           # use the installed environment as it is
 #   scripts/gpu_check.sh --only vllm_generate_reload_sleep --budget-s 300
+#   PYTHON=python3 scripts/gpu_check.sh --wheels .whl   # no package index: install the
+#       wheels of scripts/offline_wheels.py and this checkout into $PYTHON, offline
 # The checks share one budget (--budget-s, 480 s); installing the gpu extra on a fresh
 # machine comes on top (vLLM download, flash-attn wheel or build).
 set -euo pipefail
@@ -20,17 +22,38 @@ fi
 unset FIPO_FORCE_CPU
 
 SETUP=1
+WHEELS=""
 ARGS=()
-for arg in "$@"; do
-  if [[ "$arg" == --no-setup ]]; then SETUP=0; else ARGS+=("$arg"); fi
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --no-setup) SETUP=0 ;;
+    --wheels) WHEELS="$2"; shift ;;
+    *) ARGS+=("$1") ;;
+  esac
+  shift
 done
 START=$(date +%s)
-if [[ "$SETUP" == 1 ]]; then
+if [[ -n "$WHEELS" ]]; then
+  PY="${PYTHON:-python3}"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile "$WHEELS"/*.whl
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e "$ROOT"
+elif [[ "$SETUP" == 1 ]]; then
   bash scripts/setup.sh
   PY="$ROOT/.venv/bin/python"
 else
   PY="${PYTHON:-$ROOT/.venv/bin/python}"
 fi
 echo "[gpu_check] set-up: $(( $(date +%s) - START )) s; $("$PY" -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))' 2>/dev/null || echo 'torch without CUDA')"
+echo "[gpu_check] packages: $("$PY" - <<'PY'
+from importlib.metadata import PackageNotFoundError, version
+names = ("torch", "transformers", "deepspeed", "ray", "vllm", "flash-attn")
+def v(name):
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "absent"
+print(", ".join(f"{n} {v(n)}" for n in names))
+PY
+)"
 export PATH="$(dirname "$PY"):$PATH"  # fipo-train of this environment
 exec "$PY" scripts/gpu_check.py "${ARGS[@]+"${ARGS[@]}"}"

@@ -55,6 +55,34 @@ def test_without_cuda_the_script_exits_2_at_once_and_installs_nothing(tmp_path, 
     assert (stamp.stat().st_mtime if stamp.exists() else None) == stamp_before
 
 
+def test_wheels_install_offline_into_python_then_run_the_checks(tmp_path):
+    """--wheels DIR (a GPU machine without a package index): pip installs DIR's wheels and
+    this checkout with --no-index into $PYTHON, runs no setup.sh, then the driver."""
+    log = tmp_path / "calls"
+    bin_dir = _fake_bin(tmp_path, tmp_path / "other", nvidia_smi_rc=0)
+    python = tmp_path / "py"
+    python.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit 0\n')
+    python.chmod(0o755)
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    (wheels / "a-1-py3-none-any.whl").write_text("")
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHON": str(python)}
+    res = subprocess.run(
+        ["bash", str(SCRIPT), "--wheels", str(wheels), "--only", "tiny_model"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert res.returncode == 0, res.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith("-m pip install") and "--no-index" in calls[0]
+    assert calls[0].endswith(f"{wheels}/a-1-py3-none-any.whl")
+    assert "--no-index" in calls[1] and calls[1].endswith(f"-e {REPO}")
+    assert calls[-1] == "scripts/gpu_check.py --only tiny_model"  # (run from the repo root)
+    assert not (tmp_path / "other").exists()  # no other pip / python / uv ran
+
+
 def test_the_driver_exits_2_without_cuda():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     res = subprocess.run(
@@ -166,6 +194,7 @@ def test_every_check_has_a_timeout_within_the_budget():
     "name",
     [
         "fipo_train_colocated_3_steps",
+        "fipo_train_colocated_hf_3_steps",
         "fipo_train_colocated_tp2_sp2_2gpu",
         "fipo_train_split_nccl_2gpu",
     ],
@@ -182,6 +211,7 @@ def test_the_training_checks_are_valid_configs(tmp_path, name):
     assert res.gpus_per_node == check.min_gpus
     assert res.rollout_workers == 1 and cfg.trainer.total_training_steps == gc.TRAIN_STEPS
     assert cfg.trainer.run_dir == str(tmp_path / name)
+    assert cfg.rollout.engine == ("hf" if "_hf_" in name else "vllm")
     if res.placement == "colocated":
         assert cfg.rollout.free_cache_engine
         assert res.actor_world_size == cfg.rollout.tensor_parallel_size == check.min_gpus
