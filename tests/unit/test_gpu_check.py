@@ -57,7 +57,14 @@ def test_without_cuda_the_script_exits_2_at_once_and_installs_nothing(tmp_path, 
 
 def test_wheels_install_offline_into_python_then_run_the_checks(tmp_path):
     """--wheels DIR (a GPU machine without a package index): pip installs DIR's wheels and
-    this checkout with --no-index into $PYTHON, runs no setup.sh, then the driver."""
+    the checkout with --no-index into $PYTHON, runs no setup.sh, then the driver.
+
+    The script runs from a copy in a scratch checkout without setup.sh: with the fake GPU
+    below, a script that ignored --wheels would otherwise install the gpu extra here."""
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    script = checkout / "scripts" / "gpu_check.sh"
+    script.write_text(SCRIPT.read_text())
     log = tmp_path / "calls"
     bin_dir = _fake_bin(tmp_path, tmp_path / "other", nvidia_smi_rc=0)
     python = tmp_path / "py"
@@ -68,7 +75,7 @@ def test_wheels_install_offline_into_python_then_run_the_checks(tmp_path):
     (wheels / "a-1-py3-none-any.whl").write_text("")
     env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHON": str(python)}
     res = subprocess.run(
-        ["bash", str(SCRIPT), "--wheels", str(wheels), "--only", "tiny_model"],
+        ["bash", str(script), "--wheels", str(wheels), "--only", "tiny_model"],
         capture_output=True,
         text=True,
         env=env,
@@ -78,8 +85,8 @@ def test_wheels_install_offline_into_python_then_run_the_checks(tmp_path):
     calls = log.read_text().splitlines()
     assert calls[0].startswith("-m pip install") and "--no-index" in calls[0]
     assert calls[0].endswith(f"{wheels}/a-1-py3-none-any.whl")
-    assert "--no-index" in calls[1] and calls[1].endswith(f"-e {REPO}")
-    assert calls[-1] == "scripts/gpu_check.py --only tiny_model"  # (run from the repo root)
+    assert "--no-index" in calls[1] and calls[1].endswith(f"-e {checkout}")
+    assert calls[-1] == "scripts/gpu_check.py --only tiny_model"  # (run from the checkout)
     assert not (tmp_path / "other").exists()  # no other pip / python / uv ran
 
 
