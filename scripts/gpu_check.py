@@ -15,8 +15,9 @@ by default), so a hang costs that check, not the run. Checks:
 * ``flash_attn_varlen_vs_sdpa`` — log-probs of one packed batch through the actor's packed
   attention (``actor/ulysses.py``) with flash_attention_2 (varlen from position ids) vs sdpa,
   and vs each row run alone; pass if the max abs diff < 2e-2 (bf16).
-* ``colocated_ipc_sync`` — ``tests/integration/test_colocated_sync.py -k gpu_check`` on 1
-  GPU (CUDA IPC handles); reports its ``sync/peak_extra_bytes``.
+* ``colocated_ipc_sync`` / ``colocated_ipc_sync_hf`` — ``tests/integration/test_colocated_sync.py
+  -k "gpu_check and vllm|hf"`` on 1 GPU (CUDA IPC handles) with the vLLM / HF engine; reports
+  its ``sync/peak_extra_bytes``.
 * ``fipo_train_colocated_3_steps`` — ``fipo-train`` of the quickstart, colocated on 1 GPU
   with sleep/wake, 3 steps; reports s/step (perf/step_seconds) and the worst
   rollout/actor_logprob_abs_diff (pass < 2e-2 in bf16; stale weights give far more).
@@ -221,29 +222,24 @@ def _train_check(name: str, layout: Sequence[str], timeout_s: float, min_gpus: i
     )
 
 
+def _sync_check(name: str, engine: str) -> Check:
+    """``SYNC_TEST``'s one-device case with this rollout engine."""
+    pytest = [sys.executable, "-m", "pytest", "-q", "-x", "-s", "-p", "no:cacheprovider"]
+    return Check(
+        name,
+        180,
+        lambda work: [*pytest, SYNC_TEST, "-k", f"gpu_check and {engine}"],
+        lambda out, rc, work: parse_sync(out, rc),
+    )
+
+
 CHECKS = [
     Check("tiny_model", 120, _in_process("tiny_model"), _parse_in_process),
     Check("vllm_generate_reload_sleep", 180, _in_process("vllm"), _parse_in_process),
     Check("deepspeed_zero3_bf16", 120, _in_process("zero3"), _parse_in_process),
     Check("flash_attn_varlen_vs_sdpa", 90, _in_process("flash"), _parse_in_process),
-    Check(
-        "colocated_ipc_sync",
-        180,
-        lambda work: [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-x",
-            "-s",
-            "-p",
-            "no:cacheprovider",
-            SYNC_TEST,
-            "-k",
-            "gpu_check",
-        ],
-        lambda out, rc, work: parse_sync(out, rc),
-    ),
+    _sync_check("colocated_ipc_sync", "vllm"),
+    _sync_check("colocated_ipc_sync_hf", "hf"),
     _train_check("fipo_train_colocated_3_steps", COLOCATED_1GPU, 240, 1),
     _train_check(
         "fipo_train_colocated_hf_3_steps", (*COLOCATED_1GPU, "rollout.engine=hf"), 240, 1

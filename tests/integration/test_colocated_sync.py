@@ -64,8 +64,9 @@ def _actor_config(model, zero_stage: int = 3) -> ActorConfig:
     )
 
 
-def _rollout_config(tp: int) -> RolloutConfig:
+def _rollout_config(tp: int, engine: str = "vllm") -> RolloutConfig:
     return RolloutConfig(
+        engine=engine,
         max_model_len=128,
         max_tokens=MAX_TOKENS,
         n=2,
@@ -75,9 +76,11 @@ def _rollout_config(tp: int) -> RolloutConfig:
     )
 
 
-def test_gpu_check_one_device_holds_actor_and_engine():
+@pytest.mark.parametrize("engine", ["vllm", "hf"])
+def test_gpu_check_one_device_holds_actor_and_engine(engine):
     """One device (scripts/gpu_check.sh runs this on 1 GPU: CUDA IPC handles): actor rank 0
     and a TP 1 engine share bundle 0; sleep, sync (wake + load), greedy equals the actor's.
+    The HF engine's case runs where vLLM's CUDA build cannot be installed.
     First in the file: it starts and stops its own Ray before the 2-device fixture."""
     model = build_tiny_model(hidden_size=256, num_layers=8, warm_start_steps=40)
     _start_ray()
@@ -87,7 +90,7 @@ def test_gpu_check_one_device_holds_actor_and_engine():
     actor = rollout = None
     try:
         actor = ActorGroup(_actor_config(model), 1, pool=placements["actor"])
-        rollout = RolloutGroup(model, _rollout_config(1), 1, pool=placements["rollout"])
+        rollout = RolloutGroup(model, _rollout_config(1, engine), 1, pool=placements["rollout"])
         sync = SharedWeightSync(actor, rollout, connect_timeout_s=120)
         prompts = _prompt_batch(model)
         rollout.sleep()

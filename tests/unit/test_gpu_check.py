@@ -197,6 +197,18 @@ def test_every_check_has_a_timeout_within_the_budget():
     } <= set(names)
 
 
+def test_each_sync_row_selects_its_engines_one_device_case(tmp_path):
+    """colocated_ipc_sync (vLLM) and colocated_ipc_sync_hf each run exactly one test."""
+    for name, engine in (("colocated_ipc_sync", "vllm"), ("colocated_ipc_sync_hf", "hf")):
+        (check,) = [c for c in gc.CHECKS if c.name == name]
+        argv = check.argv(tmp_path)
+        res = subprocess.run(
+            [*argv, "--collect-only"], capture_output=True, text=True, cwd=REPO, timeout=120
+        )
+        ids = [line for line in res.stdout.splitlines() if "::" in line]
+        assert ids == [f"{gc.SYNC_TEST}::test_gpu_check_one_device_holds_actor_and_engine[{engine}]"]
+
+
 @pytest.mark.parametrize(
     "name",
     [
