@@ -27,12 +27,22 @@ ARGS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --no-setup) SETUP=0 ;;
-    --wheels) WHEELS="$2"; shift ;;
+    --wheels)
+      if [[ $# -lt 2 || -z "$2" ]]; then
+        echo "gpu_check.sh --wheels needs a folder of wheels (scripts/offline_wheels.py DIR)" >&2
+        exit 2
+      fi
+      WHEELS="$2"; shift ;;
     *) ARGS+=("$1") ;;
   esac
   shift
 done
 START=$(date +%s)
+if [[ -n "$WHEELS" ]] && ! compgen -G "$WHEELS/*.whl" >/dev/null; then
+  echo "gpu_check.sh --wheels '$WHEELS': no *.whl there; fill it where pip reaches PyPI with" \
+    "'python scripts/offline_wheels.py $WHEELS --slim-ray' and carry it here" >&2
+  exit 2
+fi
 if [[ -n "$WHEELS" ]]; then
   PY="${PYTHON:-python3}"
   "$PY" -m pip install -q --no-index --no-deps --no-compile "$WHEELS"/*.whl

@@ -90,6 +90,27 @@ def test_wheels_install_offline_into_python_then_run_the_checks(tmp_path):
     assert not (tmp_path / "other").exists()  # no other pip / python / uv ran
 
 
+@pytest.mark.parametrize("args", [["--wheels"], ["--wheels", ""], ["--wheels", "EMPTY"]])
+def test_wheels_without_wheels_is_refused_with_the_fix(tmp_path, args):
+    """--wheels with no folder, or a folder without wheels: exit 2 naming offline_wheels.py,
+    before anything is installed (the script runs from a scratch checkout's copy)."""
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    script = checkout / "scripts" / "gpu_check.sh"
+    script.write_text(SCRIPT.read_text())
+    (tmp_path / "EMPTY").mkdir()
+    marker = tmp_path / "installed"
+    bin_dir = _fake_bin(tmp_path, marker, nvidia_smi_rc=0)
+    args = [str(tmp_path / a) if a == "EMPTY" else a for a in args]
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHON": str(bin_dir / "python")}
+    res = subprocess.run(
+        ["bash", str(script), *args], capture_output=True, text=True, env=env, timeout=30
+    )
+    assert res.returncode == 2, res.stderr
+    assert "offline_wheels.py" in res.stderr
+    assert not marker.exists()
+
+
 def test_the_driver_exits_2_without_cuda():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     res = subprocess.run(
