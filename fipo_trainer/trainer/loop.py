@@ -87,15 +87,16 @@ class RLTrainer:
         from fipo_trainer.startup import settle_gc
 
         cfg, res = self.cfg, self.cfg.resources
-        call_s = getattr(cfg.trainer, "call_timeout_s", None)
-        calls = Deadline(call_s, "trainer.call_timeout_s")
+        calls = Deadline(getattr(cfg.trainer, "call_timeout_s", None), "trainer.call_timeout_s")
         generation = GenerationDeadline(
             getattr(cfg.rollout, "generate_timeout_s", None),
             getattr(cfg.rollout, "generate_timeout_floor_s", GenerationDeadline.floor_s),
             getattr(cfg.rollout, "generate_timeout_s_per_token", GenerationDeadline.s_per_token),
         )
         self._owns_ray = not ray_initialized()  # then shutdown() stops it again
-        init_ray(res.ray_address, res.ray_num_cpus, run_dir=self.run_dir)
+        init_ray(
+            res.ray_address, res.ray_num_cpus, run_dir=self.run_dir, lean_head=res.ray_lean_head
+        )
         self.placements = place_roles(
             res, rollout_tensor_parallel_size=cfg.rollout.tensor_parallel_size
         )
@@ -121,7 +122,7 @@ class RLTrainer:
         self.actor.wait_ready()  # split: the ranks and the engines start together
         self.rollout.wait_ready()
         sync = SharedWeightSync if res.placement == "colocated" else WeightSync
-        self.weight_sync = sync(self.actor, self.rollout, timeout_s=call_s)
+        self.weight_sync = sync(self.actor, self.rollout, timeout_s=calls.seconds)
         # Async on a CPU node: the engines and the ranks on cores of their own.
         split_cpus_for_overlap(res, cfg.trainer.async_mode, self.actor, self.rollout)
         settle_gc()  # `fipo-train` paused the GC for its start-up (fipo_trainer.startup)

@@ -314,6 +314,9 @@ class ResourcesConfig:
     cpus_per_rollout_worker: float = 0.5
     ray_address: str | None = None  # None: local Ray; "auto": join the running cluster
     ray_num_cpus: int | None = None  # local Ray only
+    # Local Ray only: start the head without its autoscaler monitor and dashboard server,
+    # idle on one fixed machine (≈ 130 MiB, ≈ 1.2 CPU-s); false starts Ray's full head.
+    ray_lean_head: bool = True
     # CPU node, local Ray, async modes: each engine process gets a core, the actor the rest
     # (cluster.cpu_split: the lock-step ranks stop waiting behind the engine's time slices).
     cpu_split: bool = True
