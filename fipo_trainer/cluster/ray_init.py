@@ -111,7 +111,9 @@ def _lean_head(enabled: bool = True) -> Iterator[None]:
     missing = [name for name in LEAN_HEAD_SKIPS if not callable(getattr(Node, name, None))]
     if not enabled or missing:
         if enabled:
-            logger.warning("Ray %s has no Node.%s: its full head starts", ray.__version__, missing)
+            logger.warning(
+                "Ray %s has no Node.%s: its full head starts", ray.__version__, ", Node.".join(missing)
+            )
         yield
         return
     saved = {name: Node.__dict__.get(name) for name in LEAN_HEAD_SKIPS}
