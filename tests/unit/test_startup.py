@@ -112,3 +112,13 @@ def test_cpu_workers_are_asked_to_hide_triton_and_a_users_0_wins(monkeypatch):
     assert platform.worker_env()[startup.HIDE_TRITON_ENV] == "1"
     monkeypatch.setenv(startup.HIDE_TRITON_ENV, "0")
     assert platform.worker_env()[startup.HIDE_TRITON_ENV] == "0"
+
+
+def test_cpu_workers_keep_few_onednn_primitives_and_a_users_value_wins(monkeypatch):
+    from fipo_trainer import platform
+
+    monkeypatch.setenv("FIPO_FORCE_CPU", "1")
+    monkeypatch.delenv(platform.ONEDNN_CACHE_ENV, raising=False)
+    assert platform.worker_env()["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "16"
+    monkeypatch.setenv(platform.ONEDNN_CACHE_ENV, "1024")
+    assert platform.worker_env()["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "1024"
