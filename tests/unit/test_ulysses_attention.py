@@ -91,6 +91,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 model.train()
             results[name] = _run(model, ids[:, shard], pos[:, shard], weights[:, shard])
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        # Both ranks done before either tears gloo down: a rank destroying its group while the
+        # other still has a pair open aborted once in CI ("terminate called without an active
+        # exception", SIGABRT) after its results were written.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
