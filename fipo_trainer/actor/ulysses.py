@@ -14,6 +14,8 @@ import torch.distributed as dist
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from fipo_trainer.actor.varlen_sdpa import PaddedLayout, padded_causal_attention, padded_layout
+
 ATTENTION_NAME = "fipo_ulysses"
 _INNER_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
@@ -30,6 +32,7 @@ class _State:
         self.bool_mask: torch.Tensor | None = None
         self.float_masks: dict[torch.dtype, torch.Tensor] = {}
         self.spans: list[tuple[int, int]] | None = None
+        self.layouts: dict[torch.device, PaddedLayout | None] = {}
 
 
 _STATE = _State()
@@ -80,6 +83,7 @@ def set_sequence(full_position_ids: torch.Tensor) -> None:
     _STATE.bool_mask = None
     _STATE.float_masks = {}
     _STATE.spans = None
+    _STATE.layouts = {}
 
 
 def _sequence_spans() -> list[tuple[int, int]]:
@@ -205,11 +209,18 @@ def _per_sequence_sdpa(
 ) -> torch.Tensor:
     """The CPU analogue of varlen flash attention: each packed sequence attends causally to
     itself (sdpa's is_causal, no mask), so no [T, T] mask exists and the work is sum(L_i^2),
-    not T^2. Exactly the block-diagonal causal attention. Returns [B, T, H, D]."""
+    not T^2. Exactly the block-diagonal causal attention. Returns [B, T, H, D]. One padded
+    sdpa call for all sequences where that costs little more (``actor.varlen_sdpa``), else
+    one call per sequence."""
     if kwargs.get("sliding_window") is not None:
         raise NotImplementedError(
             "ulysses: sliding-window attention is only supported with flash_attention_2"
         )
+    if query.device not in _STATE.layouts:
+        _STATE.layouts[query.device] = padded_layout(_sequence_spans(), query.device)
+    layout = _STATE.layouts[query.device]
+    if layout is not None:
+        return padded_causal_attention(inner, module, query, key, value, layout, kwargs)
     pieces = [
         inner(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
         for a, b in _sequence_spans()

@@ -1,0 +1,81 @@
+"""Block-diagonal causal attention over a packed row, as one sdpa call on padded sequences.
+
+The CPU (and no-flash-attn) analogue of varlen flash attention. Looping sdpa over the packed
+sequences costs one kernel launch per sequence per layer, forward and backward: on the CPU
+quickstart a packed row holds ~40 sequences of ~30 tokens and the loop was most of the
+attention time. Here the sequences are gathered into a right-padded ``[N, L_max]`` batch and
+attend with sdpa's ``is_causal``: a real query at position i sees only keys 0..i of its own
+sequence, all real, so its output is exactly the per-sequence one; pad queries' outputs are
+dropped (zero gradient), and pad keys are only ever seen by pad queries.
+
+Padding costs ``N * L_max^2`` against the loop's ``sum(L_i^2)``; rows whose sequences differ a
+lot in length (one long CoT among short ones) keep the loop (:data:`MAX_PADDED_COST`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+#: Largest padded/exact attention work ratio for which one padded call replaces the loop.
+MAX_PADDED_COST = 2.0
+
+
+@dataclass(frozen=True)
+class PaddedLayout:
+    """Where each packed token goes in the padded batch and back."""
+
+    gather: torch.Tensor  # [N, L_max] packed index of each padded slot (pads: the row's start)
+    scatter: torch.Tensor  # [T] flat padded slot of each packed token
+    num_sequences: int
+    max_length: int
+
+
+def padded_layout(spans: Sequence[tuple[int, int]], device: torch.device) -> PaddedLayout | None:
+    """The layout for ``[start, end)`` spans covering a packed row, or None when padding would
+    cost more than :data:`MAX_PADDED_COST` times the exact work (or there is one sequence)."""
+    lengths = [b - a for a, b in spans]
+    if len(spans) < 2:
+        return None
+    max_length = max(lengths)
+    if len(spans) * max_length**2 > MAX_PADDED_COST * sum(n * n for n in lengths):
+        return None
+    starts = torch.tensor([a for a, _ in spans], dtype=torch.long)
+    lens = torch.tensor(lengths, dtype=torch.long)
+    offsets = torch.arange(max_length, dtype=torch.long)
+    real = offsets[None, :] < lens[:, None]
+    gather = torch.where(real, starts[:, None] + offsets[None, :], starts[:, None])
+    slots = torch.arange(len(spans) * max_length, dtype=torch.long).view(len(spans), max_length)
+    return PaddedLayout(
+        gather=gather.to(device),
+        scatter=slots[real].to(device),  # row-major over real slots = packed token order
+        num_sequences=len(spans),
+        max_length=max_length,
+    )
+
+
+def padded_causal_attention(
+    inner: Callable[..., Any],
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: PaddedLayout,
+    kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """``inner`` (transformers' sdpa attention) over the padded batch: q/k/v ``[B, H, T, D]``
+    in, ``[B, T, H, D]`` out, as the per-sequence loop returns it."""
+    batch = query.shape[0]
+    n, length = layout.num_sequences, layout.max_length
+
+    def pad(x: torch.Tensor) -> torch.Tensor:  # [B, H, T, D] -> [B * N, H, L_max, D]
+        heads, dim = x.shape[1], x.shape[3]
+        y = x[:, :, layout.gather]  # [B, H, N, L_max, D]
+        return y.permute(0, 2, 1, 3, 4).reshape(batch * n, heads, length, dim)
+
+    out = inner(module, pad(query), pad(key), pad(value), None, **kwargs)[0]  # [B*N, L, H, D]
+    heads, dim = out.shape[2], out.shape[3]
+    return out.reshape(batch, n * length, heads, dim)[:, layout.scatter]
