@@ -125,11 +125,14 @@ def test_bounded_staleness_stays_within_the_bound(tmp_path, partial):
     assert all(rows[s]["rollout/actor_logprob_abs_diff"] < 1.0 for s in rows if s > 0)
 
 
-def test_quickstart_in_one_step_mode_still_learns(tmp_path):
+# quickstart_cpu: two ranks; quickstart_cpu_async: one rank, truncated IS.
+@pytest.mark.parametrize("recipe", ["quickstart_cpu", "quickstart_cpu_async"])
+def test_quickstart_in_one_step_mode_still_learns(tmp_path, recipe):
     """The FIPO quickstart (250 steps) with one_step overlap raises validation mean@4 by
-    >= 0.25, as the synchronous run does."""
+    >= 0.25, as the synchronous run does; so does the async recipe."""
     run = train(
         tmp_path,
+        f"recipe={recipe}",
         "trainer.async_mode=one_step",
         "trainer.rollout_dump_freq=0",
         "data.synthetic.num_val=64",

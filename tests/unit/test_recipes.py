@@ -12,7 +12,6 @@ from fipo_trainer.trainer.config import ConfigError, TrainConfig, load_config, v
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
-GPU_RECIPES = [r for r in RECIPES if r != "quickstart_cpu"]
 STRUCTURE = {"check_files": False, "check_platform": False}
 FIPO_32B = "fipo_qwen2.5_32b_aime24"
 DAPO_32B = "dapo_qwen2.5_32b_aime24"
@@ -77,6 +76,32 @@ def test_quickstart_shape():
     assert cfg.data.train_batch_size // cfg.actor.ppo_mini_batch_size >= 2  # FIPO weights != 1
     assert cfg.algorithm.filter_groups.enable
     assert 0 < cfg.trainer.test_freq < cfg.trainer.total_training_steps
+
+
+def _flat(value: object, prefix: str = "") -> dict[str, object]:
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, object] = {}
+    for key, item in value.items():
+        out |= _flat(item, f"{prefix}.{key}" if prefix else str(key))
+    return out
+
+
+def test_async_quickstart_is_the_quickstart_overlapped_on_one_rank():
+    """Same model, task, data, steps and loss; only the layout and the async knobs differ."""
+    sync, overlapped = _flat(recipe("quickstart_cpu")), _flat(recipe("quickstart_cpu_async"))
+    changed = {key: overlapped[key] for key in sync if sync[key] != overlapped[key]}
+    assert changed == {
+        "trainer.experiment_name": "quickstart_cpu_async",
+        "trainer.run_dir": "outputs/fipo/quickstart_cpu_async",
+        "trainer.async_mode": "one_step",
+        "resources.actor_world_size": 1,
+        "actor.ppo_max_token_len_per_gpu": 2048,
+        "algorithm.rollout_correction.enable": True,
+    }
+    validate_config(recipe("quickstart_cpu_async"))  # split placement: async is allowed
 
 
 @pytest.mark.parametrize("name", [FIPO_32B, DAPO_32B])
