@@ -2,9 +2,9 @@
 
 Forward + backward of a 2-layer Qwen2 through the actor's packed attention
 (``actor/ulysses.py`` → ``actor/varlen_sdpa.py``), one thread, for several length mixes:
-the padded call (what the actor runs where padding costs ≤ ``MAX_PADDED_COST`` × the exact
-work) against the per-sequence loop (what it runs otherwise). The ratio column says which
-side of that rule each mix falls on; the last column is the largest logit difference.
+the padded call against the per-sequence loop. The actor pads where the padding's extra
+query-key pairs per saved call stay within ``PAIRS_PER_CALL``; the "rule" column says which
+the actor picks for each mix; the last column is the largest logit difference.
 Usage: python scripts/bench_varlen_sdpa.py [--hidden 64 256] [--reps 10]
 """
 
@@ -37,8 +37,8 @@ def _model(hidden: int) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config)
 
 
-def _time(model, ids, pos, max_cost: float, reps: int) -> tuple[float, torch.Tensor]:
-    varlen_sdpa.MAX_PADDED_COST = max_cost
+def _time(model, ids, pos, pairs_per_call: float, reps: int) -> tuple[float, torch.Tensor]:
+    varlen_sdpa.PAIRS_PER_CALL = pairs_per_call
 
     def step() -> torch.Tensor:
         ulysses.set_sequence(pos)
@@ -60,9 +60,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     ulysses.set_group(None, 1, 0)
-    rule = varlen_sdpa.MAX_PADDED_COST
+    rule = varlen_sdpa.PAIRS_PER_CALL
     table = Table(title="packed attention, forward + backward, 2 layers, 1 thread")
-    for column in ("hidden", "sequences", "lengths", "padded / exact work", "loop ms",
+    for column in ("hidden", "seqs", "lengths", "extra pairs / call", "rule", "loop ms",
                    "padded ms", "loop / padded", "max |Δ logits|"):  # fmt: skip
         table.add_column(column, justify="right")
     rows = []
@@ -73,19 +73,22 @@ def main() -> None:
             lengths = [rng.randint(shortest, longest) for _ in range(count)]
             pos = torch.cat([torch.arange(n) for n in lengths])[None]
             ids = torch.randint(0, 262, pos.shape)
-            work = count * max(lengths) ** 2 / sum(n * n for n in lengths)
+            extra = count * max(lengths) ** 2 - sum(n * n for n in lengths)
+            per_call = extra / (count - 1)
+            picks = "padded" if per_call <= rule else "loop"
             loop_ms, loop_logits = _time(model, ids, pos, 0.0, args.reps)
             padded_ms, padded_logits = _time(model, ids, pos, float("inf"), args.reps)
             diff = (loop_logits - padded_logits).abs().max().item()
-            rows.append({"hidden": hidden, "sequences": count, "work_ratio": round(work, 2),
+            rows.append({"hidden": hidden, "sequences": count, "pairs_per_call": round(per_call),
+                         "rule": picks,
                          "loop_ms": round(loop_ms, 2), "padded_ms": round(padded_ms, 2),
                          "max_abs_diff": diff})  # fmt: skip
-            table.add_row(str(hidden), str(count), f"{shortest}–{longest}", f"{work:.2f}",
+            table.add_row(str(hidden), str(count), f"{shortest}–{longest}", f"{per_call:.0f}", picks,
                           f"{loop_ms:.1f}", f"{padded_ms:.1f}", f"{loop_ms / padded_ms:.2f}×",
                           f"{diff:.1e}")  # fmt: skip
     Console().print(table)
-    varlen_sdpa.MAX_PADDED_COST = rule
-    print("SUMMARY " + json.dumps({"max_padded_cost": rule, "rows": rows}))
+    varlen_sdpa.PAIRS_PER_CALL = rule
+    print("SUMMARY " + json.dumps({"pairs_per_call": rule, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -210,8 +210,8 @@ def _per_sequence_sdpa(
     """The CPU analogue of varlen flash attention: each packed sequence attends causally to
     itself (sdpa's is_causal, no mask), so no [T, T] mask exists and the work is sum(L_i^2),
     not T^2. Exactly the block-diagonal causal attention. Returns [B, T, H, D]. One padded
-    sdpa call for all sequences where that costs little more (``actor.varlen_sdpa``), else
-    one call per sequence."""
+    sdpa call for all sequences where the padding costs less than the calls it saves
+    (``actor.varlen_sdpa``), else one call per sequence."""
     if kwargs.get("sliding_window") is not None:
         raise NotImplementedError(
             "ulysses: sliding-window attention is only supported with flash_attention_2"

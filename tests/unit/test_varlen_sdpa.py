@@ -32,7 +32,8 @@ def test_layout_gathers_each_sequence_and_scatters_back_in_packed_order():
     "lengths",
     [
         [5],  # one sequence: nothing to batch
-        [2, 2, 2, 40],  # one long among short ones: 4 * 40^2 > 2 * 1612
+        [2, 2, 2, 90],  # one long among short ones: 4 * 90^2 - 8112 = 24288 > 3 * 4096
+        [20, 130] * 4,  # few long ones: 8 * 130^2 - 69200 = 66000 > 7 * 4096
     ],
 )
 def test_layout_keeps_the_loop_when_padding_costs_too_much(lengths):
@@ -92,8 +93,10 @@ def _count_sdpa_calls(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize(("max_cost", "calls_per_layer"), [(2.0, 1), (0.0, 5)])
-def test_ulysses_attention_runs_one_padded_call_per_layer(monkeypatch, max_cost, calls_per_layer):
+@pytest.mark.parametrize(("pairs_per_call", "calls_per_layer"), [(4096, 1), (0, 5)])
+def test_ulysses_attention_runs_one_padded_call_per_layer(
+    monkeypatch, pairs_per_call, calls_per_layer
+):
     name = ulysses.install("sdpa")
     ulysses.set_group(None, 1, 0)
     config = Qwen2Config(
@@ -106,10 +109,10 @@ def test_ulysses_attention_runs_one_padded_call_per_layer(monkeypatch, max_cost,
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     ids = torch.randint(0, 64, pos.shape)
 
-    monkeypatch.setattr(varlen_sdpa, "MAX_PADDED_COST", 0.0)
+    monkeypatch.setattr(varlen_sdpa, "PAIRS_PER_CALL", 0)
     ulysses.set_sequence(pos)
     looped = model(input_ids=ids, position_ids=pos).logits
-    monkeypatch.setattr(varlen_sdpa, "MAX_PADDED_COST", max_cost)
+    monkeypatch.setattr(varlen_sdpa, "PAIRS_PER_CALL", pairs_per_call)
     calls = _count_sdpa_calls(monkeypatch)
     ulysses.set_sequence(pos)
     logits = model(input_ids=ids, position_ids=pos).logits
