@@ -23,7 +23,7 @@ import torch
 
 #: Padded query-key pairs one saved sdpa call pays for. ``scripts/bench_varlen_sdpa.py`` on
 #: CPU (2 layers, one thread): a call's overhead is worth 4.4k pairs at hidden 64 and 8.2k at
-#: 256; 40 sequences of 17-39 tokens run 1.15-1.31x faster padded, 16 of 20-130 no faster.
+#: 256; 40 sequences of 17-39 tokens run 1.17-1.38x faster padded, 16 of 20-130 no faster.
 PAIRS_PER_CALL = 4096
 
 
@@ -31,7 +31,7 @@ PAIRS_PER_CALL = 4096
 class PaddedLayout:
     """Where each packed token goes in the padded batch and back."""
 
-    gather: torch.Tensor  # [N, L_max] packed index of each padded slot (pads: the row's start)
+    gather: torch.Tensor  # [N, L_max] packed index of each padded slot (pads: their sequence's start)
     scatter: torch.Tensor  # [T] flat padded slot of each packed token
     num_sequences: int
     max_length: int
