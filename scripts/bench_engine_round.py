@@ -30,6 +30,7 @@ import dataclasses
 import json
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -52,12 +53,13 @@ def quickstart_engine_inputs(max_prompts: int, pool: int) -> tuple[str, Any, lis
     from fipo_trainer.trainer.config import prepare_config
     from fipo_trainer.trainer.data_source import resolve_file
 
-    cfg = prepare_config(compose_config([]))
+    with tempfile.TemporaryDirectory() as run_dir:  # the generated rows go there
+        cfg = prepare_config(compose_config([f"trainer.run_dir={run_dir}"]))
+        with open(resolve_file(cfg.data.train_files[0], cfg, "train")) as f:
+            rows = [json.loads(line) for line in f if line.strip()][:pool]
     rollout = plain_rollout_config(cfg.rollout)
     rollout = dataclasses.replace(rollout, max_num_seqs=max(rollout.max_num_seqs,
                                                             max_prompts * rollout.n))  # fmt: skip
-    with open(resolve_file(cfg.data.train_files[0], cfg, "train")) as f:
-        rows = [json.loads(line) for line in f if line.strip()][:pool]
     tokenizer = load_tokenizer(cfg.model.path)
     key = cfg.data.prompt_key
     return cfg.model.path, rollout, [prompt_ids(tokenizer, row[key]) for row in rows]
