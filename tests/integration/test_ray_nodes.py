@@ -30,7 +30,9 @@ def test_a_head_that_fails_to_start_is_retried_on_fresh_ports() -> None:
         assert len(nodes.log) == 2, nodes.log
         first, second = nodes.log
         assert f"127.0.0.1:{nodes.dashboard_port}" in second  # ray start names the new dashboard
-        assert "Failed to start GCS" in first
+        # Ray's words for the failed head depend on timing: "Failed to start GCS" once the
+        # squatted server has died, "Timed out while waiting for GCS" on a loaded machine.
+        assert "GCS" in first and "ray_cluster.sh head" in first, first
         assert "load average" in first and "gcs_server.out" in first, first
         alive = nodes.processes()
         assert any("gcs_server" in " ".join(p.cmdline()) for p in alive)
