@@ -33,15 +33,23 @@ def _venv_bin() -> Path:
     return Path(sys.executable).parent
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports free on 127.0.0.1 right now (held open together while chosen)."""
+def free_ports(n: int, avoid: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """``n`` distinct ports free on 127.0.0.1 right now, none of them in ``avoid``.
+
+    A port handed out earlier but not yet bound (a worker port, the dashboard's) looks free
+    to the kernel and can come back: CI once gave the dashboard's port to a worker, and
+    ``ray start`` refused the clash. ``avoid`` holds what the cluster already assigned.
+    """
     socks = []
+    ports: list[int] = []
     try:
-        for _ in range(n):
+        while len(ports) < n:
             s = socket.socket()
             s.bind(("127.0.0.1", 0))
             socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+            if s.getsockname()[1] not in avoid:
+                ports.append(s.getsockname()[1])
+        return ports
     finally:
         for s in socks:
             s.close()
@@ -55,9 +63,16 @@ class RayNodes:
     gcs_port: int = 0
     dashboard_port: int = 0
     log: list[str] = field(default_factory=list)
+    assigned: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.gcs_port, self.dashboard_port = free_ports(2)
+        self.gcs_port, self.dashboard_port = self._ports(2)
+
+    def _ports(self, n: int) -> list[int]:
+        """``n`` free ports no node of this cluster was given before (a failed one included)."""
+        ports = free_ports(n, avoid=self.assigned)
+        self.assigned.update(ports)
+        return ports
 
     @property
     def address(self) -> str:
@@ -80,7 +95,7 @@ class RayNodes:
         }
 
     def _node_args(self, resources: dict[str, float], num_cpus: int) -> list[str]:
-        nm, om, agent, agent_grpc, rt_env, metrics, *workers = free_ports(6 + 16)
+        nm, om, agent, agent_grpc, rt_env, metrics, *workers = self._ports(6 + 16)
         return [
             "--node-ip-address=127.0.0.1",
             f"--num-cpus={num_cpus}",
@@ -131,8 +146,8 @@ class RayNodes:
     def start_head(self, resources: dict[str, float], num_cpus: int = 1, attempts: int = 2) -> None:
         def head_args(attempt: int) -> list[str]:
             if attempt > 1:  # the failed head's ports may still be held
-                self.gcs_port, self.dashboard_port = free_ports(2)
-            client = free_ports(1)[0]
+                self.gcs_port, self.dashboard_port = self._ports(2)
+            client = self._ports(1)[0]
             return [
                 "head",
                 *self._node_args(resources, num_cpus),
@@ -143,7 +158,8 @@ class RayNodes:
 
     def add_worker(self, resources: dict[str, float], num_cpus: int = 1, attempts: int = 2) -> None:
         self._start_node(
-            lambda _attempt: ["worker", self.address, *self._node_args(resources, num_cpus)], attempts
+            lambda _attempt: ["worker", self.address, *self._node_args(resources, num_cpus)],
+            attempts,
         )
 
     def diagnosis(self, lines: int = 15) -> str:
