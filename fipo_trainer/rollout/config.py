@@ -104,6 +104,9 @@ class RolloutConfig:
     enforce_eager: bool | None = None
     dtype: str | None = None
     enable_prefix_caching: bool = True
+    # CPU only: engines per rollout worker, the others forked from the worker once the
+    # engine's imports are loaded, so they share those pages (``rollout.forked_engines``).
+    engines_per_worker: int = 1
     free_cache_engine: bool = False
     sleep_level: int = 1
     # Sampling for training rollouts.
@@ -143,6 +146,16 @@ class RolloutConfig:
             raise ValueError(
                 f"rollout.max_model_len ({self.max_model_len}) must exceed rollout.max_tokens "
                 f"({self.max_tokens}) to leave room for the prompt"
+            )
+        if self.engines_per_worker < 1:
+            raise ValueError(
+                f"rollout.engines_per_worker must be >= 1, got {self.engines_per_worker}"
+            )
+        if self.engines_per_worker > 1 and self.tensor_parallel_size > 1:
+            raise ValueError(
+                f"rollout.engines_per_worker={self.engines_per_worker} with "
+                f"rollout.tensor_parallel_size={self.tensor_parallel_size}: forked engines "
+                "run one rank each; set one of them to 1"
             )
         if self.max_num_seqs < 1:
             raise ValueError(f"rollout.max_num_seqs must be >= 1, got {self.max_num_seqs}")

@@ -317,6 +317,13 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
         }
 
     # --- memory / lifecycle -----------------------------------------------------------
+    def pin_cpus(self, cpus: list[int]) -> list[int]:
+        """This process's threads, and its forked engines' (``rollout.engines_per_worker``)."""
+        pin_children = getattr(self.engine, "pin_children", None)
+        if pin_children is not None:
+            pin_children(cpus)
+        return super().pin_cpus(cpus)
+
     def sleep(self) -> None:
         self.engine.sleep()
 

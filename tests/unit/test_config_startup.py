@@ -199,3 +199,21 @@ def test_cpu_check_counts_what_placement_reserves(monkeypatch):
         validate_config(colocated, check_files=False)
     msg = str(info.value)
     assert "ask Ray for 3 CPUs" in msg  # every colocated slot holds a rollout share
+
+
+def test_forked_engines_are_refused_on_cuda_and_when_colocated(monkeypatch):
+    import torch
+
+    from fipo_trainer import platform
+
+    cpu = platform.Platform("cpu", "gloo", torch.float32, "sdpa", "cpu")
+    monkeypatch.setattr(platform, "current_platform", lambda: cpu)
+    split = compose("recipe=quickstart_cpu_async", "rollout.engines_per_worker=2")
+    validate_config(split, check_files=False)
+    colocated = compose("rollout.engines_per_worker=2", "resources.placement=colocated")
+    with pytest.raises(ConfigError, match="rollout.engines_per_worker=2 forks engines"):
+        validate_config(colocated, check_files=False)
+    cuda = platform.Platform("cuda", "nccl", torch.bfloat16, "sdpa", "cuda")
+    monkeypatch.setattr(platform, "current_platform", lambda: cuda)
+    with pytest.raises(ConfigError, match="CUDA does not survive a fork"):
+        validate_config(split, check_files=False)

@@ -10,7 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from fipo_trainer.cluster.cpu_split import plan_cpu_split, split_cpus_for_overlap
+from fipo_trainer.cluster.cpu_split import (
+    cores_per_worker,
+    plan_cpu_split,
+    split_cpus_for_overlap,
+)
 
 
 @pytest.mark.parametrize(
@@ -74,3 +78,11 @@ def resources(**kw):
 def test_nothing_is_pinned_without_overlap_on_this_machine(res, mode):
     # The groups are never asked: None would fail at the first call.
     assert split_cpus_for_overlap(res, mode, actor=None, rollout=None) is None
+
+
+def test_a_worker_that_forks_engines_gets_a_core_for_each():
+    # 2 workers x 2 engines (rollout.engines_per_worker=2) on 6 cores: 4 engine processes.
+    plan = plan_cpu_split(range(6), 4)
+    assert cores_per_worker(plan, 2) == [[0, 1], [2, 3]]
+    assert plan.actor_cpus == (4, 5)
+    assert cores_per_worker(plan_cpu_split(range(3), 2), 1) == [[0], [1]]

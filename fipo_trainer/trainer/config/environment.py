@@ -232,6 +232,13 @@ def check_platform(cfg: TrainConfig, r: Report) -> None:
             "set resources.gpus_per_node=0 to run on CPU (or join a GPU cluster with "
             "resources.ray_address=auto)"
         )
+    if rollout.engines_per_worker > 1 and (plat.is_cuda or res.placement == "colocated"):
+        r.error(
+            f"rollout.engines_per_worker={rollout.engines_per_worker} forks engines from each "
+            "CPU rollout worker (split placement); CUDA does not survive a fork and a "
+            "colocated engine shares its actor's device: set rollout.engines_per_worker=1 "
+            "and run one engine per device (resources.rollout_workers)"
+        )
     if res.local and not plat.is_cuda:
         tp = rollout.tensor_parallel_size
         if tp > 1 and res.rollout_workers > 1 and rollout.engine == "vllm":

