@@ -74,6 +74,11 @@ class RolloutEngine(Protocol):
     def shutdown(self) -> None: ...
 
 
+def prompt_major(parts: Iterable[list[RolloutOutput]]) -> list[RolloutOutput]:
+    """A streamed call's parts as ``generate`` returns them: by prompt, n per prompt."""
+    return sorted((o for part in parts for o in part), key=lambda o: o.prompt_index)
+
+
 def check_prompts(
     prompt_token_ids: Sequence[Sequence[int]], vocab_size: int, max_len: int | None
 ) -> None:

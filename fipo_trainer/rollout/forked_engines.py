@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from fipo_trainer.rollout.base import RolloutEngine, RolloutOutput
+from fipo_trainer.rollout.base import RolloutEngine, RolloutOutput, prompt_major
 from fipo_trainer.rollout.config import SamplingConfig
 
 logger = logging.getLogger(__name__)
@@ -216,8 +216,7 @@ class ForkedEngines:
         self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig
     ) -> list[RolloutOutput]:
         """n responses per prompt, prompt-major, as one engine returns them."""
-        parts = self.generate_stream(prompt_token_ids, sampling, chunk_prompts=0)
-        return sorted((o for part in parts for o in part), key=lambda o: o.prompt_index)
+        return prompt_major(self.generate_stream(prompt_token_ids, sampling, chunk_prompts=0))
 
     def generate_stream(
         self,

@@ -23,6 +23,7 @@ from fipo_trainer.rollout.base import (
     FINISH_STOP,
     RolloutOutput,
     check_prompts,
+    prompt_major,
 )
 from fipo_trainer.rollout.config import SEED_MODULUS, RolloutConfig, SamplingConfig
 from fipo_trainer.rollout.vllm_setup import (
@@ -257,8 +258,7 @@ class VllmEngine:
         self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig
     ) -> list[RolloutOutput]:
         """n responses per prompt, prompt-major; log-probs are raw (see ``rollout.base``)."""
-        parts = self.generate_stream(prompt_token_ids, sampling, chunk_prompts=0)
-        return sorted((o for part in parts for o in part), key=lambda o: o.prompt_index)
+        return prompt_major(self.generate_stream(prompt_token_ids, sampling, chunk_prompts=0))
 
     def generate_stream(
         self,

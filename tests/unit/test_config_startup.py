@@ -211,7 +211,7 @@ def test_forked_engines_are_refused_on_cuda_and_when_colocated(monkeypatch):
     split = compose("recipe=quickstart_cpu_async", "rollout.engines_per_worker=2")
     validate_config(split, check_files=False)
     colocated = compose("rollout.engines_per_worker=2", "resources.placement=colocated")
-    with pytest.raises(ConfigError, match="rollout.engines_per_worker=2 forks engines"):
+    with pytest.raises(ConfigError, match=r"rollout\.engines_per_worker=2 forks engines"):
         validate_config(colocated, check_files=False)
     cuda = platform.Platform("cuda", "nccl", torch.bfloat16, "sdpa", "cuda")
     monkeypatch.setattr(platform, "current_platform", lambda: cuda)
