@@ -265,17 +265,17 @@ class ForkedEngines:
 
     # --- weights, memory, cores ----------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Load into this engine, then the same tensors into every child (waits for all)."""
-        copies: list[tuple[str, torch.Tensor]] = []
+        """Send copies to every child first, then load this engine while they load theirs.
 
-        def kept(stream: Iterable[tuple[str, torch.Tensor]]):
-            for name, tensor in stream:  # a sender may reuse its buffer for the next tensor
-                copies.append((name, tensor.detach().clone()))
-                yield name, tensor
-
-        count = self._local.update_weights(kept(named_tensors))
+        Why copies: a sender may reuse its buffer for the next tensor. Why first: the loads
+        then run side by side (a step of the forked quickstart waits for its sync).
+        """
+        copies = [(name, tensor.detach().clone()) for name, tensor in named_tensors]
         self._ask("update_weights", copies)
-        loaded = self._answers("update_weights")
+        try:
+            count = self._local.update_weights(iter(copies))
+        finally:
+            loaded = self._answers("update_weights")  # read, so the pipes stay in step
         if any(n != count for n in loaded):
             raise RuntimeError(f"forked engines loaded {loaded} tensors, this one {count}")
         return count
@@ -296,20 +296,35 @@ class ForkedEngines:
         self._answers("pin")
 
     def shutdown(self) -> None:
+        """Stop the children's engines while this one stops (each takes ≈ 1 s on CPU)."""
+        asked = self._ask_shutdown()
         try:
             self._local.shutdown()
         finally:
-            self._stop_children()
+            self._stop_children(asked)
 
-    def _stop_children(self) -> None:
-        for i, (proc, conn) in enumerate(self._children):
-            if proc.is_alive():
-                try:
+    def _ask_shutdown(self) -> list[bool]:
+        """Tell every live child to stop; whether each was told."""
+        told = []
+        for proc, conn in self._children:
+            try:
+                if proc.is_alive():
                     _send(conn, ("shutdown", None))
-                    if conn.poll(CHILD_TIMEOUT_S):
-                        self._answer(i, "shutdown")
-                except (OSError, RuntimeError, EOFError):
-                    logger.warning("forked engine %d did not shut down cleanly", i + 1)
+                    told.append(True)
+                    continue
+            except OSError:  # its end of the pipe is gone: it is dying or dead
+                pass
+            told.append(False)
+        return told
+
+    def _stop_children(self, asked: Sequence[bool] | None = None) -> None:
+        asked = self._ask_shutdown() if asked is None else asked
+        for i, ((proc, conn), told) in enumerate(zip(self._children, asked, strict=True)):
+            try:
+                if told and conn.poll(CHILD_TIMEOUT_S):
+                    self._answer(i, "shutdown")
+            except (OSError, RuntimeError, EOFError):
+                logger.warning("forked engine %d did not shut down cleanly", i + 1)
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.kill()

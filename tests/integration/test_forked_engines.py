@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from fipo_trainer.data.tiny_model import build_tiny_model
 from fipo_trainer.rollout import RolloutConfig, SamplingConfig
@@ -67,3 +70,51 @@ def test_a_dead_child_is_named_and_a_bad_prompt_carries_its_trace(model):
             engines.generate([[5, 6], [7, 8]], SAMPLING)
     finally:
         engines.shutdown()
+
+
+class _TimedEngine(HFEngine):
+    """An HF engine that takes ``HOLD_S`` to load weights and to stop, and writes when it
+    did each into ``log`` (one line per event, from whichever process it runs in)."""
+
+    HOLD_S = 0.6
+
+    def __init__(self, model: str, log: str):
+        super().__init__(model, CONFIG)
+        self.log = log
+
+    def _held(self, what: str) -> None:
+        start = time.monotonic()
+        time.sleep(self.HOLD_S)
+        with open(self.log, "a") as f:
+            f.write(f"{what} {os.getpid()} {start} {time.monotonic()}\n")
+
+    def update_weights(self, named_tensors):
+        count = super().update_weights(named_tensors)
+        self._held("update_weights")
+        return count
+
+    def shutdown(self) -> None:
+        self._held("shutdown")
+        super().shutdown()
+
+
+def _spans(log: Path, what: str) -> list[tuple[float, float]]:
+    rows = [line.split() for line in log.read_text().splitlines()]
+    return [(float(r[2]), float(r[3])) for r in rows if r[0] == what]
+
+
+def test_the_engines_load_weights_and_stop_side_by_side(model, tmp_path):
+    """A step waits for the sync, and a run's end for the shutdown: the children must not
+    wait for this process's engine (nor it for them)."""
+    log = tmp_path / "events.log"
+    engines = ForkedEngines(lambda: _TimedEngine(model, str(log)), 3)
+    try:
+        state = load_file(os.path.join(model, "model.safetensors"))
+        assert engines.update_weights(iter(state.items())) == len(state)
+    finally:
+        engines.shutdown()
+    for what in ("update_weights", "shutdown"):
+        spans = _spans(log, what)
+        assert len(spans) == 3, what
+        # Every pair of spans overlaps: all three ran at once.
+        assert max(s for s, _ in spans) < min(e for _, e in spans), (what, spans)
