@@ -18,8 +18,8 @@ from fipo_trainer.cluster.shared_weight_sync import SharedWeightSync
 from fipo_trainer.data.tiny_model import build_tiny_model
 from fipo_trainer.rollout import RolloutConfig, SamplingConfig
 from fipo_trainer.rollout.group import RolloutGroup
+from tests.helpers.logprobs import assert_logprobs_match
 from tests.integration.test_weight_sync_actor import (
-    LOGP_ATOL,
     MAX_TOKENS,
     _prompt_batch,
     assert_greedy_matches_hf,
@@ -45,10 +45,6 @@ def _bound(state: dict[str, torch.Tensor]) -> int:
     """What the sync may hold beyond the model: one bucket + a ZeRO-3 gather of the largest
     tensor (measured: up to twice its size while DeepSpeed gathers it) + slack."""
     return BUCKET + 2 * max(t.numel() * t.element_size() for t in state.values()) + SLACK
-
-
-def _masked_max(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
-    return float(((a - b).abs() * mask).max())
 
 
 def _actor_config(model, zero_stage: int = 3) -> ActorConfig:
@@ -106,7 +102,7 @@ def test_gpu_check_one_device_holds_actor_and_engine(engine):
         out, _ = rollout.generate(prompts, SamplingConfig(temperature=0.0, max_tokens=MAX_TOKENS))
         lp = actor.compute_log_prob(out, temperature=1.0)["old_log_probs"]
         # greedy (T = 0) log-probs are of the T = 1 distribution too
-        assert _masked_max(lp, out["rollout_log_probs"], out["response_mask"]) < LOGP_ATOL
+        assert_logprobs_match(lp, out["rollout_log_probs"], out["response_mask"])
     finally:
         for role in (rollout, actor):
             if role is not None:
@@ -154,7 +150,7 @@ def test_tp2_generation_matches_the_actor(colocated):
     model, actor, rollout, _ = colocated
     out, _ = rollout.generate(_prompt_batch(model))  # sampled, T = 1, n = 2
     lp = actor.compute_log_prob(out, temperature=1.0)["old_log_probs"]
-    assert _masked_max(lp, out["rollout_log_probs"], out["response_mask"]) < LOGP_ATOL
+    assert_logprobs_match(lp, out["rollout_log_probs"], out["response_mask"])
 
 
 def test_update_sleep_wake_sync_then_engine_equals_actor(colocated):
@@ -187,5 +183,5 @@ def test_update_sleep_wake_sync_then_engine_equals_actor(colocated):
         before["rollout_log_probs"], after["rollout_log_probs"]
     ), "the engine still generates with the old weights"
     actor_lp = actor.compute_log_prob(after, temperature=1.0)["old_log_probs"]
-    assert _masked_max(actor_lp, after["rollout_log_probs"], after["response_mask"]) < LOGP_ATOL
+    assert_logprobs_match(actor_lp, after["rollout_log_probs"], after["response_mask"])
     assert_greedy_matches_hf(model, state, prompts, after)

@@ -23,12 +23,12 @@ from fipo_trainer.data.tiny_model import build_tiny_model
 from fipo_trainer.data.warm_start import prompt_ids
 from fipo_trainer.rollout import RolloutConfig, SamplingConfig
 from fipo_trainer.rollout.group import RolloutGroup
+from tests.helpers.logprobs import assert_logprobs_match
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 MAX_TOKENS = 16
 PAIRS = [(12, 34), (5, 77), (40, 2), (9, 9)]
-LOGP_ATOL = 1e-4
 
 
 def _prompt_batch(path) -> Batch:
@@ -119,10 +119,6 @@ def assert_greedy_matches_hf(model, state: dict, prompts: Batch, generated: Batc
         assert got == hf[row, : len(got)].tolist()
 
 
-def _masked_close(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
-    return float(((a - b).abs() * mask).max())
-
-
 def test_generate_batch_fields_and_logprobs_match_actor(roles):
     model, actor, rollout, _ = roles
     prompts = _prompt_batch(model)
@@ -148,7 +144,7 @@ def test_generate_batch_fields_and_logprobs_match_actor(roles):
     # Same weights on both sides: vLLM's sampled-token log-probs (T=1) are the actor's.
     lp = actor.compute_log_prob(out, temperature=1.0)
     assert sorted(lp.keys()) == ["entropy", "old_log_probs"]
-    assert _masked_close(lp["old_log_probs"], out["rollout_log_probs"], mask) < LOGP_ATOL
+    assert_logprobs_match(lp["old_log_probs"], out["rollout_log_probs"], mask)
 
 
 def test_update_then_sync_rollout_equals_actor(roles):
@@ -180,7 +176,7 @@ def test_update_then_sync_rollout_equals_actor(roles):
 
     # (1) rollout log-probs == the actor's forward on the same tokens
     actor_lp = actor.compute_log_prob(after, temperature=1.0)["old_log_probs"]
-    assert _masked_close(actor_lp, after["rollout_log_probs"], after["response_mask"]) < LOGP_ATOL
+    assert_logprobs_match(actor_lp, after["rollout_log_probs"], after["response_mask"])
 
     # (2) greedy tokens == a plain HF model holding the actor's gathered weights
     assert_greedy_matches_hf(model, state, prompts, after)
