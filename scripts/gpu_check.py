@@ -20,7 +20,8 @@ by default), so a hang costs that check, not the run. Checks:
   its ``sync/peak_extra_bytes``.
 * ``fipo_train_colocated_3_steps`` — ``fipo-train`` of the quickstart, colocated on 1 GPU
   with sleep/wake, 3 steps; reports s/step (perf/step_seconds) and the worst
-  rollout/actor_logprob_abs_diff (pass < 2e-2 in bf16; stale weights give far more).
+  rollout/actor_logprob_abs_diff, a token mean (pass < 2e-3 in bf16: rounding gives 5e-4 on
+  the sync tests' 8-layer model, weights one Adam step stale 1.3e-2; tests/helpers/logprobs.py).
 * ``fipo_train_colocated_hf_3_steps`` — the same run with ``rollout.engine=hf``: the
   trainer's colocated CUDA-IPC weight sync, ZeRO-3 on NCCL and sleep/wake, where vLLM is
   not installed (a machine without the gpu extra, e.g. ``--wheels``).
@@ -58,7 +59,7 @@ NO_CUDA = 2
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 SYNC_TEST = "tests/integration/test_colocated_sync.py"
 TRAIN_STEPS = 3
-BF16_LOGPROB_ATOL = 2e-2
+BF16_LOGPROB_ATOL = 2e-3  # on a token mean: tests/helpers/logprobs.py's bf16 mean bound
 
 
 @dataclass
