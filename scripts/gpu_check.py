@@ -31,6 +31,9 @@ by default), so a hang costs that check, not the run. Checks:
   and ``fipo_train_split_nccl_2gpu``
   (actor and engine on their own GPUs: the NCCL broadcast sync).
 
+A row that imports a module this Python lacks (``vllm``, where the ``gpu`` extra could not be
+installed) fails at once, without starting its subprocess.
+
 Prints a table (check | result | value | seconds), writes ``<workdir>/gpu_check.json``,
 exits 1 if any check failed or did not run, 2 at once without a CUDA device.
 ``--allow-cpu`` runs what can run on CPU (tests of this script); the rest is skipped.
@@ -39,6 +42,7 @@ exits 1 if any check failed or did not run, 2 at once without a CUDA device.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -59,6 +63,7 @@ NO_CUDA = 2
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 SYNC_TEST = "tests/integration/test_colocated_sync.py"
 TRAIN_STEPS = 3
+VLLM = ("vllm",)  # the rows that import it (the gpu extra)
 BF16_LOGPROB_ATOL = 2e-3  # on a token mean: tests/helpers/logprobs.py's bf16 mean bound
 
 
@@ -153,6 +158,7 @@ class Check:
     parse: Callable[[str, int, Path], tuple[str, str]]
     needs_cuda: bool = False  # True: nothing of it runs on CPU (skipped under --allow-cpu)
     min_gpus: int = 1  # > 1: skipped on smaller machines; its timeout extends the budget
+    needs: tuple[str, ...] = ()  # modules it imports: where one is absent it fails at once
 
 
 def _in_process(name: str) -> Callable[[Path], list[str]]:
@@ -212,7 +218,9 @@ def _train_argv(work: Path, name: str = "fipo_train", layout: Sequence[str] = CO
     ]
 
 
-def _train_check(name: str, layout: Sequence[str], timeout_s: float, min_gpus: int) -> Check:
+def _train_check(
+    name: str, layout: Sequence[str], timeout_s: float, min_gpus: int, needs: tuple[str, ...]
+) -> Check:
     return Check(
         name,
         timeout_s,
@@ -220,6 +228,7 @@ def _train_check(name: str, layout: Sequence[str], timeout_s: float, min_gpus: i
         lambda out, rc, work: parse_train(work / name, rc),
         needs_cuda=True,
         min_gpus=min_gpus,
+        needs=needs,
     )
 
 
@@ -231,19 +240,20 @@ def _sync_check(name: str, engine: str) -> Check:
         180,
         lambda work: [*pytest, SYNC_TEST, "-k", f"gpu_check and {engine}"],
         lambda out, rc, work: parse_sync(out, rc),
+        needs=VLLM if engine == "vllm" else (),
     )
 
 
 CHECKS = [
     Check("tiny_model", 120, _in_process("tiny_model"), _parse_in_process),
-    Check("vllm_generate_reload_sleep", 180, _in_process("vllm"), _parse_in_process),
+    Check("vllm_generate_reload_sleep", 180, _in_process("vllm"), _parse_in_process, needs=VLLM),
     Check("deepspeed_zero3_bf16", 120, _in_process("zero3"), _parse_in_process),
     Check("flash_attn_varlen_vs_sdpa", 90, _in_process("flash"), _parse_in_process),
     _sync_check("colocated_ipc_sync", "vllm"),
     _sync_check("colocated_ipc_sync_hf", "hf"),
-    _train_check("fipo_train_colocated_3_steps", COLOCATED_1GPU, 240, 1),
+    _train_check("fipo_train_colocated_3_steps", COLOCATED_1GPU, 240, 1, VLLM),
     _train_check(
-        "fipo_train_colocated_hf_3_steps", (*COLOCATED_1GPU, "rollout.engine=hf"), 240, 1
+        "fipo_train_colocated_hf_3_steps", (*COLOCATED_1GPU, "rollout.engine=hf"), 240, 1, ()
     ),
     Check(
         "deepspeed_zero3_offload",
@@ -254,8 +264,8 @@ CHECKS = [
     ),
     # Only where 2 GPUs are visible: vLLM TP > 1 on CUDA (external_launcher, IPC of TP
     # slices), Ulysses SP 2 on flash-attn, and the split placement's NCCL broadcast.
-    _train_check("fipo_train_colocated_tp2_sp2_2gpu", COLOCATED_TP2_SP2, 240, 2),
-    _train_check("fipo_train_split_nccl_2gpu", SPLIT_NCCL, 240, 2),
+    _train_check("fipo_train_colocated_tp2_sp2_2gpu", COLOCATED_TP2_SP2, 240, 2, VLLM),
+    _train_check("fipo_train_split_nccl_2gpu", SPLIT_NCCL, 240, 2, VLLM),
 ]
 
 
@@ -303,6 +313,20 @@ def run_check(check: Check, work: Path, timeout_s: float, env: dict[str, str]) -
     return Row(check.name, result, value, time.perf_counter() - start)
 
 
+def missing_modules(check: Check) -> list[str]:
+    """The modules ``check`` needs that this Python cannot import."""
+    return [name for name in check.needs if importlib.util.find_spec(name) is None]
+
+
+def not_installed(check: Check, missing: Sequence[str]) -> Row:
+    """A failed row, at once: a subprocess would spend its start-up learning the same."""
+    value = (
+        f"not installed: {', '.join(missing)} (the gpu extra: scripts/setup.sh on a CUDA "
+        "machine, or its wheels beside --wheels)"
+    )
+    return Row(check.name, FAIL, value, 0.0)
+
+
 def cuda_devices() -> int:
     import torch
 
@@ -343,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append(Row(check.name, SKIP, "needs CUDA", 0.0))
         elif check.min_gpus > max(gpus, 1):  # (under --allow-cpu: the 1-GPU checks run)
             rows.append(Row(check.name, SKIP, f"needs {check.min_gpus} GPUs, {gpus} visible", 0.0))
+        elif missing := missing_modules(check):
+            rows.append(not_installed(check, missing))
         elif left < 5:
             rows.append(
                 Row(check.name, FAIL, f"not run: --budget-s {args.budget_s:.0f} spent", 0.0)

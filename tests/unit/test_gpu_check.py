@@ -289,3 +289,32 @@ def test_main_skips_what_the_machine_lacks_and_fails_what_the_budget_misses(
     assert gc.main(["--workdir", str(tmp_path)]) == 1
     with pytest.raises(SystemExit):
         gc.main(["--workdir", str(tmp_path), "--only", "nope"])
+
+
+def test_a_check_whose_module_is_absent_fails_at_once_without_running(tmp_path, monkeypatch):
+    ran = tmp_path / "ran"
+    absent = gc.Check(
+        "needs_absent",
+        60,
+        lambda work: [sys.executable, "-c", f"open({str(ran)!r}, 'w')"],
+        gc._parse_in_process,
+        needs=("fipo_no_such_module",),
+    )
+    monkeypatch.setattr(gc, "cuda_devices", lambda: 1)
+    monkeypatch.setattr(gc, "CHECKS", [absent, _quick("a")])
+    assert gc.main(["--workdir", str(tmp_path)]) == 1
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [(r["check"], r["result"]) for r in rows] == [("needs_absent", "FAIL"), ("a", "PASS")]
+    assert rows[0]["value"].startswith("not installed: fipo_no_such_module (the gpu extra")
+    assert rows[0]["seconds"] == 0.0 and not ran.exists()
+
+
+def test_the_rows_that_import_vllm_say_so():
+    needs = {c.name: c.needs for c in gc.CHECKS}
+    assert {name for name, n in needs.items() if "vllm" in n} == {
+        "vllm_generate_reload_sleep",
+        "colocated_ipc_sync",
+        "fipo_train_colocated_3_steps",
+        "fipo_train_colocated_tp2_sp2_2gpu",
+        "fipo_train_split_nccl_2gpu",
+    }
