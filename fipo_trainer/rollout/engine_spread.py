@@ -26,10 +26,18 @@ class EngineSpread:
     """A schedule of blocks of batches: first ``warmup`` on the largest count (unmeasured:
     the first steps compile, allocate and validate), then ``trial`` batches on each count,
     then the fastest count for ``revisit`` batches, then every other count again, and so on.
+    Each trial that keeps the same count doubles the wait before the next (up to
+    ``max_revisit``): a settled run spends ever fewer batches on the slower count.
     """
 
     def __init__(
-        self, counts: Sequence[int], *, trial: int = 4, revisit: int = 50, warmup: int = 2
+        self,
+        counts: Sequence[int],
+        *,
+        trial: int = 4,
+        revisit: int = 50,
+        max_revisit: int = 400,
+        warmup: int = 2,
     ) -> None:
         if not counts or min(counts) < 1:
             raise ValueError(f"engine counts must be >= 1, got {list(counts)}")
@@ -37,10 +45,12 @@ class EngineSpread:
             raise ValueError("trial must be >= 2 (its first batch is dropped), revisit >= 1")
         self.counts = tuple(sorted(set(counts), reverse=True))
         self.trial, self.revisit = trial, revisit
+        self._base_revisit, self._max_revisit = revisit, max(revisit, max_revisit)
         self.samples = {c: deque(maxlen=trial - 1) for c in self.counts}
         self.best = self.counts[0]
         self.switches = 0  # times the chosen count changed after a trial
         self._exploited = 0  # batches on the chosen count since the last trial
+        self._tried_before = False  # the first pick sets no wait
         # (count, measured) per batch to come; after a block on a count its first is dropped
         self._plan: deque[tuple[int, bool]] = deque([(self.best, False)] * warmup)
         self._plan += self._trials(self.counts)
@@ -76,7 +86,12 @@ class EngineSpread:
     def _pick(self) -> None:
         timed = {c: statistics.median(s) for c, s in self.samples.items() if s}
         best = min(timed, key=lambda c: (timed[c], -c)) if timed else self.best
-        self.switches += best != self.best
+        if best != self.best:
+            self.switches += 1
+            self.revisit = self._base_revisit
+        elif self._tried_before:
+            self.revisit = min(2 * self.revisit, self._max_revisit)
+        self._tried_before = True
         self.best = best
         self._exploited = 0
 

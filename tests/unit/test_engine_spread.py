@@ -33,11 +33,12 @@ def test_warmup_then_a_trial_of_each_count_then_the_faster_one():
     }
 
 
-def test_generation_bound_keeps_every_engine_and_trials_again_after_revisit():
-    spread = EngineSpread([1, 2], trial=3, revisit=4, warmup=0)
-    used = _run(spread, {2: 0.43, 1: 0.56}, 3 + 3 + 4 + 3 + 2)
-    assert used == [2] * 3 + [1] * 3 + [2] * 4 + [1] * 3 + [2] * 2
-    assert spread.best == 2 and spread.switches == 0
+def test_generation_bound_keeps_every_engine_and_trials_again_ever_later():
+    spread = EngineSpread([1, 2], trial=3, revisit=4, max_revisit=10, warmup=0)
+    used = _run(spread, {2: 0.43, 1: 0.56}, 3 + 3 + 4 + 3 + 8 + 3 + 10 + 3 + 10)
+    trial = [1] * 3
+    assert used == [2] * 3 + trial + [2] * 4 + trial + [2] * 8 + trial + [2] * 10 + trial + [2] * 10
+    assert spread.best == 2 and spread.switches == 0 and spread.revisit == 10
 
 
 def test_it_switches_when_the_other_count_becomes_faster():
@@ -49,6 +50,7 @@ def test_it_switches_when_the_other_count_becomes_faster():
         assert spread.choose() == count
         spread.record(count, seconds)
     assert spread.best == 1 and spread.switches == 1
+    assert spread.revisit == 2  # a switch starts the waits again from the shortest
 
 
 def test_a_batch_recorded_on_another_count_than_planned_is_refused():
