@@ -139,3 +139,30 @@ def test_quickstart_in_one_step_mode_still_learns(tmp_path, recipe):
     )
     first, last = run.validations[0]["val/mean@4"], run.validations[-1]["val/mean@4"]
     assert last - first >= 0.25, (first, last)
+
+
+def test_forked_engines_measure_which_count_makes_the_shorter_step(tmp_path):
+    """``rollout.engine_spread=auto``: 2 warm-up batches and a trial of 4 on both forked
+    engines, a trial of 4 on one, then the count whose batches came faster, every step
+    logged; seeded, the samples are those of both engines always."""
+    common = [
+        *SHORT,
+        "trainer.async_mode=one_step",
+        "trainer.save_freq=0",
+        "trainer.total_training_steps=11",
+        "algorithm.filter_groups.enable=false",
+        "data.train_batch_size=8",
+        "data.gen_batch_size=8",
+        "rollout.engines_per_worker=2",
+    ]
+    auto = read_metrics(train(tmp_path / "auto", *common).run_dir)
+    used = [auto[s]["rollout/engines_used"] for s in range(1, 12)]
+    assert used[:10] == [2] * 6 + [1] * 4
+    best = auto[11]["rollout/engine_spread_best"]
+    assert used[10] == best
+    seconds = {c: auto[11][f"rollout/engine_spread_s_{c}"] for c in (1, 2)}
+    assert best == min(seconds, key=lambda c: (seconds[c], -c))
+    both = read_metrics(train(tmp_path / "all", *common, "rollout.engine_spread=all").run_dir)
+    assert "rollout/engines_used" not in both[1]
+    for step in range(1, 12):
+        assert auto[step]["reward/score_mean"] == both[step]["reward/score_mean"], step
