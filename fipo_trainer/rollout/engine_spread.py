@@ -12,7 +12,9 @@ chooser tries each count for a few batches, keeps the fastest, and tries again n
 The measure is the time from one batch's end to the next's (the pipeline's period, waits
 included): what a step costs with that count. The first batch of each block is dropped (it
 still pays for the block before it). Pure Python: the sampler owns one and calls
-:meth:`choose` before a batch and :meth:`record` after it.
+:meth:`choose` before a batch and :meth:`record` after it. It is not checkpointed: a seeded
+call samples the same tokens on any number of engines, so the choice changes how fast a run
+goes, never what it trains on, and a resumed run simply measures again.
 """
 
 from __future__ import annotations
