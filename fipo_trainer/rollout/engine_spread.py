@@ -10,7 +10,10 @@ With several dynamic-sampling rounds per step, generation bounds it and two engi
 chooser tries each count for a few batches, keeps the fastest, and tries again now and then.
 
 The measure is the time from one batch's end to the next's (the pipeline's period, waits
-included): what a step costs with that count. The first batch of each block is dropped (it
+included): what a step costs with that count. A run's batches change as it learns (a sharper
+policy needs more dynamic-sampling rounds: a step on one engine went from 0.55 to 1.05 s
+between steps 200 and 240 of a quickstart run), so when the chosen count's recent batches
+grow slower than another count was measured, that count is tried again at once. The first batch of each block is dropped (it
 still pays for the block before it). Pure Python: the sampler owns one and calls
 :meth:`choose` before a batch and :meth:`record` after it. It is not checkpointed: a seeded
 call samples the same tokens on any number of engines, so the choice changes how fast a run
@@ -29,7 +32,9 @@ class EngineSpread:
     the first steps compile, allocate and validate), then ``trial`` batches on each count,
     then the fastest count for ``revisit`` batches, then every other count again, and so on.
     Each trial that keeps the same count doubles the wait before the next (up to
-    ``max_revisit``): a settled run spends ever fewer batches on the slower count.
+    ``max_revisit``): a settled run spends ever fewer batches on the slower count. When the
+    chosen count's median grows more than ``drift`` (a fraction) above another count's, the
+    others are tried at once and the wait starts again from ``revisit``.
     """
 
     def __init__(
@@ -40,11 +45,15 @@ class EngineSpread:
         revisit: int = 50,
         max_revisit: int = 400,
         warmup: int = 2,
+        drift: float = 0.2,
     ) -> None:
         if not counts or min(counts) < 1:
             raise ValueError(f"engine counts must be >= 1, got {list(counts)}")
         if trial < 2 or revisit < 1 or warmup < 0:
             raise ValueError("trial must be >= 2 (its first batch is dropped), revisit >= 1")
+        if drift <= 0:
+            raise ValueError(f"drift must be > 0, got {drift}")
+        self.drift = drift
         self.counts = tuple(sorted(set(counts), reverse=True))
         self.trial, self.revisit = trial, revisit
         self._base_revisit, self._max_revisit = revisit, max(revisit, max_revisit)
@@ -82,8 +91,19 @@ class EngineSpread:
         if seconds is not None:  # the chosen count's figure stays current
             self.samples[count].append(seconds)
         self._exploited += 1
-        if self._exploited >= self.revisit:
-            self._plan += self._trials([c for c in self.counts if c != self.best])
+        if self._drifted():
+            self.revisit = self._base_revisit
+        elif self._exploited < self.revisit:
+            return
+        self._plan += self._trials([c for c in self.counts if c != self.best])
+
+    def _drifted(self) -> bool:
+        """The chosen count's batches since the last pick are slower than another count's."""
+        mine = self.samples[self.best]
+        if self._exploited < mine.maxlen:  # its median still holds batches from before
+            return False
+        others = [statistics.median(s) for c, s in self.samples.items() if s and c != self.best]
+        return bool(others) and statistics.median(mine) > (1 + self.drift) * min(others)
 
     def _pick(self) -> None:
         timed = {c: statistics.median(s) for c, s in self.samples.items() if s}

@@ -46,7 +46,7 @@ def test_it_switches_when_the_other_count_becomes_faster():
     _run(spread, {2: 0.3, 1: 0.4}, 4)
     assert spread.best == 2
     # later batches: one engine got faster (e.g. the actor's update grew)
-    for count, seconds in ((2, 0.5), (2, 0.5), (1, 0.45), (1, 0.3)):
+    for count, seconds in ((2, 0.45), (2, 0.45), (1, 0.45), (1, 0.3)):
         assert spread.choose() == count
         spread.record(count, seconds)
     assert spread.best == 1 and spread.switches == 1
@@ -61,7 +61,12 @@ def test_a_batch_recorded_on_another_count_than_planned_is_refused():
 
 @pytest.mark.parametrize(
     ("counts", "kwargs", "match"),
-    [([], {}, "engine counts"), ([0, 1], {}, "engine counts"), ([1, 2], {"trial": 1}, "trial")],
+    [
+        ([], {}, "engine counts"),
+        ([0, 1], {}, "engine counts"),
+        ([1, 2], {"trial": 1}, "trial"),
+        ([1, 2], {"drift": 0.0}, "drift must be > 0"),
+    ],
 )
 def test_bad_settings_are_refused(counts, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -72,3 +77,32 @@ def test_the_config_key_is_checked():
     RolloutConfig(engine_spread="all").validate()
     with pytest.raises(ValueError, match=r"rollout\.engine_spread must be 'auto' or 'all'"):
         RolloutConfig(engine_spread="some").validate()
+
+
+def test_a_chosen_count_that_grows_slower_than_another_was_measured_is_tried_again_at_once():
+    spread = EngineSpread([1, 2], trial=3, revisit=50, warmup=0)
+    _run(spread, {2: 0.72, 1: 0.55}, 6)
+    assert spread.best == 1 and spread.revisit == 50
+    # the run's batches need more rounds now: one engine takes 1.0 s, two 0.8 s
+    used = _run_on(spread, {2: 0.8, 1: 1.0}, 2 + 3 + 3)
+    # two slow batches refill one engine's median (1.0 > 1.2 x 0.72): two are tried at once
+    assert used == [1, 1] + [2] * 6
+    assert spread.best == 2 and spread.switches == 2
+    assert spread.revisit == 50  # the wait starts again
+
+
+def test_noise_below_the_drift_margin_waits_for_the_revisit():
+    spread = EngineSpread([1, 2], trial=3, revisit=20, warmup=0)
+    _run(spread, {2: 0.72, 1: 0.55}, 6)
+    used = _run_on(spread, {2: 0.72, 1: 0.8}, 19)  # 0.8 < 1.2 x 0.72
+    assert used == [1] * 19
+
+
+def _run_on(spread: EngineSpread, seconds: dict[int, float], batches: int) -> list[int]:
+    """Like ``_run``, continuing a run (every batch has a previous one)."""
+    used = []
+    for _ in range(batches):
+        count = spread.choose()
+        used.append(count)
+        spread.record(count, seconds[count])
+    return used
