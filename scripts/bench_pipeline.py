@@ -23,7 +23,10 @@ appeared (metrics.jsonl is tailed every ~0.5 s, rows carry no time); peak memory
 samples of the RSS, and of the PSS, summed over the process tree (Ray's processes included;
 RSS counts shared library pages once per process, PSS splits them); busy cores =
 CPU time of every process seen in the tree (last value per process, so exited ones count)
-divided by the run's wall time. By role (``process_tree.py``: driver, rollout, actor ranks,
+divided by the run's wall time; machine busy cores = the machine's busy CPU time over the run
+(``/proc/stat``, less this script's own) divided by it: it also counts what the sampling
+misses (a process's last half second before it exits, processes shorter than a sample) and
+whatever else runs, so read it on a quiet machine. By role (``process_tree.py``: driver, rollout, actor ranks,
 grader, Ray's helpers): busy cores between the first and the last step row (steady state,
 validations included) and PSS at the run's peak — a second table (``bench_pipeline_report``)
 and, for the quickstart, two SUMMARY dicts.
@@ -54,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_pipeline_report import print_table  # this directory: sys.path[0]
-from process_tree import TreeMonitor
+from process_tree import MachineCpu, TreeMonitor
 
 from fipo_trainer.cli import quoted_override
 
@@ -199,6 +202,7 @@ def summary(results: Mapping[str, Mapping[str, Mapping[str, Any]]], quick_mode: 
         ("peak_mem_gib", mem / 2**30 if mem else None),
         ("peak_pss_gib", pss / 2**30 if pss else None),
         ("busy_cores", quick.get("busy_cores")),
+        ("machine_busy_cores", quick.get("machine_busy_cores")),
     ):
         out[f"quickstart_{key}"] = value
     busy = quick.get("steady_busy_by_role")
@@ -252,6 +256,7 @@ def run_one(overrides: list[str], run_dir: Path, timeout_s: float) -> dict[str, 
     metrics = run_dir / "metrics.jsonl"
     rows: dict[int, Row] = {}
     log = (run_dir.parent / f"{run_dir.name}.log").open("w")
+    machine = MachineCpu() if Path("/proc/stat").exists() else None
     start = time.monotonic()
     proc = subprocess.Popen(
         [fipo_train(), *overrides, quoted_override("trainer.run_dir", run_dir)],
@@ -285,6 +290,7 @@ def run_one(overrides: list[str], run_dir: Path, timeout_s: float) -> dict[str, 
             break
         time.sleep(POLL_S)
     wall = time.monotonic() - start
+    machine_cpu = machine.seconds() if machine else None
     parse_lines([pending], wall, rows)
     log.close()
     out = run_stats(rows, wall)
@@ -294,6 +300,9 @@ def run_one(overrides: list[str], run_dir: Path, timeout_s: float) -> dict[str, 
         peak_mem_bytes=monitor.peak_rss,
         peak_pss_bytes=monitor.peak_pss or None,
         busy_cores=sum(monitor.cpu.values()) / wall if wall > 0 else None,
+        tree_cpu_s=sum(monitor.cpu.values()),
+        machine_cpu_s=machine_cpu,
+        machine_busy_cores=machine_cpu / wall if machine_cpu is not None and wall > 0 else None,
         startup_cpu_s=startup_cpu,
         processes=len(monitor.cpu),
         pss_by_role=monitor.peak_pss_by_role or None,

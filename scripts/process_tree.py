@@ -13,6 +13,8 @@ process 1/N of it, so summed PSS is the memory the run really holds.
 
 from __future__ import annotations
 
+import os
+import resource
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +44,42 @@ def pss_bytes(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def busy_seconds(stat_line: str, ticks_per_s: float) -> float:
+    """CPU seconds spent busy by every core, from ``/proc/stat``'s first (``cpu``) line:
+    every state but idle and iowait (guest time is already inside user/nice)."""
+    fields = [int(v) for v in stat_line.split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    counted = sum(fields[:8])  # user nice system idle iowait irq softirq steal
+    return (counted - idle) / ticks_per_s
+
+
+class MachineCpu:
+    """The machine's busy CPU seconds since construction, less this process's own.
+
+    Why beside the tree's sampled figure: the sampler sees a process's CPU time up to its
+    last sample, so what a process spends in its last half second before it exits (the
+    run's shut-down), and processes that live less than a sample, are missed; the machine's
+    counters miss nothing, and count whatever else runs (so: a quiet machine).
+    """
+
+    def __init__(self) -> None:
+        self._ticks = float(os.sysconf("SC_CLK_TCK"))
+        self._start = self._busy() - self._own()
+
+    def _busy(self) -> float:
+        with open("/proc/stat", encoding="ascii") as f:
+            return busy_seconds(f.readline(), self._ticks)
+
+    @staticmethod
+    def _own() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def seconds(self) -> float:
+        """Busy CPU seconds of everything but this process since construction."""
+        return self._busy() - self._own() - self._start
 
 
 @dataclass(frozen=True)

@@ -298,3 +298,32 @@ def test_the_heavy_shape_samples_as_its_validation_at_a_smaller_lr():
     assert heavy.rollout.top_p == heavy.rollout.val.top_p == 0.7 < quick.rollout.top_p
     assert heavy.actor.lr == pytest.approx(quick.actor.lr / 6)
     assert heavy.data.synthetic.solution_format == "worked" and heavy.actor.ppo_epochs == 2
+
+
+def test_busy_seconds_reads_the_cpu_line_of_proc_stat():
+    # user nice system idle iowait irq softirq steal guest guest_nice (ticks)
+    line = "cpu  100 20 30 400 50 6 4 10 7 0"
+    assert pt.busy_seconds(line, 100.0) == pytest.approx((100 + 20 + 30 + 6 + 4 + 10) / 100)
+    assert pt.busy_seconds("cpu  1 0 1 5", 1.0) == 2.0  # old kernels: four fields
+
+
+FAKE_TRAINER_SHORT_CHILD = """#!{python}
+import json, subprocess, sys, time
+run_dir = next(a.split("=", 1)[1].strip("'") for a in sys.argv if a.startswith("trainer.run_dir="))
+burn = "import time\\nend = time.process_time() + 0.1\\nwhile time.process_time() < end: pass"
+for _ in range(6):  # each gone within a sampling interval: the tree sees two at most
+    subprocess.run([sys.executable, "-S", "-c", burn], check=True)
+with open(run_dir + "/metrics.jsonl", "w") as f:
+    f.write(json.dumps({{"step": 1, "perf/step_seconds": 0.1, "timing_s/gen": 0.05}}) + "\\n")
+time.sleep(1.0)
+"""
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/stat"), reason="Linux /proc")
+def test_the_machine_figure_counts_a_child_that_ended_between_two_samples(tmp_path, monkeypatch):
+    """Six children that burn 0.1 CPU-s each, one after another, and exit: the tree's samples
+    (every 0.5 s) see two of them at most; the machine's counters have them all."""
+    out = run_fake(FAKE_TRAINER_SHORT_CHILD, tmp_path, monkeypatch)
+    assert out["status"] == "ok"
+    assert out["machine_cpu_s"] >= out["tree_cpu_s"] + 0.3
+    assert out["machine_busy_cores"] == pytest.approx(out["machine_cpu_s"] / out["wall_s"])
