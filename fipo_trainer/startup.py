@@ -30,10 +30,12 @@ the way a missing package does, so torch, DeepSpeed and vLLM take their no-trito
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import sys
 import threading
+from collections.abc import Iterator
 
 SETUP_HOOK = f"{__name__}.setup_worker_process"
 HIDE_TRITON_ENV = "FIPO_HIDE_TRITON"
@@ -81,6 +83,29 @@ def freeze_if_paused() -> bool:
         if _paused:
             gc.freeze()
         return _paused
+
+
+@contextlib.contextmanager
+def heap_stays_frozen() -> Iterator[None]:
+    """For a process that exits next (a rollout worker stopping its engines): keep the heap
+    frozen while vLLM stops.
+
+    Why: vLLM's engine shutdown calls ``gc.unfreeze()`` (so that an engine deleted in a
+    process that goes on frees its memory) and then ``gc.collect()``, three full passes over
+    the ≈ 0.7 M start-up objects of torch and vLLM: ≈ 1 s per engine measured, at the end of
+    every run. The exit frees all of it anyway. Inside, ``gc.unfreeze`` does nothing.
+    """
+    gc.freeze()
+    unfreeze = gc.unfreeze
+    gc.unfreeze = _keep_frozen
+    try:
+        yield
+    finally:
+        gc.unfreeze = unfreeze
+
+
+def _keep_frozen() -> None:
+    return None
 
 
 def hide_triton() -> bool:

@@ -121,8 +121,11 @@ def _serve(
                 result = pin_this_process(args)
             elif op in ("sleep", "wake"):
                 result = getattr(engine, op)()
-            elif op == "shutdown":
-                engine.shutdown()
+            elif op == "shutdown":  # this child exits next
+                from fipo_trainer.startup import heap_stays_frozen
+
+                with heap_stays_frozen():
+                    engine.shutdown()
                 _send(conn, ("ok", None))
                 break
             else:

@@ -351,6 +351,9 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
         self.engine.wake()
 
     def shutdown(self) -> None:
+        """Stop the engine; the group kills this process next (``RolloutGroup.shutdown``)."""
+        from fipo_trainer.startup import heap_stays_frozen
+
         if self._receiver is not None:
             self._receiver.close()
             self._receiver = None
@@ -358,4 +361,5 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
             self._shared.close()
             self._shared = None
         if self.engine is not None:
-            self.engine.shutdown()
+            with heap_stays_frozen():  # the exit frees it: no full GC passes first
+                self.engine.shutdown()

@@ -122,3 +122,23 @@ def test_cpu_workers_keep_few_onednn_primitives_and_a_users_value_wins(monkeypat
     assert platform.worker_env()["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "16"
     monkeypatch.setenv(platform.ONEDNN_CACHE_ENV, "1024")
     assert platform.worker_env()["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "1024"
+
+
+def test_the_heap_stays_frozen_while_a_process_that_exits_next_stops_its_engine():
+    gc.unfreeze()
+    unfreeze = gc.unfreeze
+    with startup.heap_stays_frozen():
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        gc.unfreeze()  # what vLLM's engine shutdown calls before its full collections
+        assert gc.get_freeze_count() == frozen
+    assert gc.unfreeze is unfreeze
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+
+
+def test_gc_unfreeze_comes_back_when_the_shutdown_fails():
+    unfreeze = gc.unfreeze
+    with pytest.raises(RuntimeError), startup.heap_stays_frozen():
+        raise RuntimeError("engine failed to stop")
+    assert gc.unfreeze is unfreeze
