@@ -21,6 +21,7 @@ CONFIG_DIR_ENV = "FIPO_CONFIG_DIR"
 CONFIG_NAME = "config"
 DRY_RUN_FLAG = "--dry-run"
 MULTIRUN_FLAGS = ("--multirun", "-m")
+INTERRUPTED_EXIT = 130  # Ctrl-C: what a shell reports for a process SIGINT stopped (128 + 2)
 
 __all__ = [
     "compose_config",
@@ -363,7 +364,14 @@ def train_main(argv: Sequence[str] | None = None) -> None:
 
     sys.argv = [sys.argv[0] if sys.argv else "fipo-train", *args]
     main = hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base=None)
-    main(_train_task)()
+    try:
+        main(_train_task)()
+    except KeyboardInterrupt as err:  # a message, not a traceback through Hydra's frames
+        from fipo_trainer.trainer.loop import TrainingInterrupted  # it said where and how
+
+        if not isinstance(err, TrainingInterrupted):  # before the trainer started
+            print("fipo-train: interrupted (Ctrl-C) before training started", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT)
 
 
 def eval_main(argv: Sequence[str] | None = None) -> None:

@@ -158,3 +158,33 @@ def test_train_task_validates_once_and_hands_the_config_to_the_loop(monkeypatch)
     assert calls == [1]  # not once per conversion, and not again in the trainer
     (cfg,) = ran
     assert isinstance(cfg, TrainConfig) and Path(cfg.model.path, "config.json").is_file()
+
+
+@pytest.mark.parametrize("trainer_started", [True, False])
+def test_ctrl_c_exits_130_with_a_message_and_no_traceback(
+    trainer_started, monkeypatch, tmp_path, capsys
+):
+    """Ctrl-C ends ``fipo-train`` with status 130 and a line, not a traceback through Hydra.
+    Once the trainer runs it raises ``TrainingInterrupted``, having said where it stopped;
+    earlier (config, tiny model) a bare KeyboardInterrupt arrives, and the CLI says so."""
+    from fipo_trainer import startup
+    from fipo_trainer.trainer import loop
+
+    def interrupted(cfg):
+        if trainer_started:
+            raise loop.TrainingInterrupted("interrupted (Ctrl-C) while waiting; workers stopped")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "run_training", interrupted)
+    monkeypatch.setattr(startup, "pause_gc", lambda: None)  # this process keeps its GC
+    args = ["model.tiny.warm_start_steps=0", f"trainer.run_dir={tmp_path / 'run'}"]
+    caught: BaseException | None = None
+    try:
+        cli.train_main([*args, f"hydra.run.dir={tmp_path / 'run'}"])
+    except BaseException as exc:  # a KeyboardInterrupt let through would end pytest itself
+        caught = exc
+    assert isinstance(caught, SystemExit) and caught.code == 130, repr(caught)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    before = "fipo-train: interrupted (Ctrl-C) before training started"
+    assert (before in err) is not trainer_started, err
