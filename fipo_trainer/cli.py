@@ -62,8 +62,9 @@ def compose_config(overrides: Sequence[str] = (), *, directory: str | Path | Non
 
     import fipo_trainer.trainer.config  # noqa: F401 - registers the schema
     from fipo_trainer.trainer.config.errors import ConfigError
+    from fipo_trainer.trainer.config.overrides import open_overrides, override_key
 
-    remaining, unknown = open_map_overrides(overrides), []
+    remaining, unknown = open_overrides(overrides), []
     with initialize_config_dir(str(directory or config_dir()), version_base=None):
         while True:
             try:
@@ -74,7 +75,7 @@ def compose_config(overrides: Sequence[str] = (), *, directory: str | Path | Non
             except ConfigCompositionException as err:
                 match = _UNKNOWN_OVERRIDE.search(str(err))
                 key = match.group(1) if match else None
-                kept = [o for o in remaining if _override_key(o) != key]
+                kept = [o for o in remaining if override_key(o) != key]
                 if key is None or len(kept) == len(remaining):
                     raise
                 unknown.append(key)
@@ -86,16 +87,13 @@ def compose_config(overrides: Sequence[str] = (), *, directory: str | Path | Non
 
 
 _UNKNOWN_OVERRIDE = re.compile(r"Could not override '([^']+)'")
-_BACKSLASHES_BEFORE_QUOTE_OR_END = re.compile(r"(\\*)('|$)")
 
 
 def quoted_override(key: str, value: object) -> str:
-    """``key='value'``, which Hydra reads back as exactly ``str(value)`` (a path may hold
-    ``=``, spaces, commas, brackets or quotes, each of which its grammar would parse)."""
-    text = _BACKSLASHES_BEFORE_QUOTE_OR_END.sub(
-        lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), str(value)
-    )
-    return f"{key}='{text}'"
+    """``key='value'``, which Hydra reads back as exactly ``str(value)``."""
+    from fipo_trainer.trainer.config.overrides import quoted
+
+    return f"{key}={quoted(value)}"
 
 
 def unreadable_override_message(override: str, hydra_message: str) -> str:
@@ -107,49 +105,6 @@ def unreadable_override_message(override: str, hydra_message: str) -> str:
         f"commas, brackets or quotes must be quoted: {quoted_override(key, value)} "
         "(https://hydra.cc/docs/advanced/override_grammar/basic/)"
     )
-
-
-def map_keys() -> list[str]:
-    """The schema's mapping-valued keys (``model.override_config``,
-    ``resources.actor_bundle_resources``): their entries are the user's to name."""
-    import dataclasses
-    import typing
-
-    from fipo_trainer.trainer.config.schema import TrainConfig
-
-    found: list[str] = []
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            hint = hints[f.name]
-            if typing.get_origin(hint) is dict:
-                found.append(prefix + f.name)
-            elif dataclasses.is_dataclass(hint):
-                walk(hint, f"{prefix}{f.name}.")
-
-    walk(TrainConfig, "")
-    return found
-
-
-def open_map_overrides(overrides: Sequence[str]) -> list[str]:
-    """``resources.actor_bundle_resources={a: 1}`` or ``model.override_config.k=v`` as
-    ``++...``: Hydra refuses new entries of a typed mapping without it ("not in struct")."""
-    maps = map_keys()
-    out = []
-    for o in overrides:
-        key = _override_key(o)
-        if key and any(key == m or key.startswith(m + ".") for m in maps):
-            o = "++" + o
-        out.append(o)
-    return out
-
-
-def _override_key(override: str) -> str | None:
-    """The key a plain ``a.b=value`` override sets (None for ``+``/``~`` and flags)."""
-    if override.startswith(("+", "~", "-")) or "=" not in override:
-        return None
-    return override.split("=", 1)[0]
 
 
 def config_keys(cfg: Any) -> list[str]:
@@ -345,7 +300,9 @@ def _train_task(cfg) -> None:
 def train_main(argv: Sequence[str] | None = None) -> None:
     """``fipo-train [--dry-run] [recipe=NAME] [key=value ...]`` (Hydra flags such as
     ``--cfg job``, ``--help``, ``--multirun`` work as usual)."""
-    args = open_map_overrides(list(sys.argv[1:] if argv is None else argv))
+    from fipo_trainer.trainer.config.overrides import open_overrides
+
+    args = open_overrides(list(sys.argv[1:] if argv is None else argv))
     multirun = any(a in MULTIRUN_FLAGS for a in args)
     if DRY_RUN_FLAG in args:
         rest = [a for a in args if a != DRY_RUN_FLAG]

@@ -1,12 +1,14 @@
-"""Mapping-valued keys take new entries from the command line without Hydra's ``+``, and
-per-role bundle resources are validated (issue 12, multi-node placement)."""
+"""Mapping-valued keys take new entries from the command line without Hydra's ``+``,
+list-valued keys take one bare value as verl's do, and per-role bundle resources are
+validated (issue 12, multi-node placement)."""
 
 from __future__ import annotations
 
 import pytest
 
-from fipo_trainer.cli import compose_config, map_keys, open_map_overrides
+from fipo_trainer.cli import compose_config
 from fipo_trainer.trainer.config import ConfigError, prepare_config
+from fipo_trainer.trainer.config.overrides import list_keys, map_keys, open_overrides
 
 
 def test_map_keys_come_from_the_schema():
@@ -20,7 +22,7 @@ def test_map_keys_come_from_the_schema():
 
 
 def test_only_overrides_of_map_keys_are_opened():
-    assert open_map_overrides(
+    assert open_overrides(
         [
             "resources.actor_bundle_resources={a: 1}",
             "model.override_config.rope_theta=10",
@@ -59,3 +61,37 @@ def test_bad_bundle_resources_name_the_key(override):
         ConfigError, match=r"resources\.\w+_bundle_resources\.\w+=.*custom resources"
     ):
         prepare_config(compose_config([override]))
+
+
+def test_list_keys_come_from_the_schema():
+    keys = list_keys()
+    assert {"data.train_files", "data.val_files", "trainer.loggers"} <= set(keys)
+    assert "data.max_prompt_length" not in keys and "model.override_config" not in keys
+
+
+@pytest.mark.parametrize(
+    "override, opened",
+    [
+        ("data.train_files=/d/train.parquet", "data.train_files=['/d/train.parquet']"),
+        ("data.val_files='/d/a b.parquet'", "data.val_files=['/d/a b.parquet']"),
+        ("data.train_files=/d/it's=1.parquet", "data.train_files=['/d/it\\'s=1.parquet']"),
+        ("trainer.loggers=console", "trainer.loggers=['console']"),
+        # already a list, a sweep, an interpolation, null: Hydra's to read
+        ("data.train_files=[/a.parquet,/b.parquet]", "data.train_files=[/a.parquet,/b.parquet]"),
+        ("data.train_files=/a.parquet,/b.parquet", "data.train_files=/a.parquet,/b.parquet"),
+        ("data.train_files=${oc.env:TRAIN}", "data.train_files=${oc.env:TRAIN}"),
+        ("data.train_files=null", "data.train_files=null"),
+        ("data.max_prompt_length=512", "data.max_prompt_length=512"),
+    ],
+)
+def test_one_bare_value_of_a_list_key_becomes_a_one_element_list(override, opened):
+    assert open_overrides([override]) == [opened]
+
+
+def test_a_verl_style_single_data_file_composes(tmp_path):
+    """verl's ``data.train_files=/path/train.parquet``: Hydra alone refused it ("str is not a
+    ListConfig"); the path arrives whole, quotes and ``=`` included."""
+    odd = str(tmp_path / "it's=odd train.parquet")
+    cfg = compose_config([f"data.train_files={odd}", "data.val_files=/d/val.parquet"])
+    assert list(cfg.data.train_files) == [odd]
+    assert list(cfg.data.val_files) == ["/d/val.parquet"]

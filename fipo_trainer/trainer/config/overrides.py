@@ -1,0 +1,90 @@
+"""Command-line overrides as a verl user writes them, rewritten before Hydra reads them.
+
+Why: Hydra reads overrides against the typed schema, which turns two everyday forms into
+errors. A typed mapping refuses new entries unless the override starts with ``++`` ("not in
+struct"), and a list-valued key refuses one bare value ("str is not a ListConfig"), where
+verl's ``data.train_files=/data/train.parquet`` works. Both are opened here, keyed by the
+schema's own field types; every other override passes unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from collections.abc import Sequence
+
+_BACKSLASHES_BEFORE_QUOTE_OR_END = re.compile(r"(\\*)('|$)")
+
+
+def quoted(value: object) -> str:
+    """``'value'``, which Hydra reads back as exactly ``str(value)`` (a path may hold ``=``,
+    spaces, commas, brackets or quotes, each of which its grammar would parse)."""
+    text = _BACKSLASHES_BEFORE_QUOTE_OR_END.sub(
+        lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), str(value)
+    )
+    return f"'{text}'"
+
+
+def _schema_keys(container: type) -> list[str]:
+    """The schema's dotted keys whose type is ``container[...]`` (``dict`` or ``list``)."""
+    from fipo_trainer.trainer.config.schema import TrainConfig
+
+    found: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if typing.get_origin(hint) is container:
+                found.append(prefix + f.name)
+            elif dataclasses.is_dataclass(hint):
+                walk(hint, f"{prefix}{f.name}.")
+
+    walk(TrainConfig, "")
+    return found
+
+
+def map_keys() -> list[str]:
+    """The schema's mapping-valued keys (``model.override_config``,
+    ``resources.actor_bundle_resources``): their entries are the user's to name."""
+    return _schema_keys(dict)
+
+
+def list_keys() -> list[str]:
+    """The schema's list-valued keys (``data.train_files``, ``trainer.loggers``)."""
+    return _schema_keys(list)
+
+
+def override_key(override: str) -> str | None:
+    """The key a plain ``a.b=value`` override sets (None for ``+``/``~`` and flags)."""
+    if override.startswith(("+", "~", "-")) or "=" not in override:
+        return None
+    return override.split("=", 1)[0]
+
+
+def _as_list(value: str) -> str | None:
+    """One bare value as a one-element list; None for what Hydra reads as more than one value
+    or as no string (a list, a sweep, an interpolation, null): Hydra keeps those."""
+    if not value or value[0] in "[$" or value == "null":
+        return None
+    if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":
+        return f"[{value}]"  # quoted already
+    if "," in value or value[0] in "({":
+        return None
+    return f"[{quoted(value)}]"
+
+
+def open_overrides(overrides: Sequence[str]) -> list[str]:
+    """``resources.actor_bundle_resources={a: 1}`` or ``model.override_config.k=v`` as
+    ``++...``; ``data.train_files=/d/train.parquet`` as ``data.train_files=['/d/train.parquet']``."""
+    maps, lists = map_keys(), set(list_keys())
+    out = []
+    for o in overrides:
+        key = override_key(o)
+        if key and any(key == m or key.startswith(m + ".") for m in maps):
+            o = "++" + o
+        elif key in lists and (listed := _as_list(o.split("=", 1)[1])) is not None:
+            o = f"{key}={listed}"
+        out.append(o)
+    return out
