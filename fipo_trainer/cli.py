@@ -292,9 +292,16 @@ def _train_task(cfg) -> None:
         if job_dir is not None:
             raise  # Hydra marks this job failed and runs the next
         sys.exit(2)
+    from fipo_trainer.data.records import DataError
     from fipo_trainer.trainer.loop import run_training
 
-    run_training(train_cfg)
+    try:
+        run_training(train_cfg)
+    except DataError as err:  # a row past the checked head: its file, row and field
+        if job_dir is not None:
+            raise
+        print(f"fipo-train: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def train_main(argv: Sequence[str] | None = None) -> None:

@@ -104,3 +104,32 @@ def test_dry_run_accepts_a_good_file(tmp_path, capsys):
     good = parquet(tmp_path / "good.parquet", [row(i) for i in range(3)])
     code, err = dry(capsys, f"data.train_files=[{good}]", f"data.val_files=[{good}]")
     assert code == 0 and "config OK" in err, err
+
+
+def test_a_training_run_checks_the_data_heads_before_anything_starts(tmp_path):
+    """``prepare_config`` (what ``fipo-train`` runs before Ray) reads each file's head as the
+    dry run does: a file without a prompt column fails there, naming the key and the file,
+    not after Ray and every worker started."""
+    from fipo_trainer.trainer.config import ConfigError, prepare_config
+
+    path = parquet(tmp_path / "noprompt.parquet", [row(0), row(1)], drop=("prompt",))
+    cfg = cli.compose_config([f"data.train_files={path}", "model.tiny.warm_start_steps=0"])
+    with pytest.raises(ConfigError, match=rf"data.train_files: {path}: cannot tell the schema"):
+        prepare_config(cfg)
+
+
+def test_a_bad_row_found_by_training_is_a_message_not_a_traceback(monkeypatch, capsys):
+    """A bad row past the checked head fails when training reads it (after Ray started):
+    ``fipo-train`` then prints its file, row and column and exits 2, as for a bad config."""
+    from fipo_trainer.trainer import loop
+
+    def bad_row(cfg):
+        raise DataError("/d/train.parquet row 1234: column 'prompt' is empty")
+
+    monkeypatch.setattr(loop, "run_training", bad_row)
+    with pytest.raises(SystemExit) as exited:
+        cli._train_task(cli.compose_config(["model.tiny.warm_start_steps=0"]))
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "fipo-train: /d/train.parquet row 1234: column 'prompt' is empty" in err
+    assert "Traceback" not in err

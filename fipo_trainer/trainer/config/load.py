@@ -167,7 +167,11 @@ def prepare_config(
     from fipo_trainer.trainer.config.rules import validate_config
 
     train = load_config(cfg, build_model=False)
-    validate_config(train, check_files=check_files, check_platform=check_platform)
+    # The data files' heads too (≈ 0.05 s for DAPO-Math-17k): a file training cannot read
+    # fails here, not after Ray and every worker started.
+    validate_config(
+        train, check_files=check_files, check_platform=check_platform, check_data=check_files
+    )
     if train.model.tiny.enable:
         resolve_model(train)
         check_model_fits(train)

@@ -33,8 +33,8 @@ def validate_config(
     file must exist, and the model must hold prompt + response (its max_position_embeddings
     after ``model.override_config``). ``check_platform``: this machine must fit the settings
     (CUDA when GPUs are asked for locally, vLLM and logger packages installed, enough CPUs
-    for local Ray). ``check_data``: each data file's columns and first rows parse (the dry run;
-    training reads every row anyway).
+    for local Ray). ``check_data``: each data file's columns and first rows parse (the dry run
+    and ``prepare_config``; a bad row further in fails when training reads it).
     """
     report = Report()
     _check_sections(cfg, report)
