@@ -76,6 +76,9 @@ def compose_config(overrides: Sequence[str] = (), *, directory: str | Path | Non
                 match = _UNKNOWN_OVERRIDE.search(str(err))
                 key = match.group(1) if match else None
                 kept = [o for o in remaining if override_key(o) != key]
+                if key is None and (bad := _BAD_VALUE.match(str(err))) and err.__cause__:
+                    why = str(err.__cause__).splitlines()[0]  # the schema's type, not a trace
+                    raise ConfigError(f"cannot set {bad.group(1)}: {why}") from None
                 if key is None or len(kept) == len(remaining):
                     raise
                 unknown.append(key)
@@ -87,6 +90,7 @@ def compose_config(overrides: Sequence[str] = (), *, directory: str | Path | Non
 
 
 _UNKNOWN_OVERRIDE = re.compile(r"Could not override '([^']+)'")
+_BAD_VALUE = re.compile(r"Error merging override (.+)")
 
 
 def quoted_override(key: str, value: object) -> str:
@@ -130,10 +134,16 @@ def config_keys(cfg: Any) -> list[str]:
 
 
 def unknown_key_message(key: str, keys: Sequence[str]) -> str:
-    """``unknown config key actor.lrr; did you mean actor.lr?`` (difflib's closest keys)."""
+    """``unknown config key actor.lrr; did you mean actor.lr?`` (difflib's closest keys);
+    verl's names (``actor_rollout_ref.actor.optim.lr``) are answered with this config's."""
     import difflib
 
-    scored = [(difflib.SequenceMatcher(None, key, k).ratio(), k) for k in keys]
+    from fipo_trainer.trainer.config.overrides import from_verl
+
+    ours = from_verl(key)
+    if ours in keys:
+        return f"unknown config key {key} (verl's name); here it is {ours}"
+    scored = [(difflib.SequenceMatcher(None, ours or key, k).ratio(), k) for k in keys]
     best = max((score for score, _ in scored), default=0.0)
     # The nearest keys only: "actor.lrr" means actor.lr, not every key that shares "actor.".
     close = [k for score, k in sorted(scored, reverse=True) if score >= max(0.6, best - 0.05)][:3]

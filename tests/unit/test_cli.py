@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fipo_trainer import cli
-from fipo_trainer.trainer.config import load_config
+from fipo_trainer.trainer.config import ConfigError, load_config
 
 BIN = Path(sys.executable).parent
 
@@ -80,6 +80,36 @@ def test_unknown_recipe_is_a_hydra_error():
 
     with pytest.raises(MissingConfigException, match="nope"):
         cli.compose_config(["recipe=nope"])
+
+
+@pytest.mark.parametrize(
+    "override, said",
+    [
+        ("actor_rollout_ref.actor.optim.lr=1e-6", "here it is actor.lr"),
+        ("actor_rollout_ref.rollout.n=16", "here it is rollout.n"),
+        ("actor_rollout_ref.rollout.val_kwargs.top_p=0.7", "here it is rollout.val.top_p"),
+        ("actor_rollout_ref.model.path=/m", "here it is model.path"),
+        ("trainer.n_gpus_per_node=8", "here it is resources.gpus_per_node"),
+        # a verl name whose place here is deeper: the nearest key
+        ("actor_rollout_ref.actor.clip_ratio_high=0.28", "did you mean actor.policy_loss.clip"),
+    ],
+)
+def test_a_verl_key_is_answered_with_this_configs_key(override, said):
+    """verl's nested names share no prefix with these keys, so difflib alone found none
+    ("no key is close") for ``actor_rollout_ref.actor.optim.lr``."""
+    with pytest.raises(ConfigError) as err:
+        cli.compose_config([override])
+    assert said in str(err.value) and override.split("=")[0] in str(err.value)
+
+
+def test_a_value_of_the_wrong_type_is_one_line_naming_the_override(capsys):
+    """``--dry-run`` printed two tracebacks; training printed Hydra's five-line report."""
+    with pytest.raises(ConfigError, match=r"cannot set data\.max_response_length=abc: Value 'abc' "
+                       r"of type 'str' could not be converted to Integer"):  # fmt: skip
+        cli.compose_config(["data.max_response_length=abc"])
+    assert cli.dry_run(["trainer.total_epochs=1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot set trainer.total_epochs=1.5" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(

@@ -88,3 +88,28 @@ def open_overrides(overrides: Sequence[str]) -> list[str]:
             o = f"{key}={listed}"
         out.append(o)
     return out
+
+
+# verl's key prefixes and their places here, longest first: a verl user's override that names
+# an unknown key is answered with this config's key (``unknown_key_message``).
+VERL_PREFIXES = (
+    ("actor_rollout_ref.actor.optim.", "actor."),
+    ("actor_rollout_ref.actor.fsdp_config.", "actor."),
+    ("actor_rollout_ref.actor.", "actor."),
+    ("actor_rollout_ref.rollout.val_kwargs.", "rollout.val."),
+    ("actor_rollout_ref.rollout.", "rollout."),
+    ("actor_rollout_ref.model.", "model."),
+    ("reward_model.", "reward."),
+    ("trainer.n_gpus_per_node", "resources.gpus_per_node"),
+    ("trainer.nnodes", "resources.nnodes"),
+    ("trainer.logger", "trainer.loggers"),
+)
+
+
+def from_verl(key: str) -> str | None:
+    """The key verl's ``key`` would be here by its prefix (``actor_rollout_ref.actor.optim.lr``
+    -> ``actor.lr``); None when ``key`` has no verl prefix."""
+    for verl, ours in VERL_PREFIXES:
+        if key == verl or (verl.endswith(".") and key.startswith(verl)):
+            return ours + key[len(verl) :]
+    return None
