@@ -302,16 +302,18 @@ def _train_task(cfg) -> None:
         if job_dir is not None:
             raise  # Hydra marks this job failed and runs the next
         sys.exit(2)
+    from fipo_trainer.cluster.ray_init import RayUnreachable
     from fipo_trainer.data.records import DataError
-    from fipo_trainer.trainer.loop import run_training
+    from fipo_trainer.trainer.loop import TrainingStopped, run_training
 
     try:
         run_training(train_cfg)
-    except DataError as err:  # a row past the checked head: its file, row and field
+    # Errors whose message is the whole story (what, where, the fix): a line, not a trace.
+    except (DataError, RayUnreachable, TrainingStopped) as err:
         if job_dir is not None:
             raise
         print(f"fipo-train: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1 if isinstance(err, TrainingStopped) else 2)
 
 
 def train_main(argv: Sequence[str] | None = None) -> None:

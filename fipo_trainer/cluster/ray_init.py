@@ -138,6 +138,10 @@ def _driver_env_vars() -> dict[str, str]:
     return {**worker_env(), **forwarded_env()}
 
 
+class RayUnreachable(ConnectionError):
+    """``resources.ray_address`` names a cluster that does not answer."""
+
+
 def init_ray(
     address: str | None = None,
     num_cpus: int | None = None,
@@ -210,7 +214,14 @@ def init_ray(
         if run_dir is not None:
             _record_session(Path(run_dir))
     else:
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except ConnectionError as err:
+            raise RayUnreachable(
+                f"resources.ray_address={address!r}: no Ray cluster answered ({err}). Start "
+                "it first (scripts/ray_cluster.sh head), or leave resources.ray_address unset "
+                "to start a Ray on this machine"
+            ) from err
     resources = dict(ray.cluster_resources())
     logger.info("Ray ready (%s): %s", address or "local", resources)
     return resources

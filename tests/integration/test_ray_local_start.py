@@ -82,3 +82,24 @@ def test_cleanup_kills_only_the_new_processes_run_from_ray() -> None:
         for proc in (mine_before, rays, mine):
             proc.kill()
             proc.wait()
+
+
+def test_joining_a_cluster_that_is_not_there_names_the_key_and_the_fix(tmp_path):
+    """``resources.ray_address=auto`` with no Ray running: Ray's ConnectionError arrives as
+    ``RayUnreachable`` naming the key and the two ways out (``fipo-train`` prints it as one
+    line). Ray looks for a running cluster in its temp dir, here an empty one."""
+    driver = (
+        "from fipo_trainer.cluster.ray_init import RayUnreachable, init_ray\n"
+        "try:\n"
+        "    init_ray('auto')\n"
+        "except RayUnreachable as err:\n"
+        "    print('RESULT', err)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", driver], env=env, capture_output=True, text=True, timeout=120
+    )
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), "")
+    assert "resources.ray_address='auto': no Ray cluster answered" in line, out.stderr[-2000:]
+    assert "scripts/ray_cluster.sh head" in line and "leave resources.ray_address unset" in line

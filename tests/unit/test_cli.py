@@ -218,3 +218,29 @@ def test_ctrl_c_exits_130_with_a_message_and_no_traceback(
     assert "Traceback" not in err
     before = "fipo-train: interrupted (Ctrl-C) before training started"
     assert (before in err) is not trainer_started, err
+
+
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        ("ray", 2),  # resources.ray_address names no running cluster
+        ("stopped", 1),  # e.g. dynamic sampling exhausted, reward failures in a row
+    ],
+)
+def test_errors_that_name_their_fix_are_one_line_not_a_traceback(error, code, monkeypatch, capsys):
+    """(A bad data row: tests/unit/test_data_bad_rows.py.)"""
+    from fipo_trainer.cluster.ray_init import RayUnreachable
+    from fipo_trainer.trainer import loop
+
+    message = f"the {error} message names what, where and the fix"
+    raised = {"ray": RayUnreachable, "stopped": loop.TrainingStopped}[error]
+
+    def fails(cfg):
+        raise raised(message)
+
+    monkeypatch.setattr(loop, "run_training", fails)
+    with pytest.raises(SystemExit) as exited:
+        cli._train_task(cli.compose_config(["model.tiny.warm_start_steps=0"]))
+    assert exited.value.code == code
+    err = capsys.readouterr().err
+    assert f"fipo-train: {message}" in err and "Traceback" not in err
