@@ -25,6 +25,7 @@ Layout::
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -176,7 +177,14 @@ class CheckpointManager:
     (``None``: keep all). Only the driver process should use it.
     """
 
-    def __init__(self, run_dir: str | Path, keep_last: int | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        keep_last: int | None = None,
+        actor_layout: tuple[int, int] | None = None,
+    ) -> None:
+        """``actor_layout``: this run's (``actor.zero_stage``, actor ranks); a checkpoint to
+        resume from must have been saved under the same (:meth:`resolve_resume`)."""
         if keep_last is not None and int(keep_last) < 1:
             raise ValueError(
                 f"trainer.max_ckpt_to_keep must be >= 1 or null (keep all), got {keep_last}"
@@ -184,6 +192,14 @@ class CheckpointManager:
         self.run_dir = Path(run_dir).expanduser()
         self.root = self.run_dir / CHECKPOINTS_DIR
         self.keep_last = None if keep_last is None else int(keep_last)
+        self.actor_layout = actor_layout
+
+    @classmethod
+    def for_run(cls, cfg: Any) -> CheckpointManager:
+        """The manager of a training run's config (``trainer.*``, the actor's layout)."""
+        layout = (int(cfg.actor.zero_stage), int(cfg.resources.actor_world_size))
+        run_dir = Path(cfg.trainer.run_dir).resolve()
+        return cls(run_dir, cfg.trainer.max_ckpt_to_keep, actor_layout=layout)
 
     # ------------------------------------------------------------------ listing
     def checkpoints(self) -> list[Path]:
@@ -281,7 +297,7 @@ class CheckpointManager:
             found, broken = first_valid(candidates)
             if found is not None:
                 logger.info("trainer.resume=auto: resuming from %s", found)
-                return found
+                return self._fits_actor(found, text)
             if broken:
                 raise CheckpointInvalid(
                     f"trainer.resume=auto: no valid checkpoint in {self.root}:\n{describe(broken)}"
@@ -316,7 +332,28 @@ class CheckpointManager:
                 "Point trainer.resume at another checkpoints/global_step_N directory, or use "
                 "trainer.resume=disable to start afresh"
             )
-        return found.resolve()
+        return self._fits_actor(found.resolve(), text)
+
+    def _fits_actor(self, path: Path, mode: str) -> Path:
+        """``path``, if its actor was saved under this run's ZeRO stage and rank count: ZeRO
+        partitions a checkpoint by both, so DeepSpeed could not load it under others (and
+        would say so only once every role had started)."""
+        from fipo_trainer.actor.checkpoint import MARKER
+
+        marker = path / "actor" / MARKER
+        if self.actor_layout is None or not marker.is_file():  # an older release's: as before
+            return path
+        info = json.loads(marker.read_text())
+        saved = (info.get("zero_stage"), info.get("world_size"))
+        if saved != self.actor_layout:
+            raise CheckpointInvalid(
+                f"trainer.resume={mode}: checkpoint {path} was saved by actor.zero_stage="
+                f"{saved[0]} on {saved[1]} actor ranks; this run has actor.zero_stage="
+                f"{self.actor_layout[0]} on {self.actor_layout[1]} "
+                "(resources.actor_world_size). Resume with the same two, or set trainer.run_dir "
+                "to a new directory to start afresh"
+            )
+        return path
 
     def load_trainer_state(self, path: str | Path) -> dict[str, Any]:
         """``trainer_state`` as saved (``path``: the checkpoint directory or its state file).

@@ -251,7 +251,7 @@ class RLTrainer:
         roles spent minutes starting."""
         from fipo_trainer.trainer.checkpoint import CheckpointManager
 
-        self.ckpt = CheckpointManager(self.run_dir, self.cfg.trainer.max_ckpt_to_keep)
+        self.ckpt = CheckpointManager.for_run(self.cfg)
         self.ckpt.clean_leftovers()
         path = self.ckpt.resolve_resume(self.cfg.trainer.resume)
         self._resume = None if path is None else (path, self.ckpt.load_trainer_state(path))

@@ -138,6 +138,37 @@ def test_resolve_resume_modes(tmp_path):
         mgr.load_trainer_state(tmp_path / "empty")
 
 
+def test_resume_refuses_a_checkpoint_of_another_actor_layout_before_anything_starts(tmp_path):
+    """ZeRO partitions a checkpoint by stage and rank count. Resuming under others failed in
+    DeepSpeed's load, once Ray and every worker had started; now the driver says so first."""
+    import json
+
+    from fipo_trainer.actor.checkpoint import MARKER
+    from fipo_trainer.trainer.checkpoint_manifest import CheckpointInvalid
+
+    def actor_of(stage, ranks):
+        def write(path):
+            (path / "actor").mkdir()
+            (path / "actor" / MARKER).write_text(
+                json.dumps({"zero_stage": stage, "world_size": ranks})
+            )
+
+        return write
+
+    CheckpointManager(tmp_path / "run").save(2, actor_of(2, 1), {})
+    same = CheckpointManager(tmp_path / "run", actor_layout=(2, 1))
+    assert same.resolve_resume("auto") == same.root / "global_step_2"
+    for layout, saved in (((2, 2), "zero_stage=2 on 1"), ((3, 1), "zero_stage=2 on 1")):
+        other = CheckpointManager(tmp_path / "run", actor_layout=layout)
+        for mode in ("auto", str(other.root / "global_step_2")):
+            with pytest.raises(CheckpointInvalid, match=rf"saved by actor\.{saved} actor ranks"):
+                other.resolve_resume(mode)
+    # a checkpoint without the actor's marker (an older release's): DeepSpeed checks it
+    CheckpointManager(tmp_path / "old").save(2, _writer(), {})
+    old = CheckpointManager(tmp_path / "old", actor_layout=(2, 2))
+    assert old.resolve_resume("auto") == old.root / "global_step_2"
+
+
 def test_rng_states_and_config_round_trip(tmp_path):
     random.seed(1)
     np.random.seed(2)
