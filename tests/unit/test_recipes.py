@@ -60,6 +60,16 @@ def test_every_recipe_switches_algorithm_from_the_command_line(name):
     validate_config(cfg, **STRUCTURE)
 
 
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_switches_config_groups_from_the_command_line(name):
+    """A group chosen on the command line wins over the recipe. ``rollout=hf`` was silently
+    ignored: the quickstart and 32B recipes set ``rollout.engine: vllm`` in their body, which
+    Hydra merges after the group."""
+    assert recipe(name).rollout.engine == "vllm"
+    assert recipe(name, "rollout=hf").rollout.engine == "hf"
+    assert recipe(name, "actor=zero3").actor.zero_stage == 3
+
+
 def test_quickstart_validates_fully_on_this_machine():
     validate_config(recipe("quickstart_cpu"))  # files (built-in), platform and all
 
