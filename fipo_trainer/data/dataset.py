@@ -110,6 +110,15 @@ class PromptDataset:
                 self.stats.rows_read,
                 cfg.max_prompt_length,
             )
+        if self.stats.truncated:  # the model then sees part of the question: say how often
+            logger.warning(
+                "cut %d of %d prompts longer than data.max_prompt_length=%d tokens to fit "
+                "(data.truncation=%s; filter drops them, error stops)",
+                self.stats.truncated,
+                self.stats.rows_read,
+                cfg.max_prompt_length,
+                cfg.truncation,
+            )
         if not self.items:
             raise DataError(
                 f"no usable prompts in {[str(f) for f in self.files]} ({self.stats}); check "

@@ -84,6 +84,7 @@ def data_metrics(train: PromptSource, val: PromptSource) -> dict[str, float]:
         out[f"{prefix}prompts"] = float(len(source))
         out[f"{prefix}skipped_bad_rows"] = float(stats.skipped_bad)
         out[f"{prefix}dropped_too_long"] = float(stats.dropped_too_long)
+        out[f"{prefix}truncated_too_long"] = float(stats.truncated)
     return out
 
 

@@ -68,11 +68,15 @@ def test_long_prompts_are_filtered_counted_and_logged(tok, caplog):
     assert f"dropped {ds.stats.dropped_too_long} of 500" in caplog.text
 
 
-def test_truncation_modes(tok, tmp_path):
+def test_truncation_modes(tok, tmp_path, caplog):
     path = write_jsonl(
         tmp_path / "d.jsonl", [good_row(0, prompt=[{"role": "user", "content": "x" * 50 + "END"}])]
     )
-    left = PromptDataset(path, tok, DataConfig(max_prompt_length=20, truncation="left"))
+    with caplog.at_level(logging.WARNING, logger="fipo_trainer.data.dataset"):
+        left = PromptDataset(path, tok, DataConfig(max_prompt_length=20, truncation="left"))
+    # cut prompts train on part of the question: said once, as dropped ones are
+    assert "cut 1 of 1 prompts longer than data.max_prompt_length=20 tokens" in caplog.text
+    assert "data.truncation=left" in caplog.text
     assert len(left[0].prompt_ids) == 20 and tok.decode(left[0].prompt_ids).endswith(
         "END<|end|><|assistant|>"
     )
@@ -325,3 +329,21 @@ def test_loader_settings_come_from_the_training_data_section():
     assert cfg.raw_data_source == DataConfig().raw_data_source
     with pytest.raises(ValueError, match=r"data\.truncation"):
         DataConfig.from_section(TrainDataConfig(truncation="middle"))
+
+
+def test_the_first_step_reports_what_loading_cut_or_dropped(tok, tmp_path):
+    """``data_metrics`` (logged with step 1): prompts kept, bad rows skipped, prompts dropped
+    or cut for length, per split."""
+    from fipo_trainer.trainer.data_source import PromptSource, data_metrics
+
+    long = [good_row(i, prompt=[{"role": "user", "content": "x" * 50}]) for i in range(2)]
+    path = write_jsonl(tmp_path / "d.jsonl", [good_row(9), *long])
+    cut = PromptDataset(path, tok, DataConfig(max_prompt_length=20, truncation="left"))
+    dropped = PromptDataset(path, tok, DataConfig(max_prompt_length=20, truncation="filter"))
+    metrics = data_metrics(
+        PromptSource(cut, shuffle=False, seed=0), PromptSource(dropped, shuffle=False, seed=0)
+    )
+    assert metrics["data/prompts"] == 3 and metrics["data/truncated_too_long"] == 2
+    assert metrics["data/dropped_too_long"] == 0
+    assert metrics["data/val_prompts"] == 1 and metrics["data/val_dropped_too_long"] == 2
+    assert metrics["data/val_truncated_too_long"] == 0
