@@ -304,13 +304,15 @@ def _train_task(cfg) -> None:
         sys.exit(2)
     from fipo_trainer.cluster.ray_init import RayUnreachable
     from fipo_trainer.data.records import DataError
+    from fipo_trainer.fsutil import RunDirInUse, run_dir_lock
     from fipo_trainer.trainer.checkpoint_manifest import CheckpointInvalid
     from fipo_trainer.trainer.loop import TrainingStopped, run_training
 
     try:
-        run_training(train_cfg)
+        with run_dir_lock(train_cfg.trainer.run_dir):
+            run_training(train_cfg)
     # Errors whose message is the whole story (what, where, the fix): a line, not a trace.
-    except (CheckpointInvalid, DataError, RayUnreachable, TrainingStopped) as err:
+    except (CheckpointInvalid, DataError, RayUnreachable, RunDirInUse, TrainingStopped) as err:
         if job_dir is not None:
             raise
         print(f"fipo-train: {err}", file=sys.stderr)

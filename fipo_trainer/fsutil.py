@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -251,3 +252,47 @@ def verify_manifest(directory: str | Path, *, checksums: bool = True) -> int:
     if problems:
         raise ManifestError(directory, problems)
     return checked
+
+
+class RunDirInUse(RuntimeError):
+    """Another live process trains in this run directory."""
+
+
+LOCK_NAME = ".fipo-train.lock"
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold ``run_dir`` for this process while it trains.
+
+    Why: two runs in one directory (a command run again in a second terminal, the default
+    ``trainer.run_dir`` twice) append to one ``metrics.jsonl`` and overwrite each other's
+    checkpoints. The lock is the kernel's (``flock``), so a run that dies, even by SIGKILL,
+    frees it; the file keeps the holder's pid for the message.
+    """
+    import fcntl
+
+    path = Path(run_dir).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / LOCK_NAME, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RunDirInUse(
+                f"trainer.run_dir={str(path)!r} is in use by another fipo-train (pid {holder}): "
+                "wait for it to end, stop it, or set trainer.run_dir to another directory"
+            ) from None
+        except OSError as err:  # a file system without locks (some NFS mounts): run unguarded
+            logging.getLogger(__name__).warning("cannot lock %s (%s): not guarded", path, err)
+            yield
+            return
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

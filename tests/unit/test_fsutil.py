@@ -57,3 +57,56 @@ def test_shared_tmp_commit_discard_and_cleanup(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     discard_dir(final)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_directory_trains_one_run_at_a_time(tmp_path, monkeypatch, capsys):
+    """A second ``fipo-train`` in a run directory in use stops at once, naming the holder's
+    pid; it used to append to the same metrics.jsonl and overwrite the same checkpoints."""
+    import os
+
+    from fipo_trainer import cli
+    from fipo_trainer.fsutil import RunDirInUse, run_dir_lock
+    from fipo_trainer.trainer import loop
+
+    ran = []
+    monkeypatch.setattr(loop, "run_training", ran.append)
+    run_dir = tmp_path / "run"
+    overrides = ["model.tiny.warm_start_steps=0", f"trainer.run_dir={run_dir}"]
+    with run_dir_lock(run_dir):
+        pid = os.getpid()
+        with pytest.raises(RunDirInUse, match=rf"another fipo-train \(pid {pid}\)"), run_dir_lock(
+            run_dir
+        ):
+            pass
+        with pytest.raises(SystemExit) as exited:
+            cli._train_task(cli.compose_config(overrides))
+        assert exited.value.code == 2 and not ran
+        assert f"trainer.run_dir='{run_dir}' is in use" in capsys.readouterr().err
+    cli._train_task(cli.compose_config(overrides))  # free again: the run goes ahead
+    assert len(ran) == 1
+
+
+def test_a_killed_run_frees_its_run_directory(tmp_path):
+    """The lock is the kernel's: SIGKILL of its holder frees it (no stale lock file to
+    delete by hand)."""
+    import signal
+    import subprocess
+    import sys
+
+    from fipo_trainer.fsutil import run_dir_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\nfrom fipo_trainer.fsutil import run_dir_lock\n"
+         f"with run_dir_lock({str(tmp_path)!r}):\n    print('held', flush=True)\n"
+         "    time.sleep(600)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        with run_dir_lock(tmp_path):
+            pass
+    finally:
+        holder.kill()
