@@ -25,7 +25,6 @@ Layout::
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -338,12 +337,11 @@ class CheckpointManager:
         """``path``, if its actor was saved under this run's ZeRO stage and rank count: ZeRO
         partitions a checkpoint by both, so DeepSpeed could not load it under others (and
         would say so only once every role had started)."""
-        from fipo_trainer.actor.checkpoint import MARKER
+        from fipo_trainer.actor.checkpoint import MARKER, read_marker
 
-        marker = path / "actor" / MARKER
-        if self.actor_layout is None or not marker.is_file():  # an older release's: as before
-            return path
-        info = json.loads(marker.read_text())
+        if self.actor_layout is None or not (path / "actor" / MARKER).is_file():
+            return path  # an older release's checkpoint: left to DeepSpeed, as before
+        info = read_marker(path / "actor")
         saved = (info.get("zero_stage"), info.get("world_size"))
         if saved != self.actor_layout:
             raise CheckpointInvalid(

@@ -10,6 +10,7 @@ schema's own field types; every other override passes unchanged.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import typing
 from collections.abc import Sequence
@@ -26,34 +27,36 @@ def quoted(value: object) -> str:
     return f"'{text}'"
 
 
-def _schema_keys(container: type) -> list[str]:
-    """The schema's dotted keys whose type is ``container[...]`` (``dict`` or ``list``)."""
+@functools.cache
+def _container_keys() -> dict[type, tuple[str, ...]]:
+    """The schema's dotted keys by container type (``dict``, ``list``): one walk of the
+    schema per process, however often the command line is read."""
     from fipo_trainer.trainer.config.schema import TrainConfig
 
-    found: list[str] = []
+    found: dict[type, list[str]] = {dict: [], list: []}
 
     def walk(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             hint = hints[f.name]
-            if typing.get_origin(hint) is container:
-                found.append(prefix + f.name)
+            if typing.get_origin(hint) in found:
+                found[typing.get_origin(hint)].append(prefix + f.name)
             elif dataclasses.is_dataclass(hint):
                 walk(hint, f"{prefix}{f.name}.")
 
     walk(TrainConfig, "")
-    return found
+    return {kind: tuple(keys) for kind, keys in found.items()}
 
 
 def map_keys() -> list[str]:
     """The schema's mapping-valued keys (``model.override_config``,
     ``resources.actor_bundle_resources``): their entries are the user's to name."""
-    return _schema_keys(dict)
+    return list(_container_keys()[dict])
 
 
 def list_keys() -> list[str]:
     """The schema's list-valued keys (``data.train_files``, ``trainer.loggers``)."""
-    return _schema_keys(list)
+    return list(_container_keys()[list])
 
 
 def override_key(override: str) -> str | None:
@@ -77,7 +80,8 @@ def _as_list(value: str) -> str | None:
 
 def open_overrides(overrides: Sequence[str]) -> list[str]:
     """``resources.actor_bundle_resources={a: 1}`` or ``model.override_config.k=v`` as
-    ``++...``; ``data.train_files=/d/train.parquet`` as ``data.train_files=['/d/train.parquet']``."""
+    ``++...``; ``data.train_files=/d/train.parquet`` as
+    ``data.train_files=['/d/train.parquet']``."""
     maps, lists = map_keys(), set(list_keys())
     out = []
     for o in overrides:
