@@ -33,6 +33,24 @@ def test_warmup_then_a_trial_of_each_count_then_the_faster_one():
     }
 
 
+def test_the_batch_that_ends_a_trial_logs_the_medians_the_pick_was_made_on():
+    """The case of a CI run: two engines won the trial, then their next batch came slower.
+    The chosen count's logged median moves with it while the pick stands (a drift needs a
+    whole trial's worth of batches), so the pick is checked against the trial's end row."""
+    spread = EngineSpread([1, 2], trial=4, revisit=50, warmup=2)
+    for count, seconds in [(2, None)] + [(2, 0.3)] * 5 + [(1, 0.31)] * 4:
+        assert spread.choose() == count
+        spread.record(count, seconds)
+    at_pick = spread.metrics()
+    assert at_pick["rollout/engine_spread_best"] == 2.0
+    assert at_pick["rollout/engine_spread_s_2"] < at_pick["rollout/engine_spread_s_1"]
+    for seconds in (0.4, 0.4):
+        spread.record(spread.choose(), seconds)
+    after = spread.metrics()
+    assert after["rollout/engine_spread_best"] == 2.0
+    assert after["rollout/engine_spread_s_2"] > after["rollout/engine_spread_s_1"]
+
+
 def test_generation_bound_keeps_every_engine_and_trials_again_ever_later():
     spread = EngineSpread([1, 2], trial=3, revisit=4, max_revisit=10, warmup=0)
     used = _run(spread, {2: 0.43, 1: 0.56}, 3 + 3 + 4 + 3 + 8 + 3 + 10 + 3 + 10)
