@@ -9,6 +9,7 @@ elsewhere (a copied tree, a container). Heavy modules are imported inside the co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -152,33 +153,41 @@ def unknown_key_message(key: str, keys: Sequence[str]) -> str:
     return f"unknown config key {key}; no key is close (fipo-train --cfg job lists them all)"
 
 
-def _check_overrides(args: Sequence[str]) -> None:
+def _check_overrides(args: Sequence[str]) -> Any:
     """Before Hydra's main: an unknown key exits 2 with `unknown_key_message` (Hydra would
-    suggest ``+key=value``). Anything else is left to Hydra, which reports it itself."""
+    suggest ``+key=value``). Anything else is left to Hydra, which reports it itself.
+    Returns the composed config (None: not composed here)."""
     from fipo_trainer.trainer.config.errors import ConfigError
 
     if any(a.startswith(_OTHER_CONFIG_FLAGS) for a in args):
-        return  # another primary config: its keys are not config.yaml's
+        return None  # another primary config: its keys are not config.yaml's
     overrides = [
         a for a in args if "=" in a and not a.startswith("-") and not a.startswith("hydra")
     ]
     try:
-        compose_config(overrides)
+        return compose_config(overrides)
     except ConfigError as err:
         print(err, file=sys.stderr)
         sys.exit(2)
     except Exception:  # Hydra's main reports it with its own message
-        return
+        return None
+
+
+_held_run_dir: Path | None = None  # locked by train_main before Hydra wrote into it
+
+
+def _run_dir_to_hold(args: Sequence[str], cfg: Any) -> Path | None:
+    """The run directory to lock before Hydra's main writes ``.hydra/`` there (a refused
+    second run overwrote the first's); None for Hydra's flags (``--cfg job``: no run)."""
+    if cfg is None or any(a.startswith("-") for a in args):
+        return None
+    try:
+        return Path(str(cfg.trainer.run_dir)).expanduser().resolve()
+    except Exception:  # an interpolation only Hydra's main resolves: the task locks it
+        return None
 
 
 _OTHER_CONFIG_FLAGS = ("--config-name", "--config-path", "--config-dir", "-cn", "-cp", "-cd")
-
-
-def actor_layout(cfg) -> str:
-    """How the actor ranks group, e.g. "64 actor ranks = 8 DP groups × SP 8"."""
-    world = cfg.resources.actor_world_size
-    sp = cfg.actor.ulysses_sequence_parallel_size
-    return f"{world} actor ranks = {world // sp} DP groups × SP {sp}"
 
 
 def dry_run(overrides: Sequence[str]) -> int:
@@ -200,8 +209,9 @@ def dry_run(overrides: Sequence[str]) -> int:
         text = "# model.path: built at start from model.tiny (cached)\n" + text
     print(text, end="")
     world, sp = cfg.resources.actor_world_size, cfg.actor.ulysses_sequence_parallel_size
-    if sp >= 1 and world % sp == 0:
-        print(f"actor layout: {actor_layout(cfg)}", file=sys.stderr)
+    if sp >= 1 and world % sp == 0:  # how the actor ranks group
+        print(f"actor layout: {world} actor ranks = {world // sp} DP groups × SP {sp}",
+              file=sys.stderr)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
         validate_config(cfg, check_data=True)  # logs its warnings; reads each file's head
@@ -308,8 +318,10 @@ def _train_task(cfg) -> None:
     from fipo_trainer.trainer.checkpoint_manifest import CheckpointInvalid
     from fipo_trainer.trainer.loop import TrainingStopped, run_training
 
+    run_dir = Path(train_cfg.trainer.run_dir).expanduser().resolve()
+    held = contextlib.nullcontext() if run_dir == _held_run_dir else run_dir_lock(run_dir)
     try:
-        with run_dir_lock(train_cfg.trainer.run_dir):
+        with held:
             run_training(train_cfg)
     # Errors whose message is the whole story (what, where, the fix): a line, not a trace.
     except (CheckpointInvalid, DataError, RayUnreachable, RunDirInUse, TrainingStopped) as err:
@@ -332,25 +344,35 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     from fipo_trainer.startup import pause_gc
 
     pause_gc()  # imports, config, tiny model, Ray: settled once the roles are up
+    run_dir = None
     if multirun and not any(a.startswith(_OTHER_CONFIG_FLAGS) for a in args):
         args = _check_sweep(args)
     else:
-        _check_overrides(args)
+        run_dir = _run_dir_to_hold(args, _check_overrides(args))
     import hydra
 
     import fipo_trainer.trainer.config  # registers the schema
     import fipo_trainer.trainer.sweep  # noqa: F401 - the ${fipo_job_dir:} resolver
+    from fipo_trainer.fsutil import RunDirInUse, run_dir_lock
 
     sys.argv = [sys.argv[0] if sys.argv else "fipo-train", *args]
     main = hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base=None)
+    global _held_run_dir
     try:
-        main(_train_task)()
+        with run_dir_lock(run_dir) if run_dir else contextlib.nullcontext():
+            _held_run_dir = run_dir
+            main(_train_task)()
+    except RunDirInUse as err:  # the single run's, before Hydra wrote into the directory
+        print(f"fipo-train: {err}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt as err:  # a message, not a traceback through Hydra's frames
         from fipo_trainer.trainer.loop import TrainingInterrupted  # it said where and how
 
         if not isinstance(err, TrainingInterrupted):  # before the trainer started
             print("fipo-train: interrupted (Ctrl-C) before training started", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT)
+    finally:
+        _held_run_dir = None
 
 
 def eval_main(argv: Sequence[str] | None = None) -> None:

@@ -86,6 +86,33 @@ def test_a_run_directory_trains_one_run_at_a_time(tmp_path, monkeypatch, capsys)
     assert len(ran) == 1
 
 
+def test_a_refused_run_leaves_the_holders_hydra_record_alone(tmp_path, monkeypatch, capsys):
+    """``fipo-train`` locks the run directory before Hydra's main, which writes ``.hydra/``
+    and a log there before the task runs: a refused second run used to overwrite the first
+    run's ``.hydra/overrides.yaml``. The run that holds the lock does not lock it twice."""
+    from fipo_trainer import cli, startup
+    from fipo_trainer.fsutil import run_dir_lock
+    from fipo_trainer.trainer import loop
+
+    ran = []
+    monkeypatch.setattr(loop, "run_training", ran.append)
+    monkeypatch.setattr(startup, "pause_gc", lambda: None)  # this process keeps its GC
+    run_dir = tmp_path / "run"
+    record = run_dir / ".hydra" / "overrides.yaml"
+    record.parent.mkdir(parents=True)
+    record.write_text("- the first run's overrides\n")
+    args = ["model.tiny.warm_start_steps=0", f"trainer.run_dir={run_dir}"]
+    with run_dir_lock(run_dir):
+        with pytest.raises(SystemExit) as exited:
+            cli.train_main(args)
+        assert exited.value.code == 2 and not ran
+        assert f"trainer.run_dir='{run_dir}' is in use" in capsys.readouterr().err
+        assert record.read_text() == "- the first run's overrides\n"
+        assert sorted(p.name for p in run_dir.iterdir()) == [".fipo-train.lock", ".hydra"]
+    cli.train_main(args)  # free again: the run goes ahead, holding the lock once
+    assert len(ran) == 1 and "trainer.run_dir" in record.read_text()
+
+
 def test_a_killed_run_frees_its_run_directory(tmp_path):
     """The lock is the kernel's: SIGKILL of its holder frees it (no stale lock file to
     delete by hand)."""
