@@ -19,9 +19,8 @@ the actor's log-probs are those of the distribution the engine sampled from. Val
 every ``test_freq``, a checkpoint every ``save_freq``, metrics every step, the plot at the end.
 
 Every remote call has a deadline (``trainer.call_timeout_s``; generation's from
-``rollout.generate_timeout_*``), so a stalled worker is named instead of hanging the run.
-Ctrl-C stops the run: the workers are killed (not asked: a stalled one would not answer)
-and :class:`TrainingInterrupted` says where the run was waiting.
+``rollout.generate_timeout_*``): a stalled worker is named, not waited for. Ctrl-C kills the
+workers (a stalled one would not answer) and :class:`TrainingInterrupted` says where.
 """
 
 from __future__ import annotations
@@ -245,15 +244,16 @@ class RLTrainer:
             self.batches.resume()
 
     def prepare_resume(self) -> None:
-        """Clean crash leftovers, then pick, verify and read the checkpoint to resume from,
-        before Ray, DeepSpeed or vLLM start: a broken checkpoint fails (or, with
-        ``trainer.resume=auto``, is skipped for an older valid one) in seconds, not after the
-        roles spent minutes starting."""
-        from fipo_trainer.trainer.checkpoint import CheckpointManager
+        """Before Ray, DeepSpeed or vLLM start (a broken checkpoint fails in seconds, or under
+        ``auto`` gives way to an older valid one): clean crash leftovers; pick, verify and
+        read the checkpoint to resume from; or, starting afresh, set an earlier run aside."""
+        from fipo_trainer.trainer import checkpoint, run_outputs
 
-        self.ckpt = CheckpointManager.for_run(self.cfg)
+        self.ckpt = checkpoint.CheckpointManager.for_run(self.cfg)
         self.ckpt.clean_leftovers()
         path = self.ckpt.resolve_resume(self.cfg.trainer.resume)
+        if path is None:
+            run_outputs.set_aside_earlier_run(self.run_dir, str(self.cfg.trainer.resume))
         self._resume = None if path is None else (path, self.ckpt.load_trainer_state(path))
 
     def maybe_resume(self) -> int:

@@ -12,6 +12,7 @@ from fipo_trainer.cli import compose_config
 from fipo_trainer.trainer.checkpoint import STATE_FILE
 from fipo_trainer.trainer.config import prepare_config
 from fipo_trainer.trainer.loop import run_training
+from fipo_trainer.trainer.tracking import read_metrics
 
 pytestmark = pytest.mark.e2e
 
@@ -76,3 +77,23 @@ def test_truncated_newest_state_falls_back_to_older_step_before_ray_starts(
     from fipo_trainer.trainer.checkpoint import CheckpointManager
 
     assert CheckpointManager(run_dir).resolve_resume("auto") == ckpts / "global_step_2"
+
+
+def test_a_fresh_start_in_a_used_run_directory_keeps_the_earlier_run(tmp_path):
+    """``trainer.resume=disable`` (the CPU quickstart's) run again in its run directory used
+    to truncate the first run's metrics.jsonl and, saving its own step 1 under
+    ``max_ckpt_to_keep``, replace and prune the first run's checkpoints."""
+    from fipo_trainer.trainer.checkpoint import CheckpointManager
+    from fipo_trainer.trainer.checkpoint_manifest import checkpoint_problems
+
+    run_dir = tmp_path / "run"
+    train(run_dir, "trainer.total_training_steps=2", "trainer.resume=disable")
+    again = train(run_dir, "trainer.total_training_steps=1", "trainer.resume=disable")
+    assert again.steps == 1
+    (earlier,) = (run_dir / "earlier_runs").iterdir()
+    assert [r["step"] for r in read_metrics(earlier / "metrics.jsonl")] == [1, 2]
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1]
+    first = CheckpointManager(earlier)
+    assert [p.name for p in first.checkpoints()] == ["global_step_1", "global_step_2"]
+    assert all(not checkpoint_problems(p) for p in first.checkpoints())
+    assert [p.name for p in CheckpointManager(run_dir).checkpoints()] == ["global_step_1"]
