@@ -28,13 +28,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from fipo_trainer.trainer.checkpoint import rng_state, set_rng_state
 from fipo_trainer.trainer.config import TrainConfig
+from fipo_trainer.trainer.interrupt import TrainingInterrupted, interrupted
 from fipo_trainer.trainer.pipeline import batch_source
 from fipo_trainer.trainer.rollout_correction import rollout_as_old_log_probs, rollout_correction
 from fipo_trainer.trainer.sampling import Sampler, TrainingStopped
@@ -47,10 +47,6 @@ __all__ = ["RLTrainer", "TrainResult", "TrainingInterrupted", "TrainingStopped"]
 __all__ += ["advantages", "run_training"]
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped the run; its workers were killed. The message says where it waited."""
 
 
 class RLTrainer:
@@ -199,7 +195,7 @@ class RLTrainer:
 
     # ----------------------------------------------------------------- validation
     def validate(self) -> dict[str, float]:
-        from fipo_trainer.trainer.validation_metrics import compute_validation_metrics
+        from fipo_trainer.trainer.validation_metrics import validation_metrics
 
         cfg = self.cfg
         timings: dict[str, float] = {}
@@ -209,17 +205,13 @@ class RLTrainer:
             if sampling.seed is None:
                 sampling = dataclasses.replace(sampling, seed=cfg.trainer.seed)
             rollout, _ = self.sampler.generate_and_grade(prompts, sampling, timings)
-            records = [
-                {
-                    "data_source": rollout["data_source"][i],
-                    "uid": rollout["uid"][i],
-                    "score": float(rollout["score"][i]),
-                    "acc": bool(rollout["acc"][i]),
-                    "pred": rollout["pred"][i],
-                }
-                for i in range(len(rollout))
-            ]
-            metrics = compute_validation_metrics(records)
+            metrics = validation_metrics(
+                list(rollout["data_source"]),
+                list(rollout["uid"]),
+                [bool(a) for a in rollout["acc"]],
+                list(rollout["pred"]),
+                [float(x) for x in rollout["score"]],
+            )
             metrics["val/response_length_mean"] = float(rollout["response_mask"].sum(-1).mean())
         # gen/reward time spent inside validation, kept apart from the training step's
         stage_times = {
@@ -268,12 +260,31 @@ class RLTrainer:
         return int(state["step"])
 
     # ----------------------------------------------------------------- the run
-    def total_steps(self) -> int:
+    def total_steps(self, num_rows: int | None = None) -> int:
+        """``trainer.total_training_steps``, else the epochs' (of ``num_rows`` prompts, or
+        of the loaded data)."""
         cfg = self.cfg.trainer
         if cfg.total_training_steps:
             return int(cfg.total_training_steps)
-        per_epoch = max(len(self.prompts) // self.cfg.data.train_batch_size, 1)
-        return per_epoch * cfg.total_epochs
+        rows = len(self.prompts) if num_rows is None else num_rows
+        return max(rows // self.cfg.data.train_batch_size, 1) * cfg.total_epochs
+
+    def _finished_already(self) -> TrainResult | None:
+        """The checkpoint to resume is the run's last step: nothing to start, train or export
+        again (on the paper's layout, starting the roles alone takes minutes)."""
+        path, state = getattr(self, "_resume", None) or (None, {})
+        rows = state.get("sampler", {}).get("num_rows")
+        if path is None or rows is None or int(state["step"]) < self.total_steps(int(rows)):
+            return None
+        key = "total_training_steps" if self.cfg.trainer.total_training_steps else "total_epochs"
+        logger.warning(
+            "%s is the run's last step (%d): nothing to train. Raise trainer.%s to go on, or "
+            "set trainer.resume=disable to start afresh",
+            path,
+            int(state["step"]),
+            key,
+        )
+        return TrainResult(run_dir=self.run_dir, steps=int(state["step"]), checkpoint=Path(path))
 
     def fit(self) -> TrainResult:
         from fipo_trainer.trainer.data_source import data_metrics
@@ -282,6 +293,8 @@ class RLTrainer:
 
         cfg = self.cfg
         self.prepare_resume()  # before anything heavy starts
+        if (finished := self._finished_already()) is not None:
+            return finished
         self._start_roles()
         self.sampler = Sampler(cfg, self.prompts, self.rollout, self.reward_pool)
         start_step = self.maybe_resume()
@@ -367,22 +380,6 @@ class RLTrainer:
             shutdown_ray()
 
 
-def _interrupted(trainer: RLTrainer, err: KeyboardInterrupt) -> TrainingInterrupted:
-    """Kill the workers after Ctrl-C and say so (on stderr, whatever logging is set up)."""
-    from fipo_trainer.cluster.waiting import interrupts_deferred
-
-    start = time.monotonic()
-    with interrupts_deferred("still stopping the workers (a few seconds)"):
-        trainer.shutdown(graceful=False)
-    where = f" {err}" if str(err) else ""
-    message = (
-        f"interrupted (Ctrl-C){where}; workers stopped in {time.monotonic() - start:.1f}s. "
-        f"Run directory: {trainer.run_dir}"
-    )
-    print(f"fipo-train: {message}", file=sys.stderr, flush=True)
-    return TrainingInterrupted(message)
-
-
 def run_training(cfg: TrainConfig) -> TrainResult:
     """Run a whole training job from a validated config (``prepare_config``); always tears
     the roles down. Ctrl-C kills the workers and raises :class:`TrainingInterrupted`."""
@@ -390,7 +387,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     try:
         result = trainer.fit()
     except KeyboardInterrupt as err:
-        raise _interrupted(trainer, err) from None
+        raise interrupted(trainer, err) from None
     except BaseException:
         trainer.shutdown(graceful=False)
         raise

@@ -97,3 +97,27 @@ def test_a_fresh_start_in_a_used_run_directory_keeps_the_earlier_run(tmp_path):
     assert [p.name for p in first.checkpoints()] == ["global_step_1", "global_step_2"]
     assert all(not checkpoint_problems(p) for p in first.checkpoints())
     assert [p.name for p in CheckpointManager(run_dir).checkpoints()] == ["global_step_1"]
+
+
+def test_resuming_a_finished_run_starts_nothing(tmp_path, monkeypatch):
+    """The same command run again after the run ended (``trainer.resume=auto``) used to
+    start Ray, the ranks and the engines, train nothing and export the model again."""
+    import fipo_trainer.cluster.ray_init as ray_init
+
+    run_dir = tmp_path / "run"
+    # an epoch of 2 steps (32 prompts, 16 a step): the end comes from the row count
+    epoch = ["trainer.total_training_steps=null", "data.synthetic.num_train=32"]
+    first = train(run_dir, *epoch, "trainer.resume=disable", "trainer.export_hf=true")
+    assert first.steps == 2
+    metrics = (run_dir / "metrics.jsonl").read_bytes()
+    export = (run_dir / "hf_model").stat().st_mtime_ns
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started for a finished run")
+
+    monkeypatch.setattr(ray_init, "init_ray", no_ray)
+    again = train(run_dir, *epoch, "trainer.resume=auto", "trainer.export_hf=true")
+    assert again.steps == 2 and again.checkpoint == run_dir / "checkpoints" / "global_step_2"
+    assert (run_dir / "metrics.jsonl").read_bytes() == metrics
+    assert (run_dir / "hf_model").stat().st_mtime_ns == export
+    assert not (run_dir / "earlier_runs").exists()
