@@ -106,7 +106,7 @@ def unreadable_override_message(override: str, hydra_message: str) -> str:
     key, _, value = override.partition("=")
     reason = hydra_message.splitlines()[0] if hydra_message else "unreadable"
     return (
-        f"cannot read the override {override!r} ({reason}). A value holding '=', spaces, "
+        f"cannot read the override {override!r} ({reason}). A value holding '=', '~', spaces, "
         f"commas, brackets or quotes must be quoted: {quoted_override(key, value)} "
         "(https://hydra.cc/docs/advanced/override_grammar/basic/)"
     )

@@ -17,6 +17,7 @@ import csv
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -69,9 +70,13 @@ def job_dir_name(override_dirname: Any, num: Any = 0) -> str:
 
 
 def register_resolvers() -> None:
-    """``${fipo_job_dir:...}`` for ``hydra.sweep.subdir`` (idempotent)."""
+    """``${fipo_job_dir:...}`` for ``hydra.sweep.subdir``; ``${fipo_path:...}`` for Hydra's
+    run and sweep directories: ``~`` expanded, as the trainer expands ``trainer.run_dir``
+    (Hydra would write ``.hydra/`` into a directory literally named ``~``). Idempotent."""
     if not OmegaConf.has_resolver("fipo_job_dir"):
         OmegaConf.register_new_resolver("fipo_job_dir", job_dir_name)
+    if not OmegaConf.has_resolver("fipo_path"):
+        OmegaConf.register_new_resolver("fipo_path", lambda path: os.path.expanduser(str(path)))
 
 
 register_resolvers()

@@ -244,3 +244,24 @@ def test_errors_that_name_their_fix_are_one_line_not_a_traceback(error, code, mo
     assert exited.value.code == code
     err = capsys.readouterr().err
     assert f"fipo-train: {message}" in err and "Traceback" not in err
+
+
+def test_a_home_relative_run_dir_is_one_directory_for_hydra_and_the_trainer(
+    tmp_path, monkeypatch
+):
+    """``fipo-train trainer.run_dir=~/run``: Hydra's ``.hydra/`` and the trainer's files go
+    to ``$HOME/run``; Hydra used to write into ``./~/run`` (after a parse error unquoted)."""
+    from fipo_trainer import startup
+    from fipo_trainer.trainer import loop
+
+    seen = []
+    monkeypatch.setattr(loop, "run_training", seen.append)
+    monkeypatch.setattr(startup, "pause_gc", lambda: None)  # this process keeps its GC
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    cli.train_main(["model.tiny.warm_start_steps=0", "trainer.run_dir=~/run"])
+    assert (home / "run" / ".hydra" / "config.yaml").is_file()
+    assert list(cwd.iterdir()) == []
+    assert seen[0].trainer.run_dir == str(home / "run")

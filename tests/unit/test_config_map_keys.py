@@ -95,3 +95,39 @@ def test_a_verl_style_single_data_file_composes(tmp_path):
     cfg = compose_config([f"data.train_files={odd}", "data.val_files=/d/val.parquet"])
     assert list(cfg.data.train_files) == [odd]
     assert list(cfg.data.val_files) == ["/d/val.parquet"]
+
+
+@pytest.mark.parametrize(
+    "override, opened",
+    [
+        ("trainer.run_dir=~/runs/a", "trainer.run_dir='~/runs/a'"),
+        ("model.path=~", "model.path='~'"),
+        ("data.train_files=~/d/train.parquet", "data.train_files=['~/d/train.parquet']"),
+        ("~trainer.loggers", "~trainer.loggers"),  # Hydra's delete, untouched
+        ("trainer.run_dir='~/quoted'", "trainer.run_dir='~/quoted'"),
+    ],
+)
+def test_a_value_starting_with_a_tilde_is_quoted(override, opened):
+    """Hydra's grammar parses no value that starts with ``~`` (the shell leaves ``k=~/x``
+    alone), so ``trainer.run_dir=~/runs/a`` was a parse error."""
+    assert open_overrides([override]) == [opened]
+
+
+def test_home_relative_paths_are_expanded_once_for_the_whole_run(tmp_path, monkeypatch):
+    """Hydra wrote ``.hydra/`` into ``./~/run``, the data went to ``$HOME/run/data`` and was
+    then looked for in ``~/run/data`` (not found): ``~`` meant three things in one run."""
+    from fipo_trainer.trainer.config import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(
+        compose_config(
+            open_overrides(
+                ["trainer.run_dir=~/run", "data.val_files=~/val.parquet", "model.path=~/m"]
+            )
+        ),
+        build_model=False,
+    )
+    assert cfg.trainer.run_dir == str(tmp_path / "run")
+    assert cfg.data.val_files == [str(tmp_path / "val.parquet")]
+    assert cfg.model.path == cfg.actor.model_path == str(tmp_path / "m")
+    assert cfg.data.train_files == ["builtin:arithmetic"]  # not a path: as it was

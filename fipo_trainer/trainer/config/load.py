@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,6 +86,12 @@ def derive(cfg: TrainConfig) -> TrainConfig:
     """Fill the keys that follow others (in place; returns ``cfg``)."""
     errors: list[str] = []
     model, data, actor, rollout = cfg.model, cfg.data, cfg.actor, cfg.rollout
+    # Paths as a shell reads them, once: "~" is the home directory wherever a path is used.
+    cfg.trainer.run_dir = os.path.expanduser(cfg.trainer.run_dir)
+    data.train_files = [os.path.expanduser(f) for f in data.train_files]
+    data.val_files = [os.path.expanduser(f) for f in data.val_files]
+    model.path = model.path and os.path.expanduser(model.path)
+    model.tokenizer_path = model.tokenizer_path and os.path.expanduser(model.tokenizer_path)
     if actor.model_path and actor.model_path != model.path:
         errors.append(
             f"actor.model_path={actor.model_path!r} differs from model.path={model.path!r}: "

@@ -4,7 +4,8 @@ Why: Hydra reads overrides against the typed schema, which turns two everyday fo
 errors. A typed mapping refuses new entries unless the override starts with ``++`` ("not in
 struct"), and a list-valued key refuses one bare value ("str is not a ListConfig"), where
 verl's ``data.train_files=/data/train.parquet`` works. Both are opened here, keyed by the
-schema's own field types; every other override passes unchanged.
+schema's own field types, and a path value starting with ``~`` (which Hydra cannot parse) is
+quoted; every other override passes unchanged.
 """
 
 from __future__ import annotations
@@ -81,15 +82,19 @@ def _as_list(value: str) -> str | None:
 def open_overrides(overrides: Sequence[str]) -> list[str]:
     """``resources.actor_bundle_resources={a: 1}`` or ``model.override_config.k=v`` as
     ``++...``; ``data.train_files=/d/train.parquet`` as
-    ``data.train_files=['/d/train.parquet']``."""
+    ``data.train_files=['/d/train.parquet']``; ``trainer.run_dir=~/runs/a`` quoted (Hydra's
+    grammar reads no value that starts with ``~``; the config expands it)."""
     maps, lists = map_keys(), set(list_keys())
     out = []
     for o in overrides:
         key = override_key(o)
+        value = o.split("=", 1)[1] if key else ""
         if key and any(key == m or key.startswith(m + ".") for m in maps):
             o = "++" + o
-        elif key in lists and (listed := _as_list(o.split("=", 1)[1])) is not None:
+        elif key in lists and (listed := _as_list(value)) is not None:
             o = f"{key}={listed}"
+        elif value.startswith("~"):
+            o = f"{key}={quoted(value)}"
         out.append(o)
     return out
 
