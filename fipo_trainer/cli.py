@@ -314,7 +314,7 @@ def _train_task(cfg) -> None:
         sys.exit(2)
     from fipo_trainer.cluster.ray_init import RayUnreachable
     from fipo_trainer.data.records import DataError
-    from fipo_trainer.fsutil import RunDirInUse, run_dir_lock
+    from fipo_trainer.fsutil import RunDirUnusable, run_dir_lock
     from fipo_trainer.trainer.checkpoint_manifest import CheckpointInvalid
     from fipo_trainer.trainer.loop import TrainingStopped, run_training
 
@@ -324,7 +324,7 @@ def _train_task(cfg) -> None:
         with held:
             run_training(train_cfg)
     # Errors whose message is the whole story (what, where, the fix): a line, not a trace.
-    except (CheckpointInvalid, DataError, RayUnreachable, RunDirInUse, TrainingStopped) as err:
+    except (CheckpointInvalid, DataError, RayUnreachable, RunDirUnusable, TrainingStopped) as err:
         if job_dir is not None:
             raise
         print(f"fipo-train: {err}", file=sys.stderr)
@@ -353,7 +353,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
 
     import fipo_trainer.trainer.config  # registers the schema
     import fipo_trainer.trainer.sweep  # noqa: F401 - the ${fipo_job_dir:} resolver
-    from fipo_trainer.fsutil import RunDirInUse, run_dir_lock
+    from fipo_trainer.fsutil import RunDirUnusable, run_dir_lock
 
     sys.argv = [sys.argv[0] if sys.argv else "fipo-train", *args]
     main = hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base=None)
@@ -362,7 +362,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
         with run_dir_lock(run_dir) if run_dir else contextlib.nullcontext():
             _held_run_dir = run_dir
             main(_train_task)()
-    except RunDirInUse as err:  # the single run's, before Hydra wrote into the directory
+    except RunDirUnusable as err:  # the single run's, before Hydra wrote into the directory
         print(f"fipo-train: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as err:  # a message, not a traceback through Hydra's frames

@@ -254,7 +254,12 @@ def verify_manifest(directory: str | Path, *, checksums: bool = True) -> int:
     return checked
 
 
-class RunDirInUse(RuntimeError):
+class RunDirUnusable(RuntimeError):
+    """The run directory cannot be trained in: it cannot be created or written, or another
+    run holds it."""
+
+
+class RunDirInUse(RunDirUnusable):
     """Another live process trains in this run directory."""
 
 
@@ -273,8 +278,16 @@ def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
     import fcntl
 
     path = Path(run_dir).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    with open(path / LOCK_NAME, "a+") as handle:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle = open(path / LOCK_NAME, "a+")  # noqa: SIM115 - closed by the `with` below
+    except OSError as err:
+        raise RunDirUnusable(
+            f"trainer.run_dir={str(path)!r} cannot be created or written "
+            f"({type(err).__name__}: {err.strerror or err}): set trainer.run_dir to a "
+            "directory this user can write"
+        ) from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -113,6 +113,27 @@ def test_a_refused_run_leaves_the_holders_hydra_record_alone(tmp_path, monkeypat
     assert len(ran) == 1 and "trainer.run_dir" in record.read_text()
 
 
+def test_a_run_directory_that_cannot_be_created_is_one_line(tmp_path, monkeypatch, capsys):
+    """``trainer.run_dir`` under a file (or read-only, or on /proc): one line naming the key
+    and the fix, exit 2; it was mkdir's traceback."""
+    from fipo_trainer import cli, startup
+    from fipo_trainer.fsutil import RunDirUnusable, run_dir_lock
+
+    monkeypatch.setattr(startup, "pause_gc", lambda: None)  # this process keeps its GC
+    (tmp_path / "a_file").write_text("")
+    run_dir = tmp_path / "a_file" / "run"
+    with pytest.raises(RunDirUnusable, match="cannot be created or written"), run_dir_lock(
+        run_dir
+    ):
+        pass
+    with pytest.raises(SystemExit) as exited:
+        cli.train_main(["model.tiny.warm_start_steps=0", f"trainer.run_dir={run_dir}"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err
+    assert f"fipo-train: trainer.run_dir='{run_dir}' cannot be created or written" in err
+    assert "set trainer.run_dir to a directory this user can write" in err
+
+
 def test_a_killed_run_frees_its_run_directory(tmp_path):
     """The lock is the kernel's: SIGKILL of its holder frees it (no stale lock file to
     delete by hand)."""
