@@ -374,3 +374,11 @@ def test_config_error_survives_pickling():
 
     err = pickle.loads(pickle.dumps(ConfigError(["a.b: bad", "c.d: worse"])))
     assert err.errors == ["a.b: bad", "c.d: worse"] and "c.d: worse" in str(err)
+
+
+def test_a_problem_two_checks_find_is_listed_once():
+    from fipo_trainer.trainer.config import ConfigError
+
+    err = ConfigError(["a must be >= 1", "b too", "a must be >= 1"])
+    assert err.errors == ["a must be >= 1", "b too"]
+    assert str(err).count("a must be >= 1") == 1

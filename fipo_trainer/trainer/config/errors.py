@@ -11,7 +11,8 @@ class ConfigError(ValueError):
     """One or more config problems; ``errors`` lists them, one message per problem."""
 
     def __init__(self, errors: list[str] | str) -> None:
-        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        # once each: a key two checks find wrong (a section's and a rule's) is one problem
+        self.errors = [errors] if isinstance(errors, str) else list(dict.fromkeys(errors))
         if len(self.errors) == 1:
             message = f"invalid training config: {self.errors[0]}"
         else:
