@@ -65,9 +65,12 @@ class ResumableSampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("num_rows", self.num_rows) != self.num_rows:
-            raise ValueError(
-                f"sampler state is for {state['num_rows']} rows but the dataset has {self.num_rows}; "
-                "resume with the same data files and filters"
+            from fipo_trainer.data.records import DataError  # the CLI prints it in one line
+
+            raise DataError(
+                f"the checkpoint's sampler state is for {state['num_rows']} prompts but the "
+                f"training data now has {self.num_rows}: resume with the same data.train_files "
+                "and data filters, or set trainer.resume=disable to start afresh"
             )
         self.epoch, self.position, self.seed = (
             int(state["epoch"]),

@@ -297,7 +297,9 @@ def test_sampler_epochs_and_errors():
     assert s.epoch == 1 and epoch0 != epoch1
     with pytest.raises(ValueError, match=r"batch size must be in 1\.\.7"):
         s.next_indices(8)
-    with pytest.raises(ValueError, match="same data files"):
+    from fipo_trainer.data.records import DataError  # one line from the CLI, not a traceback
+
+    with pytest.raises(DataError, match=r"resume with the same data\.train_files"):
         s.load_state_dict({"epoch": 0, "position": 0, "seed": 0, "num_rows": 9})
     with pytest.raises(ValueError):
         ResumableSampler(0)
