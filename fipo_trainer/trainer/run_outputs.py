@@ -59,10 +59,14 @@ def set_aside_earlier_run(run_dir: str | Path, resume: str) -> Path | None:
         if (run_dir / name).exists():
             (run_dir / name).rename(target / name)  # one file system: a rename, no copy
             moved.append(name)
-    why = "found no checkpoint" if resume == "auto" else "starts afresh"
+    why = (
+        "found no checkpoint to resume"
+        if resume == "auto"
+        else "starts afresh (trainer.resume=auto would continue it)"
+    )
     logger.warning(
         "%s holds an earlier run's outputs and trainer.resume=%s %s: moved %s to %s "
-        "(delete it when no longer needed; trainer.resume=auto continues a run instead)",
+        "(delete it when no longer needed)",
         run_dir,
         resume,
         why,
