@@ -39,6 +39,11 @@ RUN_OUTPUTS = (
 _EVIDENCE = ("metrics.jsonl", "checkpoints")
 
 
+def _now_stamp() -> str:
+    """The local time, as Hydra names its sweep directories."""
+    return time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
 def set_aside_earlier_run(run_dir: str | Path, resume: str) -> Path | None:
     """Move an earlier run's outputs in ``run_dir`` to ``run_dir/earlier_runs/<time>``;
     returns that directory (None: there were none). Call it only when this run starts
@@ -47,7 +52,7 @@ def set_aside_earlier_run(run_dir: str | Path, resume: str) -> Path | None:
     run_dir = Path(run_dir)
     if not any((run_dir / name).exists() for name in _EVIDENCE):
         return None
-    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    stamp = _now_stamp()
     target = run_dir / EARLIER_RUNS_DIR / stamp
     n = 1
     while target.exists():  # two fresh starts within a second

@@ -51,7 +51,7 @@ def test_an_earlier_runs_outputs_move_whole_and_this_runs_files_stay(tmp_path, c
 
 
 def test_two_fresh_starts_within_a_second_get_two_directories(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_outputs.time, "strftime", lambda fmt: "2026-12-06_05-00-00")
+    monkeypatch.setattr(run_outputs, "_now_stamp", lambda: "2026-12-06_05-00-00")
     (tmp_path / "metrics.jsonl").write_text("first\n")
     first = set_aside_earlier_run(tmp_path, "auto")
     (tmp_path / "metrics.jsonl").write_text("second\n")
