@@ -130,7 +130,8 @@ class RLTrainer:
         self.graders = routed_graders(self.cfg.reward, self.prompts, self.val_prompts)
 
     # ----------------------------------------------------------------- one step
-    def train_step(self, step: int) -> dict[str, float]:
+    def train_step(self, step: int, validate_next: bool = False) -> dict[str, float]:
+        """One step; ``validate_next``: a validation follows, and goes before the producer."""
         cfg, T = self.cfg, self.temperature
         timings: dict[str, float] = {}
         step_start = time.perf_counter()
@@ -139,7 +140,7 @@ class RLTrainer:
             logger.warning(
                 "step %d: no whole mini-batch of groups with varying accuracy; update skipped", step
             )
-            self._engines_at(step)  # the actor is unchanged: version `step` = version step-1
+            self._engines_at(step, keep=validate_next)  # the actor is unchanged: `step` = step-1
             return {**metrics, "actor/skipped": 1.0, **timings}
         if cfg.rollout.free_cache_engine:  # colocated: give the memory to the actor
             with timed(timings, "rollout_sleep"):
@@ -160,15 +161,15 @@ class RLTrainer:
         metrics |= self._check_finite(step, actor_metrics)
         metrics |= actor_metrics
         with timed(timings, "sync"):
-            metrics |= self._engines_at(step, self.weight_sync.sync)
+            metrics |= self._engines_at(step, self.weight_sync.sync, keep=validate_next)
         metrics |= perf_metrics(
             batch, time.perf_counter() - step_start, cfg.resources.actor_world_size
         )
         return {**metrics, **timings}
 
-    def _engines_at(self, version: int, sync: Any = dict) -> dict[str, float]:
+    def _engines_at(self, version: int, sync: Any = dict, keep: bool = False) -> dict[str, float]:
         """Sync (between producer calls) so the engines hold ``version``; tell the producer."""
-        with self.batches.engines():
+        with self.batches.engines(keep_place=keep):
             metrics = sync()
             self.rollout.set_weights_version(version)
         self.batches.weights_synced(version)
@@ -302,7 +303,7 @@ class RLTrainer:
             self.weight_sync.sync()  # the engines still hold the initial weights
             self.rollout.set_weights_version(start_step)
         total = self.total_steps()
-        self.batches = batch_source(cfg.trainer, self.sampler, start_step, self._resume)
+        self.batches = batch_source(cfg.trainer, self.sampler, start_step, self._resume, total)
         self.batches.start(start_step + 1)
         tracker = Tracker(
             list(cfg.trainer.loggers),
@@ -316,17 +317,17 @@ class RLTrainer:
         result = TrainResult(run_dir=self.run_dir, steps=start_step)
         last_ckpt_step = start_step if start_step else None
         try:
-            if cfg.trainer.val_before_train and start_step == 0 and cfg.trainer.test_freq > 0:
+            freq = cfg.trainer.test_freq
+            if cfg.trainer.val_before_train and start_step == 0 and freq > 0:
                 val = self.validate()
                 result.validations.append({"step": 0, **val})
                 tracker.log(val, step=0)
             for step in range(start_step + 1, total + 1):
-                metrics = self.train_step(step)
+                test = freq > 0 and (step % freq == 0 or step == total)  # validate after it
+                metrics = self.train_step(step, validate_next=test)
                 if step == start_step + 1:
                     metrics.update(data_metrics(self.prompts, self.val_prompts))
-                if cfg.trainer.test_freq > 0 and (
-                    step % cfg.trainer.test_freq == 0 or step == total
-                ):
+                if test:
                     val = self.validate()
                     metrics.update(val)
                     result.validations.append({"step": step, **val})

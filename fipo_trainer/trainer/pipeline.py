@@ -21,9 +21,11 @@ The producer may start the batch of step j once the engines hold version >= j-1-
   responses then continue on the new weights (partial) or had finished on the old ones.
 
 Syncs and validation take the engines through :meth:`BatchSource.engines` (they go first:
-the producer waits while the trainer asks). A checkpoint pauses the producer at a batch
-boundary and stores the batches made ahead (``state_dict``), so a resumed run trains on
-exactly the batches the uninterrupted one would.
+the producer waits while the trainer asks). A sync followed by a validation keeps the
+trainer's place: were the producer let in between, the validation would wait for a whole
+batch and the update after it would then run with the engines idle. A checkpoint pauses the
+producer at a batch boundary and stores the batches made ahead (``state_dict``), so a resumed
+run trains on exactly the batches the uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -61,17 +63,29 @@ class EngineTurn:
         self._cond = threading.Condition()
         self._busy = False
         self._trainer_waiting = 0
+        self._kept = 0  # places kept by ``trainer(keep_place=True)``, counted as waiting
 
-    def trainer(self) -> contextlib.AbstractContextManager[None]:
-        return self._holding(lambda: not self._busy, trainer=True)
+    def trainer(self, keep_place: bool = False) -> contextlib.AbstractContextManager[None]:
+        """The trainer's turn; ``keep_place``: its next turn, too, comes before the producer's
+        (a validation right after a sync)."""
+        return self._holding(lambda: not self._busy, trainer=True, keep_place=keep_place)
 
     def producer(self) -> contextlib.AbstractContextManager[None]:
         return self._holding(lambda: not self._busy and not self._trainer_waiting)
 
-    @contextlib.contextmanager
-    def _holding(self, free: Any, trainer: bool = False) -> Iterator[None]:
+    def give_up_kept_places(self) -> None:
+        """The run ends (or failed) between a kept place and its turn: let the producer go."""
         with self._cond:
-            self._trainer_waiting += trainer
+            self._trainer_waiting -= self._kept
+            self._kept = 0
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def _holding(self, free: Any, trainer: bool = False, keep_place: bool = False) -> Iterator[None]:
+        with self._cond:
+            kept = trainer and self._kept > 0  # already counted as waiting
+            self._kept -= kept
+            self._trainer_waiting += trainer and not kept
             self._cond.wait_for(free)
             self._trainer_waiting -= trainer
             self._busy = True
@@ -80,6 +94,8 @@ class EngineTurn:
         finally:
             with self._cond:
                 self._busy = False
+                self._kept += keep_place
+                self._trainer_waiting += keep_place
                 self._cond.notify_all()
 
 
@@ -108,7 +124,8 @@ class BatchSource:
     """The step's batch: made on demand (off) or taken from what the producer made ahead.
 
     ``version`` is the weight version the engines hold; ``ahead`` the batches a resumed run
-    restores from its checkpoint (they are served first, in order).
+    restores from its checkpoint (they are served first, in order); ``last_version`` the
+    run's last step: once the engines hold it, the producer starts no more batches.
     """
 
     sampler: Any
@@ -117,6 +134,7 @@ class BatchSource:
     version: int = 0
     ahead: list[MadeBatch] = field(default_factory=list)
     partial_rollout_tokens: int | None = None  # bounded + partial_rollout
+    last_version: int | None = None
     last_rollouts: Batch | None = None
 
     def __post_init__(self) -> None:
@@ -138,9 +156,11 @@ class BatchSource:
     def start(self, first_step: int) -> None:
         """Start making batches from ``first_step`` (async modes; off makes them on demand).
 
-        The producer does not stop at the run's last step: the batches it made ahead are in
-        the final checkpoint, so a run resumed with more steps trains on what an
-        uninterrupted run would (at the cost of up to ``S`` batches generated unused)."""
+        Batches past the run's last step that start before the engines hold its weights are
+        made and kept in the final checkpoint: a run resumed with more steps could not make
+        them again at their version. Later ones are not started: a resumed run makes them at
+        the same version, and this run has no use for them (on the paper's layout one costs
+        minutes of every GPU)."""
         if self._next_step is None:
             self._next_step = first_step
         if self.mode != "off":
@@ -171,9 +191,10 @@ class BatchSource:
         return made.batch, metrics
 
     @contextlib.contextmanager
-    def engines(self) -> Iterator[None]:
-        """Hold the engines and the grader (weight sync, validation) between producer calls."""
-        with self.turn.trainer():
+    def engines(self, keep_place: bool = False) -> Iterator[None]:
+        """Hold the engines and the grader (weight sync, validation) between producer calls;
+        ``keep_place``: the trainer's next hold comes first too (see the module docstring)."""
+        with self.turn.trainer(keep_place):
             yield
 
     def weights_synced(self, version: int) -> None:
@@ -207,6 +228,7 @@ class BatchSource:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
+        self.turn.give_up_kept_places()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
 
@@ -230,7 +252,10 @@ class BatchSource:
             return item
 
     def _may_start(self, step: int) -> bool:
-        return self._stop or (not self._paused and self.version >= step - 1 - self.staleness)
+        if self._stop:
+            return True
+        done = self.last_version is not None and self.version >= self.last_version
+        return not (self._paused or done) and self.version >= step - 1 - self.staleness
 
     def _produce(self) -> None:
         try:
@@ -311,7 +336,11 @@ def made_from_plain(state: dict[str, Any]) -> MadeBatch:
 
 
 def batch_source(
-    trainer_cfg: Any, sampler: Any, start_step: int, resume: tuple[Any, dict] | None
+    trainer_cfg: Any,
+    sampler: Any,
+    start_step: int,
+    resume: tuple[Any, dict] | None,
+    last_step: int | None = None,
 ) -> BatchSource:
     """The run's ``BatchSource`` from ``trainer.*`` (and a resumed checkpoint's batches)."""
     state = (resume[1].get("pipeline") if resume else None) or {}
@@ -323,4 +352,5 @@ def batch_source(
         version=start_step,
         ahead=[made_from_plain(m) for m in state.get("ahead", [])],
         partial_rollout_tokens=trainer_cfg.partial_rollout_tokens if partial else None,
+        last_version=last_step,
     )

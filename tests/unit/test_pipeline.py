@@ -111,6 +111,56 @@ def _hold(turn, order, name):
         order.append(name)
 
 
+def test_a_sync_that_keeps_its_place_lets_the_validation_after_it_go_before_the_producer():
+    """A producer let in between a sync and the validation after it made the validation wait
+    a whole batch (0.2-0.6 s on the quickstart), and the next update then ran with the
+    engines idle. The kept place outlasts the gap, however long; giving it up lets the
+    producer in (a run that ends or fails before its validation)."""
+    turn, order = EngineTurn(), []
+    with turn.trainer(keep_place=True):  # the sync
+        producer = threading.Thread(target=lambda: _hold(turn.producer, order, "producer"))
+        producer.start()
+        time.sleep(0.05)
+    time.sleep(0.1)  # the loop between the sync and the validation
+    assert order == []
+    _hold(turn.trainer, order, "validation")
+    producer.join(2)
+    assert order == ["validation", "producer"]
+    with turn.trainer(keep_place=True):
+        pass
+    producer = threading.Thread(target=lambda: _hold(turn.producer, order, "producer"))
+    producer.start()
+    time.sleep(0.05)
+    assert order[2:] == []
+    turn.give_up_kept_places()
+    producer.join(2)
+    assert order[2:] == ["producer"]
+
+
+@pytest.mark.parametrize(("mode", "staleness", "made"), [("one_step", 0, 5), ("bounded", 2, 6)])
+def test_the_producer_starts_no_batch_once_the_engines_hold_the_last_step(mode, staleness, made):
+    """Batches past the run's last step (4) that start before its weights are synced are made
+    (the final checkpoint keeps them); none starts after: each used to cost a whole batch of
+    generation that the final validation and checkpoint waited for."""
+    ref: list = []
+    sampler = VersionSampler(ref)
+    source = BatchSource(sampler, mode=mode, max_staleness=staleness, last_version=4)
+    ref.append(source)
+    source.start(1)
+    try:
+        for step in range(1, 5):
+            source.next(step, {})
+            time.sleep(0.05)  # the update: the producer runs as far ahead as it may
+            with source.engines():
+                pass
+            source.weights_synced(step)
+        time.sleep(0.2)  # the final validation and checkpoint
+        assert [step for step, _ in sampler.made] == list(range(1, made + 1))
+        assert [m["step"] for m in source.state_dict()["ahead"]] == list(range(5, made + 1))
+    finally:
+        source.close()
+
+
 def test_checkpoint_keeps_the_batches_made_ahead_and_a_resumed_source_serves_them_first():
     ref: list = []
     sampler = VersionSampler(ref)

@@ -4,6 +4,8 @@ step metrics, and one `train_step` driven through fake roles (the order of the v
 from __future__ import annotations
 
 import math
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -280,6 +282,27 @@ def test_train_step_runs_the_verbs_in_order_with_typed_settings(tmp_path):
     assert metrics["rollout_corr/kl_k1"] == pytest.approx(-0.1)
     assert metrics["rollout_corr/ratio_max"] == pytest.approx(math.exp(0.1))
     assert "rollout_is_weights" not in log[1][3]
+
+
+def test_a_step_a_validation_follows_keeps_the_engines_for_it(tmp_path):
+    """The producer, waiting for the new weights, must not take the engines between the
+    step's sync and the validation: the validation would wait for a whole batch."""
+    t, _ = trainer_with_fakes(tmp_path, cfg(), [[True, False, False, True]])
+    t.train_step(3, validate_next=True)
+    order: list[str] = []
+
+    def produce() -> None:
+        with t.batches.turn.producer():
+            order.append("producer")
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    time.sleep(0.1)
+    assert order == []
+    with t.batches.engines():
+        order.append("validation")
+    producer.join(2)
+    assert order == ["validation", "producer"]
 
 
 def test_train_step_with_rollout_correction_hands_the_weights_to_the_update(tmp_path):
