@@ -77,3 +77,4 @@ class ResumableSampler:
             int(state["position"]),
             int(state["seed"]),
         )
+        self._perm_epoch = None  # an order drawn under the old seed is not this state's

@@ -224,10 +224,11 @@ class RLTrainer:
 
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self, step: int) -> Path:
+        pipeline = self.batches.state_dict()  # first: it waits for the batch being made
         state = {
             "step": step,
-            "sampler": self.prompts.state_dict(),  # after the batches made ahead
-            "pipeline": self.batches.state_dict(),
+            "sampler": pipeline.pop("prompts"),  # after the batches made ahead, not mid-batch
+            "pipeline": pipeline,
             "rng": rng_state(),
             "config": dataclasses.asdict(self.cfg),
         }

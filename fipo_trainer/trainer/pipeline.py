@@ -31,6 +31,7 @@ run trains on exactly the batches the uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ import numpy as np
 from fipo_trainer.data.batch import Batch
 from fipo_trainer.trainer.step_metrics import timed
 
+logger = logging.getLogger(__name__)
 
 @dataclass
 class MadeBatch:
@@ -148,6 +150,8 @@ class BatchSource:
         self._stop = self._paused = False
         self._producing = False
         self._thread: threading.Thread | None = None
+        self._prompts_made: dict[str, Any] | None = None  # the prompts' state after the last
+        # batch made whole: a checkpoint's, whatever the producer has drawn since
         if self.mode == "bounded":  # the sampler gives the engines up between its calls
             self.sampler.turn = self.turn.producer
             self.sampler.partial_rollout_tokens = self.partial_rollout_tokens
@@ -163,6 +167,7 @@ class BatchSource:
         minutes of every GPU)."""
         if self._next_step is None:
             self._next_step = first_step
+        self._prompts_made = self._prompts_state()
         if self.mode != "off":
             self._thread = threading.Thread(
                 target=self._produce, name="batch-producer", daemon=True
@@ -204,19 +209,29 @@ class BatchSource:
             self._cond.notify_all()
 
     def state_dict(self) -> dict[str, Any]:
-        """The batches made ahead (the producer pauses at a batch boundary first)."""
+        """The batches made ahead and ``prompts``, the prompt source's state after them (the
+        producer pauses at a batch boundary first). A batch that failed ahead of the trainer
+        does not fail the checkpoint: it keeps the batches before it, and the error is raised
+        at the step that needs the batch (a run whose last step is trained never does)."""
         with self._cond:
             self._paused = True
             self._cond.wait_for(lambda: not self._producing or self._stop)
-        ahead = []
+        items = []
         while not self._made.empty():
-            item = self._made.get()
-            if isinstance(item, BaseException):
-                raise item
-            ahead.append(item)
-        for item in ahead:  # they are still this run's next batches
+            items.append(self._made.get())
+        for item in items:  # they are still this run's next batches (or error)
             self._made.put(item)
-        return {"ahead": [made_to_plain(m) for m in ahead], "version": self.version}
+        ahead = []
+        for item in items:
+            if isinstance(item, BaseException):
+                logger.warning("a batch made ahead failed (%s); the checkpoint keeps the "
+                               "%d before it", item, len(ahead))  # fmt: skip
+                break
+            ahead.append(made_to_plain(item))
+        state = {"ahead": ahead, "version": self.version, "prompts": self._prompts_made}
+        if self._thread is None:  # made on demand: nothing drawn past the last batch
+            state["prompts"] = self._prompts_state()
+        return state
 
     def resume(self) -> None:
         """Let the producer go on after ``state_dict``."""
@@ -237,7 +252,12 @@ class BatchSource:
         timings: dict[str, float] = {}
         batch, metrics = self.sampler.collect(step, timings)
         epoch = float(self.sampler.prompts.epoch)
+        self._prompts_made = self._prompts_state()
         return MadeBatch(step, batch, metrics, timings, self.sampler.last_rollouts, epoch)
+
+    def _prompts_state(self) -> dict[str, Any] | None:
+        state_dict = getattr(self.sampler.prompts, "state_dict", None)
+        return None if state_dict is None else state_dict()
 
     def _take(self) -> MadeBatch:
         while True:

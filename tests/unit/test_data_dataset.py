@@ -289,6 +289,15 @@ def test_sampler_resume_gives_identical_order_at_every_point(drop_last):
         assert head + draw(resumed, sizes[k:]) == expected, f"resume after {k} draws differs"
 
 
+def test_a_sampler_that_drew_before_loading_a_state_follows_the_states_seed():
+    """A loaded state with another seed replaces the order drawn under the old one."""
+    used = ResumableSampler(10, seed=1)
+    used.next_indices(3)
+    fresh = ResumableSampler(10, seed=2)
+    used.load_state_dict(fresh.state_dict())
+    assert used.next_indices(4) == fresh.next_indices(4)
+
+
 def test_sampler_epochs_and_errors():
     s = ResumableSampler(7, seed=0)
     epoch0 = draw(s, [3, 3])  # drop_last: 2 batches of 3 per epoch of 7 rows

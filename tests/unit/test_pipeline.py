@@ -180,6 +180,68 @@ def test_checkpoint_keeps_the_batches_made_ahead_and_a_resumed_source_serves_the
     assert metrics["sampling/step"] == 2.0 and batch is not None
 
 
+class RoundsSampler(VersionSampler):
+    """Draws a batch's prompts in two rounds, with generation between them."""
+
+    def __init__(self, source_ref: list, fail_at: int | None = None, round_s=0.05) -> None:
+        super().__init__(source_ref)
+        self.drawn, self.round_s = 0, round_s
+        self.fail_at = fail_at
+        self.prompts = SimpleNamespace(epoch=0, state_dict=lambda: {"drawn": self.drawn})
+
+    def collect(self, step, timings):
+        for _ in range(2):
+            self.drawn += 4
+            time.sleep(self.round_s)
+        if step == self.fail_at:
+            raise RuntimeError(f"dynamic sampling exhausted at step {step}")
+        return super().collect(step, timings)
+
+
+def test_a_checkpoint_stores_the_prompts_drawn_for_the_batches_it_keeps():
+    """Taken while the producer is between the rounds of a batch, the checkpoint's prompt
+    state must be the one after that batch, which it waits for and keeps: the loop read the
+    state first, mid-batch, and a resumed run drew that batch's first round again."""
+    ref: list = []
+    sampler = RoundsSampler(ref, round_s=0.25)
+    source = BatchSource(sampler, mode="one_step")
+    ref.append(source)
+    source.start(1)
+    try:
+        source.next(1, {})
+        time.sleep(0.1)  # batch 2 is in its first round
+        assert sampler.drawn == 12
+        state = source.state_dict()
+        assert [m["step"] for m in state["ahead"]] == [2]
+        assert state["prompts"] == {"drawn": 16}
+    finally:
+        source.close()
+
+
+def test_a_batch_that_fails_ahead_of_the_trainer_does_not_fail_the_checkpoint():
+    """The batch past the last step (or two steps ahead) may fail, e.g. dynamic sampling
+    exhausted: the checkpoint keeps what came before it, with the prompts drawn for those,
+    and the error waits for the step that needs the batch."""
+    ref: list = []
+    sampler = RoundsSampler(ref, fail_at=3)
+    source = BatchSource(sampler, mode="one_step")
+    ref.append(source)
+    source.start(1)
+    try:
+        source.next(1, {})
+        source.weights_synced(1)
+        time.sleep(0.5)  # batch 2 made, batch 3 failed
+        state = source.state_dict()
+        assert [m["step"] for m in state["ahead"]] == [2]
+        assert state["prompts"] == {"drawn": 16} and sampler.drawn == 24
+        source.resume()
+        assert source.next(2, {})[0] is not None
+        with pytest.raises(RuntimeError, match="exhausted at step 3"):
+            source.next(3, {})
+    finally:
+        source.close()
+
+
 def test_producer_failure_reaches_the_trainer():
     class Failing(VersionSampler):
         def collect(self, step, timings):

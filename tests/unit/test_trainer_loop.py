@@ -305,6 +305,24 @@ def test_a_step_a_validation_follows_keeps_the_engines_for_it(tmp_path):
     assert order == ["validation", "producer"]
 
 
+def test_a_checkpoint_takes_the_prompt_state_the_batch_source_paused_at(tmp_path, monkeypatch):
+    """The prompts' state comes from the paused producer's boundary, not read beforehand
+    while it may be drawing a batch's next round."""
+    from fipo_trainer.trainer import loop
+
+    monkeypatch.setattr(loop, "dataclasses", SimpleNamespace(asdict=vars))  # a plain config
+    t, _ = trainer_with_fakes(tmp_path, cfg(), [])
+    saved: dict = {}
+    t.ckpt = SimpleNamespace(save=lambda step, save_actor, state: saved.update(state))
+    t.batches = SimpleNamespace(
+        state_dict=lambda: {"ahead": [], "version": 3, "prompts": {"position": 16}},
+        resume=lambda: None,
+    )
+    t.save_checkpoint(3)
+    assert saved["sampler"] == {"position": 16}
+    assert saved["pipeline"] == {"ahead": [], "version": 3}
+
+
 def test_train_step_with_rollout_correction_hands_the_weights_to_the_update(tmp_path):
     t, log = trainer_with_fakes(tmp_path, cfg(rc=True), [[True, False, False, True]])
     t.train_step(1)
