@@ -142,7 +142,7 @@ class RLTrainer:
             )
             self._engines_at(step, keep=validate_next)  # the actor is unchanged: `step` = step-1
             return {**metrics, "actor/skipped": 1.0, **timings}
-        if cfg.rollout.free_cache_engine:  # colocated: give the memory to the actor
+        if cfg.rollout.free_cache_engine and cfg.resources.placement == "colocated":
             with timed(timings, "rollout_sleep"):
                 self.rollout.sleep()  # the weight sync below wakes it
         if cfg.algorithm.rollout_correction.bypass_mode:  # π_old = π_rollout: no actor pass

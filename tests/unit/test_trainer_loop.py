@@ -226,7 +226,7 @@ def cfg(
         data=SimpleNamespace(train_batch_size=2, gen_batch_size=2, max_response_length=4),
         actor=SimpleNamespace(ppo_mini_batch_size=1),
         trainer=SimpleNamespace(seed=0, run_dir="unused", nan_policy=nan_policy),
-        resources=SimpleNamespace(actor_world_size=2),
+        resources=SimpleNamespace(actor_world_size=2, placement="colocated"),
     )
 
 
@@ -321,6 +321,16 @@ def test_a_checkpoint_takes_the_prompt_state_the_batch_source_paused_at(tmp_path
     t.save_checkpoint(3)
     assert saved["sampler"] == {"position": 16}
     assert saved["pipeline"] == {"ahead": [], "version": 3}
+
+
+def test_split_engines_stay_awake_whatever_free_cache_engine_says(tmp_path):
+    """Split placement: asleep, an engine would refuse the producer's next call in the async
+    modes (the rules warn that the key has no use there)."""
+    c = cfg()
+    c.resources.placement = "split"
+    t, _ = trainer_with_fakes(tmp_path, c, [[True, False, False, True]])
+    t.train_step(1)
+    assert "sleep" not in t.rollout.calls
 
 
 def test_train_step_with_rollout_correction_hands_the_weights_to_the_update(tmp_path):

@@ -293,7 +293,10 @@ def _resources(cfg: TrainConfig, r: Report) -> None:
                 "its KV cache while the actor trains on the same GPU (set it true to free it)"
             )
     elif rollout.free_cache_engine:
-        r.warn("rollout.free_cache_engine=true has no use with resources.placement=split")
+        r.warn(  # and an engine asleep would refuse the producer's calls in async modes
+            "rollout.free_cache_engine=true has no use with resources.placement=split: "
+            "the engines stay awake"
+        )
     if res.gpus_per_node > 0 and res.gpus_per_node % tp:
         r.error(
             f"rollout.tensor_parallel_size={tp} does not divide resources.gpus_per_node="
