@@ -255,9 +255,12 @@ class CheckpointManager:
             f.write(f"{step}\n")
 
     def _prune(self, keep: Path) -> None:
+        """Keep the last ``keep_last`` of this run's line: the steps before ``keep``. Later
+        steps (a run resumed from an older checkpoint left them) are neither counted nor
+        removed: pruning them kept this run's fallbacks off the disk and old ones on it."""
         if self.keep_last is None:
             return
-        others = [p for p in self.checkpoints() if p != keep]
+        others = [p for p in self.checkpoints() if step_of(p) < step_of(keep)]
         excess = len(others) + 1 - self.keep_last
         for path in others[: max(excess, 0)]:
             discard_dir(path)

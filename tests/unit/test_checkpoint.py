@@ -100,6 +100,21 @@ def test_keep_last_n_and_keep_all(tmp_path):
         CheckpointManager(tmp_path, keep_last=0)
 
 
+def test_pruning_after_resuming_an_older_checkpoint_keeps_the_runs_own_steps(tmp_path):
+    """Resumed from step 10 of 10/15/20 and saving 12 and 14 (keep 3), the run's line is
+    10, 12, 14: pruning by step number alone kept 14, 15, 20, so `auto` had no fallback
+    below 14. The abandoned 15 and 20 stay until the run saves those steps again."""
+    mgr = CheckpointManager(tmp_path / "run", keep_last=3)
+    for step in (10, 15, 20):
+        mgr.save(step, _writer(), {})
+    for step in (12, 14):  # resumed from global_step_10 by path
+        mgr.save(step, _writer(), {})
+    assert [step_of(p) for p in mgr.checkpoints()] == [10, 12, 14, 15, 20]
+    mgr.save(15, _writer(), {})
+    assert [step_of(p) for p in mgr.checkpoints()] == [12, 14, 15, 20]
+    assert mgr.resolve_resume("auto") == mgr.root / "global_step_15"
+
+
 def test_resave_same_step_replaces_it(tmp_path):
     mgr = CheckpointManager(tmp_path)
     mgr.save(4, _writer("old"), {})

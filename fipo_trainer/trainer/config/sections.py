@@ -198,7 +198,7 @@ class TrainerConfig:
     save_freq: int = 5  # checkpoint every N steps (0: only at the end)
     val_before_train: bool = True
     resume: str = "auto"  # auto | disable | <checkpoint path>
-    max_ckpt_to_keep: int | None = None
+    max_ckpt_to_keep: int | None = None  # the run's last N steps (null: all); later ones kept
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard"])
     rollout_dump_freq: int = 0  # dump prompt/response/score/acc jsonl every N steps (0 off)
     # On those steps, also the update's per-token ratio / Future-KL / influence weight /
