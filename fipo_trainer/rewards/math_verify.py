@@ -2,9 +2,12 @@
 
 The final answer is whichever comes last in the response: the last ``\\boxed{...}`` (or
 ``\\fbox{...}``) or the last ``Answer:`` line. It is parsed in math mode (``$...$``) unless it
-already has ``$`` or contains English words, which plain-text extraction skips. The ground
-truth is parsed as LaTeX (wrapped in ``\\boxed{}`` unless it already carries ``$`` or
-``\\boxed``), then compared with ``math_verify.verify``. math-verify's own timeouts use
+already has ``$`` or contains English words. Trailing words and ``\\text{...}`` groups (units:
+"3\\sqrt{13} meters") are dropped and the rest parsed in math mode; only answers that are still
+wordy fall back to plain-text extraction, which skips words but often keeps just a leading piece
+(``3`` of ``3\\sqrt{13}``). The ground truth is parsed as LaTeX (wrapped in ``\\boxed{}`` unless it
+already carries ``$`` or ``\\boxed``), then compared with ``math_verify.verify``. An escaped
+``\\$`` is currency, not a math delimiter. math-verify's own timeouts use
 ``signal.alarm``, which only works on the main thread, so they are disabled here:
 :class:`~fipo_trainer.rewards.pool.RewardPool` enforces time limits by killing the worker.
 """
@@ -30,6 +33,17 @@ _MAX_BRACE_DEPTH = 64
 _MAX_PRED_CHARS = 1000
 # An English word (not a \command, not a one/two-letter variable): "5 dollars", "The answer is 7".
 _WORD = re.compile(r"(?<![\\A-Za-z])(?!and\b)[A-Za-z]{3,}")
+# A "$" that opens or closes math; "\\$" is a literal dollar sign ("\\$18.90").
+_MATH_DOLLAR = re.compile(r"(?<!\\)\$")
+# Trailing unit words / text groups: "3\\sqrt{13} square meters", "\\frac{1}{4}\\pi \\text{ units}".
+# Words of 2+ letters and groups holding 2+ letters, so "2\\mathrm{e}" or a variable x is kept.
+_SPACING = r"(?:\\[,;:! ]|\\q?quad\b|[\s.,;:!~])*"
+_TAIL = re.compile(
+    _SPACING + r"(?:(?:\\(?:text(?:rm|bf|it)?|mbox|mathrm)\s*\{(?=[^{}]*[A-Za-z]{2})[^{}]*\}"
+    r"|(?<![\\A-Za-z])[A-Za-z]{2,}(?:-[A-Za-z]+)*\b)" + _SPACING + r")+$"
+)
+# Only the end of the answer is searched for the tail: an end-anchored search is quadratic.
+_MAX_TAIL_CHARS = 256
 
 
 class _DropTimeoutDisabledWarning(logging.Filter):
@@ -71,7 +85,7 @@ def _parse_gold(ground_truth: str) -> tuple:
     # n responses per prompt share one ground truth: parse it once.
     text = (
         ground_truth
-        if ("$" in ground_truth or "\\boxed" in ground_truth)
+        if (_MATH_DOLLAR.search(ground_truth) or "\\boxed" in ground_truth)
         else ("\\boxed{" + ground_truth + "}")
     )
     return tuple(parse(text, _EXTRACTION, parsing_timeout=None))
@@ -86,12 +100,25 @@ def _too_deep(text: str) -> bool:
     return False
 
 
+def _strip_tail(answer: str) -> str | None:
+    """The answer without trailing words/text groups, if that leaves word-free math; else None."""
+    tail = _TAIL.search(answer, max(0, len(answer) - _MAX_TAIL_CHARS))
+    head = answer[: tail.start()].strip() if tail else ""
+    return head if head and not _WORD.search(head) else None
+
+
 def _parse_answer(answer: str) -> list:
-    """Parse the extracted answer: math mode unless it carries $ or English words."""
-    if "$" in answer:
+    """Parse the extracted answer: math mode unless it carries a math $ or (non-unit) words."""
+    if _MATH_DOLLAR.search(answer):
         return parse(answer, _EXTRACTION, parsing_timeout=None)
-    if _WORD.search(answer):  # plain-text extraction skips the words ("5 dollars" -> 5)
-        parsed = parse(answer, _EXTRACTION, parsing_timeout=None)
+    if _WORD.search(answer):
+        # Plain text keeps only a leading piece ("3" of "3\\sqrt{13} meters"): drop units first.
+        head = _strip_tail(answer)
+        if head is not None:
+            parsed = parse("$" + head + "$", _EXTRACTION, parsing_timeout=None)
+            if parsed:
+                return parsed
+        parsed = parse(answer, _EXTRACTION, parsing_timeout=None)  # skips words: "The answer is 7"
         if parsed:
             return parsed
     return parse("$" + answer + "$", _EXTRACTION, parsing_timeout=None)

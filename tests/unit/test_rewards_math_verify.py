@@ -49,6 +49,49 @@ def test_wrong_or_missing_answers_are_rejected(response: str, ground_truth: str,
     assert compute_score(response, ground_truth) == {"score": -1.0, "acc": False, "pred": pred}
 
 
+@pytest.mark.parametrize(
+    ("response", "ground_truth", "acc"),
+    [
+        # Unit words or \text{} after the math: grade the whole expression, not its leading piece.
+        ("Answer: 4\\sqrt{2} units", "4", False),
+        ("Answer: 4\\sqrt{2} units", "4\\sqrt{2}", True),
+        ("Answer: 10^{3} meters", "10", False),
+        ("Answer: 10^{3} meters", "1000", True),
+        ("Answer: 3\\sqrt{13} meters", "3\\sqrt{13}", True),
+        ("Answer: 10^{3}~\\text{meters}", "1000", True),
+        ("\\boxed{3\\sqrt{13} \\text{ square meters}}", "3", False),
+        ("\\boxed{3\\sqrt{13} \\text{ square meters}}", "3\\sqrt{13}", True),
+        ("\\boxed{\\frac{1}{4}\\pi \\text{ units}}", "\\frac{\\pi}{4}", True),
+        # Answers that are words keep working.
+        ("Answer: Monday", "\\text{Monday}", True),
+        ("Answer: The answer is 7", "7", True),
+        ("Answer: 5 dollars", "5", True),
+        ("Answer: \\frac{3}{4} of the cake", "\\frac{3}{4}", True),
+    ],
+)
+def test_trailing_units_do_not_truncate_the_answer(
+    response: str, ground_truth: str, acc: bool
+) -> None:
+    out = compute_score(response, ground_truth)
+    assert out["acc"] is acc and out["score"] == (1.0 if acc else -1.0), out
+
+
+@pytest.mark.parametrize(
+    ("response", "acc"),
+    [
+        ("\\boxed{\\$18.90}", True),
+        ("Answer: 18.90", True),
+        ("Answer: \\$18.90", True),
+        ("Answer: $18.90$", True),  # a real (unescaped) $ still delimits math
+        ("Answer: 19.90", False),
+        ("Answer: \\$19.90", False),
+    ],
+)
+def test_escaped_dollar_is_currency_not_a_math_delimiter(response: str, acc: bool) -> None:
+    out = compute_score(response, "\\$18.90")
+    assert out["acc"] is acc and out["score"] == (1.0 if acc else -1.0), out
+
+
 def test_binary_score_format() -> None:
     assert compute_score("\\boxed{5}", "5", score_format="binary")["score"] == 1.0
     assert compute_score("\\boxed{4}", "5", score_format="binary")["score"] == 0.0
