@@ -53,6 +53,7 @@ from fipo_trainer.actor.micro_batch import (
 from fipo_trainer.actor.sequence_parallel import shard_packed
 from fipo_trainer.actor.token_record import TokenRecorder
 from fipo_trainer.algorithms.aggregation import aggregate_loss, local_denominator
+from fipo_trainer.algorithms.loss_metrics import with_empty_subset_zeros
 from fipo_trainer.algorithms.metrics import mean_metrics, reduce_metrics
 from fipo_trainer.algorithms.policy_loss import compute_policy_terms
 from fipo_trainer.algorithms.sequence_shards import SequenceShards, row_segments
@@ -303,7 +304,8 @@ class PolicyTrainer:
                     recorder.observe(idx, step, terms.token_stats, mask, shards)
                     # Each row's loss tokens over all shards (None: this rank holds them all).
                     row_counts = None if shards is None else shards.sum(terms.loss_mask.sum(-1))
-                    micro = {f"actor/{k}": v for k, v in terms.metrics.items()}
+                    m = with_empty_subset_zeros(terms.metrics) if reference else terms.metrics
+                    micro = {f"actor/{k}": v for k, v in m.items()}
                     if reference:
                         micro_loss = aggregate_loss(
                             terms.loss_mat,

@@ -115,7 +115,7 @@ def reinforce_pp_baseline_advantage(
     _, mean, _ = _group_stats(scores, group_ids)
     tokens = _broadcast(scores.double() - mean, response_mask).double()
     mask = response_mask.to(torch.float64)
-    n = mask.sum()
+    n = mask.sum().clamp(min=1)  # no response token: zeros, not 0/0 = NaN
     mu = (tokens * mask).sum() / n
     var = ((tokens - mu).square() * mask).sum() / (n - 1).clamp(min=1)
     return (((tokens - mu) * torch.rsqrt(var + epsilon)) * mask).to(torch.float32)

@@ -4,6 +4,11 @@ Why vectors: under sequence parallel a rank holds only part of each response, an
 metric must be the one the full rows give. ``sequence_shards.token_values`` collects each
 quantity at every loss token of the full rows (one collective for all of them), and the
 functions here turn those vectors into the reference's metric names.
+
+A metric of an empty token subset (no positive-advantage token, no loss token) is left out:
+it has no value, and a 0.0 stand-in would drag the min and the token-weighted means over
+micro-batches (``metrics.reduce_metrics`` skips a missing key). ``with_empty_subset_zeros``
+puts back the 0.0 that verl 0.5 logs, for ``loss_scale: reference`` (verl's plain mean).
 """
 
 from __future__ import annotations
@@ -17,14 +22,55 @@ def _mean(values: torch.Tensor) -> float:
     return float(values.double().mean()) if values.numel() else 0.0
 
 
-def _min_max(values: torch.Tensor) -> tuple[float, float]:
-    return (float(values.min()), float(values.max())) if values.numel() else (0.0, 0.0)
+NEG_IS_QUANTILES = {"neg_is_p75": 0.75, "neg_is_p995": 0.995, "neg_is_p999": 0.999}
+POS_IS_QUANTILES = {
+    "pos_is_p25": 0.25,
+    "pos_is_median": 0.5,
+    "pos_is_p75": 0.75,
+    "pos_is_p995": 0.995,
+    "pos_is_p999": 0.999,
+}
+# The metrics left out for an empty subset, keyed by a metric their family always reports.
+EMPTY_SUBSET_METRICS: dict[str, tuple[str, ...]] = {
+    "neg_ratio_2_3": ("neg_is_max", *NEG_IS_QUANTILES),
+    "pos_mini_frac": ("pos_is_min", "pos_is_max", *POS_IS_QUANTILES),
+    "influence_weights_mean": (
+        "influence_weights_min",
+        "influence_weights_max",
+        "raw_influence_weights_min",
+        "raw_influence_weights_max",
+    ),
+}
+
+
+def _subset(
+    values: torch.Tensor, min_key: str | None, max_key: str | None, qs: dict[str, float]
+) -> dict[str, float]:
+    """Min, max and quantiles of one token subset; {} when it is empty (no value)."""
+    if values.numel() == 0:
+        return {}
+    out = dict(zip(qs, quantiles(values, list(qs.values())))) if qs else {}
+    if min_key:
+        out[min_key] = float(values.min())
+    if max_key:
+        out[max_key] = float(values.max())
+    return out
+
+
+def with_empty_subset_zeros(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` plus 0.0 for each empty-subset metric its family left out: the value verl
+    0.5 logs there, so that ``loss_scale: reference`` (verl's plain mean) stays verl's."""
+    out = dict(metrics)
+    for family, keys in EMPTY_SUBSET_METRICS.items():
+        if family in metrics:
+            out.update({k: 0.0 for k in keys if k not in metrics})
+    return out
 
 
 def quantiles(values: torch.Tensor, qs: list[float]) -> list[float]:
     """torch.quantile's 'linear' rule via one sort (torch.quantile caps inputs at 2^24)."""
     if values.numel() == 0:
-        return [0.0] * len(qs)
+        raise ValueError("no quantiles of an empty vector (leave the metric out)")
     ordered = torch.sort(values.detach().double().flatten()).values
     out = []
     for q in qs:
@@ -55,38 +101,21 @@ def ratio_tail_metrics(v: dict[str, torch.Tensor], clip_ratio_c: float) -> dict[
         "neg_ratio_4_10": _mean(((ratio >= 4) & (ratio < clip_ratio_c) & neg).float()),
         "pos_mini_frac": _mean(((ratio < 1e-3) & pos).float()),
     }
-    neg_vals, pos_vals = ratio[neg], ratio[pos]
-    n75, n995, n999 = quantiles(neg_vals, [0.75, 0.995, 0.999])
-    metrics.update(
-        neg_is_max=_min_max(neg_vals)[1], neg_is_p75=n75, neg_is_p995=n995, neg_is_p999=n999
-    )
-    p25, p50, p75, p995, p999 = quantiles(pos_vals, [0.25, 0.5, 0.75, 0.995, 0.999])
-    metrics.update(
-        pos_is_min=_min_max(pos_vals)[0],
-        pos_is_p25=p25,
-        pos_is_median=p50,
-        pos_is_p75=p75,
-        pos_is_p995=p995,
-        pos_is_p999=p999,
-        pos_is_max=_min_max(pos_vals)[1],
-    )
+    metrics.update(_subset(ratio[neg], None, "neg_is_max", NEG_IS_QUANTILES))
+    metrics.update(_subset(ratio[pos], "pos_is_min", "pos_is_max", POS_IS_QUANTILES))
     return metrics
 
 
 def influence_metrics(v: dict[str, torch.Tensor], lower: float, upper: float) -> dict[str, float]:
     """FIPO's influence-weight metrics from ``weights`` and ``raw`` token vectors."""
     weights, raw = v["weights"], v["raw"]
-    iw_min, iw_max = _min_max(weights)
-    raw_min, raw_max = _min_max(raw)
     upper_frac = _mean((weights >= upper - 1e-7).float())
     lower_frac = _mean((weights <= lower + 1e-7).float())
     return {
         "influence_weights_mean": _mean(weights),
-        "influence_weights_min": iw_min,
-        "influence_weights_max": iw_max,
+        **_subset(weights, "influence_weights_min", "influence_weights_max", {}),
         "influence_weights_mean_raw": _mean(raw),
-        "raw_influence_weights_min": raw_min,
-        "raw_influence_weights_max": raw_max,
+        **_subset(raw, "raw_influence_weights_min", "raw_influence_weights_max", {}),
         "IW_upper_clip_ratio": upper_frac,
         "IW_lower_clip_ratio": lower_frac,
         "IW_overall_clip_ratio": upper_frac + lower_frac,

@@ -54,6 +54,15 @@ def test_reinforce_pp_baseline_is_whitened():
     assert torch.all(adv[mask == 0] == 0)
 
 
+@pytest.mark.parametrize("name", ["grpo", "rloo", "reinforce_plus_plus_baseline"])
+def test_no_response_tokens_give_zero_advantages(name):
+    """A batch whose responses are all empty: finite zeros, not NaN from 0/0."""
+    adv = compute_advantage(
+        name, torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.zeros(4, 3), [0, 0, 1, 1]
+    )
+    assert torch.equal(adv, torch.zeros(4, 3))
+
+
 def test_advantage_errors():
     with pytest.raises(ValueError, match="unknown advantage estimator 'gae'"):
         compute_advantage("gae", torch.zeros(2), torch.ones(2, 1), [0, 0])
