@@ -128,8 +128,10 @@ def compute_score(response: str, ground_truth: str, *, score_format: str = "pm1"
     """Grade one response with math-verify.
 
     Returns ``{"score", "acc", "pred"}``; score is +1/-1 (``score_format="pm1"``) or 1/0
-    (``"binary"``); ``pred`` is the extracted answer text (first 1000 characters), ``"[INVALID]"``
-    when there is none. Answers nesting braces more than 64 deep are wrong without parsing.
+    (``"binary"``); ``pred`` is the parsed answer in sympy's form (``\\frac{1}{2}``, ``1/2`` and
+    ``0.5`` are all ``1/2``, so cons@k votes by value, as DAPO's normalised ``pred`` does), else
+    the extracted text (first 1000 characters), ``"[INVALID]"`` when there is none. Answers
+    nesting braces more than 64 deep are wrong without parsing.
     """
     if score_format not in SCORE_FORMATS:
         raise ValueError(f"score_format={score_format!r}; use one of {list(SCORE_FORMATS)}")
@@ -143,4 +145,6 @@ def compute_score(response: str, ground_truth: str, *, score_format: str = "pm1"
     parsed = _parse_answer(answer)
     gold = _parse_gold(str(ground_truth))
     correct = bool(parsed) and bool(gold) and verify(list(gold), parsed, timeout_seconds=None)
+    if parsed:
+        pred = str(parsed[0])[:_MAX_PRED_CHARS]
     return {"score": right if correct else wrong, "acc": correct, "pred": pred}

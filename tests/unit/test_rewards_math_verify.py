@@ -37,8 +37,8 @@ def test_equivalent_answers_are_accepted(response: str, ground_truth: str) -> No
     ("response", "ground_truth", "pred"),
     [
         ("\\boxed{4}", "5", "4"),
-        ("Answer: 3, 4", "3", "3, 4"),
-        ("Answer: 0.5", "\\frac{1}{3}", "0.5"),
+        ("Answer: 3, 4", "3", "{3, 4}"),  # the parsed value, in sympy's form
+        ("Answer: 0.5", "\\frac{1}{3}", "1/2"),
         ("no final answer", "5", "[INVALID]"),
         ("", "5", "[INVALID]"),
         ("\\boxed{5", "5", "[INVALID]"),  # cut off inside the box
@@ -47,6 +47,18 @@ def test_equivalent_answers_are_accepted(response: str, ground_truth: str) -> No
 )
 def test_wrong_or_missing_answers_are_rejected(response: str, ground_truth: str, pred: str) -> None:
     assert compute_score(response, ground_truth) == {"score": -1.0, "acc": False, "pred": pred}
+
+
+def test_cons_at_k_votes_by_value_not_by_spelling() -> None:
+    """Three spellings of 1/2 outvote two 3s: by the answer text, the 3s won and cons@5 read
+    0 with three of five responses right."""
+    from fipo_trainer.trainer.validation_metrics import majority_vote
+
+    answers = ["3", "3", "1/2", "\\frac{1}{2}", "0.5"]
+    graded = [compute_score(f"Answer: {a}", "\\frac{1}{2}") for a in answers]
+    assert [g["acc"] for g in graded] == [False, False, True, True, True]
+    winner, correct = majority_vote([g["pred"] for g in graded], [g["acc"] for g in graded])
+    assert (winner, correct) == ("1/2", True)
 
 
 @pytest.mark.parametrize(
