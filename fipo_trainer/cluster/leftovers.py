@@ -32,7 +32,7 @@ RECORD_NAME = "ray_session.json"
 # boot: when the wall clock is slewed the boot time can tick over by one between two reads, so
 # the same process reads 1.0 s apart (a flaky CI failure, 2026-12-03). More than that is a
 # different process.
-_START_TIME_SLACK_S = 2.5
+START_TIME_SLACK_S = 2.5
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class ProcessEntry:
         """The process if it still runs (same pid *and* start time), else None."""
         try:
             proc = psutil.Process(self.pid)
-            same = abs(proc.create_time() - self.create_time) < _START_TIME_SLACK_S
+            same = abs(proc.create_time() - self.create_time) < START_TIME_SLACK_S
             return proc if same and proc.status() != psutil.STATUS_ZOMBIE else None
         except psutil.Error:
             return None

@@ -22,6 +22,8 @@ from typing import Any
 
 import psutil
 
+from fipo_trainer.cluster.leftovers import START_TIME_SLACK_S  # psutil's 1.0 s jitter
+
 logger = logging.getLogger(__name__)
 
 #: How long killed workers get to exit on their own before the driver SIGKILLs them.
@@ -55,7 +57,7 @@ class LocalProcess:
         try:
             proc = psutil.Process(self.pid)
             return (
-                abs(proc.create_time() - self.create_time) < 1.0
+                abs(proc.create_time() - self.create_time) < START_TIME_SLACK_S
                 and proc.status() != psutil.STATUS_ZOMBIE
                 and " ".join(proc.cmdline()).startswith(self.title)
             )

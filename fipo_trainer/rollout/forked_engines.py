@@ -151,6 +151,7 @@ class ForkedEngines:
         gc.collect()
         gc.freeze()
         self._children: list[tuple[Any, Connection]] = []
+        self._broken: str | None = None  # why calls are refused: a child died mid-exchange
         for _ in range(count - 1):
             mine, theirs = ctx.Pipe()
             parent_ends = [mine, *(c for _, c in self._children)]
@@ -162,7 +163,7 @@ class ForkedEngines:
             gc.unfreeze()
         try:
             self._local = build()
-            self._answers("start")
+            self._answers("start", timeout_s=CHILD_TIMEOUT_S)
         except BaseException:
             self._stop_children()
             raise
@@ -195,28 +196,45 @@ class ForkedEngines:
 
     # --- talking to the children -----------------------------------------------------
     def _ask(self, op: str, args: Any = None, children: Iterable[int] | None = None) -> None:
+        """Send ``op`` to the children. A child gone before it was asked breaks the engines
+        for good: the children asked before it hold answers no later call may read."""
+        if self._broken:
+            raise RuntimeError(self._broken)
         for i in range(len(self._children)) if children is None else children:
-            _send(self._children[i][1], (op, args))
+            try:
+                _send(self._children[i][1], (op, args))
+            except OSError as exc:
+                self._broken = self._died(i, op) + "; this worker's engines take no more calls"
+                raise RuntimeError(self._broken) from exc
 
-    def _answer(self, i: int, what: str) -> Any:
+    def _died(self, i: int, what: str) -> str:
+        proc = self._children[i][0]
+        return (f"forked engine {i + 1} (pid {proc.pid}) died during {what} (exit code "
+                f"{proc.exitcode}); see the rollout worker's log")  # fmt: skip
+
+    def _answer(self, i: int, what: str, timeout_s: float | None = None) -> Any:
         proc, conn = self._children[i]
         try:
+            if timeout_s is not None and not conn.poll(timeout_s):
+                raise RuntimeError(
+                    f"forked engine {i + 1} (pid {proc.pid}) did not answer {what} within "
+                    f"{timeout_s:.0f} s (forked_engines.CHILD_TIMEOUT_S)"
+                )
             status, value = _recv(conn)
         except (EOFError, OSError) as exc:
-            raise RuntimeError(
-                f"forked engine {i + 1} (pid {proc.pid}) died during {what} "
-                f"(exit code {proc.exitcode}); see the rollout worker's log"
-            ) from exc
+            raise RuntimeError(self._died(i, what)) from exc
         if status == "error":
             raise RuntimeError(f"forked engine {i + 1} (pid {proc.pid}) failed {what}:\n{value}")
         return value
 
-    def _answers(self, what: str, children: Iterable[int] | None = None) -> list[Any]:
+    def _answers(
+        self, what: str, children: Iterable[int] | None = None, timeout_s: float | None = None
+    ) -> list[Any]:
         """Every asked child's answer; the first failure is raised after all answered."""
         answers, errors = [], []
         for i in range(len(self._children)) if children is None else children:
             try:
-                answers.append(self._answer(i, what))
+                answers.append(self._answer(i, what, timeout_s))
             except RuntimeError as exc:
                 errors.append(exc)
         if errors:

@@ -72,6 +72,42 @@ def test_a_dead_child_is_named_and_a_bad_prompt_carries_its_trace(model):
         engines.shutdown()
 
 
+def test_a_child_gone_before_a_call_breaks_the_engines_for_good(model):
+    """Killed between calls, child 2's pipe refused the next call's request after child 1
+    had its shard: a bare BrokenPipeError, and a later call on fewer engines got child 1's
+    stale answer (another call's responses). Now the call names child 2 and every later
+    call is refused."""
+    engines = ForkedEngines(lambda: HFEngine(model, CONFIG), 3)
+    try:
+        child = engines.child_pids()[1]
+        os.kill(child, signal.SIGKILL)
+        time.sleep(0.5)  # its end of the pipe closes
+        with pytest.raises(RuntimeError, match=r"forked engine 2 .* died during generate"):
+            engines.generate([[5, 6], [7, 8], [9, 10]], SAMPLING)
+        engines.use(2)
+        with pytest.raises(RuntimeError, match="take no more calls"):
+            engines.generate([[5, 6], [7, 8]], SAMPLING)
+    finally:
+        engines.shutdown()
+
+
+def test_a_child_that_hangs_while_building_is_named(model, monkeypatch):
+    """It used to block the worker's start until the driver's start-up timeout, whose
+    message blamed the worker's ``__init__``."""
+    from fipo_trainer.rollout import forked_engines
+
+    parent = os.getpid()
+
+    def build():
+        if os.getpid() != parent:
+            time.sleep(60)
+        return HFEngine(model, CONFIG)
+
+    monkeypatch.setattr(forked_engines, "CHILD_TIMEOUT_S", 1.0)
+    with pytest.raises(RuntimeError, match=r"forked engine 1 .* did not answer start within 1 s"):
+        ForkedEngines(build, 2)
+
+
 class _TimedEngine(HFEngine):
     """An HF engine that takes ``HOLD_S`` to load weights and to stop, and writes when it
     did each into ``log`` (one line per event, from whichever process it runs in)."""

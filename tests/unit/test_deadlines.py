@@ -355,6 +355,8 @@ def test_reap_kills_a_stopped_worker_process_but_only_that_process():
         started = psutil_create_time(child.pid)
         title = sys.executable
         assert LocalProcess(child.pid, started, title).running()
+        # psutil can read one process's start 1.0 s apart (a slewed clock): still that process
+        assert LocalProcess(child.pid, started - 1.0, title).running()
         # a reused pid (other start time) or another program (other title) is left alone
         assert not LocalProcess(other.pid, started - 100, title).running()
         assert not LocalProcess(other.pid, psutil_create_time(other.pid), "ray::X").running()
