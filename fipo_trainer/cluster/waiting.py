@@ -254,3 +254,37 @@ def wait_labelled(
             f"while waiting {time.monotonic() - start:.0f}s for {describe(names)} in {what}"
         ) from None
     return [results[r] for r in order]
+
+
+def next_ready_stream(
+    streams: dict[Any, str], others: list[tuple[str, Any]], start: float, deadline: Deadline
+) -> Any:
+    """The first of ``streams`` ({generator: label}) with a part (or its end) ready; polled,
+    so Ctrl-C and the deadline are seen within a second; both name the engines still
+    generating. ``others`` (label, ref) are the TP ranks > 0 of those engines: one that
+    fails is raised at once, naming it (rank 0 would wait in the engine's collectives until
+    the deadline, then be blamed); one that ends is dropped from the list."""
+    import ray
+
+    names = list(streams.values())
+    try:
+        while True:
+            if others:  # before each part too: rank 0 may go on streaming for a while
+                refs = [ref for _, ref in others]
+                done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                ended = [pair for pair in others if pair[1] in done]
+                wait_labelled(ended, what="generate_batch")  # raises if one of them failed
+                others[:] = [pair for pair in others if pair[1] not in done]
+            ready, _ = ray.wait(list(streams), num_returns=1, timeout=POLL_S)
+            if ready:
+                return ready[0]
+            elapsed = time.monotonic() - start
+            if deadline.seconds is not None and elapsed >= deadline.seconds:
+                raise timeout_error(names, "generate_stream", elapsed_s=elapsed,
+                                    timeout_s=float(deadline.seconds), key=deadline.key,
+                                    note=deadline.note)  # fmt: skip
+    except KeyboardInterrupt:
+        raise WaitInterrupted(
+            f"while waiting {time.monotonic() - start:.0f}s for {describe(names)} in "
+            "generate_stream"
+        ) from None

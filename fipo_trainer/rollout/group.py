@@ -24,17 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 
 from fipo_trainer.cluster.resource_pool import ResourcePool, RolePlacement
-from fipo_trainer.cluster.waiting import (
-    POLL_S,
-    WaitInterrupted,
-    describe,
-    timeout_error,
-    wait_labelled,
-)
+from fipo_trainer.cluster.waiting import next_ready_stream, wait_labelled
 from fipo_trainer.cluster.worker_group import Deadline, WorkerGroup
 from fipo_trainer.data.batch import Batch
 from fipo_trainer.rollout.assemble import expand_prompt_fields, generate_inputs, prompt_token_lists
@@ -292,7 +285,8 @@ class RolloutGroup:
                                            ranks=range(e * k + 1, e * k + k), **kwargs)  # fmt: skip
         start = time.monotonic()
         while streams:
-            gen = self._next_ready(streams, start, deadline)
+            labels = {gen: self._workers.label(e * k) for gen, e in streams.items()}
+            gen = next_ready_stream(labels, others, start, deadline)
             e = streams[gen]
             try:
                 ref = next(gen)
@@ -308,25 +302,7 @@ class RolloutGroup:
             wait_labelled(others, what="generate_batch", timeout_s=deadline.seconds,
                           timeout_key=deadline.key)  # fmt: skip
 
-    def _next_ready(self, streams: dict, start: float, deadline: Deadline) -> Any:
-        """The first stream with a part (or its end) ready; polled, so Ctrl-C and the
-        deadline are seen within a second; both name the engines still generating."""
-        names = [self._workers.label(e * self.tp) for e in streams.values()]
-        try:
-            while True:
-                ready, _ = ray.wait(list(streams), num_returns=1, timeout=POLL_S)
-                if ready:
-                    return ready[0]
-                elapsed = time.monotonic() - start
-                if deadline.seconds is not None and elapsed >= deadline.seconds:
-                    raise timeout_error(names, "generate_stream", elapsed_s=elapsed,
-                                        timeout_s=float(deadline.seconds), key=deadline.key,
-                                        note=deadline.note)  # fmt: skip
-        except KeyboardInterrupt:
-            raise WaitInterrupted(
-                f"while waiting {time.monotonic() - start:.0f}s for {describe(names)} in "
-                "generate_stream"
-            ) from None
+
 
     def generate_partial(
         self,
