@@ -169,6 +169,17 @@ def _latest_in(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def find_checkpoint(path: Path) -> Path | None:
+    """``path`` if it is a complete checkpoint, else the latest in it (a run directory or its
+    checkpoints directory): what ``trainer.resume=<path>`` resumes from."""
+    if _is_candidate(path):
+        return path
+    if not path.is_dir():
+        return None
+    root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
+    return next(iter(_candidates_in(root)), None)
+
+
 class CheckpointManager:
     """Saves, lists, prunes and finds checkpoints under ``run_dir/checkpoints``.
 
@@ -308,21 +319,16 @@ class CheckpointManager:
                 )
             return None
         if not text:
-            raise ValueError("trainer.resume is empty; use auto, disable or a checkpoint path")
+            raise CheckpointInvalid("trainer.resume is empty; use auto, disable or a checkpoint path")
         path = Path(text).expanduser()
         if not path.exists():
-            raise ValueError(
+            raise CheckpointInvalid(
                 f"trainer.resume={text!r}: {path} does not exist; set trainer.resume to auto, "
                 "disable or an existing checkpoints/global_step_N directory"
             )
-        found = None
-        if _is_candidate(path):
-            found = path
-        elif path.is_dir():  # a run dir or a checkpoints dir: take its latest
-            root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
-            found = next(iter(_candidates_in(root)), None)
+        found = find_checkpoint(path)
         if found is None:
-            raise ValueError(
+            raise CheckpointInvalid(
                 f"trainer.resume={text!r}: {path} is not a complete checkpoint (a global_step_N "
                 f"directory with {STATE_FILE}) and holds none; point trainer.resume at one, or "
                 "use auto"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fipo_trainer.trainer.checkpoint import POINTER_FILE, STATE_FILE, CheckpointManager, step_of
-from fipo_trainer.trainer.checkpoint_manifest import STATE_FORMAT
+from fipo_trainer.trainer.checkpoint_manifest import STATE_FORMAT, CheckpointInvalid
 
 
 def _writer(payload: str = "weights"):
@@ -144,10 +144,11 @@ def test_resolve_resume_modes(tmp_path):
     # a pointer naming a missing checkpoint falls back to the newest complete one
     (mgr.root / POINTER_FILE).write_text("8\n")
     assert mgr.resolve_resume("auto") == mgr.root / "global_step_6"
-    with pytest.raises(ValueError, match=r"trainer\.resume.*does not exist"):
+    # CheckpointInvalid: the CLI prints it as one line (a ValueError was a traceback)
+    with pytest.raises(CheckpointInvalid, match=r"trainer\.resume.*does not exist"):
         mgr.resolve_resume(str(tmp_path / "missing" / "global_step_3"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointInvalid, match="not a complete checkpoint"):
         mgr.resolve_resume(str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError):
         mgr.load_trainer_state(tmp_path / "empty")

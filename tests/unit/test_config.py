@@ -219,6 +219,16 @@ def test_unknown_builtin_dataset_and_empty_train_files():
         quick("data.val_files=[builtin:chess]")
     )
     assert "data.train_files is empty" in errors_of(quick("data.train_files=[]"))
+    # every run builds its validation set: empty, it failed after Ray and every role started
+    assert "data.val_files is empty" in errors_of(
+        quick("data.val_files=[]", "trainer.test_freq=0", "trainer.val_before_train=false")
+    )
+
+
+def test_a_tiny_model_size_its_builder_refuses_is_a_config_error():
+    assert "model.tiny.hidden_size must be a multiple of 32" in errors_of(
+        quick("model.tiny.hidden_size=48")
+    )
 
 
 def test_missing_model_directory_and_resume_path(tmp_path):
@@ -226,6 +236,9 @@ def test_missing_model_directory_and_resume_path(tmp_path):
     msg = errors_of(cfg, check_files=True)
     assert "model.path: directory" in msg
     assert "trainer.resume (a checkpoint): directory '/no/ckpt'" in msg
+    (tmp_path / "not_a_checkpoint").mkdir()  # training refused it with a traceback
+    msg = errors_of(quick(f"trainer.resume={tmp_path / 'not_a_checkpoint'}"), check_files=True)
+    assert "is not a complete checkpoint (a global_step_N directory with trainer_state.pt)" in msg
 
 
 def test_empty_model_path_without_tiny_model():

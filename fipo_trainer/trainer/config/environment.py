@@ -58,6 +58,16 @@ def check_files(cfg: TrainConfig, r: Report) -> None:
         _check_path(r, "model.tokenizer_path", cfg.model.tokenizer_path)
     if cfg.trainer.resume not in ("auto", "disable", ""):
         _check_path(r, "trainer.resume (a checkpoint)", cfg.trainer.resume, directory=True)
+        resume = Path(cfg.trainer.resume).expanduser()
+        if resume.is_dir():
+            from fipo_trainer.trainer.checkpoint import STATE_FILE, find_checkpoint
+
+            if find_checkpoint(resume) is None:
+                r.error(
+                    f"trainer.resume={cfg.trainer.resume!r} is not a complete checkpoint (a "
+                    f"global_step_N directory with {STATE_FILE}) and holds none: point it at "
+                    "one, or use auto"
+                )
     if cfg.reward.custom_function:
         _check_path(r, "reward.custom_function", str(cfg.reward.custom_function).rsplit(":", 1)[0])
 

@@ -91,11 +91,12 @@ class TrainDataConfig:
         ):
             if getattr(self, key) < 1:
                 errors.append(f"data.{key} must be >= 1, got {getattr(self, key)}")
-        if not self.train_files:
-            errors.append(
-                "data.train_files is empty: list parquet/jsonl files (verl schema) or "
-                "'builtin:arithmetic'"
-            )
+        for key in ("train_files", "val_files"):  # a run validates, and checks the val set
+            if not getattr(self, key):
+                errors.append(
+                    f"data.{key} is empty: list parquet/jsonl files (verl schema) or "
+                    "'builtin:arithmetic'"
+                )
         for key in ("train_files", "val_files"):
             for name in getattr(self, key):
                 builtin = str(name)[len(BUILTIN_PREFIX) :]

