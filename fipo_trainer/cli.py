@@ -62,10 +62,10 @@ def compose_config(overrides: Sequence[str] = (), *, directory: str | Path | Non
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
     import fipo_trainer.trainer.config  # noqa: F401 - registers the schema
+    from fipo_trainer.trainer.config import overrides as ov
     from fipo_trainer.trainer.config.errors import ConfigError
-    from fipo_trainer.trainer.config.overrides import open_overrides, override_key
 
-    remaining, unknown = open_overrides(overrides), []
+    remaining, unknown = ov.open_overrides(overrides), []
     with initialize_config_dir(str(directory or config_dir()), version_base=None):
         while True:
             try:
@@ -74,14 +74,13 @@ def compose_config(overrides: Sequence[str] = (), *, directory: str | Path | Non
             except OverrideParseException as err:
                 raise ConfigError(unreadable_override_message(err.override, err.message)) from None
             except ConfigCompositionException as err:
-                match = _UNKNOWN_OVERRIDE.search(str(err))
-                key = match.group(1) if match else None
-                kept = [o for o in remaining if override_key(o) != key]
+                key = m.group(1) if (m := _UNKNOWN_OVERRIDE.search(str(err))) else None
+                kept = [o for o in remaining if ov.override_key(o) != key]
                 if key is None and (bad := _BAD_VALUE.match(str(err))) and err.__cause__:
                     why = str(err.__cause__).splitlines()[0]  # the schema's type, not a trace
                     raise ConfigError(f"cannot set {bad.group(1)}: {why}") from None
-                if key is None or len(kept) == len(remaining):
-                    raise
+                if key is None or len(kept) == len(remaining):  # a group's option, a=b,c
+                    raise ConfigError(ov.composition_message(str(err))) from None
                 unknown.append(key)
                 remaining = kept
     if unknown:
@@ -139,11 +138,11 @@ def unknown_key_message(key: str, keys: Sequence[str]) -> str:
     verl's names (``actor_rollout_ref.actor.optim.lr``) are answered with this config's."""
     import difflib
 
-    from fipo_trainer.trainer.config.overrides import from_verl
+    from fipo_trainer.trainer.config.overrides import from_verl, verl_message
 
+    if message := verl_message(key, keys):
+        return message
     ours = from_verl(key)
-    if ours in keys:
-        return f"unknown config key {key} (verl's name); here it is {ours}"
     scored = [(difflib.SequenceMatcher(None, ours or key, k).ratio(), k) for k in keys]
     best = max((score for score, _ in scored), default=0.0)
     # The nearest keys only: "actor.lrr" means actor.lr, not every key that shares "actor.".

@@ -279,12 +279,14 @@ def cluster_shortfall(
             f"the Ray cluster has {have_gpus:g} GPUs on {alive_nodes} node(s) but "
             f"resources.nnodes x resources.gpus_per_node = {nnodes} x {gpus_per_node} = "
             f"{need_gpus} GPUs are asked for: join the missing nodes (scripts/ray_cluster.sh "
-            "start-worker) or lower resources.nnodes / resources.gpus_per_node"
+            f"worker HEAD_ADDR --num-gpus {gpus_per_node} on each) or lower resources.nnodes / "
+            "resources.gpus_per_node"
         )
     if alive_nodes < nnodes:
         return (
             f"the Ray cluster has {alive_nodes} node(s) but resources.nnodes={nnodes}: join the "
-            "missing nodes (scripts/ray_cluster.sh start-worker) or lower resources.nnodes"
+            "missing nodes (scripts/ray_cluster.sh worker HEAD_ADDR on each) or lower "
+            "resources.nnodes"
         )
     return None
 

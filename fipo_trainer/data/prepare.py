@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fipo-data``; returns the exit status."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.command == "prepare":
         paths = {name: getattr(args, name.replace("-", "_")) for name in DATASETS}
         try:
@@ -302,25 +303,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "arithmetic":
         from fipo_trainer.data.synthetic import ArithmeticTask, make_rows, write_rows
 
-        task = ArithmeticTask(digits=args.digits)
+        try:
+            task = ArithmeticTask(digits=args.digits)
+        except ValueError as e:  # a usage error: argparse's one line, not a traceback
+            parser.error(f"--digits: {e}")
         for split, count in (("train", args.num_train), ("val", args.num_val)):
             rows = make_rows(count, seed=args.seed, task=task, split=split)
             path = write_rows(rows, Path(args.out_dir) / f"{split}.{args.format}")
             print(f"{split}: {len(rows)} rows -> {path}")
         return 0
-    from fipo_trainer.data.tiny_model import build_tiny_model
+    from fipo_trainer.data.tiny_model import TinyModelSettings, build_tiny_model
 
-    print(
-        build_tiny_model(
-            args.out_dir,
-            hidden_size=args.hidden_size,
-            num_layers=args.num_layers,
-            warm_start_steps=args.warm_start_steps,
-            task_digits=args.digits,
-            seed=args.seed,
-        )
-    )
+    settings = {
+        "hidden_size": args.hidden_size,
+        "num_layers": args.num_layers,
+        "warm_start_steps": args.warm_start_steps,
+        "task_digits": args.digits,
+        "seed": args.seed,
+    }
+    try:  # checked before the build starts: a bad flag is argparse's one line
+        TinyModelSettings(**settings).validate()
+    except ValueError as e:
+        flag = next((f for name, f in _TINY_FLAGS if name in str(e)), "tiny-model")
+        parser.error(f"{flag}: {e}")
+    print(build_tiny_model(args.out_dir, **settings))
     return 0
+
+
+# The setting each `TinyModelSettings.validate` message names, and the flag that sets it.
+_TINY_FLAGS = (
+    ("warm_start_steps", "--warm-start-steps"),
+    ("num_layers", "--num-layers"),
+    ("hidden_size", "--hidden-size"),
+    ("digits", "--digits"),
+)
 
 
 if __name__ == "__main__":

@@ -131,3 +131,41 @@ def test_home_relative_paths_are_expanded_once_for_the_whole_run(tmp_path, monke
     assert cfg.data.val_files == [str(tmp_path / "val.parquet")]
     assert cfg.model.path == cfg.actor.model_path == str(tmp_path / "m")
     assert cfg.data.train_files == ["builtin:arithmetic"]  # not a path: as it was
+
+
+@pytest.mark.parametrize(
+    "override, opened",
+    [
+        ("data.val_files=A.parquet,B.parquet", "data.val_files=['A.parquet'],['B.parquet']"),
+        ("trainer.loggers=console,'wandb'", "trainer.loggers=['console'],['wandb']"),
+        ("data.train_files=/d/it's.parquet,/e", "data.train_files=['/d/it\\'s.parquet'],['/e']"),
+        # an explicit list, Hydra's sweep functions, a quote spanning a comma: untouched
+        ("data.val_files=[a,b]", "data.val_files=[a,b]"),
+        ("data.val_files=[a],[b]", "data.val_files=[a],[b]"),
+        ("data.val_files=choice([a],[b])", "data.val_files=choice([a],[b])"),
+        ("trainer.loggers='a,b',c", "trainer.loggers='a,b',c"),
+        ("data.val_files=a,${x}", "data.val_files=a,${x}"),
+        ("trainer.seed=1,2", "trainer.seed=1,2"),
+    ],
+)
+def test_a_multirun_sweep_of_a_list_key_sweeps_one_element_lists(override, opened):
+    """``-m data.val_files=A,B``: the pre-flight check passed each job ``['A']`` while Hydra's
+    own job got the bare ``A`` and failed its merge; now both read the same lists."""
+    assert open_overrides(["-m", override]) == ["-m", opened]
+    if override.startswith("data.val_files=A"):
+        assert open_overrides([override]) == [override]  # no -m: Hydra's "ambiguous" stands
+
+
+def test_each_job_of_a_list_key_sweep_is_a_list():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from fipo_trainer.trainer.sweep import expand_sweep
+
+    _, opened = open_overrides(["--multirun", "data.val_files=A.parquet,/d/B.parquet"])
+    (parsed,) = OverridesParser.create().parse_overrides([opened])
+    values = list(parsed.sweep_iterator())  # one list per job, of Hydra's QuotedString
+    assert [[getattr(v, "text", v) for v in job] for job in values] == [["A.parquet"], ["/d/B.parquet"]]
+    jobs = expand_sweep([opened])
+    assert [list(compose_config(job).data.val_files) for job in jobs] == [
+        ["A.parquet"], ["/d/B.parquet"]
+    ]

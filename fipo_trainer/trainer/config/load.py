@@ -29,10 +29,8 @@ _PREFIXES = {"policy_loss.": "actor.policy_loss."}
 def _plain(cfg: DictConfig | Mapping[str, Any] | TrainConfig) -> dict[str, Any]:
     if isinstance(cfg, TrainConfig):
         values: Any = dataclasses.asdict(cfg)
-    elif isinstance(cfg, DictConfig):
-        values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     else:
-        values = OmegaConf.to_container(OmegaConf.create(dict(cfg)), resolve=True)
+        values = _resolved(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg)))
     assert isinstance(values, dict)
     values.pop("hydra", None)
     # A hand-written mapping may omit the derived keys: fill them like the YAML tree does.
@@ -41,6 +39,20 @@ def _plain(cfg: DictConfig | Mapping[str, Any] | TrainConfig) -> dict[str, Any]:
     )
     values.setdefault("rollout", {}).setdefault("max_tokens", response)
     return values
+
+
+def _resolved(cfg: DictConfig) -> Any:
+    """The tree with every ``${...}`` resolved; an unresolvable or ``???`` value is a
+    `ConfigError` naming its key (OmegaConf's own error is a traceback without the fix)."""
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        raise ConfigError([f"{err.full_key} has no value (???): set {err.full_key}=..."]) from None
+    except OmegaConfBaseException as err:
+        why = str(err.msg or err).splitlines()[0]
+        raise ConfigError([f"cannot resolve {err.full_key or 'the config'}: {why}"]) from None
 
 
 def _to_object(values: dict[str, Any]) -> TrainConfig:
