@@ -45,6 +45,7 @@ from fipo_trainer.trainer.step_metrics import timed
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class MadeBatch:
     """One step's batch as the producer left it (``batch`` None: no whole mini-batch)."""
@@ -167,7 +168,7 @@ class BatchSource:
         minutes of every GPU)."""
         if self._next_step is None:
             self._next_step = first_step
-        self._prompts_made = self._prompts_state()
+        self._prompts_made = self.sampler.prompts.state_dict()
         if self.mode != "off":
             self._thread = threading.Thread(
                 target=self._produce, name="batch-producer", daemon=True
@@ -228,10 +229,7 @@ class BatchSource:
                                "%d before it", item, len(ahead))  # fmt: skip
                 break
             ahead.append(made_to_plain(item))
-        state = {"ahead": ahead, "version": self.version, "prompts": self._prompts_made}
-        if self._thread is None:  # made on demand: nothing drawn past the last batch
-            state["prompts"] = self._prompts_state()
-        return state
+        return {"ahead": ahead, "version": self.version, "prompts": self._prompts_made}
 
     def resume(self) -> None:
         """Let the producer go on after ``state_dict``."""
@@ -252,12 +250,8 @@ class BatchSource:
         timings: dict[str, float] = {}
         batch, metrics = self.sampler.collect(step, timings)
         epoch = float(self.sampler.prompts.epoch)
-        self._prompts_made = self._prompts_state()
+        self._prompts_made = self.sampler.prompts.state_dict()
         return MadeBatch(step, batch, metrics, timings, self.sampler.last_rollouts, epoch)
-
-    def _prompts_state(self) -> dict[str, Any] | None:
-        state_dict = getattr(self.sampler.prompts, "state_dict", None)
-        return None if state_dict is None else state_dict()
 
     def _take(self) -> MadeBatch:
         while True:

@@ -38,7 +38,7 @@ class VersionSampler:
 
     def __init__(self, source_ref: list, gen_s: float = 0.0) -> None:
         self.source_ref, self.gen_s = source_ref, gen_s
-        self.prompts = SimpleNamespace(epoch=0)
+        self.prompts = SimpleNamespace(epoch=0, state_dict=dict)
         self.last_rollouts = None
         self.made: list[tuple[int, int]] = []
         self.turn = None

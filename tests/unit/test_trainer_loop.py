@@ -174,6 +174,9 @@ class FakePrompts:
         self.drawn += size
         return Batch(non_tensors={"uid": [f"{uid_prefix}-{i}" for i in range(size)]})
 
+    def state_dict(self):
+        return {"drawn": self.drawn}
+
 
 class FakeActor:
     def __init__(self, log):
