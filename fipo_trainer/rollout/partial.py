@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 from fipo_trainer.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutOutput
-from fipo_trainer.rollout.config import SamplingConfig
+from fipo_trainer.rollout.config import SEED_MODULUS, SamplingConfig
 
 Generate = Callable[[list[list[int]], SamplingConfig], list[RolloutOutput]]
 
@@ -30,23 +30,32 @@ class _Response:
     finish: str | None = None
 
 
-def segment_seed(seed: int | None, segment: int) -> int | None:
-    """Segment 0 keeps the call's seed (it equals an uncut call's first tokens); later
-    segments get their own streams."""
+def segment_seed(seed: int | None, segment: int, responses: int) -> int | None:
+    """Segment 0 keeps the call's seed (it equals an uncut call's first tokens); segment s
+    takes the s-th block of ``responses`` seeds after it (a later segment seeds each unfinished
+    response on its own), inside the block the trainer keeps for the call
+    (``trainer.sampling.call_seeds``), so no two segments or calls share a stream."""
     if seed is None or segment == 0:
         return seed
-    return (seed * 31 + segment * 1_000_003) % (2**31 - 1)
+    return (seed + segment * responses) % SEED_MODULUS
 
 
 class PartialRollout:
     """The responses of one cut generation; :meth:`advance` runs one segment."""
 
     def __init__(
-        self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, segment_tokens: int
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        segment_tokens: int,
+        call_responses: int | None = None,
     ) -> None:
+        """``call_responses``: the responses of the whole call this is a shard of (default:
+        this one's), the stride between segments' seeds, so shards' segments stay apart."""
         if segment_tokens < 1:
             raise ValueError(f"segment_tokens must be >= 1, got {segment_tokens}")
         self.prompts = [list(map(int, p)) for p in prompts]
+        self.call_responses = call_responses or len(self.prompts) * sampling.n
         self.sampling = sampling
         self.segment_tokens = segment_tokens
         self.segment = 0
@@ -61,7 +70,7 @@ class PartialRollout:
         engine's); its tokens are stamped ``version``. Returns the tokens generated."""
         s = self.sampling
         step = min(self.segment_tokens, s.max_tokens - self.segment * self.segment_tokens)
-        seed = segment_seed(s.seed, self.segment)
+        seed = segment_seed(s.seed, self.segment, self.call_responses)
         if self.segment == 0:
             pending = None
             outputs = generate(self.prompts, dataclasses.replace(s, max_tokens=step, seed=seed))

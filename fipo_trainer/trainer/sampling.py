@@ -21,6 +21,7 @@ import numpy as np
 
 from fipo_trainer.data.batch import Batch
 from fipo_trainer.rewards.pool import GradeItems
+from fipo_trainer.rollout.config import SEED_MODULUS
 from fipo_trainer.rollout.engine_spread import EngineSpread
 from fipo_trainer.rollout.group import merge_rollout_metrics
 from fipo_trainer.trainer.reward_health import RewardFailuresExceeded, RewardHealth
@@ -39,9 +40,29 @@ class TrainingStopped(RuntimeError):
     the grader failing most items for trainer.max_failed_reward_steps rounds in a row)."""
 
 
-def step_seed(base: int, step: int, round_: int) -> int:
-    """A sampling seed that depends only on (run seed, step, generation round)."""
-    return (base * 1_000_003 + step * 1_009 + round_ * 7_919) % (2**31 - 1)
+def step_seed(base: int, step: int, round_: int, *, call_seeds: int, rounds: int) -> int:
+    """The first seed of the training call (``step``, ``round_``), from the run seed only.
+
+    A call seeds its requests ``seed, seed + 1, ...``: ``call_seeds`` of them (prompts x n,
+    x segments with partial rollout). Why blocks: seeds spaced by fixed primes overlapped
+    once a call used more seeds than the spacing, so different calls' prompts shared random
+    streams and their samples were correlated. Now the calls of a run take disjoint blocks
+    in (step, round) order, ``rounds`` (the most a step can have) per step, from an origin
+    hashed from the run seed (runs with different seeds start far apart). Blocks repeat only
+    after ``SEED_MODULUS / call_seeds`` calls (262,143 at the paper's 512 x 16).
+    """
+    origin = int(np.random.SeedSequence(base).generate_state(1)[0]) % SEED_MODULUS
+    index = step * rounds + round_ - 1
+    return (origin + index * call_seeds) % SEED_MODULUS
+
+
+def call_seeds(cfg: Any, partial_rollout_tokens: int | None) -> int:
+    """Seeds one training call uses: prompts x n, x segments when partial rollout cuts it
+    (``rollout.partial.segment_seed`` gives each segment its own ``prompts x n``)."""
+    per_segment = cfg.data.gen_batch_size * cfg.rollout.n
+    if not partial_rollout_tokens:
+        return per_segment
+    return per_segment * -(-cfg.rollout.max_tokens // partial_rollout_tokens)
 
 
 def reward_fields(result: Any) -> Batch:
@@ -224,9 +245,14 @@ class Sampler:
             prompts = self.prompts.next_batch(
                 cfg.data.gen_batch_size, uid_prefix=f"s{step}r{rounds}"
             )
-            sampling = dataclasses.replace(
-                cfg.rollout.sampling(), seed=step_seed(cfg.trainer.seed, step, rounds)
+            seed = step_seed(
+                cfg.trainer.seed,
+                step,
+                rounds,
+                call_seeds=call_seeds(cfg, self.partial_rollout_tokens),
+                rounds=fg.max_num_gen_batches,
             )
+            sampling = dataclasses.replace(cfg.rollout.sampling(), seed=seed)
             batch, round_stats = self.generate_and_grade(
                 prompts, sampling, timings, self.turn, self.partial_rollout_tokens
             )

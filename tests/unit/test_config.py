@@ -306,10 +306,18 @@ def test_param_offload_needs_zero3():
 
 
 def test_component_validation_is_reported_with_keys():
-    msg = errors_of(quick("actor.zero_stage=1", "rollout.top_p=0", "trainer.nan_policy=ignore"))
+    msg = errors_of(
+        quick(
+            "actor.zero_stage=1",
+            "rollout.top_p=0",
+            "trainer.nan_policy=ignore",
+            "trainer.seed=-1",
+        )
+    )
     assert "actor.zero_stage must be 2 or 3" in msg
     assert "rollout.top_p must be in (0, 1]" in msg
     assert "trainer.nan_policy" in msg
+    assert "trainer.seed must be >= 0, got -1" in msg  # numpy's generators take none
 
 
 def test_unknown_logger():

@@ -3,6 +3,7 @@ step metrics, and one `train_step` driven through fake roles (the order of the v
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
@@ -19,6 +20,7 @@ from fipo_trainer.trainer.loop import RLTrainer, TrainingStopped, advantages
 from fipo_trainer.trainer.pipeline import BatchSource
 from fipo_trainer.trainer.sampling import (
     Sampler,
+    call_seeds,
     concat_rollouts,
     filter_groups,
     reward_fields,
@@ -99,9 +101,45 @@ def test_concat_rollouts_left_pads_prompt_side_of_different_rounds():
 
 
 def test_step_seed_depends_on_step_and_round_only():
-    seeds = {step_seed(0, s, r) for s in range(1, 50) for r in range(1, 5)}
+    seeds = {
+        step_seed(0, s, r, call_seeds=192, rounds=4) for s in range(1, 50) for r in range(1, 5)
+    }
     assert len(seeds) == 49 * 4
-    assert step_seed(3, 7, 2) == step_seed(3, 7, 2) != step_seed(4, 7, 2)
+    again = step_seed(3, 7, 2, call_seeds=192, rounds=4)
+    assert again == step_seed(3, 7, 2, call_seeds=192, rounds=4)
+    assert again != step_seed(4, 7, 2, call_seeds=192, rounds=4)
+
+
+@pytest.mark.parametrize(
+    ("call", "rounds", "steps"),
+    [(24 * 8, 4, 250), (512 * 16, 10, 400)],  # the quickstart; the paper's recipe
+)
+def test_training_calls_seed_disjoint_blocks(call, rounds, steps):
+    """A call seeds `call` consecutive requests from its seed. Before, calls were spaced
+    1009 seeds per step and 7919 per round: the quickstart's round 1 of step s met step
+    s + 8, and the paper's consecutive steps shared most of their streams."""
+
+    def starts(run_seed: int) -> list[int]:
+        return [
+            step_seed(run_seed, s, r, call_seeds=call, rounds=rounds)
+            for s in range(1, steps + 1)
+            for r in range(1, rounds + 1)
+        ]
+
+    def min_gap(seeds: list[int]) -> int:
+        ordered = sorted(seeds)
+        return min(b - a for a, b in itertools.pairwise(ordered))
+
+    assert min_gap(starts(0)) >= call
+    assert min_gap(starts(0) + starts(1)) >= call  # runs of seeds 0 and 1 share no stream
+
+
+def test_a_call_keeps_a_block_for_every_partial_rollout_segment():
+    cfg = SimpleNamespace(
+        data=SimpleNamespace(gen_batch_size=6), rollout=SimpleNamespace(n=4, max_tokens=100)
+    )
+    assert call_seeds(cfg, None) == 24
+    assert call_seeds(cfg, 30) == 24 * 4  # segments of 30, 30, 30, 10 tokens
 
 
 def test_finite_check_and_validation_summary():

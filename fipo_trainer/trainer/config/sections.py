@@ -252,6 +252,8 @@ class TrainerConfig:
             )
         if not self.run_dir:
             errors.append("trainer.run_dir is empty: set a directory for metrics and checkpoints")
+        if self.seed < 0:  # numpy's generators (prompt order, sampling seeds) take none
+            errors.append(f"trainer.seed must be >= 0, got {self.seed}")
         if self.total_epochs < 1:
             errors.append(f"trainer.total_epochs must be >= 1, got {self.total_epochs}")
         if self.total_training_steps is not None and self.total_training_steps < 1:
