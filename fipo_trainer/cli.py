@@ -9,7 +9,6 @@ elsewhere (a copied tree, a container). Heavy modules are imported inside the co
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -17,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from fipo_trainer.run_dir_hold import hold_run_dir
 
 CONFIG_DIR_ENV = "FIPO_CONFIG_DIR"
 CONFIG_NAME = "config"
@@ -172,16 +173,13 @@ def _check_overrides(args: Sequence[str]) -> Any:
         return None
 
 
-_held_run_dir: Path | None = None  # locked by train_main before Hydra wrote into it
-
-
 def _run_dir_to_hold(args: Sequence[str], cfg: Any) -> Path | None:
     """The run directory to lock before Hydra's main writes ``.hydra/`` there (a refused
     second run overwrote the first's); None for Hydra's flags (``--cfg job``: no run)."""
     if cfg is None or any(a.startswith("-") for a in args):
         return None
     try:
-        return Path(str(cfg.trainer.run_dir)).expanduser().resolve()
+        return Path(str(cfg.trainer.run_dir))  # `hold_run_dir` resolves it
     except Exception:  # an interpolation only Hydra's main resolves: the task locks it
         return None
 
@@ -313,14 +311,12 @@ def _train_task(cfg) -> None:
         sys.exit(2)
     from fipo_trainer.cluster.ray_init import RayUnreachable
     from fipo_trainer.data.records import DataError
-    from fipo_trainer.fsutil import RunDirUnusable, run_dir_lock
+    from fipo_trainer.fsutil import RunDirUnusable
     from fipo_trainer.trainer.checkpoint_manifest import CheckpointInvalid
     from fipo_trainer.trainer.loop import TrainingStopped, run_training
 
-    run_dir = Path(train_cfg.trainer.run_dir).expanduser().resolve()
-    held = contextlib.nullcontext() if run_dir == _held_run_dir else run_dir_lock(run_dir)
     try:
-        with held:
+        with hold_run_dir(train_cfg.trainer.run_dir):  # train_main's hold, if it is that dir
             run_training(train_cfg)
     # Errors whose message is the whole story (what, where, the fix): a line, not a trace.
     except (CheckpointInvalid, DataError, RayUnreachable, RunDirUnusable, TrainingStopped) as err:
@@ -351,15 +347,13 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     import hydra
 
     import fipo_trainer.trainer.config  # registers the schema
-    import fipo_trainer.trainer.sweep  # noqa: F401 - the ${fipo_job_dir:} resolver
-    from fipo_trainer.fsutil import RunDirUnusable, run_dir_lock
+    import fipo_trainer.trainer.sweep  # noqa: F401 - the ${fipo_job_dir:}, ... resolvers
+    from fipo_trainer.fsutil import RunDirUnusable
 
     sys.argv = [sys.argv[0] if sys.argv else "fipo-train", *args]
     main = hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base=None)
-    global _held_run_dir
     try:
-        with run_dir_lock(run_dir) if run_dir else contextlib.nullcontext():
-            _held_run_dir = run_dir
+        with hold_run_dir(run_dir):
             main(_train_task)()
     except RunDirUnusable as err:  # the single run's, before Hydra wrote into the directory
         print(f"fipo-train: {err}", file=sys.stderr)
@@ -370,8 +364,6 @@ def train_main(argv: Sequence[str] | None = None) -> None:
         if not isinstance(err, TrainingInterrupted):  # before the trainer started
             print("fipo-train: interrupted (Ctrl-C) before training started", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT)
-    finally:
-        _held_run_dir = None
 
 
 def eval_main(argv: Sequence[str] | None = None) -> None:

@@ -3,7 +3,9 @@
 Why: ``fipo-train --multirun algorithm=fipo,dapo`` is how ablations are run, and without
 this every job would write into the same ``trainer.run_dir``. In multirun mode a job's run
 directory is the Hydra job directory, ``hydra.sweep.dir/hydra.sweep.subdir``
-(``configs/config.yaml``: ``<trainer.run_dir>/multirun/<time>/<the job's overrides>``).
+(``configs/config.yaml``: ``<trainer.run_dir>/multirun/<time>/<the job's overrides>``, with
+the launching config's ``trainer.run_dir``, so one sweep has one directory even when it
+sweeps ``recipe`` or ``trainer.experiment_name``: :func:`launch_path`).
 :class:`SweepSummary` (a Hydra callback registered in ``config.yaml``) records each job's
 wall time and status in its run directory, rewrites ``sweep_summary.csv`` in the sweep
 directory after every job (so a failed or interrupted sweep still has one), and prints the
@@ -39,6 +41,7 @@ __all__ = [
     "expand_sweep",
     "is_multirun",
     "job_dir_name",
+    "launch_path",
     "multirun_job_dir",
     "print_summary_table",
     "register_resolvers",
@@ -69,14 +72,38 @@ def job_dir_name(override_dirname: Any, num: Any = 0) -> str:
     return name
 
 
+_LAUNCH_PATH = "fipo_launch_path"
+
+
+def launch_path(key: str, *, _root_: Any) -> str:
+    """``${fipo_launch_path:trainer.run_dir}`` (``hydra.sweep.dir``): the path ``key`` holds
+    in the config that launched the sweep, ``~`` expanded, whatever each job's config says.
+
+    Why: Hydra resolves ``hydra.sweep.dir`` again in every job's config, where a swept key
+    (``recipe``, ``trainer.experiment_name``) has changed ``trainer.run_dir``, so each job
+    landed in a sweep directory of its own and ``sweep_summary.csv`` listed one job. Hydra
+    copies the launching config's resolver cache into every job's config (that is how their
+    ``${now:}`` agree), so the value is memoised there: the launcher resolves it first."""
+    memo = OmegaConf.get_cache(_root_).setdefault(_LAUNCH_PATH, {})
+    if key not in memo:
+        value = OmegaConf.select(_root_, key)
+        if value is None:
+            raise KeyError(f"${{{_LAUNCH_PATH}:{key}}}: the config has no {key}")
+        memo[key] = os.path.expanduser(str(value))
+    return memo[key]
+
+
 def register_resolvers() -> None:
-    """``${fipo_job_dir:...}`` for ``hydra.sweep.subdir``; ``${fipo_path:...}`` for Hydra's
-    run and sweep directories: ``~`` expanded, as the trainer expands ``trainer.run_dir``
-    (Hydra would write ``.hydra/`` into a directory literally named ``~``). Idempotent."""
+    """``${fipo_job_dir:...}`` for ``hydra.sweep.subdir``; ``${fipo_path:...}`` and
+    ``${fipo_launch_path:...}`` (`launch_path`) for Hydra's run and sweep directories: ``~``
+    expanded, as the trainer expands ``trainer.run_dir`` (Hydra would write ``.hydra/`` into
+    a directory literally named ``~``). Idempotent."""
     if not OmegaConf.has_resolver("fipo_job_dir"):
         OmegaConf.register_new_resolver("fipo_job_dir", job_dir_name)
     if not OmegaConf.has_resolver("fipo_path"):
         OmegaConf.register_new_resolver("fipo_path", lambda path: os.path.expanduser(str(path)))
+    if not OmegaConf.has_resolver(_LAUNCH_PATH):
+        OmegaConf.register_new_resolver(_LAUNCH_PATH, launch_path)
 
 
 register_resolvers()

@@ -264,3 +264,17 @@ def test_a_home_relative_run_dir_is_one_directory_for_hydra_and_the_trainer(
     assert (home / "run" / ".hydra" / "config.yaml").is_file()
     assert list(cwd.iterdir()) == []
     assert seen[0].trainer.run_dir == str(home / "run")
+
+
+def test_the_run_dir_hold_is_reentrant_and_still_refuses_another_process(tmp_path):
+    """train_main holds a single run's directory before Hydra writes into it and the task
+    holds the one it trains in: the same directory must not be refused to its own process."""
+    from fipo_trainer.run_dir_hold import hold_run_dir
+
+    run_dir = tmp_path / "run"
+    other = [sys.executable, "-c", "from fipo_trainer.run_dir_hold import hold_run_dir\n"
+             f"with hold_run_dir({str(run_dir)!r}): pass"]
+    with hold_run_dir(run_dir), hold_run_dir(tmp_path / "x" / ".." / "run"), hold_run_dir(None):
+        res = run(other, tmp_path)
+        assert res.returncode != 0 and "RunDirInUse" in res.stderr, res.stderr[-2000:]
+    assert run(other, tmp_path).returncode == 0  # released with the outer hold

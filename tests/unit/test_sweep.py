@@ -15,6 +15,7 @@ import pytest
 from fipo_trainer import cli
 from fipo_trainer.trainer.sweep import (
     JOB_RECORD,
+    SUMMARY_CSV,
     dirname_override,
     expand_sweep,
     job_dir_name,
@@ -108,6 +109,40 @@ def test_a_bad_job_stops_the_sweep_before_anything_starts(tmp_path):
     assert res.returncode == 2, res.stderr
     assert "did you mean actor.lr?" in res.stderr and "2 of 2 sweep jobs invalid" in res.stderr
     assert not sweep_dir.exists()
+
+
+# The training task replaced by a no-op: Hydra's multirun, the config tree, the CLI's
+# pre-flight and the SweepSummary callback are the real ones.
+NO_TRAINING = (
+    "import sys; from fipo_trainer import cli; "
+    "cli._train_task = lambda cfg: None; cli.train_main(sys.argv[1:])"
+)
+
+
+@pytest.mark.parametrize(
+    "sweep",
+    [
+        ["recipe=quickstart_cpu,quickstart_cpu_async"],  # each recipe its own trainer.run_dir
+        ["trainer.experiment_name=x,y"],
+        ["trainer.experiment_name=x,y", "hydra.sweep.dir=mine"],  # the user's own sweep dir
+    ],
+)
+def test_a_sweep_over_any_key_has_one_sweep_dir_listing_every_job(tmp_path, sweep):
+    res = run([sys.executable, "-c", NO_TRAINING, "--multirun", *sweep], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summaries = list(tmp_path.glob(f"**/{SUMMARY_CSV}"))
+    assert len(summaries) == 1, summaries  # one sweep directory per invocation
+    sweep_dir = summaries[0].parent
+    if any(a.startswith("hydra.sweep.dir=") for a in sweep):
+        assert sweep_dir == tmp_path / "mine"
+    table = list(csv.DictReader(summaries[0].open()))
+    values = sweep[0].split("=", 1)[1].split(",")
+    assert [r["overrides"] for r in table] == [f"{sweep[0].split('=')[0]}={v}" for v in values]
+    job_dirs = [tmp_path / r["run_dir"] for r in table]  # relative to the working dir
+    assert len(set(job_dirs)) == len(values)  # each job keeps its own directory
+    assert all(d.parent.resolve() == sweep_dir.resolve() for d in job_dirs), job_dirs
+    assert all((d / ".hydra").is_dir() and r["status"] == "completed"
+               for d, r in zip(job_dirs, table))
 
 
 def _fake_job(sweep_dir: Path, num: int, overrides: list[str], vals: list[float] | None) -> None:
