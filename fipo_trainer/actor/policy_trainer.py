@@ -53,7 +53,7 @@ from fipo_trainer.actor.micro_batch import (
 from fipo_trainer.actor.sequence_parallel import shard_packed
 from fipo_trainer.actor.token_record import TokenRecorder
 from fipo_trainer.algorithms.aggregation import aggregate_loss, local_denominator
-from fipo_trainer.algorithms.loss_metrics import with_empty_subset_zeros
+from fipo_trainer.algorithms.loss_metrics import token_weighted_parts, with_empty_subset_zeros
 from fipo_trainer.algorithms.metrics import mean_metrics, reduce_metrics
 from fipo_trainer.algorithms.policy_loss import compute_policy_terms
 from fipo_trainer.algorithms.sequence_shards import SequenceShards, row_segments
@@ -338,7 +338,8 @@ class PolicyTrainer:
                     if epoch == 0 and mb_index == 0 and weight > 0:
                         gap = (logp.detach() - old).abs() * own_mask
                         drift = max(drift, float(gap.max()))
-                    micro_records.append((step, micro, 1.0 if reference else weight))
+                    parts = token_weighted_parts(micro, adv[idx], mask)  # subsets: own tokens
+                    micro_records += [(step, m, 1.0 if reference else w) for m, w in parts]
                 num_total, d_true, tok_total, resp_total = comm.sum(
                     [numerator, *comm.once_per_group([d_local, float(tokens), float(resp_tokens)])]
                 )

@@ -30,16 +30,23 @@ POS_IS_QUANTILES = {
     "pos_is_p995": 0.995,
     "pos_is_p999": 0.999,
 }
+# The metrics of the negative- / positive-advantage token subsets (not the fractions).
+NEG_SUBSET_METRICS = ("neg_is_max", *NEG_IS_QUANTILES)
+POS_SUBSET_METRICS = ("pos_is_min", "pos_is_max", *POS_IS_QUANTILES)
 # The metrics left out for an empty subset, keyed by a metric their family always reports.
 EMPTY_SUBSET_METRICS: dict[str, tuple[str, ...]] = {
-    "neg_ratio_2_3": ("neg_is_max", *NEG_IS_QUANTILES),
-    "pos_mini_frac": ("pos_is_min", "pos_is_max", *POS_IS_QUANTILES),
+    "neg_ratio_2_3": NEG_SUBSET_METRICS,
+    "pos_mini_frac": POS_SUBSET_METRICS,
     "influence_weights_mean": (
         "influence_weights_min",
         "influence_weights_max",
         "raw_influence_weights_min",
         "raw_influence_weights_max",
     ),
+}
+_SUBSET_OF = {
+    **dict.fromkeys(POS_SUBSET_METRICS, "pos"),
+    **dict.fromkeys(NEG_SUBSET_METRICS, "neg"),
 }
 
 
@@ -65,6 +72,31 @@ def with_empty_subset_zeros(metrics: dict[str, float]) -> dict[str, float]:
         if family in metrics:
             out.update({k: 0.0 for k in keys if k not in metrics})
     return out
+
+
+def token_weighted_parts(
+    metrics: dict[str, float], advantages: torch.Tensor, response_mask: torch.Tensor
+) -> list[tuple[dict[str, float], float]]:
+    """One micro-batch's ``metrics`` as (part, weight) pairs for ``metrics.reduce_metrics``:
+    a positive-/negative-advantage subset metric (keys may carry a prefix, ``actor/``) weighs
+    by that subset's tokens, every other metric by all response tokens.
+
+    Why: a subset's quantile describes its own tokens only. Weighted by all response tokens,
+    a micro-batch with one positive token among many negative ones would outweigh one full
+    of positive tokens in ``pos_is_median``. ``loss_scale: reference`` keeps verl's plain
+    mean over micro-batches and does not use this.
+    """
+    mask = response_mask.bool()
+    adv = advantages.to(mask.device)
+    pos, neg = float((mask & (adv > 0)).sum()), float((mask & (adv < 0)).sum())
+    parts: dict[str, tuple[dict[str, float], float]] = {
+        "all": ({}, float(mask.sum())),
+        "pos": ({}, pos),
+        "neg": ({}, neg),
+    }
+    for key, value in metrics.items():
+        parts[_SUBSET_OF.get(key.rsplit("/", 1)[-1], "all")][0][key] = value
+    return [(part, weight) for part, weight in parts.values() if part]
 
 
 def quantiles(values: torch.Tensor, qs: list[float]) -> list[float]:

@@ -9,9 +9,10 @@ both. The rollout worker maps the same memory, hands views of it to its engine's
 loading (each TP rank copies only its own slice into its parameters) and acknowledges; only
 then does the actor build the next bucket. So at most one bucket exists besides the model.
 
-Use: the receiver ``SharedWeightsReceiver.listen()`` and publishes (path, authkey); then
-``accept()`` and the sender's ``SharedWeightsSender(path, authkey)`` run concurrently; per
-sync the sender calls ``send(buckets)`` while the receiver iterates ``receive()``.
+Use: ``SharedWeightsReceiver()`` listens and publishes ``address()`` (path, authkey); then
+``accept()`` and the sender's ``SharedWeightsSender(path, authkey)`` run concurrently, each
+giving up after its ``timeout_s``; per sync the sender calls ``send(buckets)`` while the
+receiver iterates ``receive()``.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import socket
 import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge
 
 import torch
 import torch.multiprocessing  # registers the tensor reductions Connection.send uses
@@ -88,7 +90,10 @@ class SharedWeightsReceiver:
         self.timeout_s = timeout_s
         self.authkey = secrets.token_bytes(16)
         self.path = _socket_path()
-        self._listener = Listener(self.path, family="AF_UNIX", authkey=self.authkey)
+        # A plain socket, not multiprocessing's Listener: its accept() takes no timeout.
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.path)
+        self._listener.listen(1)
         self._conn: Connection | None = None
         self.last_stats = SyncStats()
 
@@ -96,11 +101,34 @@ class SharedWeightsReceiver:
         return self.path, self.authkey
 
     def accept(self) -> None:
-        """Wait for the colocated actor rank (it connects concurrently)."""
-        self._conn = self._listener.accept()
-        self._listener.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        """Wait up to ``timeout_s`` for the colocated actor rank (it connects concurrently).
+
+        Why a deadline: an actor rank that never connects (it failed, or sits on another
+        node) would otherwise block this worker for good, deaf to a graceful shutdown.
+        """
+        self._listener.settimeout(self.timeout_s)
+        try:
+            sock, _ = self._listener.accept()
+        except TimeoutError as err:
+            raise TimeoutError(
+                f"colocated weight sync: no actor rank connected to {self.path} within "
+                f"{self.timeout_s:g}s; check that the actor rank on this rollout worker's device "
+                "(same placement bundle) started and called connect_shared_weights with this "
+                "address, or raise the timeout (SharedWeightSync's connect_timeout_s)"
+            ) from err
+        finally:
+            self._listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        sock.setblocking(True)
+        conn = Connection(sock.detach())
+        try:  # the handshake multiprocessing's Listener.accept() does
+            deliver_challenge(conn, self.authkey)
+            answer_challenge(conn, self.authkey)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
 
     def receive(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Views of each bucket the actor sends, until its end marker; ``last_stats`` final

@@ -20,8 +20,10 @@ from fipo_trainer.algorithms.loss_metrics import (
     influence_metrics,
     quantiles,
     ratio_tail_metrics,
+    token_weighted_parts,
     with_empty_subset_zeros,
 )
+from fipo_trainer.algorithms.metrics import reduce_metrics
 from fipo_trainer.algorithms.policy_loss import PolicyLossConfig, compute_policy_terms
 from fipo_trainer.data.tiny_model import build_tiny_model
 from tests.helpers.torch_engine import TorchEngine
@@ -104,6 +106,51 @@ def test_empty_subset_zeros_fill_only_the_families_present():
     no_tokens = influence_metrics({"weights": torch.zeros(0), "raw": torch.zeros(0)}, 0.8, 1.2)
     assert all(with_empty_subset_zeros(no_tokens)[k] == 0.0 for k in IW_KEYS)
     assert set(EMPTY_SUBSET_METRICS) <= set(bare)  # the family markers are real metric names
+
+
+def _prefixed(metrics: dict[str, float]) -> dict[str, float]:
+    return {f"actor/{k}": v for k, v in metrics.items()}
+
+
+def test_subset_metrics_weigh_by_their_own_tokens():
+    """A: one positive token, three negative; B: three positive, one negative (4 tokens)."""
+    a = {"ratio": torch.tensor([1.0, 0.5, 1.5, 2.5]), "advantages": torch.tensor([1.0, -1, -1, -1])}
+    b = {"ratio": torch.tensor([2.0, 3.0, 4.0, 0.9]), "advantages": torch.tensor([1.0, 1, 1, -1])}
+    micros = [_prefixed(ratio_tail_metrics(v, 10.0)) for v in (a, b)]
+    parts = [
+        p
+        for m, v in zip(micros, (a, b))
+        for p in token_weighted_parts(m, v["advantages"], torch.ones(4))
+    ]
+    out = reduce_metrics([m for m, _ in parts], [w for _, w in parts])
+    # positive medians by hand: A 1.0 over 1 token, B 3.0 over 3 tokens
+    assert out["actor/pos_is_median"] == pytest.approx((1.0 * 1 + 3.0 * 3) / 4)
+    # negative p75: A's 0.5, 1.5, 2.5 give 2.0 over 3 tokens; B's lone 0.9 over 1 token
+    assert out["actor/neg_is_p75"] == pytest.approx((2.0 * 3 + 0.9 * 1) / 4)
+    # fractions of all tokens keep all-token weights: A 1/4 (its 2.5 is negative), B 0
+    assert out["actor/neg_ratio_2_3"] == pytest.approx((0.25 * 4 + 0.0 * 4) / 8)
+    assert out["actor/pos_is_min"] == 1.0 and out["actor/neg_is_max"] == 2.5
+    # weighted by all 4 tokens each, as before, the subsets' values differ: the case matters
+    every_token = reduce_metrics(micros, [4.0, 4.0])
+    assert every_token["actor/pos_is_median"] == pytest.approx(2.0)
+    assert every_token["actor/neg_is_p75"] == pytest.approx(1.45)
+
+
+def test_token_weighted_parts_count_response_tokens_only():
+    adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last token is padding
+    ratio = torch.tensor([[0.9, 1.1, 1.2, 7.0]])
+    metrics = ratio_tail_metrics(
+        {"ratio": ratio[mask.bool()], "advantages": adv[mask.bool()]}, 10.0
+    )
+    weight_of = {k: w for part, w in token_weighted_parts(metrics, adv, mask) for k in part}
+    assert weight_of["pos_is_median"] == 2.0 and weight_of["pos_is_min"] == 2.0
+    assert weight_of["neg_is_p75"] == 1.0 and weight_of["neg_is_max"] == 1.0
+    assert weight_of["neg_ratio_2_3"] == 3.0 and weight_of["pos_mini_frac"] == 3.0
+    assert set(weight_of) == set(metrics)  # every metric in exactly one part
+    only_neg = ratio_tail_metrics({"ratio": ratio[0, :2], "advantages": -torch.ones(2)}, 10.0)
+    weights = [w for _, w in token_weighted_parts(only_neg, -torch.ones(2), torch.ones(2))]
+    assert sorted(weights) == [2.0, 2.0]  # no positive part: its metrics were left out
 
 
 @pytest.fixture(scope="module")

@@ -249,3 +249,35 @@ def test_unknown_loss_scale_and_warmup_unit_are_refused(model_path):
         make_config(model_path, loss_scale="verl")
     with pytest.raises(ValueError, match=r"actor\.lr_warmup_unit"):
         make_config(model_path, lr_warmup_unit="epoch")
+
+
+def test_sign_subset_quantiles_weigh_micro_batches_by_their_own_tokens(model_path):
+    """``loss_scale: global``: ``actor/pos_is_median`` over micro-batches is weighted by each
+    micro-batch's positive-advantage tokens (``neg_is_p75`` by its negative ones). Before,
+    every micro-batch weighed by all its response tokens, so one with a single positive
+    token counted as much in ``pos_is_median`` as one full of them."""
+    cfg = make_config(model_path, loss_scale="global", ppo_max_token_len_per_gpu=30)
+    trainer = make_trainer(cfg)
+    batch = off_policy_batch(trainer)
+    parts = trainer.plan(batch["attention_mask"].sum(-1).tolist(), 30, "budget")
+    model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="sdpa")
+    expected = {}
+    for key, sign in (("pos_is_median", 1), ("neg_is_p75", -1)):
+        pairs = []
+        for part in parts:
+            mb = batch[torch.tensor(part)]
+            logp, _ = padded_log_probs(model, mb)
+            _, m = compute_policy_loss(
+                "fipo", mb["old_log_probs"], logp, mb["advantages"], mb["response_mask"],
+                cfg.policy_loss,
+            )  # fmt: skip
+            own = int(((mb["advantages"] * sign > 0) & mb["response_mask"].bool()).sum())
+            if key in m:
+                pairs.append((m[key], own, int(mb["response_mask"].sum())))
+        assert len({round(v, 6) for v, _, _ in pairs}) > 1  # the weighting matters here
+        expected[key] = sum(v * w for v, w, _ in pairs) / sum(w for _, w, _ in pairs)
+        by_all = sum(v * a for v, _, a in pairs) / sum(a for _, _, a in pairs)
+        assert abs(expected[key] - by_all) > 1e-4, key  # the old rule gives another value
+    metrics = trainer.update(batch, mini_batch_rows=ROWS, temperature=1.0, global_step=1)
+    for key, value in expected.items():
+        assert metrics[f"actor/{key}"] == pytest.approx(value, abs=1e-5), key
