@@ -2,12 +2,14 @@
 
 The final answer is whichever comes last in the response: the last ``\\boxed{...}`` (or
 ``\\fbox{...}``) or the last ``Answer:`` line. It is parsed in math mode (``$...$``) unless it
-already has ``$`` or contains English words. Trailing words and ``\\text{...}`` groups (units:
-"3\\sqrt{13} meters") are dropped and the rest parsed in math mode; only answers that are still
-wordy fall back to plain-text extraction, which skips words but often keeps just a leading piece
-(``3`` of ``3\\sqrt{13}``). The ground truth is parsed as LaTeX (wrapped in ``\\boxed{}`` unless it
-already carries ``$`` or ``\\boxed``), then compared with ``math_verify.verify``. An escaped
-``\\$`` is currency, not a math delimiter. math-verify's own timeouts use
+already has ``$`` or ``\\[`` or contains English words. A lead-in ("The answer is") and trailing
+words and ``\\text{...}`` groups (units: "3\\sqrt{13} meters", "of the pie") are dropped and the
+rest parsed in math mode, as is an answer without words (less one sentence-ending period, which
+math mode reads as the end of the expression: ``4\\sqrt{2}.`` is not 4); only answers that are
+still wordy fall back to plain-text extraction, which skips words but often keeps just a leading
+piece (``3`` of ``3\\sqrt{13}``). The ground truth is parsed as LaTeX (wrapped in ``\\boxed{}``
+unless it already carries ``$`` or ``\\boxed``), then compared with ``math_verify.verify``. An
+escaped ``\\$`` is currency, not a math delimiter. math-verify's own timeouts use
 ``signal.alarm``, which only works on the main thread, so they are disabled here:
 :class:`~fipo_trainer.rewards.pool.RewardPool` enforces time limits by killing the worker.
 """
@@ -35,6 +37,8 @@ _MAX_PRED_CHARS = 1000
 _WORD = re.compile(r"(?<![\\A-Za-z])(?!and\b)[A-Za-z]{3,}")
 # A "$" that opens or closes math; "\\$" is a literal dollar sign ("\\$18.90").
 _MATH_DOLLAR = re.compile(r"(?<!\\)\$")
+# Math delimiters in an answer: "$" and "\\[" (wrapped in "$...$", "\\[...\\]" does not parse).
+_MATH_DELIM = re.compile(r"(?<!\\)(?:\$|\\\[)")
 # Trailing unit words / text groups: "3\\sqrt{13} square meters", "\\frac{1}{4}\\pi \\text{ units}".
 # Words of 2+ letters and groups holding 2+ letters, so "2\\mathrm{e}" or a variable x is kept.
 _SPACING = r"(?:\\[,;:! ]|\\q?quad\b|[\s.,;:!~])*"
@@ -44,6 +48,14 @@ _TAIL = re.compile(
 )
 # Only the end of the answer is searched for the tail: an end-anchored search is quadratic.
 _MAX_TAIL_CHARS = 256
+# A lead-in of prose words before the math: "The answer is", "Thus, we get:". Function names
+# ("log 8") are math, and a word followed by an operator ("abc + 1") is a variable, not prose.
+_LEAD = re.compile(
+    r"(?:(?!(?:arc)?(?:(?:sin|cos|tan|cot|sec|csc)h?|log|ln|exp|max|min|gcd|lcm|det)\b)"
+    r"[A-Za-z]{2,}(?:['-][A-Za-z]+)*[\s.,;:!?]+)+(?!\s*(?:[+*/^_=<>|]|-\s))"
+)
+# One sentence-ending period ("4\\sqrt{2}." reads as 4 in math mode); "1, 2, ..." keeps its dots.
+_FULL_STOP = re.compile(r"(?<!\.)\.\s*$")
 
 
 class _DropTimeoutDisabledWarning(logging.Filter):
@@ -100,28 +112,37 @@ def _too_deep(text: str) -> bool:
     return False
 
 
-def _strip_tail(answer: str) -> str | None:
-    """The answer without trailing words/text groups, if that leaves word-free math; else None."""
-    tail = _TAIL.search(answer, max(0, len(answer) - _MAX_TAIL_CHARS))
-    head = answer[: tail.start()].strip() if tail else ""
-    return head if head and not _WORD.search(head) else None
+def _math_core(answer: str) -> str | None:
+    """The math between a prose lead-in and trailing words, if that is word-free; else None.
+
+    Plain-text extraction skips words but keeps only a leading piece ("The answer is 3\\sqrt{13}
+    meters" gives 3, right against a ground truth of 3): without the words the math parses whole.
+    """
+    lead = _LEAD.match(answer)
+    body = answer[lead.end() :] if lead else answer
+    tail = _TAIL.search(body, max(0, len(body) - _MAX_TAIL_CHARS))
+    core = (body[: tail.start()] if tail else body).strip()
+    return core if core and not _WORD.search(core) else None
+
+
+def _parse_math(text: str) -> list:
+    """Parse ``text`` in math mode (``$...$``), less a sentence-ending period."""
+    return parse("$" + _FULL_STOP.sub("", text) + "$", _EXTRACTION, parsing_timeout=None)
 
 
 def _parse_answer(answer: str) -> list:
-    """Parse the extracted answer: math mode unless it carries a math $ or (non-unit) words."""
-    if _MATH_DOLLAR.search(answer):
+    """Parse the extracted answer: math mode unless it carries math delimiters or prose."""
+    if _MATH_DELIM.search(answer):
         return parse(answer, _EXTRACTION, parsing_timeout=None)
     if _WORD.search(answer):
-        # Plain text keeps only a leading piece ("3" of "3\\sqrt{13} meters"): drop units first.
-        head = _strip_tail(answer)
-        if head is not None:
-            parsed = parse("$" + head + "$", _EXTRACTION, parsing_timeout=None)
-            if parsed:
-                return parsed
-        parsed = parse(answer, _EXTRACTION, parsing_timeout=None)  # skips words: "The answer is 7"
+        core = _math_core(answer)
+        parsed = _parse_math(core) if core is not None else []
         if parsed:
             return parsed
-    return parse("$" + answer + "$", _EXTRACTION, parsing_timeout=None)
+        parsed = parse(answer, _EXTRACTION, parsing_timeout=None)  # skips words: "Monday", "x or y"
+        if parsed:
+            return parsed
+    return _parse_math(answer)
 
 
 def compute_score(response: str, ground_truth: str, *, score_format: str = "pm1") -> dict:

@@ -89,6 +89,50 @@ def test_trailing_units_do_not_truncate_the_answer(
 
 
 @pytest.mark.parametrize(
+    ("response", "ground_truth", "acc"),
+    [
+        # Prose before and after the math: grade the whole expression, not its leading piece.
+        ("Answer: The answer is 3\\sqrt{13} meters", "3\\sqrt{13}", True),
+        ("Answer: The answer is 3\\sqrt{13} meters", "3", False),
+        ("\\boxed{The answer is 3\\sqrt{13} meters}", "3\\sqrt{13}", True),
+        ("\\boxed{The answer is 3\\sqrt{13} meters}", "3", False),
+        ("Answer: the final answer is 4\\sqrt{2} units.", "4\\sqrt{2}", True),
+        ("Answer: the final answer is 4\\sqrt{2} units.", "4", False),
+        ("Answer: Thus, the answer is: 10^{3} meters", "1000", True),
+        ("Answer: Thus, the answer is: 10^{3} meters", "10", False),
+        ("Answer: The answer is x^2 + 1", "x^2+1", True),
+        ("Answer: The answer is x^2 + 1", "1", False),
+        ("Answer: It's 2\\pi radians", "2\\pi", True),
+        ("Answer: The probability is \\dfrac{5}{36}", "\\frac{5}{36}", True),
+        ("Answer: The answer is (C)", "C", True),
+        ("Answer: The total is \\$18.90", "\\$18.90", True),
+        ("Answer: So we get \\frac{1}{2} of the pie", "\\frac{1}{2}", True),
+        # Wrong answers stay wrong.
+        ("Answer: The answer is 3\\sqrt{12} meters", "3\\sqrt{13}", False),
+        ("Answer: So we get \\frac{1}{2} of the pie", "\\frac{1}{3}", False),
+        ("Answer: The answer is -3 degrees", "3", False),
+        ("Answer: The total is \\$19.90", "\\$18.90", False),
+        # A sentence-ending period is not part of the math; "\\[...\\]" delimits it.
+        ("Answer: 4\\sqrt{2}.", "4\\sqrt{2}", True),
+        ("Answer: 4\\sqrt{2}.", "4", False),
+        ("\\boxed{\\frac{1}{2}.}", "0.5", True),
+        ("Answer: \\[3\\sqrt{13}\\]", "3\\sqrt{13}", True),
+        ("Answer: \\[3\\sqrt{13}\\] meters", "3\\sqrt{13}", True),
+        # Prose answers, function names and variables keep their old grading.
+        ("Answer: The answer is -3 degrees", "-3", True),
+        ("Answer: Monday", "\\text{Monday}", True),
+        ("Answer: log 8", "8", True),
+        ("Answer: x = 5.", "5", True),
+    ],
+)
+def test_prose_around_the_math_does_not_truncate_the_answer(
+    response: str, ground_truth: str, acc: bool
+) -> None:
+    out = compute_score(response, ground_truth)
+    assert out["acc"] is acc and out["score"] == (1.0 if acc else -1.0), out
+
+
+@pytest.mark.parametrize(
     ("response", "acc"),
     [
         ("\\boxed{\\$18.90}", True),
