@@ -168,7 +168,8 @@ def test_gen_batch_smaller_than_train_batch_needs_dynamic_sampling():
 
 def test_grpo_algorithm_warns_about_wasted_prompts_only():
     warnings = validate_config(quick("algorithm=grpo"), **STRUCTURE)
-    assert any("data.gen_batch_size=24 > data.train_batch_size=16" in w for w in warnings)
+    (warning,) = [w for w in warnings if "data.gen_batch_size=24 > data.train_batch_size=16" in w]
+    assert "set 'data.gen_batch_size=${data.train_batch_size}'" in warning  # the fix, for a shell
 
 
 def test_n_below_two_with_grpo_advantages():

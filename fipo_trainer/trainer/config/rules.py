@@ -128,14 +128,15 @@ def _batches(cfg: TrainConfig, r: Report) -> None:
             r.error(
                 f"data.gen_batch_size={data.gen_batch_size} < data.train_batch_size="
                 f"{data.train_batch_size} without dynamic sampling: one generation round must "
-                "fill the batch; set data.gen_batch_size=${data.train_batch_size} or "
+                "fill the batch; set 'data.gen_batch_size=${data.train_batch_size}' (quoted) or "
                 "algorithm.filter_groups.enable=true"
             )
         elif data.gen_batch_size > data.train_batch_size:
             r.warn(
                 f"data.gen_batch_size={data.gen_batch_size} > data.train_batch_size="
                 f"{data.train_batch_size} without dynamic sampling: the extra prompts are "
-                "generated for nothing"
+                "generated for nothing (a recipe's value kept after algorithm=grpo?); set "
+                "'data.gen_batch_size=${data.train_batch_size}' (quoted)"
             )
 
 
