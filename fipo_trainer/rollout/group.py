@@ -324,7 +324,6 @@ class RolloutGroup:
                 [(split.inputs[r // k], split.sampling[r // k]) for r in ranks],
                 segment_tokens=segment_tokens,
                 prompt_width=split.width,
-                call_responses=len(prompts) * split.n,
             )
         deadline = self.generation.for_call(split.rows_per_engine, segment_tokens)
         results: dict[int, tuple[Batch, dict[str, float]]] = {}

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from fipo_trainer.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutOutput
 from fipo_trainer.rollout.config import SEED_MODULUS, SamplingConfig
 
@@ -30,14 +32,19 @@ class _Response:
     finish: str | None = None
 
 
-def segment_seed(seed: int | None, segment: int, responses: int) -> int | None:
+def segment_seed(seed: int | None, segment: int) -> int | None:
     """Segment 0 keeps the call's seed (it equals an uncut call's first tokens); segment s
-    takes the s-th block of ``responses`` seeds after it (a later segment seeds each unfinished
-    response on its own), inside the block the trainer keeps for the call
-    (``trainer.sampling.call_seeds``), so no two segments or calls share a stream."""
+    seeds its unfinished responses in turn from a position hashed from (seed, s).
+
+    Why hashed, not the block after the call's: with short segments a run needs more request
+    streams than a seed holds (a CPU generator keeps 32 bits of it; the paper's sizes with
+    8-token segments need ~10^11), so later segments cannot all stay apart. Hashed, a shared
+    stream is chance, never the same pair of requests call after call, as the blocks' wrap
+    (or the old ``seed * 31 + s * 1_000_003``) made it.
+    """
     if seed is None or segment == 0:
         return seed
-    return (seed + segment * responses) % SEED_MODULUS
+    return int(np.random.SeedSequence([seed, segment]).generate_state(1)[0]) % SEED_MODULUS
 
 
 class PartialRollout:
@@ -48,14 +55,10 @@ class PartialRollout:
         prompts: Sequence[Sequence[int]],
         sampling: SamplingConfig,
         segment_tokens: int,
-        call_responses: int | None = None,
     ) -> None:
-        """``call_responses``: the responses of the whole call this is a shard of (default:
-        this one's), the stride between segments' seeds, so shards' segments stay apart."""
         if segment_tokens < 1:
             raise ValueError(f"segment_tokens must be >= 1, got {segment_tokens}")
         self.prompts = [list(map(int, p)) for p in prompts]
-        self.call_responses = call_responses or len(self.prompts) * sampling.n
         self.sampling = sampling
         self.segment_tokens = segment_tokens
         self.segment = 0
@@ -70,7 +73,7 @@ class PartialRollout:
         engine's); its tokens are stamped ``version``. Returns the tokens generated."""
         s = self.sampling
         step = min(self.segment_tokens, s.max_tokens - self.segment * self.segment_tokens)
-        seed = segment_seed(s.seed, self.segment, self.call_responses)
+        seed = segment_seed(s.seed, self.segment)
         if self.segment == 0:
             pending = None
             outputs = generate(self.prompts, dataclasses.replace(s, max_tokens=step, seed=seed))

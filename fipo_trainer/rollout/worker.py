@@ -200,14 +200,12 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
         *,
         segment_tokens: int,
         prompt_width: int | None = None,
-        call_responses: int | None = None,
     ) -> None:
-        """Begin a generation cut into segments; :meth:`continue_partial` runs them.
-        ``call_responses``: the whole call's, when this worker has a shard of it."""
+        """Begin a generation cut into segments; :meth:`continue_partial` runs them."""
         token_lists, _ = prompt_token_lists(prompts)
         sampling = sampling or self.config.sampling()
         self._partial = (
-            PartialRollout(token_lists, sampling, segment_tokens, call_responses),
+            PartialRollout(token_lists, sampling, segment_tokens),
             prompts,
             prompt_width,
             [0.0, 0.0],

@@ -43,26 +43,18 @@ class TrainingStopped(RuntimeError):
 def step_seed(base: int, step: int, round_: int, *, call_seeds: int, rounds: int) -> int:
     """The first seed of the training call (``step``, ``round_``), from the run seed only.
 
-    A call seeds its requests ``seed, seed + 1, ...``: ``call_seeds`` of them (prompts x n,
-    x segments with partial rollout). Why blocks: seeds spaced by fixed primes overlapped
-    once a call used more seeds than the spacing, so different calls' prompts shared random
-    streams and their samples were correlated. Now the calls of a run take disjoint blocks
-    in (step, round) order, ``rounds`` (the most a step can have) per step, from an origin
-    hashed from the run seed (runs with different seeds start far apart). Blocks repeat only
-    after ``SEED_MODULUS / call_seeds`` calls (262,143 at the paper's 512 x 16).
+    A call seeds its requests ``seed, seed + 1, ...``: ``call_seeds`` of them (prompts x n).
+    Why blocks: seeds spaced by fixed primes overlapped once a call used more seeds than the
+    spacing, so different calls' prompts shared random streams and their samples were
+    correlated. Now the calls of a run take disjoint blocks in (step, round) order,
+    ``rounds`` (the most a step can have) per step, from an origin hashed from the run seed
+    (runs with different seeds start apart). Blocks repeat only after
+    ``SEED_MODULUS / call_seeds`` calls (65,535 at the paper's 2048 x 16). Partial rollout's
+    later segments seed elsewhere (``rollout.partial.segment_seed``).
     """
     origin = int(np.random.SeedSequence(base).generate_state(1)[0]) % SEED_MODULUS
     index = step * rounds + round_ - 1
     return (origin + index * call_seeds) % SEED_MODULUS
-
-
-def call_seeds(cfg: Any, partial_rollout_tokens: int | None) -> int:
-    """Seeds one training call uses: prompts x n, x segments when partial rollout cuts it
-    (``rollout.partial.segment_seed`` gives each segment its own ``prompts x n``)."""
-    per_segment = cfg.data.gen_batch_size * cfg.rollout.n
-    if not partial_rollout_tokens:
-        return per_segment
-    return per_segment * -(-cfg.rollout.max_tokens // partial_rollout_tokens)
 
 
 def reward_fields(result: Any) -> Batch:
@@ -249,7 +241,7 @@ class Sampler:
                 cfg.trainer.seed,
                 step,
                 rounds,
-                call_seeds=call_seeds(cfg, self.partial_rollout_tokens),
+                call_seeds=cfg.data.gen_batch_size * cfg.rollout.n,
                 rounds=fg.max_num_gen_batches,
             )
             sampling = dataclasses.replace(cfg.rollout.sampling(), seed=seed)

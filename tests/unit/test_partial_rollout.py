@@ -4,6 +4,7 @@ response whole, in order, and stamps each token with the version that made it.""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 
@@ -55,18 +56,20 @@ def test_cut_generation_equals_uncut_and_stamps_versions():
     assert cut[2].finish_reason == FINISH_LENGTH and cut[0].finish_reason == FINISH_STOP
     # segment 0 is the uncut call's (n=2, the call's seed); later ones resume the unfinished rows, one each
     assert engine.calls[1] == (2, 5, 7)
-    # segment s seeds its rows from 7 + s x (2 prompts x n=2): blocks that cannot overlap
-    assert engine.calls[2:] == [(2, 5, 11), (2, 2, 15)]
-    assert [segment_seed(7, s, 4) for s in range(3)] == [7, 11, 15]
+    assert engine.calls[2:] == [(2, 5, segment_seed(7, 1)), (2, 2, segment_seed(7, 2))]
 
 
-def test_segment_seeds_stay_in_the_calls_block_and_apart():
-    """Before, a later segment's seed was `seed * 31 + s * 1_000_003`: a point anywhere,
-    which could land inside another call's or segment's seeds."""
-    responses, segments = 512 * 16, 20
-    starts = [segment_seed(1_000, s, responses) for s in range(segments)]
-    assert starts == [1_000 + s * responses for s in range(segments)]
-    assert segment_seed(None, 3, responses) is None
+def test_later_segments_seed_from_hashed_positions():
+    """Before, segment s of a call seeded from `seed * 31 + s * 1_000_003`: consecutive
+    calls (seeds a block apart) put their segment s a fixed distance apart too, so the same
+    pairs of streams could meet call after call. Hashed, positions follow no pattern."""
+    assert segment_seed(7, 0) == 7 and segment_seed(None, 3) is None
+    assert segment_seed(7, 1) == segment_seed(7, 1)  # deterministic: a resume redraws them
+    calls = [1_000 + 384 * c for c in range(50)]  # 50 calls' seeds, a block of 384 apart
+    for s in (1, 2, 3):
+        starts = [segment_seed(c, s) for c in calls]
+        steps = {b - a for a, b in itertools.pairwise(starts)}
+        assert len(steps) == len(starts) - 1  # no common stride between calls
 
 
 def test_outputs_before_done_and_bad_segment_are_refused():
@@ -75,25 +78,3 @@ def test_outputs_before_done_and_bad_segment_are_refused():
     job = PartialRollout([[1]], SamplingConfig(max_tokens=8), segment_tokens=2)
     with pytest.raises(RuntimeError, match="before every response finished"):
         job.outputs()
-
-
-def test_shards_of_a_cut_call_seed_apart_in_every_segment():
-    """Two engines' shards of one call: segment s of each seeds its unfinished rows from
-    the call's s-th block (stride = the whole call's responses). With the shard's own
-    responses as the stride, shard 0's segment 1 began at shard 1's segment-0 seed."""
-    prompts = [[100 + 10 * i, 101 + 10 * i] for i in range(4)]
-    engine = CountingEngine({p[0]: p[0] + 30 for p in prompts})  # none stops early
-    sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=12, seed=50)
-    used: list[range] = []
-    for first in (0, 2):
-        engine.calls.clear()
-        job = PartialRollout(
-            prompts[first : first + 2], sampling.for_shard(first), 5, call_responses=4 * 2
-        )
-        while not job.done:
-            job.advance(engine, 0)
-        for rows, _, seed in engine.calls:
-            per_row = 2 if seed in (50, 54) else 1  # segment 0 seeds a prompt's n samples
-            used.append(range(seed, seed + rows * per_row))
-    seeds = [s for r in used for s in r]
-    assert len(seeds) == len(set(seeds)) == 4 * 2 * 3  # 8 responses x 3 segments

@@ -20,7 +20,6 @@ from fipo_trainer.trainer.loop import RLTrainer, TrainingStopped, advantages
 from fipo_trainer.trainer.pipeline import BatchSource
 from fipo_trainer.trainer.sampling import (
     Sampler,
-    call_seeds,
     concat_rollouts,
     filter_groups,
     reward_fields,
@@ -112,7 +111,7 @@ def test_step_seed_depends_on_step_and_round_only():
 
 @pytest.mark.parametrize(
     ("call", "rounds", "steps"),
-    [(24 * 8, 4, 250), (512 * 16, 10, 400)],  # the quickstart; the paper's recipe
+    [(24 * 8, 4, 250), (2048 * 16, 10, 400)],  # the quickstart; the paper's recipe
 )
 def test_training_calls_seed_disjoint_blocks(call, rounds, steps):
     """A call seeds `call` consecutive requests from its seed. Before, calls were spaced
@@ -132,14 +131,6 @@ def test_training_calls_seed_disjoint_blocks(call, rounds, steps):
 
     assert min_gap(starts(0)) >= call
     assert min_gap(starts(0) + starts(1)) >= call  # runs of seeds 0 and 1 share no stream
-
-
-def test_a_call_keeps_a_block_for_every_partial_rollout_segment():
-    cfg = SimpleNamespace(
-        data=SimpleNamespace(gen_batch_size=6), rollout=SimpleNamespace(n=4, max_tokens=100)
-    )
-    assert call_seeds(cfg, None) == 24
-    assert call_seeds(cfg, 30) == 24 * 4  # segments of 30, 30, 30, 10 tokens
 
 
 def test_finite_check_and_validation_summary():
