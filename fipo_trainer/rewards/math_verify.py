@@ -54,6 +54,12 @@ _LEAD = re.compile(
     r"(?:(?!(?:arc)?(?:(?:sin|cos|tan|cot|sec|csc)h?|log|ln|exp|max|min|gcd|lcm|det)\b)"
     r"[A-Za-z]{2,}(?:['-][A-Za-z]+)*[\s.,;:!?]+)+(?!\s*(?:[+*/^_=<>|]|-\s))"
 )
+# Only the start of the answer is searched for the lead-in: a long run of separators makes the
+# lookahead's backtracking quadratic.
+_MAX_LEAD_CHARS = 256
+# Prose left in the core: a word after a space ("x is 3", "6 cm^2") or a label ("C: 5"). Such
+# an answer goes to plain-text extraction, which reads it better than math mode ("x*i*s*3").
+_PROSE_LEFT = re.compile(r"\s[A-Za-z]{2,}(?![A-Za-z])|[A-Za-z]\s*:")
 # One sentence-ending period ("4\\sqrt{2}." reads as 4 in math mode); "1, 2, ..." keeps its dots.
 _FULL_STOP = re.compile(r"(?<!\.)\.\s*$")
 
@@ -118,11 +124,13 @@ def _math_core(answer: str) -> str | None:
     Plain-text extraction skips words but keeps only a leading piece ("The answer is 3\\sqrt{13}
     meters" gives 3, right against a ground truth of 3): without the words the math parses whole.
     """
-    lead = _LEAD.match(answer)
+    lead = _LEAD.match(answer, 0, _MAX_LEAD_CHARS)
     body = answer[lead.end() :] if lead else answer
     tail = _TAIL.search(body, max(0, len(body) - _MAX_TAIL_CHARS))
     core = (body[: tail.start()] if tail else body).strip()
-    return core if core and not _WORD.search(core) else None
+    if not core or _WORD.search(core) or _PROSE_LEFT.search(core):
+        return None
+    return core
 
 
 def _parse_math(text: str) -> list:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from fipo_trainer.rewards.math_verify import compute_score, extract_final_answer
@@ -123,6 +125,15 @@ def test_trailing_units_do_not_truncate_the_answer(
         ("Answer: Monday", "\\text{Monday}", True),
         ("Answer: log 8", "8", True),
         ("Answer: x = 5.", "5", True),
+        # Prose left between the math (a one-letter variable, a label, a unit with a power)
+        # goes to plain text as before: math mode read "x is 3" as x*i*s*3 (review of cfdee27).
+        ("\\boxed{The value of x is 3}", "3", True),
+        ("\\boxed{The answer to part b is 7}", "7", True),
+        ("\\boxed{The value of a + b is 7}", "7", True),
+        ("Answer: The length of side a is 5", "5", True),
+        ("\\boxed{Option C: 5}", "5", True),
+        ("\\boxed{The area is 6 cm^2}", "6", True),
+        ("Answer: The answer is xy + 1", "xy+1", True),
     ],
 )
 def test_prose_around_the_math_does_not_truncate_the_answer(
@@ -160,3 +171,11 @@ def test_extract_final_answer() -> None:
     assert extract_final_answer("\\boxed{\\frac{1}{2}}\nAnswer:  7 ") == "7"
     assert extract_final_answer("Answer: 7\nthen \\boxed{8}") == "8"
     assert extract_final_answer("nothing here") is None
+
+
+def test_a_long_run_of_spaces_after_a_lead_in_is_graded_at_once() -> None:
+    """The lead-in pattern backtracked quadratically over a run of separators: 50k spaces
+    took 4 s (75k would pass the reward timeout and count as a grader failure)."""
+    start = time.perf_counter()
+    compute_score("\\boxed{The sum" + " " * 100_000 + "+ 1}", "1")
+    assert time.perf_counter() - start < 1.0
