@@ -279,6 +279,11 @@ def _check_sweep(args: list[str]) -> list[str]:
         sys.exit(2)
     except Exception:  # Hydra reports a malformed sweep itself
         return args
+    run_dirs = {a.split("=", 1)[1] for job in jobs for a in job if a.startswith("trainer.run_dir=")}
+    if len(run_dirs) > 1:  # every job runs in <hydra.sweep.dir>/<its overrides>, one sweep dir
+        print("fipo-train: trainer.run_dir cannot be swept (each job runs in <sweep dir>/<its "
+              "overrides>); set hydra.sweep.dir=DIR for where the sweep goes", file=sys.stderr)
+        sys.exit(2)
     failed = [(n, job, errs) for n, job in enumerate(jobs) if (errs := job_errors(job))]
     for num, job, errors in failed:
         print(f"job {num} ({' '.join(job)}):", file=sys.stderr)
