@@ -284,6 +284,10 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_check(check: Check, work: Path, timeout_s: float, env: dict[str, str]) -> Row:
     log = work / "logs" / f"{check.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -296,6 +300,9 @@ def run_check(check: Check, work: Path, timeout_s: float, env: dict[str, str]) -
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # Started from a background job, SIGINT comes ignored, and `_stop`'s Ctrl-C would
+            # then wait out its 20 s grace: the check gets Python's default handling back.
+            preexec_fn=_default_sigint,
         )
         try:
             rc = proc.wait(timeout=timeout_s)

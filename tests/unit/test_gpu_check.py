@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -192,7 +193,10 @@ def test_parse_train(tmp_path):
     assert result == gc.FAIL and "no step metrics" in value
 
 
-def test_a_hanging_check_costs_its_timeout_only(tmp_path):
+@pytest.mark.parametrize("sigint_ignored", [False, True])
+def test_a_hanging_check_costs_its_timeout_only(tmp_path, sigint_ignored):
+    """Also when launched from a background job (SIGINT ignored, as `cmd &` leaves it): the
+    check inherited the ignored Ctrl-C, and its stop waited out the 20 s grace."""
     hang = gc.Check(
         "hang",
         1,
@@ -200,7 +204,11 @@ def test_a_hanging_check_costs_its_timeout_only(tmp_path):
         gc._parse_in_process,
     )
     start = time.monotonic()
-    row = gc.run_check(hang, tmp_path, 1.0, dict(os.environ))
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN if sigint_ignored else signal.SIG_DFL)
+    try:
+        row = gc.run_check(hang, tmp_path, 1.0, dict(os.environ))
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert row.result == gc.FAIL and "timeout after 1 s" in row.value
     assert time.monotonic() - start < 20
     assert (tmp_path / "logs" / "hang.log").read_text().startswith("x")
