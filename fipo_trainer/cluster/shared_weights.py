@@ -24,6 +24,7 @@ import socket
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge
 
@@ -78,6 +79,11 @@ class PeakMemory:
         self.peak_extra = max(0, self._peak - self._base)
 
 
+def _remove_file(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
 def _socket_path() -> str:
     # AF_UNIX paths are limited to ~107 bytes: a short name in the temp dir.
     return os.path.join(tempfile.gettempdir(), f"fipo-w-{secrets.token_hex(6)}.sock")
@@ -94,6 +100,8 @@ class SharedWeightsReceiver:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(self.path)
         self._listener.listen(1)
+        # As multiprocessing's Listener did: the socket file goes at exit even if never accepted.
+        weakref.finalize(self, _remove_file, self.path)
         self._conn: Connection | None = None
         self.last_stats = SyncStats()
 

@@ -7,6 +7,8 @@ good and could not serve a shutdown; accept now gives up after the receiver's ti
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from multiprocessing import AuthenticationError
@@ -95,3 +97,16 @@ def test_a_peer_with_the_wrong_authkey_is_refused():
     waiter.join(10.0)
     assert len(errors) == 1 and isinstance(errors[0], AuthenticationError)
     receiver.close()
+
+
+def test_a_receiver_never_accepted_leaves_no_socket_file():
+    """multiprocessing's Listener removed its socket file at exit; the plain socket that
+    replaced it (for accept's timeout) left one in /tmp per worker that never synced."""
+    code = (
+        "from fipo_trainer.cluster.shared_weights import SharedWeightsReceiver\n"
+        "r = SharedWeightsReceiver(5.0)\n"
+        "print(r.path, flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    path = out.stdout.strip()
+    assert path and not os.path.exists(path)
