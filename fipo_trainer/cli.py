@@ -251,6 +251,11 @@ def dry_run_sweep(args: Sequence[str], *, check_data: bool = True) -> int:
     except Exception as err:  # a malformed sweep override
         print(f"fipo-train: bad sweep: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    from fipo_trainer.trainer.sweep import swept_run_dir
+
+    if refused := swept_run_dir(jobs):
+        print(f"fipo-train: {refused}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.ERROR)
     bad = 0
     for num, job in enumerate(jobs):
@@ -270,7 +275,7 @@ def _check_sweep(args: list[str]) -> list[str]:
     ``args`` naming each job directory by its swept overrides (`sweep.dirname_override`)."""
     from hydra.errors import OverrideParseException
 
-    from fipo_trainer.trainer.sweep import dirname_override
+    from fipo_trainer.trainer.sweep import dirname_override, swept_run_dir
 
     try:
         jobs = sweep_jobs(args)
@@ -279,10 +284,8 @@ def _check_sweep(args: list[str]) -> list[str]:
         sys.exit(2)
     except Exception:  # Hydra reports a malformed sweep itself
         return args
-    run_dirs = {a.split("=", 1)[1] for job in jobs for a in job if a.startswith("trainer.run_dir=")}
-    if len(run_dirs) > 1:  # every job runs in <hydra.sweep.dir>/<its overrides>, one sweep dir
-        print("fipo-train: trainer.run_dir cannot be swept (each job runs in <sweep dir>/<its "
-              "overrides>); set hydra.sweep.dir=DIR for where the sweep goes", file=sys.stderr)
+    if refused := swept_run_dir(jobs):
+        print(f"fipo-train: {refused}", file=sys.stderr)
         sys.exit(2)
     failed = [(n, job, errs) for n, job in enumerate(jobs) if (errs := job_errors(job))]
     for num, job, errors in failed:

@@ -122,7 +122,7 @@ class SharedWeightsReceiver:
                 f"colocated weight sync: no actor rank connected to {self.path} within "
                 f"{self.timeout_s:g}s; check that the actor rank on this rollout worker's device "
                 "(same placement bundle) started and called connect_shared_weights with this "
-                "address, or raise the timeout (SharedWeightSync's connect_timeout_s)"
+                "address: its log names what stopped it"
             ) from err
         finally:
             self._listener.close()

@@ -57,8 +57,10 @@ _LEAD = re.compile(
 # Only the start of the answer is searched for the lead-in: a long run of separators makes the
 # lookahead's backtracking quadratic.
 _MAX_LEAD_CHARS = 256
-# Prose left in the core: a word after a space ("x is 3", "6 cm^2") or a label ("C: 5"). Such
-# an answer goes to plain-text extraction, which reads it better than math mode ("x*i*s*3").
+# Prose left in the core of an answer that has an English word ("The value of x is 3"): a word
+# after a space ("x is 3", "6 cm^2") or a label ("C: 5"). Such an answer goes to plain-text
+# extraction, which reads it better than math mode ("x*i*s*3"). One without a 3+-letter word
+# ("x is 3" alone) is math mode's, as it always was.
 _PROSE_LEFT = re.compile(r"\s[A-Za-z]{2,}(?![A-Za-z])|[A-Za-z]\s*:")
 # One sentence-ending period ("4\\sqrt{2}." reads as 4 in math mode); "1, 2, ..." keeps its dots.
 _FULL_STOP = re.compile(r"(?<!\.)\.\s*$")

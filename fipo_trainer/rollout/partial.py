@@ -37,7 +37,7 @@ def segment_seed(seed: int | None, segment: int) -> int | None:
     seeds its unfinished responses in turn from a position hashed from (seed, s).
 
     Why hashed, not the block after the call's: with short segments a run needs more request
-    streams than a seed holds (a CPU generator keeps 32 bits of it; the paper's sizes with
+    streams than a 31-bit seed holds (``SEED_MODULUS``; the paper's sizes with
     8-token segments need ~10^11), so later segments cannot all stay apart. Hashed, a shared
     stream is chance, never the same pair of requests call after call, as the blocks' wrap
     (or the old ``seed * 31 + s * 1_000_003``) made it.

@@ -164,6 +164,19 @@ def dirname_override(args: Sequence[str], jobs: Sequence[Sequence[str]]) -> str 
 _DIRNAME_KEY = "hydra.job.config.override_dirname.exclude_keys"
 
 
+def swept_run_dir(jobs: Sequence[Sequence[str]]) -> str | None:
+    """Why a sweep over ``trainer.run_dir`` cannot run, or None: each job runs in
+    ``<hydra.sweep.dir>/<its overrides>``, and a sweep has one sweep dir (:func:`launch_path`),
+    so the swept values would be ignored."""
+    run_dirs = {a.split("=", 1)[1] for job in jobs for a in job if a.startswith("trainer.run_dir=")}
+    if len(run_dirs) < 2:
+        return None
+    return (
+        "trainer.run_dir cannot be swept (each job runs in <sweep dir>/<its overrides>); "
+        "set hydra.sweep.dir=DIR for where the sweep goes"
+    )
+
+
 def sweeper_params(overrides: Sequence[str], config_dir: str | Path, config_name: str) -> dict[str, str]:
     """``hydra.sweeper.params`` of the multirun config (a recipe may define its sweep); {}
     when the overrides do not compose (each job's validation then names the problem)."""

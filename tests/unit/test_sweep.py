@@ -114,10 +114,12 @@ def test_a_bad_job_stops_the_sweep_before_anything_starts(tmp_path):
 def test_a_swept_run_dir_is_refused_naming_the_sweep_dir(tmp_path):
     """Each job runs in <sweep dir>/<its overrides>, and a sweep has one sweep dir: swept,
     trainer.run_dir a,b would be ignored (both jobs under the default's run dir)."""
-    res = run([str(BIN / "fipo-train"), "--multirun", "trainer.run_dir=a,b"], tmp_path)
-    assert res.returncode == 2, res.stderr
-    assert "trainer.run_dir cannot be swept" in res.stderr and "hydra.sweep.dir=" in res.stderr
-    assert list(tmp_path.iterdir()) == []  # nothing started, nothing written
+    for dry in ([], ["--dry-run"]):  # the dry run refuses what the run would
+        res = run([str(BIN / "fipo-train"), *dry, "--multirun", "trainer.run_dir=a,b"], tmp_path)
+        assert res.returncode == 2, res.stderr
+        assert "trainer.run_dir cannot be swept" in res.stderr, res.stderr
+        assert "hydra.sweep.dir=" in res.stderr
+        assert list(tmp_path.iterdir()) == []  # nothing started, nothing written
 
 
 # The training task replaced by a no-op: Hydra's multirun, the config tree, the CLI's

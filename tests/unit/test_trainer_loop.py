@@ -115,8 +115,8 @@ def test_step_seed_depends_on_step_and_round_only():
 )
 def test_training_calls_seed_disjoint_blocks(call, rounds, steps):
     """A call seeds `call` consecutive requests from its seed. Before, calls were spaced
-    1009 seeds per step and 7919 per round: the quickstart's round 1 of step s met step
-    s + 8, and the paper's consecutive steps shared most of their streams."""
+    1009 seeds per step and 7919 per round: the quickstart's round 2 of step s met round 1
+    of step s + 8, and the paper's consecutive steps shared most of their streams."""
 
     def starts(run_seed: int) -> list[int]:
         return [
