@@ -29,7 +29,9 @@ misses (a process's last half second before it exits, processes shorter than a s
 whatever else runs, so read it on a quiet machine. By role (``process_tree.py``: driver, rollout, actor ranks,
 grader, Ray's helpers): busy cores between the first and the last step row (steady state,
 validations included) and PSS at the run's peak — a second table (``bench_pipeline_report``)
-and, for the quickstart, two SUMMARY dicts.
+and, for the quickstart, two SUMMARY dicts. By phase (start-up to the first step row, the
+steps, the last step row to exit): seconds and busy cores, whose time-weighted mean is the
+run's figure — a third table and ``quickstart_phases``.
 
 Machine-wide heavy work: wrap the whole script in ``flock /tmp/heavy.lock``.
 
@@ -57,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_pipeline_report import print_table  # this directory: sys.path[0]
-from process_tree import MachineCpu, TreeMonitor
+from process_tree import MachineCpu, TreeMonitor, busy_by_phase
 
 from fipo_trainer.cli import quoted_override
 
@@ -209,6 +211,12 @@ def summary(results: Mapping[str, Mapping[str, Mapping[str, Any]]], quick_mode: 
     out["quickstart_steady_busy_cores_by_role"] = (
         {role: round(v, 3) for role, v in busy.items()} if busy else None
     )
+    phases = quick.get("phases")
+    out["quickstart_phases"] = (
+        {name: {k: round(v, 3) for k, v in p.items()} for name, p in phases.items()}
+        if phases
+        else None
+    )
     pss_roles = quick.get("pss_by_role")
     out["quickstart_pss_gib_by_role"] = (
         {role: round(v / 2**30, 3) for role, v in pss_roles.items()} if pss_roles else None
@@ -310,6 +318,13 @@ def run_one(overrides: list[str], run_dir: Path, timeout_s: float) -> dict[str, 
             monitor.busy_by_role(first_step[1], last_step[1])
             if first_step and last_step and last_step[0] > first_step[0]
             else None
+        ),
+        phases=busy_by_phase(
+            start,
+            first_step[1] if first_step else None,
+            last_step[1] if last_step else None,
+            start + wall,
+            sum(monitor.cpu.values()),
         ),
     )
     if out["status"] != "ok":

@@ -50,6 +50,7 @@ def print_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
     console = Console(width=max(200, shutil.get_terminal_size().columns))
     console.print(table)
     console.print(role_table(results))
+    console.print(phase_table(results))
     for shape, modes in results.items():
         for mode, r in modes.items():
             if r.get("error"):
@@ -78,5 +79,24 @@ def role_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]):
                 shape, mode, *(_fmt(busy.get(role)) for role in ROLES),
                 _fmt(sum(busy.values()) if busy else None),
                 *(_fmt(pss[role] / 2**30 if role in pss else None) for role in ROLES),
+            )  # fmt: skip
+    return table
+
+
+def phase_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]):
+    """Seconds and busy cores of each phase: the run's busy cores are their time-weighted
+    mean, so this shows which phase holds the figure down."""
+    from rich.table import Table
+
+    table = Table(title="by phase: seconds | busy cores")
+    names = ("start-up", "steps", "end")
+    for c in ("shape", "mode", *(f"{n} s" for n in names), *(f"{n} cores" for n in names)):
+        table.add_column(c, justify="left" if c in ("shape", "mode") else "right")
+    for shape, modes in results.items():
+        for mode, r in modes.items():
+            ph = r.get("phases") or {}
+            table.add_row(
+                shape, mode, *(_fmt(ph.get(n, {}).get("s"), ".1f") for n in names),
+                *(_fmt(ph.get(n, {}).get("busy_cores")) for n in names),
             )  # fmt: skip
     return table

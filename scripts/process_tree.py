@@ -160,3 +160,31 @@ class TreeMonitor:
 
     def pids(self) -> list[int]:
         return [pid for pid, _ in self.cpu]
+
+
+def busy_by_phase(
+    start: float,
+    first: CpuSnapshot | None,
+    last: CpuSnapshot | None,
+    end: float,
+    tree_cpu_s: float,
+) -> dict[str, dict[str, float]] | None:
+    """Seconds and busy cores of the run's three phases: ``start-up`` (process start to the
+    first step row: step 1 and the first validation included), ``steps`` (first to last step
+    row) and ``end`` (last step row to exit: checkpoint, export, shut-down, plots).
+
+    Why: the run's figure is their time-weighted mean, so a phase below the target pulls it
+    down however busy the steps are; this says which one and by how much. The end's CPU is
+    what the tree's samples saw: a process's last half second before it exits is missed
+    (the machine's figure counts it)."""
+    if first is None or last is None:
+        return None
+    bounds = [
+        ("start-up", start, first.t, 0.0, sum(first.cpu.values())),
+        ("steps", first.t, last.t, sum(first.cpu.values()), sum(last.cpu.values())),
+        ("end", last.t, end, sum(last.cpu.values()), tree_cpu_s),
+    ]
+    return {
+        name: {"s": t1 - t0, "busy_cores": (c1 - c0) / (t1 - t0) if t1 > t0 else 0.0}
+        for name, t0, t1, c0, c1 in bounds
+    }

@@ -205,6 +205,15 @@ def test_run_one_splits_steady_cpu_and_peak_memory_by_role(tmp_path, monkeypatch
     assert set(out["pss_by_role"]) == {"driver"} and out["pss_by_role"]["driver"] > 0
     summary = bp.summary({"quickstart": {"off": out}}, "off")
     assert summary["quickstart_steady_busy_cores_by_role"]["driver"] > 0.5
+    # By phase: the burn is between the rows, the end only sleeps, and the phases' seconds
+    # and CPU add up to the run's wall time and its busy cores.
+    phases = out["phases"]
+    assert phases["steps"]["busy_cores"] > 0.5 and phases["steps"]["s"] > 1.0
+    assert phases["end"]["busy_cores"] < 0.3 and phases["end"]["s"] > 1.0
+    assert sum(p["s"] for p in phases.values()) == pytest.approx(out["wall_s"])
+    cpu = sum(p["s"] * p["busy_cores"] for p in phases.values())
+    assert cpu / out["wall_s"] == pytest.approx(out["busy_cores"])
+    assert summary["quickstart_phases"]["steps"]["busy_cores"] > 0.5
     assert summary["quickstart_pss_gib_by_role"]["driver"] > 0
 
 
