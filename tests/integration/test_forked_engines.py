@@ -47,16 +47,53 @@ def test_outputs_come_prompt_major_from_every_engine(model):
     assert sorted(o.prompt_index for o in streamed) == [o.prompt_index for o in outputs]
 
 
-def test_a_child_that_cannot_build_is_named(model):
-    parent = os.getpid()
+class _BuildLoggedEngine(HFEngine):
+    """An HF engine that writes ``build <pid>`` into ``log`` when built and ``generate <pid>
+    <prompts>`` for every call, from whichever process it runs in."""
 
-    def build():
-        if os.getpid() != parent:
-            raise ValueError("no engine for the child")
-        return HFEngine(model, CONFIG)
+    def __init__(self, model: str, log: str):
+        super().__init__(model, CONFIG)
+        self.log = log
+        self._write(f"build {os.getpid()}")
 
-    with pytest.raises(RuntimeError, match=r"forked engine 1 .* failed start(.|\n)*no engine"):
-        ForkedEngines(build, 2)
+    def _write(self, line: str) -> None:
+        with open(self.log, "a") as f:
+            f.write(line + "\n")
+
+    def generate(self, prompt_token_ids, sampling):
+        self._write(f"generate {os.getpid()} {len(prompt_token_ids)}")
+        return super().generate(prompt_token_ids, sampling)
+
+
+def test_the_children_serve_the_engine_this_process_built_and_warmed(model, tmp_path):
+    """Children that built their own engines wrote to ≈ 175 MiB of the pages they shared
+    (docs/benchmarks.md, run 27): one engine is built, here, warmed up by one call of one
+    prompt, and the children serve copies of it."""
+    log = tmp_path / "events.log"
+    engines = ForkedEngines(lambda: _BuildLoggedEngine(model, str(log)), 3)
+    try:
+        events = log.read_text().splitlines()
+        assert events == [f"build {os.getpid()}", f"generate {os.getpid()} 1"]
+        prompts = [[5 + i, 6, 7] for i in range(6)]
+        outputs = engines.generate(prompts, SAMPLING)
+        calls = [line.split() for line in log.read_text().splitlines()[2:]]
+        pids = {int(pid) for _, pid, _ in calls}
+        assert pids == {os.getpid(), *engines.child_pids()}
+        assert sorted(int(n) for *_, n in calls) == [2, 2, 2]
+    finally:
+        engines.shutdown()
+    assert [o.prompt_index for o in outputs] == [i for i in range(6) for _ in range(2)]
+
+
+def test_a_child_that_cannot_start_is_named(model, monkeypatch):
+    from fipo_trainer.rollout import forked_engines
+
+    def fail():
+        raise ValueError("no start for the child")
+
+    monkeypatch.setattr(forked_engines, "_die_with_parent", fail)  # the child calls it first
+    with pytest.raises(RuntimeError, match=r"forked engine 1 .* failed start(.|\n)*no start"):
+        ForkedEngines(lambda: HFEngine(model, CONFIG), 2)
 
 
 def test_a_dead_child_is_named_and_a_bad_prompt_carries_its_trace(model):
@@ -91,21 +128,15 @@ def test_a_child_gone_before_a_call_breaks_the_engines_for_good(model):
         engines.shutdown()
 
 
-def test_a_child_that_hangs_while_building_is_named(model, monkeypatch):
+def test_a_child_that_hangs_at_start_is_named(model, monkeypatch):
     """It used to block the worker's start until the driver's start-up timeout, whose
     message blamed the worker's ``__init__``."""
     from fipo_trainer.rollout import forked_engines
 
-    parent = os.getpid()
-
-    def build():
-        if os.getpid() != parent:
-            time.sleep(60)
-        return HFEngine(model, CONFIG)
-
+    monkeypatch.setattr(forked_engines, "_die_with_parent", lambda: time.sleep(60))
     monkeypatch.setattr(forked_engines, "CHILD_TIMEOUT_S", 1.0)
     with pytest.raises(RuntimeError, match=r"forked engine 1 .* did not answer start within 1 s"):
-        ForkedEngines(build, 2)
+        ForkedEngines(lambda: HFEngine(model, CONFIG), 2)
 
 
 class _TimedEngine(HFEngine):
