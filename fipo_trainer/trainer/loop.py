@@ -14,13 +14,12 @@ stage returns only the fields it adds (``data/schema.py``), merged with ``batch 
     metrics |= weight_sync.sync()                 # the engines now hold version `step`
 
 ``trainer.async_mode`` decides when ``batches`` makes a batch (``trainer/pipeline.py``): on
-demand, or ahead while the actor updates. ``T`` is the rollout's training temperature, so
-the actor's log-probs are those of the distribution the engine sampled from. Validation
-every ``test_freq``, a checkpoint every ``save_freq``, metrics every step, the plot at the end.
+demand, or ahead while the actor updates. ``T`` is the rollout's training temperature, so the
+actor's log-probs are those of the distribution the engine sampled from. Validation every
+``test_freq``, a checkpoint every ``save_freq``, metrics every step, the plot at the end.
 
-Every remote call has a deadline (``trainer.call_timeout_s``; generation's from
-``rollout.generate_timeout_*``): a stalled worker is named, not waited for. Ctrl-C kills the
-workers (a stalled one would not answer) and :class:`TrainingInterrupted` says where.
+Every remote call has a deadline (``trainer.call_timeout_s``, ``rollout.generate_timeout_*``):
+a stalled worker is named. Ctrl-C kills the workers and :class:`TrainingInterrupted` says where.
 """
 
 from __future__ import annotations
@@ -238,17 +237,18 @@ class RLTrainer:
             self.batches.resume()
 
     def prepare_resume(self) -> None:
-        """Before Ray, DeepSpeed or vLLM start (a broken checkpoint fails in seconds, or under
-        ``auto`` gives way to an older valid one): clean crash leftovers; pick, verify and
-        read the checkpoint to resume from; or, starting afresh, set an earlier run aside."""
-        from fipo_trainer.trainer import checkpoint, run_outputs
+        """Before Ray, DeepSpeed or vLLM start (a bad checkpoint fails in seconds, or under
+        ``auto`` gives way to an older valid one): clean crash leftovers; pick, verify, read and
+        check (``resume_check``) the checkpoint; starting afresh or from another run's, set an
+        earlier run in this run directory aside."""
+        from fipo_trainer.trainer import checkpoint, resume_check, run_outputs
 
         self.ckpt = checkpoint.CheckpointManager.for_run(self.cfg)
         self.ckpt.clean_leftovers()
         path = self.ckpt.resolve_resume(self.cfg.trainer.resume)
-        if path is None:
-            run_outputs.set_aside_earlier_run(self.run_dir, str(self.cfg.trainer.resume))
-        self._resume = None if path is None else (path, self.ckpt.load_trainer_state(path))
+        if path is None or not Path(path).resolve().is_relative_to(self.ckpt.root.resolve()):
+            run_outputs.set_aside_earlier_run(self.run_dir, str(self.cfg.trainer.resume), path)
+        self._resume = resume_check.load_checked(path, self.ckpt, self.cfg)
 
     def maybe_resume(self) -> int:
         """Load the checkpoint :meth:`prepare_resume` verified into the started roles."""

@@ -44,11 +44,13 @@ def _now_stamp() -> str:
     return time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
-def set_aside_earlier_run(run_dir: str | Path, resume: str) -> Path | None:
+def set_aside_earlier_run(
+    run_dir: str | Path, resume: str, elsewhere: str | Path | None = None
+) -> Path | None:
     """Move an earlier run's outputs in ``run_dir`` to ``run_dir/earlier_runs/<time>``;
     returns that directory (None: there were none). Call it only when this run starts
-    afresh (``resume``: its ``trainer.resume``): a resumed run continues the files it
-    finds."""
+    afresh (``resume``: its ``trainer.resume``), or resumes from ``elsewhere``, another
+    run's checkpoint: a run resumed from its own checkpoint continues the files it finds."""
     run_dir = Path(run_dir)
     if not any((run_dir / name).exists() for name in _EVIDENCE):
         return None
@@ -65,7 +67,9 @@ def set_aside_earlier_run(run_dir: str | Path, resume: str) -> Path | None:
             (run_dir / name).rename(target / name)  # one file system: a rename, no copy
             moved.append(name)
     why = (
-        "found no checkpoint to resume"
+        f"continues another run's checkpoint ({elsewhere})"
+        if elsewhere is not None
+        else "found no checkpoint to resume"
         if resume == "auto"
         else "starts afresh (trainer.resume=auto would continue it)"
     )
