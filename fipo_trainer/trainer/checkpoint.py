@@ -127,10 +127,19 @@ def _is_candidate(path: Path) -> bool:
     )
 
 
+def _saved_after_pointer(found: list[Path], named: Path, pointer: Path) -> list[Path]:
+    """Steps above the pointer's written after it: saves killed between moving the
+    checkpoint into place and writing the pointer (steps above it written before it were
+    abandoned by a resume from an older one, and the pointer then rewritten)."""
+    written = pointer.stat().st_mtime_ns
+    return [p for p in found if step_of(p) > step_of(named) and p.stat().st_mtime_ns > written]
+
+
 def _candidates_in(root: Path) -> list[Path]:
-    """Checkpoints to try, best first: the pointer's, then older steps, newest first (steps
-    above the pointer were abandoned by a resume from an older one). Without a usable
-    pointer: every step, newest first."""
+    """Checkpoints to try, best first: a save newer than the pointer (its pointer write was
+    interrupted), the pointer's, then older steps, newest first (other steps above the
+    pointer were abandoned by a resume from an older one). Without a usable pointer: every
+    step, newest first."""
     if not root.is_dir():
         return []
     found = sorted(
@@ -140,7 +149,8 @@ def _candidates_in(root: Path) -> list[Path]:
     text = pointer.read_text().strip() if pointer.is_file() else ""
     named = root / f"{_PREFIX}{int(text)}" if text.isdigit() else None
     if named in found:
-        return [named] + [p for p in found if step_of(p) < step_of(named)]
+        newer = _saved_after_pointer(found, named, pointer)
+        return newer + [named] + [p for p in found if step_of(p) < step_of(named)]
     if pointer.is_file():
         logger.warning(
             "%s names %r, which is not a checkpoint; trying the newest ones", pointer, text
@@ -161,7 +171,8 @@ def _latest_in(root: Path) -> Path | None:
         if text.isdigit():
             candidate = root / f"{_PREFIX}{int(text)}"
             if _is_complete(candidate):
-                return candidate
+                newer = _saved_after_pointer(_complete_in(root), candidate, pointer)
+                return max(newer, key=step_of) if newer else candidate
         logger.warning(
             "%s names %r, which is not a complete checkpoint; using the newest one", pointer, text
         )
@@ -220,7 +231,9 @@ class CheckpointManager:
         """The checkpoint the pointer names if it is complete, else the highest complete step.
 
         The pointer wins over a higher step: after resuming from an older checkpoint by path,
-        the newest save is the one the run continued from, not an abandoned later one.
+        the newest save is the one the run continued from, not an abandoned later one. A
+        higher step written after the pointer wins over it: a save killed before its pointer
+        write (:func:`_saved_after_pointer`).
         """
         return _latest_in(self.root)
 

@@ -205,3 +205,29 @@ def test_rng_states_and_config_round_trip(tmp_path):
     np.random.set_state(loaded["rng"]["numpy"])
     torch.set_rng_state(loaded["rng"]["torch"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_save_killed_before_its_pointer_write_is_still_resumed(tmp_path, monkeypatch):
+    """``save`` moves the checkpoint into place, then writes the pointer. Killed (or out of
+    disk) in between, `auto` took the pointer's older step: the newer save's steps were
+    trained again. A step above the pointer written after it is such a save; steps above
+    it written before it stay abandoned (a resume from an older one)."""
+    mgr = CheckpointManager(tmp_path / "run")
+    for step in (5, 10):
+        mgr.save(step, _writer(), {})
+
+    def killed(step):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mgr, "_write_pointer", killed)
+    with pytest.raises(OSError):
+        mgr.save(15, _writer(), {})
+    monkeypatch.undo()
+    assert _pointer(mgr) == "10" and (mgr.root / "global_step_15" / STATE_FILE).is_file()
+    assert mgr.resolve_resume("auto") == mgr.root / "global_step_15"
+    assert mgr.latest() == mgr.root / "global_step_15"
+    # the pointer rewritten later (a run resumed from step 5 saved step 6): 10 and 15 are
+    # that run's abandoned steps again
+    mgr.save(6, _writer(), {})
+    assert mgr.resolve_resume("auto") == mgr.root / "global_step_6"
+    assert mgr.latest() == mgr.root / "global_step_6"
