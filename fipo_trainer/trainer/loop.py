@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fipo_trainer.trainer import resume_check
 from fipo_trainer.trainer.checkpoint import rng_state, set_rng_state
 from fipo_trainer.trainer.config import TrainConfig
 from fipo_trainer.trainer.interrupt import TrainingInterrupted, interrupted
@@ -161,9 +162,8 @@ class RLTrainer:
         metrics |= actor_metrics
         with timed(timings, "sync"):
             metrics |= self._engines_at(step, self.weight_sync.sync, keep=validate_next)
-        metrics |= perf_metrics(
-            batch, time.perf_counter() - step_start, cfg.resources.actor_world_size
-        )
+        seconds = time.perf_counter() - step_start
+        metrics |= perf_metrics(batch, seconds, cfg.resources.actor_world_size)
         return {**metrics, **timings}
 
     def _engines_at(self, version: int, sync: Any = dict, keep: bool = False) -> dict[str, float]:
@@ -179,10 +179,8 @@ class RLTrainer:
         bad = non_finite(actor_metrics, ("actor/pg_loss", "actor/grad_norm"))
         if not bad:
             return {}
-        message = (
-            f"step {step}: non-finite {', '.join(bad)} "
-            f"({', '.join(f'{k}={actor_metrics[k]}' for k in bad)})"
-        )
+        values = ", ".join(f"{k}={actor_metrics[k]}" for k in bad)
+        message = f"step {step}: non-finite {', '.join(bad)} ({values})"
         if self.cfg.trainer.nan_policy == "stop":
             raise TrainingStopped(
                 message + "; stopping (trainer.nan_policy=stop). Lower actor.lr or set "
@@ -241,7 +239,7 @@ class RLTrainer:
         ``auto`` gives way to an older valid one): clean crash leftovers; pick, verify, read and
         check (``resume_check``) the checkpoint; starting afresh or from another run's, set an
         earlier run in this run directory aside."""
-        from fipo_trainer.trainer import checkpoint, resume_check, run_outputs
+        from fipo_trainer.trainer import checkpoint, run_outputs
 
         self.ckpt = checkpoint.CheckpointManager.for_run(self.cfg)
         self.ckpt.clean_leftovers()
@@ -277,6 +275,8 @@ class RLTrainer:
         path, state = getattr(self, "_resume", None) or (None, {})
         rows = state.get("sampler", {}).get("num_rows")
         if path is None or rows is None or int(state["step"]) < self.total_steps(int(rows)):
+            return None
+        if resume_check.export_missing(self.cfg, self.run_dir, path):  # stopped exporting
             return None
         key = "total_training_steps" if self.cfg.trainer.total_training_steps else "total_epochs"
         logger.warning(
@@ -348,7 +348,8 @@ class RLTrainer:
             if cfg.trainer.save_freq <= 0 and last_ckpt_step != result.steps and result.steps:
                 result.checkpoint = self.save_checkpoint(result.steps)
             if cfg.trainer.export_hf:
-                result.export_dir = Path(self.actor.export(str(self.run_dir / "hf_model")))
+                export = self.run_dir / resume_check.EXPORT_DIR
+                result.export_dir = Path(self.actor.export(str(export)))
         finally:
             self.batches.close()
             tracker.close()

@@ -10,11 +10,17 @@ vLLM had started, in a message that named neither the checkpoint nor the setting
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fipo_trainer.trainer.checkpoint_manifest import CheckpointInvalid
+
+logger = logging.getLogger(__name__)
+
+#: Where a run's final Hugging Face export goes (``trainer.export_hf``).
+EXPORT_DIR = "hf_model"
 
 #: Settings the prompt order was drawn with (every checkpoint).
 DATA_ORDER_KEYS = (("data", "shuffle"), ("data", "seed"))
@@ -74,3 +80,22 @@ def load_checked(path: str | Path | None, ckpt: Any, cfg: Any) -> tuple[Any, dic
     state = ckpt.load_trainer_state(path)
     check_resume_config(path, state, cfg)
     return path, state
+
+
+def export_missing(cfg: Any, run_dir: str | Path, checkpoint: str | Path) -> bool:
+    """``trainer.export_hf`` is on but ``run_dir/hf_model`` is missing or older than the last
+    checkpoint: the run was stopped during its export (the full-weights gather, where a big
+    model runs out of memory). Then a finished run is not done: it starts the actor again
+    to export (the export is written whole or not at all, so its age is the step's)."""
+    if not getattr(cfg.trainer, "export_hf", False):
+        return False
+    export = Path(run_dir) / EXPORT_DIR
+    if export.is_dir() and export.stat().st_mtime_ns >= Path(checkpoint).stat().st_mtime_ns:
+        return False
+    logger.warning(
+        "%s is the run's last step but %s %s: starting the roles to export it",
+        checkpoint,
+        export,
+        "is older than it" if export.is_dir() else "is missing",
+    )
+    return True

@@ -4,6 +4,7 @@ resumes from the older valid one (real components, as in ``test_train.py``)."""
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 
 import pytest
@@ -121,3 +122,12 @@ def test_resuming_a_finished_run_starts_nothing(tmp_path, monkeypatch):
     assert (run_dir / "metrics.jsonl").read_bytes() == metrics
     assert (run_dir / "hf_model").stat().st_mtime_ns == export
     assert not (run_dir / "earlier_runs").exists()
+    # Stopped during its export (the full-weights gather), the finished run used to say
+    # "nothing to train" for good: now it starts the roles again only to export.
+    monkeypatch.undo()
+    shutil.rmtree(run_dir / "hf_model")
+    exported = train(run_dir, *epoch, "trainer.resume=auto", "trainer.export_hf=true")
+    assert exported.steps == 2 and exported.export_dir == (run_dir / "hf_model").resolve()
+    assert (run_dir / "hf_model" / "config.json").is_file()
+    assert (run_dir / "metrics.jsonl").read_bytes() == metrics  # nothing trained again
+    assert not (run_dir / "checkpoints" / "global_step_3").exists()

@@ -57,3 +57,19 @@ def test_a_fresh_run_or_an_older_checkpoint_without_a_row_count_goes_ahead(tmp_p
     t._resume = None
     assert t._finished_already() is None
     assert resumed(trainer(tmp_path, None), 4, num_rows=None)._finished_already() is None
+
+
+def test_a_finished_run_stopped_during_its_export_is_not_finished(tmp_path, caplog):
+    """Killed during the final HF export, re-running the command said "nothing to train"
+    for good: no export, and no command but a retrain to get one."""
+    t = resumed(trainer(tmp_path, 250), 250)
+    t.cfg.trainer.export_hf = True
+    t._resume[0].mkdir(parents=True)
+    with caplog.at_level(logging.WARNING):
+        assert t._finished_already() is None
+    assert "hf_model is missing: starting the roles to export it" in caplog.text
+    (tmp_path / "hf_model").mkdir()  # exported after the last checkpoint: finished
+    assert t._finished_already() is not None
+    t.cfg.trainer.export_hf = False  # no export asked for: finished without one
+    (tmp_path / "hf_model").rmdir()
+    assert t._finished_already() is not None
