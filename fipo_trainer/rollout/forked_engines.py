@@ -5,22 +5,21 @@ second engine is the only way to generate on a second core, and each engine proc
 ≈ 0.57 GiB of private memory, mostly the imports of torch and vLLM (docs/benchmarks.md,
 run 17). A forked engine shares those pages copy-on-write.
 
-Why fork the *built* engine (after one warm-up call), not the imports: a child that built
-its own engine wrote to ≈ 175 MiB of the pages it shared (objects the build touches, first-call
-set-up), as much private memory as a second process's engine; the children of a built, warmed
-engine share it and write only what their calls touch, and build nothing (no start-up CPU).
-Measured on the quickstart's model: a child's private memory after 60 calls 109 MiB, against
-277 MiB when it built its own (docs/benchmarks.md, run 27). The warm-up is one seeded call of
-one token, shorter than a KV-cache block, so no prefix is cached and no later call changes.
+Why fork the *built* engine (after one warm-up call), not the imports: a child that built its
+own engine wrote to ≈ 175 MiB of the pages it shared (what the build and the first call touch);
+children of a built, warmed engine write only what their calls touch, and build nothing. On
+the quickstart's model a child held 109 MiB of private memory after 60 calls, against 277 MiB
+when it built its own (docs/benchmarks.md, run 27). The warm-up (:func:`warm_up`) caches no
+prefix, so no later call changes.
 
 Every call is cut into one consecutive shard of prompts per engine in use (all of them, or
 the first ``k`` after ``use(k)``: ``rollout.engine_spread``; ``SamplingConfig.for_shard``: a
 seeded call draws the same samples however many engines share it), the children's shards go
 down a pipe and run while this process runs its own.
-Weights reach the children as pickled copies, sent before this process loads its own so
-that every engine loads at once (a step waits for its sync; docs/benchmarks.md, run 20): a
-CPU feature for small models, which is all a CPU can train. CUDA does not survive ``fork``; on GPUs
-run one engine per device (``resources.rollout_workers``).
+Weights reach the children as pickled copies, sent before this process loads its own so that
+every engine loads at once (a step waits for its sync; docs/benchmarks.md, run 20): a CPU
+feature for small models, which is all a CPU can train. CUDA does not survive ``fork``; on
+GPUs run one engine per device (``resources.rollout_workers``).
 """
 
 from __future__ import annotations
@@ -168,8 +167,7 @@ class ForkedEngines:
         for attr in ("vocab_size", "max_model_len", "startup_seconds"):
             if hasattr(self._local, attr):
                 setattr(self, attr, getattr(self._local, attr))
-        logger.info("rollout worker runs %d engines (%d forked, pids %s)", count,
-                    count - 1, [p.pid for p, _ in self._children])  # fmt: skip
+        logger.info("rollout worker runs %d engines (forked: pids %s)", count, self.child_pids())
 
     def _fork_children(self, children: int) -> None:
         """Fork the children, each serving a copy-on-write copy of this process's engine.
