@@ -120,10 +120,32 @@ class PromptDataset:
                 cfg.truncation,
             )
         if not self.items:
-            raise DataError(
-                f"no usable prompts in {[str(f) for f in self.files]} ({self.stats}); check "
-                "data.max_prompt_length and the file contents"
+            raise DataError(self._why_empty())
+
+    def _why_empty(self) -> str:
+        """Why no prompt is left, with the fix for that cause (a file of no rows is not
+        fixed by data.max_prompt_length)."""
+        files, cfg, stats = [str(f) for f in self.files], self.config, self.stats
+        if not stats.rows_read:
+            return (
+                f"{files} hold no rows: add rows to the file(s) or point data.train_files / "
+                "data.val_files at files that have them"
             )
+        why = []
+        if stats.dropped_too_long:
+            why.append(
+                f"{stats.dropped_too_long} longer than data.max_prompt_length="
+                f"{cfg.max_prompt_length} tokens (data.truncation=filter): raise "
+                "data.max_prompt_length or set data.truncation=left|right"
+            )
+        if stats.skipped_bad:
+            why.append(
+                f"{stats.skipped_bad} bad (data.skip_bad_rows=true), first: "
+                + "; ".join(stats.first_errors)
+            )
+        return f"no usable prompts in {files}: of {stats.rows_read} rows, " + (
+            "; ".join(why) or "none is usable"
+        )
 
     def _bad(self, err: DataError) -> None:
         if not self.config.skip_bad_rows:

@@ -26,6 +26,7 @@ __all__ = [
     "check_columns",
     "columns_of",
     "detect_schema",
+    "holds_rows",
     "parse_row",
     "preview_problems",
     "read_preview",
@@ -43,11 +44,32 @@ class DataError(ValueError):
     """A data file or row that cannot be used (message names file, row and field)."""
 
 
+def _require_file(path: Path) -> None:
+    """A directory is no data file, and says so (not "not found": it exists)."""
+    if path.is_dir():
+        raise DataError(
+            f"{path} is a directory, not a data file: pass the {'/'.join(SUFFIXES)} files "
+            "in it (a list of paths)"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+
+
+def _not_utf8(path: Path, raw: bytes, err: UnicodeDecodeError, line: int = 1) -> DataError:
+    """The decode error of ``raw`` (a line, or a whole file: line counted here) as a
+    `DataError` naming file, line and byte; Python's own names neither file nor line."""
+    line += raw.count(b"\n", 0, err.start)
+    column = err.start - raw.rfind(b"\n", 0, err.start)
+    return DataError(
+        f"{path} line {line}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {column}): "
+        "data files must be UTF-8; re-encode the file (e.g. iconv -f latin1 -t utf-8)"
+    )
+
+
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a ``.parquet``, ``.jsonl`` or ``.json`` (list of objects) file as dicts."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+    _require_file(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -58,8 +80,11 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
     if path.suffix == ".json":
+        raw = path.read_bytes()
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, raw, e) from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: invalid JSON ({e})") from e
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -70,10 +95,14 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 def _read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f):
+    with path.open("rb") as f:  # decoded line by line: a bad byte is named with its line
+        for i, raw in enumerate(f):
             if limit is not None and len(rows) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, raw, e, i + 1) from None
             if not line.strip():
                 continue
             try:
@@ -97,8 +126,7 @@ def read_preview(
     Errors are `read_records`' own, so a dry run reports what training would.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+    _require_file(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -112,6 +140,20 @@ def read_preview(
         return columns, records
     records = _read_jsonl(path, rows) if path.suffix == ".jsonl" else read_records(path)[:rows]
     return columns_of(records), records
+
+
+def holds_rows(path: str | Path) -> bool:
+    """Whether a file holds at least one row (a split of empty files trains on nothing).
+    True when it cannot be read: `preview_problems` reports that, with its reason."""
+    path = Path(path)
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return bool(pq.ParquetFile(path).metadata.num_rows)
+        return bool(read_preview(path, 1)[1])
+    except Exception:  # unreadable: not this check's to report
+        return True
 
 
 def columns_of(records: Sequence[dict[str, Any]]) -> list[str]:

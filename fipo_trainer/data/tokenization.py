@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fipo_trainer.data.records import DataError  # a one-line error at the CLI, not a trace
+
 __all__ = [
     "encode_prompts",
     "load_tokenizer",
@@ -79,9 +81,11 @@ def resolve_chat_template(tokenizer: Any, wanted: bool | None) -> bool:
     if wanted is None:
         return has_template
     if wanted and not has_template:
-        raise ValueError(
-            "data.apply_chat_template=true but the tokenizer has no chat template; "
-            "set data.apply_chat_template=false to use plain text prompts"
+        name = getattr(tokenizer, "name_or_path", "")
+        raise DataError(
+            f"data.apply_chat_template=true but the tokenizer{f' of {name}' if name else ''} "
+            "has no chat template: set data.apply_chat_template=false (plain-text prompts, base models) or use a "
+            "model with a chat template"
         )
     return wanted
 

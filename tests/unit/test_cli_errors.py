@@ -56,6 +56,8 @@ def test_a_fipo_data_flag_out_of_range_is_a_usage_error(argv, flag, tmp_path, ca
         ("actor_rollout_ref.actor.kl_loss_coef=0.0", "no KL-to-reference loss or entropy bonus"),
         ("actor_rollout_ref.actor.use_kl_loss=false", "no KL-to-reference loss or entropy bonus"),
         ("actor_rollout_ref.actor.entropy_coeff=0", "no KL-to-reference loss or entropy bonus"),
+        ("data.filter_overlong_prompts=true",
+         "here it is data.truncation (verl's filter_overlong_prompts=true is data.truncation=filter"),
     ],
 )
 def test_a_verl_key_with_no_close_name_here_gets_the_right_fix(override, said):
@@ -72,3 +74,20 @@ def test_a_short_cluster_names_the_real_ray_cluster_command():
         assert message and "scripts/ray_cluster.sh worker HEAD_ADDR" in message
         assert "start-worker" not in message
     assert "--num-gpus 8" in gpus
+
+
+def test_the_dry_run_refuses_model_path_with_the_tiny_model_as_the_run_does(tmp_path, capsys):
+    """The default recipe builds the tiny model; a model.path beside it is the run's exit 2,
+    so the dry run must say so too (one rule, `rules.tiny_model_clash`)."""
+    from fipo_trainer.trainer.config import load_config, prepare_config
+
+    other = tmp_path / "model"
+    other.mkdir()
+    assert cli.dry_run([f"model.path={other}"]) == 2
+    err = capsys.readouterr().err
+    assert "model.tiny.enable=true are both set" in err and "config OK" not in err
+    with pytest.raises(ConfigError, match="are both set"):
+        prepare_config(cli.compose_config([f"model.path={other}"]), check_platform=False)
+    # a saved config reloaded: model.path is the tiny model these settings build
+    built = load_config(cli.compose_config(["model.tiny.warm_start_steps=0"])).model.path
+    assert cli.dry_run([f"model.path={built}", "model.tiny.warm_start_steps=0"]) == 0

@@ -384,8 +384,9 @@ def test_a_train_config_built_in_code_with_a_plain_actor_config_validates(tmp_pa
         **{f.name: getattr(cfg.actor, f.name) for f in dataclasses.fields(ActorConfig)}
         | {"model_path": str(tmp_path)}
     )
+    own = dataclasses.replace(cfg.model.tiny, enable=False)  # a model.path of its own
     cfg = dataclasses.replace(
-        cfg, actor=plain, model=dataclasses.replace(cfg.model, path=str(tmp_path))
+        cfg, actor=plain, model=dataclasses.replace(cfg.model, path=str(tmp_path), tiny=own)
     )
     validate_config(cfg, **STRUCTURE)
     assert type(load_config(cfg, build_model=False).actor) is TrainActorConfig

@@ -32,6 +32,11 @@ def colocated(world: int, engines: int, tp: int, *more: str) -> TrainConfig:
     )
 
 
+def own(path) -> list[str]:
+    """A model directory of the test's own (the default recipe builds the tiny model)."""
+    return [f"model.path={path}", "model.tiny.enable=false"]
+
+
 def errors_of(cfg: TrainConfig, **kwargs) -> list[str]:
     with pytest.raises(ConfigError) as info:
         validate_config(cfg, **{**STRUCTURE, **kwargs})
@@ -117,9 +122,9 @@ def test_vllm_head_rule():
 
 def test_a_model_whose_heads_tp_does_not_divide(tmp_path):
     path = model_dir(tmp_path, heads=12, kv=3)
-    cfg = colocated(8, 2, 4, *GPU, f"model.path={path}")
+    cfg = colocated(8, 2, 4, *GPU, *own(path))
     validate_config(cfg, **STRUCTURE)  # the files are not read without check_files
-    (msg,) = errors_of(colocated(8, 4, 2, *GPU, f"model.path={path}"), check_files=True)
+    (msg,) = errors_of(colocated(8, 4, 2, *GPU, *own(path)), check_files=True)
     assert "rollout.tensor_parallel_size=2 cannot split the model's heads" in msg
     assert "num_attention_heads=12, num_key_value_heads=3" in msg and str(path) in msg
     assert "split these heads: [1, 3, 6, 12]" in msg
@@ -129,14 +134,14 @@ def test_a_model_whose_heads_tp_does_not_divide(tmp_path):
 def test_kv_heads_replicated_when_fewer_than_tp(tmp_path):
     path = model_dir(tmp_path, heads=8, kv=2)
     validate_config(
-        colocated(8, 2, 4, *GPU, f"model.path={path}"), check_files=True, check_platform=False
+        colocated(8, 2, 4, *GPU, *own(path)), check_files=True, check_platform=False
     )
 
 
 def test_the_heads_follow_model_override_config(tmp_path):
     path = model_dir(tmp_path, heads=8, kv=8)
     cfg = colocated(
-        8, 2, 4, *GPU, f"model.path={path}", "+model.override_config.num_attention_heads=6"
+        8, 2, 4, *GPU, *own(path), "+model.override_config.num_attention_heads=6"
     )
     (msg,) = errors_of(cfg, check_files=True)
     assert "num_attention_heads=6, num_key_value_heads=8" in msg

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pytest
 
@@ -133,3 +135,106 @@ def test_a_bad_row_found_by_training_is_a_message_not_a_traceback(monkeypatch, c
     err = capsys.readouterr().err
     assert "fipo-train: /d/train.parquet row 1234: column 'prompt' is empty" in err
     assert "Traceback" not in err
+
+
+# ------------------------------------------------ review: inputs that failed late or as traces
+
+
+def test_a_directory_as_data_file_is_refused_by_the_dry_run_and_the_reader(tmp_path, capsys):
+    """A directory passed as a data file: the dry run (and so the start-up check) says it is
+    a directory and lists its files, not "config OK" then "not found" after Ray started."""
+    from fipo_trainer.data.records import read_records
+
+    folder = tmp_path / "train_dir"
+    folder.mkdir()
+    parquet(folder / "part-0.parquet", [row(0)])
+    code, err = dry(capsys, f"data.train_files=[{folder}]")
+    assert code == 2 and "config OK" not in err, err
+    assert f"data.train_files: {str(folder)!r} is a directory" in err
+    assert "part-0.parquet" in err  # the file to pass instead
+    with pytest.raises(DataError, match=rf"{re.escape(str(folder))} is a directory, not a data file: pass"):
+        read_records(folder)
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+def test_an_empty_data_file_fails_the_dry_run_naming_the_key(tmp_path, capsys, kind):
+    empty = tmp_path / f"empty.{kind}"
+    if kind == "parquet":
+        pd.DataFrame(columns=list(row(0))).to_parquet(empty)  # a schema, 0 rows
+    else:
+        empty.write_text("\n")
+    good = parquet(tmp_path / "good.parquet", [row(0)])
+    code, err = dry(capsys, f"data.train_files=[{empty}]", f"data.val_files=[{good}]")
+    assert code == 2 and "config OK" not in err, err
+    assert f"data.train_files: {[str(empty)]} hold no rows" in err
+    assert "max_prompt_length" not in err
+    # one empty file beside a full one: training warns and goes on, so does the dry run
+    code, err = dry(capsys, f"data.train_files=[{empty},{good}]", f"data.val_files=[{good}]")
+    assert code == 0 and "config OK" in err, err
+
+
+def test_the_dataset_names_the_real_reason_it_has_no_prompts(tok, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError) as err:
+        PromptDataset(empty, tok, DataConfig())
+    assert "hold no rows" in str(err.value) and "max_prompt_length" not in str(err.value)
+    long = parquet(tmp_path / "long.parquet", [row(0, "x" * 200)])
+    with pytest.raises(DataError, match=r"longer than data\.max_prompt_length=16"):
+        PromptDataset(long, tok, DataConfig(max_prompt_length=16, truncation="filter"))
+
+
+def test_a_file_that_is_not_utf8_is_a_data_error_naming_file_and_line(tmp_path, capsys):
+    from fipo_trainer.data.records import read_records
+
+    bad = tmp_path / "latin.jsonl"
+    good_line = '{"problem": "1+1", "answer": "2"}\n'
+    bad.write_bytes(good_line.encode() + '{"problem": "caf\u00e9", "answer": "1"}\n'.encode("latin-1"))
+    for reader in (read_records, lambda p: PromptDataset(p, build_tokenizer(), DataConfig())):
+        with pytest.raises(DataError, match=rf"{re.escape(str(bad))} line 2: not UTF-8 \(byte 0xe9"):
+            reader(bad)
+    code, err = dry(capsys, f"data.train_files=[{bad}]")
+    assert code == 2 and f"data.train_files: {bad} line 2: not UTF-8" in err, err
+    whole = tmp_path / "latin.json"
+    whole.write_bytes(b'[{"problem": "caf\xe9", "answer": "1"}]')
+    with pytest.raises(DataError, match=rf"{re.escape(str(whole))} line 1: not UTF-8"):
+        read_records(whole)
+
+
+def model_dir(path, template: str | None):
+    """A model directory as the start-up check sees it: config.json and tokenizer_config.json,
+    the chat template in neither / the config's key / a chat_template.jinja file."""
+    import json
+
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"max_position_embeddings": 32768}))
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if template == "key":
+        tok_cfg["chat_template"] = "{{ messages[0]['content'] }}"
+    if template == "jinja":
+        (path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    return path
+
+
+def test_a_model_without_chat_template_fails_the_dry_run_when_one_is_applied(tmp_path, capsys):
+    good = parquet(tmp_path / "good.parquet", [row(0)])
+    files = [f"data.train_files=[{good}]", f"data.val_files=[{good}]", "model.tiny.enable=false"]
+    base = model_dir(tmp_path / "base", None)
+    code, err = dry(capsys, *files, f"model.path={base}")
+    assert code == 2 and "config OK" not in err, err
+    assert "has no chat template" in err and "data.apply_chat_template=false" in err
+    code, err = dry(capsys, *files, f"model.path={base}", "data.apply_chat_template=false")
+    assert code == 0, err
+    for template in ("key", "jinja"):
+        with_template = model_dir(tmp_path / template, template)
+        code, err = dry(capsys, *files, f"model.path={with_template}")
+        assert code == 0, err
+
+
+def test_a_tokenizer_without_chat_template_is_a_one_line_data_error(tmp_path):
+    plain = build_tokenizer()
+    plain.chat_template = None
+    path = parquet(tmp_path / "good.parquet", [row(0)])
+    with pytest.raises(DataError, match=r"no chat template: set data\.apply_chat_template=false"):
+        PromptDataset(path, plain, DataConfig(apply_chat_template=True))

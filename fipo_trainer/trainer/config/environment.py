@@ -44,16 +44,62 @@ def _check_path(r: Report, key: str, value: str, *, directory: bool = False) -> 
         r.error(f"{key}: {kind} {value!r} does not exist (cwd {Path.cwd()}): fix the path")
 
 
+def _check_data_file(r: Report, key: str, value: str) -> None:
+    """A data file exists and is a file: a directory "exists" but training cannot read it."""
+    from fipo_trainer.data.records import SUFFIXES
+
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        _check_path(r, key, value)
+        return
+    found = sorted(str(p) for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file())
+    example = f"{key}=[{','.join(found[:3])}{',...' if len(found) > 3 else ''}]"
+    r.error(
+        f"{key}: {value!r} is a directory, not a data file: pass the {'/'.join(SUFFIXES)} "
+        + (f"files in it, e.g. {example}" if found else "files themselves (it holds none)")
+    )
+
+
+def chat_template_of(tokenizer_dir: str | Path) -> bool | None:
+    """Whether a local tokenizer directory has a chat template, as transformers finds one
+    (``tokenizer_config.json``'s ``chat_template``, or ``chat_template.jinja`` / ``.json``
+    beside it); None when it cannot tell (no such directory or config)."""
+    path = Path(tokenizer_dir).expanduser()
+    if any((path / name).is_file() for name in ("chat_template.jinja", "chat_template.json")):
+        return True
+    try:
+        values = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return bool(values.get("chat_template")) if isinstance(values, dict) else None
+
+
+def chat_template_found(cfg: TrainConfig, r: Report) -> None:
+    """data.apply_chat_template=true needs a template: without one the run fails after Ray
+    and the workers started (a base model wants data.apply_chat_template=false)."""
+    where = cfg.model.tokenizer_path or cfg.model.path
+    if cfg.data.apply_chat_template is not True or not where:
+        return
+    if chat_template_of(where) is False:
+        r.error(
+            f"data.apply_chat_template=true but the tokenizer of {where} has no chat template "
+            "(no chat_template in tokenizer_config.json, no chat_template.jinja): set "
+            "data.apply_chat_template=false (plain-text prompts, base models) or use a model "
+            "with a chat template"
+        )
+
+
 def check_files(cfg: TrainConfig, r: Report) -> None:
     """Data files, model/tokenizer directories, the resume checkpoint, the reward file exist;
-    the model holds the run's sequences."""
+    the model holds the run's sequences and has the chat template the data asks for."""
     for key in ("train_files", "val_files"):
         for name in getattr(cfg.data, key):
             if not str(name).startswith(BUILTIN_PREFIX):
-                _check_path(r, f"data.{key}", str(name))
+                _check_data_file(r, f"data.{key}", str(name))
     if cfg.model.path:
         _check_path(r, "model.path", cfg.model.path, directory=True)
         model_fits(cfg, r)
+    chat_template_found(cfg, r)
     if cfg.model.tokenizer_path:
         _check_path(r, "model.tokenizer_path", cfg.model.tokenizer_path)
     if cfg.trainer.resume not in ("auto", "disable", ""):
@@ -75,19 +121,25 @@ def check_files(cfg: TrainConfig, r: Report) -> None:
 def check_data(cfg: TrainConfig, r: Report, rows: int | None = None) -> None:
     """Each data file's columns and first rows parse as training would parse them (dry runs:
     a file without a prompt column must not pass as "config OK"). Missing files are
-    `check_files`' to report; bad rows are errors unless ``data.skip_bad_rows`` skips them."""
+    `check_files`' to report; bad rows are errors unless ``data.skip_bad_rows`` skips them.
+    A split whose files hold no rows at all is an error here, not "no usable prompts" (with
+    the wrong fix) after Ray started."""
     from fipo_trainer.data.config import DataConfig
-    from fipo_trainer.data.records import PREVIEW_ROWS, SKIP_HINT, preview_problems
+    from fipo_trainer.data.records import PREVIEW_ROWS, SKIP_HINT, holds_rows, preview_problems
 
     try:
         loader = DataConfig.from_section(cfg.data)
     except ValueError:  # the data section's own checks report it
         return
     for key in ("train_files", "val_files"):
-        for name in dict.fromkeys(str(n) for n in getattr(cfg.data, key)):
+        names = list(dict.fromkeys(str(n) for n in getattr(cfg.data, key)))
+        empty = []
+        for name in names:
             path = Path(name).expanduser()
             if name.startswith(BUILTIN_PREFIX) or not path.is_file():
                 continue
+            if not holds_rows(path):
+                empty.append(name)
             problems, bad = preview_problems(path, loader, rows or PREVIEW_ROWS)
             for msg in problems:
                 r.error(f"data.{key}: {msg}")
@@ -96,6 +148,12 @@ def check_data(cfg: TrainConfig, r: Report, rows: int | None = None) -> None:
                     r.warn(f"data.{key}: {msg} (skipped: data.skip_bad_rows=true)")
                 else:
                     r.error(f"data.{key}: {msg} ({SKIP_HINT})")
+        if empty and len(empty) == len(names):  # one empty file of several: training goes on
+            r.error(
+                f"data.{key}: {empty} hold no rows, so there is nothing to "
+                f"{'train on' if key == 'train_files' else 'validate on'}: add rows or point "
+                f"data.{key} at files that have them"
+            )
 
 
 # --------------------------------------------------------------------------- the model

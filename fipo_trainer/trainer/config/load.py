@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -144,29 +145,50 @@ def derive(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def tiny_model_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """`build_tiny_model`'s arguments for this config: the build and `tiny_model_clash`
+    (which needs the directory they name) read the same settings."""
+    tiny, task = cfg.model.tiny, cfg.data.synthetic
+    return {
+        "hidden_size": tiny.hidden_size,
+        "num_layers": tiny.num_layers,
+        "warm_start_steps": tiny.warm_start_steps,
+        "seed": tiny.seed,
+        "task_digits": task.digits,
+        "task_solution": task.solution_format,
+    }
+
+
+def tiny_model_clash(cfg: TrainConfig) -> str | None:
+    """The one rule for ``model.path`` beside ``model.tiny.enable``: an error unless the path
+    holds a tiny model built with these settings (a saved config, reloaded: its build marker
+    says so). Validation (so the dry run) and `resolve_model` (before the build) both ask it."""
+    model = cfg.model
+    if not (model.tiny.enable and model.path):
+        return None
+    from fipo_trainer.data.tiny_model import TinyModelSettings, read_info
+
+    info = read_info(Path(model.path).expanduser())  # the build's own record of its settings
+    if info is not None and info.get("key") == TinyModelSettings(**tiny_model_settings(cfg)).key():
+        return None
+    return (
+        f"model.path={model.path!r} and model.tiny.enable=true are both set: drop one "
+        "(model=tiny builds the model and sets model.path; a model of your own wants "
+        "model.tiny.enable=false)"
+    )
+
+
 def resolve_model(cfg: TrainConfig) -> TrainConfig:
     """Build the tiny model if asked (cached by its settings) and point the config at it."""
     model = cfg.model
     if not model.tiny.enable:
         return cfg
+    if clash := tiny_model_clash(cfg):
+        raise ConfigError([clash])
     from fipo_trainer.data.tiny_model import build_tiny_model
 
-    built = str(  # cheap when it exists (e.g. reloading a saved config)
-        build_tiny_model(
-            hidden_size=model.tiny.hidden_size,
-            num_layers=model.tiny.num_layers,
-            warm_start_steps=model.tiny.warm_start_steps,
-            seed=model.tiny.seed,
-            task_digits=cfg.data.synthetic.digits,
-            task_solution=cfg.data.synthetic.solution_format,
-        )
-    )
-    if model.path and model.path != built:
-        raise ConfigError(
-            f"model.path={model.path!r} and model.tiny.enable=true are both set: "
-            "drop one (model=tiny builds the model and sets model.path)"
-        )
-    model.path = cfg.actor.model_path = built
+    # cheap when it exists (e.g. reloading a saved config)
+    model.path = cfg.actor.model_path = str(build_tiny_model(**tiny_model_settings(cfg)))
     return cfg
 
 

@@ -157,6 +157,7 @@ VERL_PREFIXES = (
 VERL_KEYS = {
     "actor_rollout_ref.actor.loss_agg_mode": "actor.policy_loss.loss_agg_mode",
     "actor_rollout_ref.actor.policy_loss.loss_mode": "actor.loss_name",
+    "data.filter_overlong_prompts": "data.truncation",
 }
 _NO_KL = (
     "this trainer has no KL-to-reference loss or entropy bonus (the FIPO/DAPO recipes use "
@@ -164,6 +165,10 @@ _NO_KL = (
 )
 VERL_NOTES = {
     "actor_rollout_ref.actor.policy_loss.loss_mode": "verl's future_kl is actor.loss_name=fipo",
+    "data.filter_overlong_prompts": (
+        "verl's filter_overlong_prompts=true is data.truncation=filter, which drops prompts "
+        "longer than data.max_prompt_length; false keeps them: data.truncation=left|right|error"
+    ),
     **dict.fromkeys(
         ("actor_rollout_ref.actor." + k for k in (
             "use_kl_loss", "kl_loss_coef", "kl_loss_type", "entropy_coeff")),

@@ -15,6 +15,7 @@ import logging
 from fipo_trainer.trainer.config import environment
 from fipo_trainer.trainer.config.environment import Report
 from fipo_trainer.trainer.config.errors import ConfigError
+from fipo_trainer.trainer.config.load import tiny_model_clash
 from fipo_trainer.trainer.config.schema import GROUP_ESTIMATORS, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def validate_config(
     """
     report = Report()
     _check_sections(cfg, report)
-    for rule in (_batches, _algorithm, _lengths, _resources, _sequence_parallel):
+    for rule in (_model, _batches, _algorithm, _lengths, _resources, _sequence_parallel):
         rule(cfg, report)
     if check_files:
         environment.check_files(cfg, report)
@@ -88,6 +89,12 @@ def _check_sections(cfg: TrainConfig, r: Report) -> None:
             r.errors += err.errors
         except ValueError as err:
             r.error(_prefixed(str(err), prefix))
+
+
+def _model(cfg: TrainConfig, r: Report) -> None:
+    """model x data.synthetic: a model.path beside the tiny model (`tiny_model_clash`)."""
+    if clash := tiny_model_clash(cfg):
+        r.error(clash)
 
 
 def _batches(cfg: TrainConfig, r: Report) -> None:
