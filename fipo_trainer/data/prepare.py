@@ -214,7 +214,15 @@ def prepare(
                 f"pass --{name} PATH, fix --local-dir, or use --from-hub"
             )
         unique = list(rows) if keep_duplicates else dedupe(rows)
-        path = write_parquet(unique, Path(out_dir) / f"{name}.parquet")
+        if not unique:  # a 0-row file would only fail later, in training or evaluation
+            raise ValueError(f"{origin} holds no rows; nothing to write for {name} (check the file)")
+        try:
+            path = write_parquet(unique, Path(out_dir) / f"{name}.parquet")
+        except OSError as e:  # --out-dir a file, read-only, disk full: no traceback
+            raise RuntimeError(
+                f"cannot write {name}.parquet into --out-dir {out_dir}: {e}; pass a writable "
+                "directory (or a path where one can be created)"
+            ) from e
         report[name] = {
             "rows": len(unique),
             "duplicates": len(rows) - len(unique),
@@ -296,6 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             print(f"fipo-data prepare: {e}", file=sys.stderr)
             return 2
+        except OSError as e:  # an unreadable input (a directory, no permission)
+            print(f"fipo-data prepare: cannot read an input: {e}", file=sys.stderr)
+            return 2
         for name, r in report.items():
             dup = f", {r['duplicates']} duplicates removed" if r["duplicates"] else ""
             print(f"{name}: {r['rows']} rows{dup} <- {r['source']} -> {r['path']}")
@@ -307,9 +318,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             task = ArithmeticTask(digits=args.digits)
         except ValueError as e:  # a usage error: argparse's one line, not a traceback
             parser.error(f"--digits: {e}")
+        for flag, count in (("--num-train", args.num_train), ("--num-val", args.num_val)):
+            if count < 1:  # a 0-row split is no dataset: fail here, not in training
+                parser.error(f"{flag} must be >= 1, got {count}")
         for split, count in (("train", args.num_train), ("val", args.num_val)):
             rows = make_rows(count, seed=args.seed, task=task, split=split)
-            path = write_rows(rows, Path(args.out_dir) / f"{split}.{args.format}")
+            try:
+                path = write_rows(rows, Path(args.out_dir) / f"{split}.{args.format}")
+            except OSError as e:
+                print(f"fipo-data arithmetic: cannot write into --out-dir {args.out_dir}: {e}; "
+                      "pass a writable directory", file=sys.stderr)
+                return 2
             print(f"{split}: {len(rows)} rows -> {path}")
         return 0
     from fipo_trainer.data.tiny_model import TinyModelSettings, build_tiny_model

@@ -8,13 +8,19 @@ owns the engine, the grader pool and the files.
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+import time
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from fipo_trainer.trainer.validation_metrics import validation_metrics
 
-__all__ = ["paper_comparison", "print_paper_comparison", "print_table", "results"]
+__all__ = ["paper_comparison", "print_paper_comparison", "print_table", "results", "write_outputs"]
 
 
 def _summary(metrics: dict[str, float], k: int, prefix: str) -> dict[str, float]:
@@ -138,3 +144,49 @@ def print_paper_comparison(console: Any, result: dict[str, Any]) -> None:
     if k != 32:
         table.caption = f"this model at k={k}: cons@k and pass@k grow with k, so they are not comparable with @32"
     console.print(table)
+
+
+def write_outputs(
+    console: Any, result: dict[str, Any], records: Sequence[dict], out: str | None, save_responses: str | None
+) -> list[str]:
+    """Write the results JSON (``out``) and the graded responses (``save_responses``).
+
+    Why the fallback: the paths were checked before sampling, but a write can still fail
+    (disk full, a directory removed meanwhile); hours of sampling must not be lost then, so
+    the file goes to the temp dir instead and the message says where. Returns the flags
+    whose file is not where asked."""
+    def write_results(f: IO[str]) -> None:
+        f.write(json.dumps(result, indent=2) + "\n")
+
+    def write_responses(f: IO[str]) -> None:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+    jobs: list[tuple[str, str, str | None, Callable[[IO[str]], None]]] = [
+        ("--out", "results", out, write_results),
+        ("--save-responses", "responses", save_responses, write_responses),
+    ]
+    unwritten = []
+    for flag, what, target, write in jobs:
+        if not target:
+            continue
+        path = Path(target).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", encoding="utf-8") as f:
+                write(f)
+        except OSError as exc:
+            unwritten.append(flag)
+            stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            fallback = Path(tempfile.gettempdir()) / f"fipo-eval-{stamp}-{path.name or what}"
+            try:
+                with fallback.open("w", encoding="utf-8") as f:
+                    write(f)
+                where = f"saved to {fallback} instead"
+            except OSError as exc2:
+                where = f"not saved ({fallback}: {exc2})" + ("; the table above has them" if flag == "--out" else "")
+            console.print(f"could not write {flag} {path}: {exc}; the {what} were {where}",
+                          style="bold red", markup=False, highlight=False)
+            continue
+        console.print(f"{what}: {path}", markup=False, highlight=False)
+    return unwritten

@@ -26,7 +26,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fipo_trainer.data.config import DataConfig
-from fipo_trainer.trainer.eval_report import print_paper_comparison, print_table, results
+from fipo_trainer.trainer.eval_report import (
+    print_paper_comparison,
+    print_table,
+    results,
+    write_outputs,
+)
 
 if TYPE_CHECKING:
     from fipo_trainer.data.dataset import PromptDataset
@@ -88,6 +93,28 @@ class EvalConfig:
             raise ValueError(f"--batch-prompts must be >= 1, got {self.batch_prompts}")
         if self.engine not in ("vllm", "hf"):
             raise ValueError(f"--engine must be vllm or hf, got {self.engine!r}")
+        for flag, value, example in (("--out", self.out, "results.json"),
+                                     ("--save-responses", self.save_responses, "responses.jsonl")):
+            if value:
+                _check_output_path(flag, Path(value).expanduser(), example)
+
+
+def _check_output_path(flag: str, path: Path, example: str) -> None:
+    """Refuse an output file that cannot be written now, before hours of sampling: a
+    directory, or a path whose nearest existing parent is a file or not writable."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; pass a file path such as {path / example}")
+    if path.exists():  # overwritten in place: the file itself must be writable
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{flag} {path} is not writable; pass another file path")
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a directory; pass a path in a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {parent} is not writable; pass a path in a writable directory")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -166,7 +193,17 @@ def _build_engine(cfg: EvalConfig, model_dir: Path):
         seed=cfg.seed,
         hf_batch_size=max(1, min(cfg.batch_prompts, 64)),
     )
-    return build_engine(model_dir, rollout)
+    try:
+        return build_engine(model_dir, rollout)
+    except ValueError:  # the engine's own checks already say what to fix
+        raise
+    except Exception as exc:  # transformers/vLLM load errors: one line, exit 2
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise ValueError(
+            f"could not load --model {model_dir}: {lines[-1].strip()} -- hint: config.json and the "
+            "weights may come from different models (a config.json copied from another size?); "
+            "check that config.json's sizes match the *.safetensors files beside it"
+        ) from exc
 
 
 def _check_context(cfg: EvalConfig, model_dir: Path, longest: int, context: int | None = None) -> None:
@@ -227,7 +264,10 @@ def _sample_and_grade(cfg, engine, pool, tokenizer, rows, prompt_ids, max_tokens
 
 
 def evaluate(cfg: EvalConfig, *, console: Any = None) -> dict[str, Any]:
-    """Run one evaluation; returns the results dict (also written to ``cfg.out`` if set)."""
+    """Run one evaluation; returns the results dict (also written to ``cfg.out`` if set).
+
+    A file that cannot be written at the end is saved to a fallback path instead (printed);
+    the returned dict then lists the flags under ``"unwritten"``."""
     from rich.console import Console
 
     from fipo_trainer.data.tokenization import load_tokenizer
@@ -277,18 +317,9 @@ def evaluate(cfg: EvalConfig, *, console: Any = None) -> dict[str, Any]:
     result = results(cfg, model_dir, files, records, max_tokens, timings)
     print_table(console, result)
     print_paper_comparison(console, result)  # on AIME 24/25: the published DAPO/FIPO rows
-    if cfg.out:
-        out = Path(cfg.out).expanduser()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        console.print(f"results: {out}", markup=False, highlight=False)
-    if cfg.save_responses:
-        path = Path(cfg.save_responses).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        console.print(f"responses: {path}", markup=False, highlight=False)
+    unwritten = write_outputs(console, result, records, cfg.out, cfg.save_responses)
+    if unwritten:  # the results went to a fallback file; main() exits 1
+        result = {**result, "unwritten": unwritten}
     return result
 
 
@@ -326,8 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-timeout", type=float, default=d.reward_timeout_s, help="seconds per graded response")
     p.add_argument("--route", type=_route, action="append", default=[], metavar="SOURCE=GRADER",
                    help="grade a data_source with dapo or math_verify (repeatable)")
-    p.add_argument("--out", default=None, help="write the results JSON here")
-    p.add_argument("--save-responses", default=None, metavar="FILE.jsonl", help="write every graded response here")
+    p.add_argument("--out", default=None, metavar="FILE.json",
+                   help="write the results JSON here (a file; checked before sampling starts)")
+    p.add_argument("--save-responses", default=None, metavar="FILE.jsonl",
+                   help="write every graded response here (a file; checked before sampling starts)")
     return p
 
 
@@ -344,8 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_responses=args.save_responses,
     )
     try:
-        evaluate(cfg)
+        result = evaluate(cfg)
     except ValueError as exc:  # bad flags or data: the message says what to fix
         print(f"fipo-eval: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return 1 if result.get("unwritten") else 0

@@ -143,6 +143,24 @@ def plot_run(metrics_jsonl: str | Path, out_png: str | Path, *, title: str | Non
     return out_png
 
 
+def _check_out(parser: argparse.ArgumentParser, out: Path | None, html: bool, compare: bool) -> None:
+    """Refuse an ``-o`` that would fail after the drawing (a directory) or hold the wrong
+    bytes (PNG under another suffix): a usage error naming the flag and the fix."""
+    if out is None:
+        return
+    name = "page.html" if html else "compare.png" if compare else DEFAULT_PNG
+    if out.is_dir():
+        parser.error(f"-o/--out {out} is a directory; pass a file path such as {out / name}")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        parser.error(f"-o/--out {out}: {parent} is a file, not a directory; pass a path in a directory")
+    if not html and out.suffix.lower() != ".png":
+        parser.error(f"-o/--out {out}: fipo-plot writes PNG only; use a .png file name such as "
+                     f"{out.with_suffix('.png')}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``fipo-plot RUN_DIR_or_metrics.jsonl [-o out.png]``."""
     parser = argparse.ArgumentParser(
@@ -153,10 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="overlay several runs (seeds grouped: mean + min-max band); "
                         "default output: compare.png in the runs' common parent")
     parser.add_argument("--smooth", type=int, default=1, help="with --compare: moving average over N steps")
-    parser.add_argument("-o", "--out", type=Path, default=None, help=f"output PNG (default: <run dir>/{DEFAULT_PNG})")
+    parser.add_argument("-o", "--out", type=Path, default=None,
+                        help=f"output file, a .png (only PNG is written; default: <run dir>/{DEFAULT_PNG}, "
+                        "with --compare the runs' common parent/compare.png); with --tokens the .html page")
     parser.add_argument("--tokens", action="store_true", help="render RUN_DIR's token records (HTML + PNG heat map)")
     parser.add_argument("--step", type=int, default=None, help="with --tokens: this step (default: the latest)")
     args = parser.parse_args(argv)
+    _check_out(parser, args.out, html=args.tokens and not args.compare, compare=bool(args.compare))
     if args.compare:
         from fipo_trainer.trainer.compare_plot import compare_main
 

@@ -107,3 +107,20 @@ def test_cli_compare_writes_the_png_into_the_common_parent(tmp_path, capsys):
     assert (tmp_path / "x.png").is_file()
     with pytest.raises(SystemExit):
         main(["--compare", str(a), str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize("bad, said", [
+    ("outdir", "is a directory; pass a file path such as"),
+    ("c.svg", "writes PNG only; use a .png file name such as"),
+])
+def test_cli_compare_refuses_a_directory_or_non_png_out(tmp_path, capsys, bad, said):
+    a = write_run(tmp_path / "a", None)
+    b = write_run(tmp_path / "b", None)
+    (tmp_path / "outdir").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        main(["--compare", str(a), str(b), "-o", str(tmp_path / bad)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and said in err and "-o/--out" in err and "Traceback" not in err
+    assert not (tmp_path / "c.svg").exists() and list((tmp_path / "outdir").iterdir()) == []
+    if bad == "outdir":
+        assert f"{tmp_path / 'outdir' / 'compare.png'}" in err  # the --compare default name

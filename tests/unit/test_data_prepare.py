@@ -145,3 +145,48 @@ def test_arithmetic_and_tiny_model_subcommands(tmp_path, capsys):
     assert main(["tiny-model", "--out-dir", str(tmp_path / "m")]) == 0
     assert capsys.readouterr().out.strip().endswith(str(tmp_path / "m"))
     assert (tmp_path / "m" / "config.json").is_file()
+
+
+def _one_problem(tmp_path):
+    src = tmp_path / "src.jsonl"
+    src.write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n")
+    return src
+
+
+def test_an_out_dir_that_is_a_file_names_the_flag(tmp_path, capsys):
+    """Used to end in a raw FileExistsError traceback."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    argv = ["prepare", "--only", "math-500", "--math-500", str(_one_problem(tmp_path))]
+    assert main([*argv, "--out-dir", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert "--out-dir" in err and str(afile) in err and "writable directory" in err
+    assert afile.read_text() == "x"
+    assert main(["arithmetic", "--num-train", "2", "--num-val", "1", "--out-dir", str(afile)]) == 2
+    assert "--out-dir" in capsys.readouterr().err
+    assert main([*argv, "--out-dir", str(tmp_path / "ok")]) == 0  # the same input is fine
+
+
+@pytest.mark.parametrize("flag, value", [("--num-val", "-3"), ("--num-train", "0"), ("--num-val", "0")])
+def test_arithmetic_counts_must_be_positive(tmp_path, capsys, flag, value):
+    """-3 used to be a raw ValueError; 0 wrote a 0-row split and exited 0."""
+    with pytest.raises(SystemExit) as stop:
+        main(["arithmetic", flag, value, "--out-dir", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    assert f"{flag} must be >= 1, got {value}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_prepare_refuses_an_empty_input(tmp_path, capsys, suffix):
+    """An empty input used to give a 0-row (jsonl: 0-column) parquet and exit 0."""
+    empty = tmp_path / f"empty.{suffix}"
+    if suffix == "jsonl":
+        empty.write_text("")
+    else:
+        pq.write_table(pq.read_table(SHARED / "aime-2024.parquet").slice(0, 0), empty)
+    out = tmp_path / "out"
+    assert main(["prepare", "--only", "aime-2024", "--aime-2024", str(empty), "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{empty} holds no rows" in err and "aime-2024" in err
+    assert not (out / "aime-2024.parquet").exists()

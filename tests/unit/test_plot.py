@@ -82,3 +82,22 @@ def test_cli_accepts_run_dir_or_file(tmp_path, capsys):
         main([str(tmp_path / "nope")])
     assert exc.value.code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, said", [
+    ("outdir", "is a directory; pass a file path such as"),
+    ("x.svg", "writes PNG only; use a .png file name"),
+    ("afile/sub/x.png", "afile is a file, not a directory"),
+])
+def test_cli_refuses_a_bad_out_before_drawing(tmp_path, capsys, bad, said):
+    """-o a directory used to end in IsADirectoryError; -o x.svg silently held PNG bytes."""
+    _write_run(tmp_path / "run")
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "run"), "-o", str(tmp_path / bad)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and said in err and "-o/--out" in err and "Traceback" not in err
+    assert not (tmp_path / "x.svg").exists() and list((tmp_path / "outdir").iterdir()) == []
+    assert main([str(tmp_path / "run"), "-o", str(tmp_path / "outdir" / "c.PNG")]) == 0
+    _check_png(tmp_path / "outdir" / "c.PNG")

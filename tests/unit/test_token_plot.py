@@ -223,3 +223,14 @@ def test_record_file_from_a_batch_decodes_each_token(tmp_path):
     values[1]["ratio"] = [1.0]
     with pytest.raises(ValueError, match="1 recorded ratio values for"):
         write_token_records(tmp_path, 7, batch, values, tok)
+
+
+def test_fipo_plot_tokens_out_is_the_html_page_and_never_a_directory(tmp_path, capsys):
+    dump_token_records(tmp_path, 3, RECORDS)
+    (tmp_path / "outdir").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        plot_main(["--tokens", str(tmp_path), "-o", str(tmp_path / "outdir")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "-o/--out" in err and "is a directory" in err
+    assert plot_main(["--tokens", str(tmp_path), "-o", str(tmp_path / "page.html")]) == 0
+    assert (tmp_path / "page.html").is_file() and (tmp_path / "page.png").is_file()
