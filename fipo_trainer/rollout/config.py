@@ -104,8 +104,8 @@ class RolloutConfig:
     enforce_eager: bool | None = None
     dtype: str | None = None
     enable_prefix_caching: bool = True
-    # CPU only: engines per rollout worker, the others forked from the worker once the
-    # engine's imports are loaded, so they share those pages (``rollout.forked_engines``).
+    # CPU only: engines per rollout worker, the others forked from the worker once its
+    # engine is built, so they share its pages (``rollout.forked_engines``).
     engines_per_worker: int = 1
     # With engines_per_worker > 1, the engines a training batch is cut across: "auto", the
     # count that measured the shortest step (``rollout.engine_spread``); "all", every one.
