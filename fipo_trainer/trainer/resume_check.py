@@ -85,8 +85,8 @@ def load_checked(path: str | Path | None, ckpt: Any, cfg: Any) -> tuple[Any, dic
 def export_missing(cfg: Any, run_dir: str | Path, checkpoint: str | Path) -> bool:
     """``trainer.export_hf`` is on but ``run_dir/hf_model`` is missing or older than the last
     checkpoint: the run was stopped during its export (the full-weights gather, where a big
-    model runs out of memory). Then a finished run is not done: it starts the actor again
-    to export (the export is written whole or not at all, so its age is the step's)."""
+    model runs out of memory). Then a finished run is not done: it starts the roles again
+    only to export (an export is written whole or not at all, so its age is the step's)."""
     if not getattr(cfg.trainer, "export_hf", False):
         return False
     export = Path(run_dir) / EXPORT_DIR
