@@ -130,11 +130,11 @@ def _serve(conn: Connection, engine: RolloutEngine, parent_ends: Sequence[Connec
                 result = pin_this_process(args)
             elif op in ("sleep", "wake"):
                 result = getattr(engine, op)()
-            elif op == "shutdown":  # this child exits next
-                from fipo_trainer.startup import heap_stays_frozen
-
-                with heap_stays_frozen():
-                    engine.shutdown()
+            elif op == "shutdown":
+                # Exit, leaving the engine alone: it is a copy of the parent's, whose
+                # threads (vLLM's gloo group's among them) were not forked, so tearing it
+                # down here joined threads this process never had (SIGSEGV). The kernel
+                # frees the copy's pages; the parent stops the engine itself.
                 _send(conn, ("ok", None))
                 break
             else:
@@ -363,7 +363,8 @@ class ForkedEngines:
         self._answers("pin")
 
     def shutdown(self) -> None:
-        """Stop the children's engines while this one stops (each takes ≈ 1 s on CPU)."""
+        """Stop this process's engine and let the children exit (they tear nothing down:
+        :func:`_serve`), while it stops."""
         asked = self._ask_shutdown()
         try:
             self._local.shutdown()

@@ -44,6 +44,15 @@ def test_a_worker_of_two_forked_engines_samples_and_reloads_as_one_engine():
     # New weights: every tensor of the checkpoint scaled, so the samples change.
     state = load_file(os.path.join(model, "model.safetensors"))
     scaled = [(name, t * 1.5) for name, t in state.items()]
+
+    def _stop_engines(worker: RolloutWorker) -> list[int | None]:
+        """Shut the worker's engines down; the forked children's exit codes. (Defined
+        here: cloudpickle sends a local function by value, the worker cannot import this
+        module.)"""
+        children = [proc for proc, _ in worker.engine._children]
+        worker.engine.shutdown()
+        return [proc.exitcode for proc in children]
+
     init_ray(num_cpus=2)
     one = forked = None
     try:
@@ -76,6 +85,7 @@ def test_a_worker_of_two_forked_engines_samples_and_reloads_as_one_engine():
             assert loaded[0]["sync/tensors"] == len(scaled)
         after_one, _ = one.generate(prompts, sampling)
         after_two, _ = forked.generate(prompts, sampling)
+        exit_codes = forked.worker_group.call_all(Worker.run, _stop_engines)[0]
         forked.shutdown()
         forked = None
     finally:
@@ -92,6 +102,9 @@ def test_a_worker_of_two_forked_engines_samples_and_reloads_as_one_engine():
     # weights too (a child left on the old ones would differ from the one engine here).
     assert _responses(after_two) == _responses(after_one)
     assert _responses(after_one) != _responses(before_one)
+    # A child stops by exiting: tearing down the engine it inherited (vLLM's gloo group,
+    # whose threads live in the parent) killed it with SIGSEGV (-11).
+    assert exit_codes == [0], exit_codes
     deadline = time.monotonic() + 30
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.5)
