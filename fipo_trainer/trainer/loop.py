@@ -39,9 +39,10 @@ from fipo_trainer.trainer.pipeline import batch_source
 from fipo_trainer.trainer.rollout_correction import rollout_as_old_log_probs, rollout_correction
 from fipo_trainer.trainer.sampling import Sampler, TrainingStopped
 from fipo_trainer.trainer.stages import advantages
-from fipo_trainer.trainer.step_metrics import logprob_metrics, non_finite, perf_metrics, timed
+from fipo_trainer.trainer.step_metrics import logprob_metrics, nonfinite_update, perf_metrics, timed
 from fipo_trainer.trainer.summary import TrainResult, print_summary
 from fipo_trainer.trainer.token_record import dump_step_tokens, record_kwargs
+from fipo_trainer.trainer.tracking import restore_checkpoint_row
 
 __all__ = ["RLTrainer", "TrainResult", "TrainingInterrupted", "TrainingStopped"]
 __all__ += ["advantages", "run_training"]
@@ -176,11 +177,8 @@ class RLTrainer:
 
     def _check_finite(self, step: int, actor_metrics: dict[str, float]) -> dict[str, float]:
         """Stop (``trainer.nan_policy=stop``) or count (``skip``) a non-finite update."""
-        bad = non_finite(actor_metrics, ("actor/pg_loss", "actor/grad_norm"))
-        if not bad:
+        if (message := nonfinite_update(step, actor_metrics)) is None:
             return {}
-        values = ", ".join(f"{k}={actor_metrics[k]}" for k in bad)
-        message = f"step {step}: non-finite {', '.join(bad)} ({values})"
         if self.cfg.trainer.nan_policy == "stop":
             raise TrainingStopped(
                 message + "; stopping (trainer.nan_policy=stop). Lower actor.lr or set "
@@ -220,10 +218,11 @@ class RLTrainer:
         return {**metrics, **stage_times, "timing_s/validate": timings["timing_s/validate"]}
 
     # ----------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, step: int) -> Path:
+    def save_checkpoint(self, step: int, row: dict[str, float] | None = None) -> Path:
         pipeline = self.batches.state_dict()  # first: it waits for the batch being made
         state = {
             "step": step,
+            "metrics_row": row,  # logged after the save: tracking.restore_checkpoint_row
             "sampler": pipeline.pop("prompts"),  # after the batches made ahead, not mid-batch
             "pipeline": pipeline,
             "rng": rng_state(),
@@ -247,6 +246,9 @@ class RLTrainer:
         if path is None or not Path(path).resolve().is_relative_to(self.ckpt.root.resolve()):
             run_outputs.set_aside_earlier_run(self.run_dir, str(self.cfg.trainer.resume), path)
         self._resume = resume_check.load_checked(path, self.ckpt, self.cfg)
+        if self._resume is not None:  # stopped between a save and its step's row: write it
+            _, state = self._resume
+            restore_checkpoint_row(self.run_dir, state["step"], state.get("metrics_row"))
 
     def maybe_resume(self) -> int:
         """Load the checkpoint :meth:`prepare_resume` verified into the started roles."""
@@ -281,11 +283,8 @@ class RLTrainer:
         key = "total_training_steps" if self.cfg.trainer.total_training_steps else "total_epochs"
         logger.warning(
             "%s is the run's last step (%d): nothing to train. Raise trainer.%s to go on, or "
-            "set trainer.resume=disable to start afresh",
-            path,
-            int(state["step"]),
-            key,
-        )
+            "set trainer.resume=disable to start afresh", path, int(state["step"]), key,
+        )  # fmt: skip
         return TrainResult(run_dir=self.run_dir, steps=int(state["step"]), checkpoint=Path(path))
 
     def fit(self) -> TrainResult:
@@ -340,7 +339,7 @@ class RLTrainer:
                     step % cfg.trainer.save_freq == 0 or step == total
                 ):
                     with timed(metrics, "save"):
-                        result.checkpoint = self.save_checkpoint(step)
+                        result.checkpoint = self.save_checkpoint(step, dict(metrics))
                     last_ckpt_step = step
                 tracker.log(metrics, step=step)
                 result.history.append({"step": step, **metrics})

@@ -38,6 +38,15 @@ def non_finite(metrics: dict[str, float], keys: tuple[str, ...]) -> list[str]:
     return [k for k in keys if k in metrics and not math.isfinite(metrics[k])]
 
 
+def nonfinite_update(step: int, actor_metrics: dict[str, float]) -> str | None:
+    """What is not finite in the update at ``step`` (its loss or gradient norm), or None."""
+    bad = non_finite(actor_metrics, ("actor/pg_loss", "actor/grad_norm"))
+    if not bad:
+        return None
+    values = ", ".join(f"{k}={actor_metrics[k]}" for k in bad)
+    return f"step {step}: non-finite {', '.join(bad)} ({values})"
+
+
 def response_metrics(batch: Batch, max_response_length: int) -> dict[str, float]:
     lengths = batch["response_mask"].float().sum(-1)
     prompt_lengths = batch["attention_mask"].float().sum(-1) - lengths

@@ -31,6 +31,7 @@ __all__ = [
     "METRICS_FILE",
     "Tracker",
     "read_metrics",
+    "restore_checkpoint_row",
     "sanitize_metrics",
 ]
 
@@ -113,6 +114,28 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             if isinstance(row, dict) and isinstance(row.get("step"), int):
                 rows.append(row)
     return rows
+
+
+def restore_checkpoint_row(run_dir: str | Path, step: int, row: Mapping[str, Any] | None) -> bool:
+    """Write the row a checkpoint carries for its own ``step`` when ``metrics.jsonl`` has no
+    row of that step or later; whether it did.
+
+    Why: a step's row is logged after its checkpoint is saved (the row holds the save's
+    time), so a run stopped between the two lost that row for good, a resume going on after
+    it. A file that is absent (a fresh directory, another run's checkpoint) is left alone.
+    """
+    path = Path(run_dir) / METRICS_FILE
+    if not row or not path.is_file():
+        return False
+    rows = read_metrics(path)
+    if any(r["step"] >= step for r in rows):
+        return False
+    with atomic_file(path) as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.write(json.dumps({"step": step, **{k: _json_value(v) for k, v in row.items()}}) + "\n")
+    logger.info("%s: step %d's row written from its checkpoint (stopped before logging it)",
+                path, step)  # fmt: skip
+    return True
 
 
 class _JsonlBackend:

@@ -3,6 +3,7 @@ resumes from the older valid one (real components, as in ``test_train.py``)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -131,3 +132,27 @@ def test_resuming_a_finished_run_starts_nothing(tmp_path, monkeypatch):
     assert (run_dir / "hf_model" / "config.json").is_file()
     assert (run_dir / "metrics.jsonl").read_bytes() == metrics  # nothing trained again
     assert not (run_dir / "checkpoints" / "global_step_3").exists()
+
+
+def test_a_row_lost_between_a_save_and_its_log_is_written_from_the_checkpoint(tmp_path):
+    """A step's row is logged after its checkpoint is saved: a run stopped in between used
+    to resume after that step with its row missing for good (curves, fipo-plot, trackers)."""
+    run_dir = tmp_path / "run"
+    train(run_dir, "trainer.total_training_steps=2", "trainer.resume=disable")
+    path = run_dir / "metrics.jsonl"
+    logged = read_metrics(path)
+
+    def stopped_before_logging(step: int) -> None:
+        rows = [r for r in read_metrics(path) if r["step"] < step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    stopped_before_logging(2)
+    assert train(run_dir, "trainer.total_training_steps=3", "trainer.resume=auto").steps == 3
+    rows = read_metrics(path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[1] == {k: v for k, v in logged[1].items() if k != "timing_s/save"}
+    # The same for a run whose last step it was: nothing to train, the row still written.
+    stopped_before_logging(3)
+    assert train(run_dir, "trainer.total_training_steps=3", "trainer.resume=auto").steps == 3
+    unsaved = {k: v for k, v in rows[2].items() if k != "timing_s/save"}
+    assert read_metrics(path) == [*rows[:2], unsaved]

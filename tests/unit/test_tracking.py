@@ -13,7 +13,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from fipo_trainer.trainer.tracking import METRICS_FILE, Tracker, read_metrics
+from fipo_trainer.trainer.tracking import (
+    METRICS_FILE,
+    Tracker,
+    read_metrics,
+    restore_checkpoint_row,
+)
 
 
 def _lines(path):
@@ -56,6 +61,24 @@ def test_resume_drops_steps_after_the_checkpoint_and_appends(tmp_path):
     with _tracker(tmp_path) as t:
         t.log({"v": -1.0}, step=1)
     assert _lines(tmp_path / METRICS_FILE) == [{"step": 1, "v": -1.0}]
+
+
+def test_a_checkpoints_row_is_written_only_where_the_file_stops_before_its_step(tmp_path):
+    """A run stopped between step 2's save and its row: the checkpoint's copy is written
+    (non-finite values as null, like a logged row); a file that has the row (or a later
+    one), no file (another run's checkpoint), or no row in the checkpoint: nothing."""
+    path = tmp_path / METRICS_FILE
+    path.write_text('{"step": 1, "a": 1.0}\n{"step": 2, "a": 2.0')  # a torn last write
+    row = {"a": 2.5, "b": float("nan")}
+    assert restore_checkpoint_row(tmp_path, 2, row)
+    assert read_metrics(path) == [{"step": 1, "a": 1.0}, {"step": 2, "a": 2.5, "b": None}]
+    before = path.read_bytes()
+    assert not restore_checkpoint_row(tmp_path, 2, {"a": 9.0})  # has it now
+    assert not restore_checkpoint_row(tmp_path, 1, {"a": 9.0})  # has later rows
+    assert not restore_checkpoint_row(tmp_path, 3, None)  # an older checkpoint has none
+    assert path.read_bytes() == before
+    assert not restore_checkpoint_row(tmp_path / "fresh", 2, row)
+    assert not (tmp_path / "fresh" / METRICS_FILE).exists()
 
 
 def test_console_without_terminal_prints_plain_lines(tmp_path):
