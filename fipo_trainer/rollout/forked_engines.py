@@ -363,8 +363,7 @@ class ForkedEngines:
         self._answers("pin")
 
     def shutdown(self) -> None:
-        """Stop this process's engine and let the children exit (they tear nothing down:
-        :func:`_serve`), while it stops."""
+        """Stop this process's engine; the children exit meanwhile (:func:`_serve`)."""
         asked = self._ask_shutdown()
         try:
             self._local.shutdown()
