@@ -152,7 +152,9 @@ class BatchSource:
         self._producing = False
         self._thread: threading.Thread | None = None
         self._prompts_made: dict[str, Any] | None = None  # the prompts' state after the last
-        # batch made whole: a checkpoint's, whatever the producer has drawn since
+        # batch made whole: a checkpoint's, whatever the producer has drawn since; so too the
+        # grader's failed rounds in a row (a resumed run must not get its full allowance back)
+        self._streak_made = 0
         if self.mode == "bounded":  # the sampler gives the engines up between its calls
             self.sampler.turn = self.turn.producer
             self.sampler.partial_rollout_tokens = self.partial_rollout_tokens
@@ -169,6 +171,7 @@ class BatchSource:
         if self._next_step is None:
             self._next_step = first_step
         self._prompts_made = self.sampler.prompts.state_dict()
+        self._streak_made = self.sampler.reward_health.streak
         if self.mode != "off":
             self._thread = threading.Thread(
                 target=self._produce, name="batch-producer", daemon=True
@@ -210,8 +213,8 @@ class BatchSource:
             self._cond.notify_all()
 
     def state_dict(self) -> dict[str, Any]:
-        """The batches made ahead and ``prompts``, the prompt source's state after them (the
-        producer pauses at a batch boundary first). A batch that failed ahead of the trainer
+        """The batches made ahead and ``prompts``, the prompt source's state after them, with
+        the grader's failed rounds in a row then (the producer pauses at a batch boundary first). A batch that failed ahead of the trainer
         does not fail the checkpoint: it keeps the batches before it, and the error is raised
         at the step that needs the batch (a run whose last step is trained never does)."""
         with self._cond:
@@ -229,7 +232,12 @@ class BatchSource:
                                "%d before it", item, len(ahead))  # fmt: skip
                 break
             ahead.append(made_to_plain(item))
-        return {"ahead": ahead, "version": self.version, "prompts": self._prompts_made}
+        return {
+            "ahead": ahead,
+            "version": self.version,
+            "prompts": self._prompts_made,
+            "reward_streak": self._streak_made,
+        }
 
     def resume(self) -> None:
         """Let the producer go on after ``state_dict``."""
@@ -251,6 +259,7 @@ class BatchSource:
         batch, metrics = self.sampler.collect(step, timings)
         epoch = float(self.sampler.prompts.epoch)
         self._prompts_made = self.sampler.prompts.state_dict()
+        self._streak_made = self.sampler.reward_health.streak
         return MadeBatch(step, batch, metrics, timings, self.sampler.last_rollouts, epoch)
 
     def _take(self) -> MadeBatch:
@@ -358,6 +367,7 @@ def batch_source(
 ) -> BatchSource:
     """The run's ``BatchSource`` from ``trainer.*`` (and a resumed checkpoint's batches)."""
     state = (resume[1].get("pipeline") if resume else None) or {}
+    sampler.reward_health.streak = int(state.get("reward_streak", 0))
     partial = trainer_cfg.partial_rollout and trainer_cfg.async_mode == "bounded"
     return BatchSource(
         sampler,

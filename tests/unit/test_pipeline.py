@@ -16,10 +16,12 @@ from fipo_trainer.data.batch import Batch
 from fipo_trainer.trainer.pipeline import (
     BatchSource,
     EngineTurn,
+    batch_source,
     made_from_plain,
     made_to_plain,
     staleness_metrics,
 )
+from fipo_trainer.trainer.reward_health import RewardHealth
 
 
 def versions_batch(rows: list[list[int]]) -> Batch:
@@ -39,6 +41,7 @@ class VersionSampler:
     def __init__(self, source_ref: list, gen_s: float = 0.0) -> None:
         self.source_ref, self.gen_s = source_ref, gen_s
         self.prompts = SimpleNamespace(epoch=0, state_dict=dict)
+        self.reward_health = RewardHealth()
         self.last_rollouts = None
         self.made: list[tuple[int, int]] = []
         self.turn = None
@@ -178,6 +181,40 @@ def test_checkpoint_keeps_the_batches_made_ahead_and_a_resumed_source_serves_the
     )
     batch, metrics = restored.next(2, {})
     assert metrics["sampling/step"] == 2.0 and batch is not None
+
+
+class FailedGradingSampler(VersionSampler):
+    """Every batch's grading fails: one more failed round in a row (``RewardHealth.record``)."""
+
+    def collect(self, step, timings):
+        self.reward_health.streak += 1
+        return super().collect(step, timings)
+
+
+@pytest.mark.parametrize("mode", ["off", "one_step"])
+def test_a_checkpoint_keeps_the_graders_failed_rounds_in_a_row(mode):
+    """Resumed, a run whose grader kept failing used to start counting again from 0: it ran
+    ``trainer.max_failed_reward_steps`` more failed rounds before it stopped."""
+    ref: list = []
+    sampler = FailedGradingSampler(ref)
+    source = BatchSource(sampler, mode=mode)
+    ref.append(source)
+    source.start(1)
+    source.next(1, {})
+    state = source.state_dict()
+    source.close()
+    made = 1 + len(state["ahead"])  # one_step: the batch made ahead failed too
+    assert state["reward_streak"] == made == sampler.reward_health.streak
+    trainer_cfg = SimpleNamespace(
+        async_mode=mode, max_staleness=1, partial_rollout=False, partial_rollout_tokens=8
+    )
+    pipeline = {k: v for k, v in state.items() if k != "prompts"}  # as the loop saves it
+    resumed = VersionSampler([])
+    batch_source(trainer_cfg, resumed, 1, ("ckpt", {"pipeline": pipeline}))
+    assert resumed.reward_health.streak == made
+    fresh = VersionSampler([])
+    batch_source(trainer_cfg, fresh, 0, None)
+    assert fresh.reward_health.streak == 0
 
 
 class RoundsSampler(VersionSampler):
