@@ -69,6 +69,7 @@ class EvalConfig:
     top_k: int = -1
     max_tokens: int = 20480
     max_prompts: int | None = None
+    chat_template: bool = True  # False: plain-text prompts (base models trained without one)
     engine: str = "vllm"
     seed: int = 0
     tensor_parallel_size: int = 1
@@ -147,27 +148,31 @@ def resolve_model_dir(path: str | Path) -> Path:
     raise ValueError(f"--model {path} holds several models {[str(p) for p in found]}; pass one of them")
 
 
-def eval_data_config(max_prompts: int | None = None) -> DataConfig:
+def eval_data_config(max_prompts: int | None = None, chat_template: bool = True) -> DataConfig:
     """The loader settings of an evaluation: the trainer's loader and tokenisation (chat
-    template + generation prompt), every prompt kept at its full length (the model's context
-    is checked instead), the first ``max_prompts`` rows of a file."""
+    template + generation prompt, or the plain text), every prompt kept at its full length (the
+    model's context is checked instead), the first ``max_prompts`` rows of a file."""
     return DataConfig(
-        apply_chat_template=True, max_prompt_length=sys.maxsize, truncation="error",
+        apply_chat_template=chat_template, max_prompt_length=sys.maxsize, truncation="error",
         max_samples=max_prompts,
     )
 
 
-def load_eval_prompts(path: str | Path, tokenizer: Any, max_prompts: int | None = None) -> PromptDataset:
+def load_eval_prompts(
+    path: str | Path, tokenizer: Any, max_prompts: int | None = None, chat_template: bool = True
+) -> PromptDataset:
     """The prompts of one verl-schema (or raw problem/answer) parquet/jsonl file, loaded and
     tokenised exactly as the trainer loads them (:class:`~fipo_trainer.data.dataset.PromptDataset`)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"--data {path} does not exist (default files live in {default_data_dir()}; set ${DATA_DIR_ENV})")
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the model's tokenizer has no chat template but the data holds chat messages")
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the model's tokenizer has no chat template to render the data's chat messages: "
+                         "pass --no-chat-template (plain-text prompts, as a base model trained with "
+                         "data.apply_chat_template=false saw them)")
     from fipo_trainer.data.dataset import PromptDataset
 
-    return PromptDataset(path, tokenizer, eval_data_config(max_prompts))
+    return PromptDataset(path, tokenizer, eval_data_config(max_prompts, chat_template))
 
 
 # --------------------------------------------------------------------------- the run
@@ -281,7 +286,7 @@ def evaluate(cfg: EvalConfig, *, console: Any = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     prompt_ids: list[list[int]] = []
     for fi, file in enumerate(files):
-        for ri, item in enumerate(load_eval_prompts(file, tokenizer, cfg.max_prompts)):
+        for ri, item in enumerate(load_eval_prompts(file, tokenizer, cfg.max_prompts, cfg.chat_template)):
             rows.append({
                 "uid": f"{fi}:{ri}", "prompt": item.raw_prompt,
                 "data_source": item.data_source, "ground_truth": item.ground_truth,
@@ -346,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=d.top_k)
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="response length limit")
     p.add_argument("--max-prompts", type=int, default=None, help="first N prompts of each file (quick runs)")
+    p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
+                   help="prompts as plain text, not through the tokenizer's chat template (base models)")
     p.add_argument("--engine", choices=("vllm", "hf"), default=d.engine)
     p.add_argument("--seed", type=int, default=d.seed, help="engine RNG seed (reproducible sampling)")
     p.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
@@ -369,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = EvalConfig(
         model=args.model, data=list(args.data), k=args.k, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, max_tokens=args.max_tokens, max_prompts=args.max_prompts, engine=args.engine,
+        top_k=args.top_k, max_tokens=args.max_tokens, max_prompts=args.max_prompts,
+        chat_template=args.chat_template, engine=args.engine,
         seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
         gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
         dtype=args.dtype, batch_prompts=args.batch_prompts, reward_workers=args.reward_workers,

@@ -119,3 +119,31 @@ def test_bad_inputs_are_reported_clearly(tmp_path, model_dir, capsys):
     with pytest.raises(ValueError, match="several models"):
         resolve_model_dir(tmp_path / "two")
     assert resolve_model_dir(tmp_path / "two" / "a") == tmp_path / "two" / "a"
+
+
+def test_a_model_without_chat_template_is_evaluated_on_plain_text_when_asked(
+    tmp_path, model_dir, capsys
+):
+    """A base model trained with ``data.apply_chat_template=false`` has no template: fipo-eval
+    refused it with no way out, and its message named nothing to change."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(model_dir, base)
+    (base / "chat_template.jinja").unlink()
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    data = write_rows(make_rows(3, seed=2, split="test"), tmp_path / "three.jsonl")
+    args = ["--model", str(base), "--data", str(data), "--engine", "hf", "--k", "1",
+            "--max-tokens", "4", "--reward-workers", "1"]  # fmt: skip
+    assert main(args) == 2
+    assert "--no-chat-template" in capsys.readouterr().err
+    out = tmp_path / "results.json"
+    assert main([*args, "--no-chat-template", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())
+    # the prompts are the trainer's with data.apply_chat_template=false
+    tok = AutoTokenizer.from_pretrained(base)
+    train_side = PromptDataset(data, tok, DataConfig(apply_chat_template=False))
+    loaded = load_eval_prompts(data, tok, chat_template=False)
+    assert [it.prompt_ids for it in loaded] == [it.prompt_ids for it in train_side]
