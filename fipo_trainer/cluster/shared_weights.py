@@ -21,6 +21,7 @@ import contextlib
 import os
 import secrets
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -129,13 +130,27 @@ class SharedWeightsReceiver:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
         sock.setblocking(True)
+        # The handshake's reads end at the deadline too (the kernel's SO_RCVTIMEO: a read
+        # fails with EAGAIN), so a peer that connects and never answers cannot hold this
+        # worker; receive() polls with its own deadline, so it is lifted afterwards.
+        _set_read_timeout(sock, self.timeout_s)
         conn = Connection(sock.detach())
         try:  # the handshake multiprocessing's Listener.accept() does
             deliver_challenge(conn, self.authkey)
             answer_challenge(conn, self.authkey)
+        except BlockingIOError as err:
+            conn.close()
+            raise TimeoutError(
+                f"colocated weight sync: a peer connected to {self.path} but did not finish the "
+                f"authentication handshake within {self.timeout_s:g}s (a stalled actor rank, or "
+                "another process)"
+            ) from err
         except BaseException:
             conn.close()
             raise
+        with socket.socket(fileno=os.dup(conn.fileno())) as view:
+            view.setblocking(True)
+            _set_read_timeout(view, 0.0)
         self._conn = conn
 
     def receive(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -170,6 +185,13 @@ class SharedWeightsReceiver:
             self._listener.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+
+
+def _set_read_timeout(sock: socket.socket, seconds: float) -> None:
+    """Blocking reads on ``sock``'s descriptor fail after ``seconds`` (0: never)."""
+    whole = int(seconds)
+    micro = int((seconds - whole) * 1_000_000)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", whole, micro))
 
 
 class SharedWeightsSender:

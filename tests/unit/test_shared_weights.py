@@ -99,6 +99,24 @@ def test_a_peer_with_the_wrong_authkey_is_refused():
     receiver.close()
 
 
+def test_a_peer_that_connects_and_never_answers_the_challenge_times_out():
+    """A process that connected and then hung (or was not the actor rank) held the rollout
+    worker in the authentication handshake for good: the deadline ended with the accept."""
+    import socket
+
+    receiver = SharedWeightsReceiver(timeout_s=0.5)
+    waiter, outcome = _accept_in_thread(receiver)
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mute.connect(receiver.path)  # connects, reads nothing, answers nothing
+    waiter.join(5.0)
+    assert not waiter.is_alive(), "accept() still waits for the handshake"
+    assert len(outcome) == 1 and isinstance(outcome[0], TimeoutError), outcome
+    message = str(outcome[0])
+    assert "handshake" in message and "0.5s" in message
+    mute.close()
+    receiver.close()
+
+
 def test_a_receiver_never_accepted_leaves_no_socket_file():
     """multiprocessing's Listener removed its socket file at exit; the plain socket that
     replaced it (for accept's timeout) left one in /tmp per worker that never synced."""
