@@ -42,7 +42,7 @@ from fipo_trainer.trainer.stages import advantages
 from fipo_trainer.trainer.step_metrics import logprob_metrics, nonfinite_update, perf_metrics, timed
 from fipo_trainer.trainer.summary import TrainResult, print_summary
 from fipo_trainer.trainer.token_record import dump_step_tokens, record_kwargs
-from fipo_trainer.trainer.tracking import restore_checkpoint_row
+from fipo_trainer.trainer.tracking import restore_checkpoint_row, sanitize_metrics
 
 __all__ = ["RLTrainer", "TrainResult", "TrainingInterrupted", "TrainingStopped"]
 __all__ += ["advantages", "run_training"]
@@ -222,7 +222,8 @@ class RLTrainer:
         pipeline = self.batches.state_dict()  # first: it waits for the batch being made
         state = {
             "step": step,
-            "metrics_row": row,  # logged after the save: tracking.restore_checkpoint_row
+            # Plain floats (a weights-only load refuses numpy), warned of by the tracker.
+            "metrics_row": None if row is None else sanitize_metrics(row, set(row)),
             "sampler": pipeline.pop("prompts"),  # after the batches made ahead, not mid-batch
             "pipeline": pipeline,
             "rng": rng_state(),
@@ -339,7 +340,7 @@ class RLTrainer:
                     step % cfg.trainer.save_freq == 0 or step == total
                 ):
                     with timed(metrics, "save"):
-                        result.checkpoint = self.save_checkpoint(step, dict(metrics))
+                        result.checkpoint = self.save_checkpoint(step, metrics)
                     last_ckpt_step = step
                 tracker.log(metrics, step=step)
                 result.history.append({"step": step, **metrics})

@@ -214,9 +214,10 @@ class BatchSource:
 
     def state_dict(self) -> dict[str, Any]:
         """The batches made ahead and ``prompts``, the prompt source's state after them, with
-        the grader's failed rounds in a row then (the producer pauses at a batch boundary first). A batch that failed ahead of the trainer
-        does not fail the checkpoint: it keeps the batches before it, and the error is raised
-        at the step that needs the batch (a run whose last step is trained never does)."""
+        the grader's failed rounds in a row then (the producer pauses at a batch boundary
+        first). A batch that failed ahead of the trainer does not fail the checkpoint: it keeps
+        the batches before it, and the error is raised at the step that needs the batch (a run
+        whose last step is trained never does)."""
         with self._cond:
             self._paused = True
             self._cond.wait_for(lambda: not self._producing or self._stop)

@@ -132,7 +132,8 @@ def restore_checkpoint_row(run_dir: str | Path, step: int, row: Mapping[str, Any
         return False
     with atomic_file(path) as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-        f.write(json.dumps({"step": step, **{k: _json_value(v) for k, v in row.items()}}) + "\n")
+        clean = sanitize_metrics(row, set(row))
+        f.write(json.dumps({"step": step, **{k: _json_value(v) for k, v in clean.items()}}) + "\n")
     logger.info("%s: step %d's row written from its checkpoint (stopped before logging it)",
                 path, step)  # fmt: skip
     return True

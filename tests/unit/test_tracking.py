@@ -77,6 +77,9 @@ def test_a_checkpoints_row_is_written_only_where_the_file_stops_before_its_step(
     assert not restore_checkpoint_row(tmp_path, 1, {"a": 9.0})  # has later rows
     assert not restore_checkpoint_row(tmp_path, 3, None)  # an older checkpoint has none
     assert path.read_bytes() == before
+    path.write_text('{"step": 1, "a": 1.0}\n')  # values the tracker would have cleaned
+    assert restore_checkpoint_row(tmp_path, 2, {"a": np.float32(0.5), "s": "text"})
+    assert read_metrics(path)[-1] == {"step": 2, "a": 0.5}
     assert not restore_checkpoint_row(tmp_path / "fresh", 2, row)
     assert not (tmp_path / "fresh" / METRICS_FILE).exists()
 

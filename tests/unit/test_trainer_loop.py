@@ -353,6 +353,11 @@ def test_a_checkpoint_takes_the_prompt_state_the_batch_source_paused_at(tmp_path
     t.save_checkpoint(3)
     assert saved["sampler"] == {"position": 16}
     assert saved["pipeline"] == {"ahead": [], "version": 3}
+    assert saved["metrics_row"] is None
+    # The step's row rides along as plain floats: a weights-only load refuses numpy scalars.
+    t.save_checkpoint(3, {"a": np.float32(0.5), "b": torch.tensor(2.0), "c": "text"})
+    assert saved["metrics_row"] == {"a": 0.5, "b": 2.0}
+    assert all(type(v) is float for v in saved["metrics_row"].values())
 
 
 def test_split_engines_stay_awake_whatever_free_cache_engine_says(tmp_path):
