@@ -25,19 +25,9 @@ DRY_RUN_FLAG = "--dry-run"
 MULTIRUN_FLAGS = ("--multirun", "-m")
 INTERRUPTED_EXIT = 130  # Ctrl-C: what a shell reports for a process SIGINT stopped (128 + 2)
 
-__all__ = [
-    "compose_config",
-    "config_dir",
-    "config_keys",
-    "data_main",
-    "dry_run",
-    "dry_run_sweep",
-    "eval_main",
-    "plot_main",
-    "quoted_override",
-    "train_main",
-    "unknown_key_message",
-]
+__all__ = ["compose_config", "config_dir", "config_keys", "data_main", "dry_run"]
+__all__ += ["dry_run_sweep", "eval_main", "plot_main", "quoted_override", "train_main"]
+__all__ += ["unknown_key_message"]
 
 
 def config_dir() -> Path:
@@ -210,9 +200,14 @@ def dry_run(overrides: Sequence[str]) -> int:
         print(f"actor layout: {world} actor ranks = {world // sp} DP groups × SP {sp}",
               file=sys.stderr)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    from fipo_trainer.data.records import DataError
+    from fipo_trainer.trainer.data_source import loaded_prompts_report
+
     try:
         validate_config(cfg, check_data=True)  # logs its warnings; reads each file's head
-    except ConfigError as err:
+        for line in loaded_prompts_report(cfg):  # then every row, tokenized
+            print(line, file=sys.stderr)
+    except (ConfigError, DataError) as err:
         print(err, file=sys.stderr)
         return 2
     print("config OK (dry run: nothing started)", file=sys.stderr)

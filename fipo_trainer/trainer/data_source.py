@@ -13,6 +13,7 @@ from pathlib import Path
 from fipo_trainer.data.batch import Batch
 from fipo_trainer.data.config import DataConfig
 from fipo_trainer.data.dataset import PromptDataset
+from fipo_trainer.data.records import DataError
 from fipo_trainer.data.sampler import ResumableSampler
 from fipo_trainer.rewards.config import RewardConfig
 from fipo_trainer.trainer.config import BUILTIN_PREFIX, TrainConfig
@@ -92,3 +93,39 @@ def routed_graders(reward: RewardConfig, *sources: PromptSource) -> set[str]:
     """The graders the rows of ``sources`` are routed to (what the reward pool warms up)."""
     names = {item.data_source for source in sources for item in source.dataset.items}
     return {reward.grader_for(name) for name in names}
+
+
+def loaded_prompts_report(cfg: TrainConfig) -> list[str]:
+    """Each split's files loaded as training loads them (tokenized, length-filtered): one line
+    per split, for ``fipo-train --dry-run``.
+
+    Why the dry run tokenizes every row: a prompt longer than ``data.max_prompt_length`` under
+    ``data.truncation=error``, or a split that filtering leaves empty, otherwise fails only
+    once Ray and every worker have started (minutes on the paper's layout). Raises
+    `DataError` naming the file, the row and the fix. Built-in data is generated, not read;
+    a tiny model built at start is checked with its tokenizer (built in code).
+    """
+    from fipo_trainer.data.tiny_model import build_tokenizer
+    from fipo_trainer.data.tokenization import load_tokenizer
+
+    data = cfg.data
+    path = cfg.model.tokenizer_path or cfg.model.path
+    try:
+        tokenizer = load_tokenizer(path) if path else build_tokenizer()
+    except Exception as err:  # training would fail on it after Ray started
+        key = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path"
+        raise DataError(f"{key}={path}: its tokenizer does not load: {err}") from None
+    lines = []
+    for key in ("train_files", "val_files"):
+        files = [Path(f) for f in getattr(data, key) if not str(f).startswith(BUILTIN_PREFIX)]
+        if not files:
+            continue
+        dataset = PromptDataset(files, tokenizer, DataConfig.from_section(data))
+        stats = dataset.stats
+        lines.append(
+            f"data.{key}: {len(dataset)} of {stats.rows_read} rows are prompts "
+            f"({stats.dropped_too_long} dropped and {stats.truncated} cut as longer than "
+            f"data.max_prompt_length={data.max_prompt_length} tokens, {stats.skipped_bad} bad "
+            "rows skipped)"
+        )
+    return lines

@@ -108,6 +108,28 @@ def test_dry_run_accepts_a_good_file(tmp_path, capsys):
     assert code == 0 and "config OK" in err, err
 
 
+def test_the_dry_run_tokenizes_every_row_as_training_loads_it(tmp_path, capsys):
+    """A prompt too long for data.max_prompt_length past the checked head (row 20 of 21)
+    passed the dry run, then failed (truncation=error) or emptied the split (filter) only
+    after Ray and every worker started. The dry run now loads every row as training does."""
+    rows = [row(i) for i in range(20)] + [row(20, "What is 1+1? " * 20)]
+    path = parquet(tmp_path / "long.parquet", rows)
+    files = [f"data.train_files=[{path}]", f"data.val_files=[{path}]"]
+    code, err = dry(capsys, *files, "data.max_prompt_length=64", "data.truncation=error")
+    assert code == 2 and "config OK" not in err, err
+    assert f"{path} row 20: prompt has" in err and "> data.max_prompt_length=64" in err
+    code, err = dry(capsys, *files, "data.max_prompt_length=64")  # the default cuts it
+    assert code == 0 and "data.train_files: 21 of 21 rows are prompts (0 dropped and 1 cut" in err
+    code, err = dry(capsys, *files, "data.max_prompt_length=64", "data.truncation=filter")
+    assert code == 0, err
+    line = "of 21 rows are prompts (1 dropped and 0 cut as longer than data.max_prompt_length=64"
+    assert f"data.train_files: 20 {line}" in err and f"data.val_files: 20 {line}" in err
+    code, err = dry(capsys, *files, "data.max_prompt_length=8", "data.truncation=filter")
+    assert code == 2 and "no usable prompts" in err and "raise data.max_prompt_length" in err
+    code, err = dry(capsys)  # built-in data is generated, not read: nothing to report
+    assert code == 0 and "rows are prompts" not in err, err
+
+
 def test_a_training_run_checks_the_data_heads_before_anything_starts(tmp_path):
     """``prepare_config`` (what ``fipo-train`` runs before Ray) reads each file's head as the
     dry run does: a file without a prompt column fails there, naming the key and the file,
@@ -202,13 +224,16 @@ def test_a_file_that_is_not_utf8_is_a_data_error_naming_file_and_line(tmp_path, 
 
 
 def model_dir(path, template: str | None):
-    """A model directory as the start-up check sees it: config.json and tokenizer_config.json,
-    the chat template in neither / the config's key / a chat_template.jinja file."""
+    """A model directory as the start-up check sees it: config.json and a tokenizer, the chat
+    template in neither / the config's key / a chat_template.jinja file."""
     import json
 
-    path.mkdir()
+    tokenizer = build_tokenizer()  # the dry run tokenizes the data with it
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(path)
     (path / "config.json").write_text(json.dumps({"max_position_embeddings": 32768}))
-    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
     if template == "key":
         tok_cfg["chat_template"] = "{{ messages[0]['content'] }}"
     if template == "jinja":
@@ -238,3 +263,13 @@ def test_a_tokenizer_without_chat_template_is_a_one_line_data_error(tmp_path):
     path = parquet(tmp_path / "good.parquet", [row(0)])
     with pytest.raises(DataError, match=r"no chat template: set data\.apply_chat_template=false"):
         PromptDataset(path, plain, DataConfig(apply_chat_template=True))
+
+
+def test_a_tokenizer_that_does_not_load_fails_the_dry_run_naming_the_key(tmp_path, capsys):
+    good = parquet(tmp_path / "good.parquet", [row(0)])
+    model = model_dir(tmp_path / "model", "key")
+    (model / "tokenizer.json").write_text("{not json")
+    files = [f"data.train_files=[{good}]", f"data.val_files=[{good}]", "model.tiny.enable=false"]
+    code, err = dry(capsys, *files, f"model.path={model}")
+    assert code == 2 and "config OK" not in err, err
+    assert f"model.path={model}: its tokenizer does not load" in err
