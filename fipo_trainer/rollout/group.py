@@ -68,6 +68,15 @@ class GenerationDeadline:
     floor_s: float = 120.0
     s_per_token: float = 5e-4
 
+    @classmethod
+    def from_config(cls, rollout: Any) -> GenerationDeadline:
+        """From a ``rollout`` config section (a plain one, built in code, may lack the keys)."""
+        return cls(
+            getattr(rollout, "generate_timeout_s", None),
+            getattr(rollout, "generate_timeout_floor_s", cls.floor_s),
+            getattr(rollout, "generate_timeout_s_per_token", cls.s_per_token),
+        )
+
     def seconds(self, rows: int, max_tokens: int) -> float:
         """The deadline of a call in which one worker makes ``rows`` responses."""
         if self.timeout_s is not None:

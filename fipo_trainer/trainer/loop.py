@@ -84,11 +84,7 @@ class RLTrainer:
 
         cfg, res = self.cfg, self.cfg.resources
         calls = Deadline(getattr(cfg.trainer, "call_timeout_s", None), "trainer.call_timeout_s")
-        generation = GenerationDeadline(
-            getattr(cfg.rollout, "generate_timeout_s", None),
-            getattr(cfg.rollout, "generate_timeout_floor_s", GenerationDeadline.floor_s),
-            getattr(cfg.rollout, "generate_timeout_s_per_token", GenerationDeadline.s_per_token),
-        )
+        generation = GenerationDeadline.from_config(cfg.rollout)
         self._owns_ray = not ray_initialized()  # then shutdown() stops it again
         init_ray(
             res.ray_address, res.ray_num_cpus, run_dir=self.run_dir, lean_head=res.ray_lean_head
@@ -113,7 +109,7 @@ class RLTrainer:
             generation=generation,
             wait=res.placement == "colocated",
         )
-        self._build_data()  # while the workers start
+        self._build_data()  # while the workers start (a resumed run's: built already)
         self.reward_pool = RewardPool(cfg.reward, graders=self.graders)  # what the data needs
         self.actor.wait_ready()  # split: the ranks and the engines start together
         self.rollout.wait_ready()
@@ -123,12 +119,16 @@ class RLTrainer:
         split_cpus_for_overlap(res, cfg.trainer.async_mode, self.actor, self.rollout)
         settle_gc()  # `fipo-train` paused the GC for its start-up (fipo_trainer.startup)
 
-    def _build_data(self) -> None:
+    def _build_data(self, sampler_state: dict[str, Any] | None = None) -> None:
+        """The prompt sources, once; ``sampler_state`` (a resume's) must fit the data."""
         from fipo_trainer.trainer.data_source import PromptSource, routed_graders
 
-        self.prompts = PromptSource.for_split(self.cfg, "train")
-        self.val_prompts = PromptSource.for_split(self.cfg, "val")
-        self.graders = routed_graders(self.cfg.reward, self.prompts, self.val_prompts)
+        if getattr(self, "prompts", None) is None:
+            self.prompts = PromptSource.for_split(self.cfg, "train")
+            self.val_prompts = PromptSource.for_split(self.cfg, "val")
+            self.graders = routed_graders(self.cfg.reward, self.prompts, self.val_prompts)
+        if sampler_state is not None:
+            self.prompts.load_state_dict(sampler_state)
 
     # ----------------------------------------------------------------- one step
     def train_step(self, step: int, validate_next: bool = False) -> dict[str, float]:
@@ -184,8 +184,7 @@ class RLTrainer:
                 message + "; stopping (trainer.nan_policy=stop). Lower actor.lr or set "
                 "trainer.nan_policy=skip to skip such steps"
             )
-        # DeepSpeed already dropped every optimizer step whose gradient norm was
-        # non-finite; the run goes on with the next step.
+        # DeepSpeed already dropped the optimizer steps of non-finite gradient norm; go on.
         logger.warning("%s; update skipped (trainer.nan_policy=skip)", message)
         return {"actor/nan_skipped": 1.0}
 
@@ -257,7 +256,6 @@ class RLTrainer:
             return 0
         path, state = self._resume
         self.actor.load(str(Path(path) / "actor"))
-        self.prompts.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         logger.info("resumed from %s at step %d", path, state["step"])
         return int(state["step"])
@@ -297,6 +295,8 @@ class RLTrainer:
         self.prepare_resume()  # before anything heavy starts
         if (finished := self._finished_already()) is not None:
             return finished
+        if self._resume is not None:  # data before the workers: changed data fails in seconds
+            self._build_data(self._resume[1]["sampler"])
         self._start_roles()
         self.sampler = Sampler(cfg, self.prompts, self.rollout, self.reward_pool)
         start_step = self.maybe_resume()

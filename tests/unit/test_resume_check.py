@@ -116,3 +116,24 @@ def test_resuming_this_runs_own_checkpoint_keeps_its_files(tmp_path):
     t.prepare_resume()
     assert t._resume[0] == own and (run_dir / "metrics.jsonl").exists()
     assert not (run_dir / "earlier_runs").exists()
+
+
+def test_changed_training_data_fails_before_any_worker_starts(tmp_path, monkeypatch):
+    """The checkpoint's prompt order is for 64 prompts; the data now has 40. That failed in
+    ``maybe_resume``, after Ray and every worker had started; now ``fit`` loads the data
+    and the sampler state first (tokenizing needs no worker)."""
+    from fipo_trainer.data.records import DataError
+
+    run_dir = tmp_path / "run"
+    save(run_dir, 2, config(run_dir))
+    cfg = load_config(
+        compose_config(
+            [f"trainer.run_dir={run_dir}", "trainer.resume=auto", "data.synthetic.num_train=40"]
+        )
+    )
+    started = []
+    monkeypatch.setattr(RLTrainer, "_start_roles", lambda self: started.append("roles"))
+    with pytest.raises(DataError, match="sampler state is for 64 prompts but the training data "
+                       "now has 40"):  # fmt: skip
+        RLTrainer(cfg).fit()
+    assert started == []
