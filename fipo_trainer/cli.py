@@ -226,14 +226,20 @@ def sweep_jobs(args: Sequence[str]) -> list[list[str]]:
 def job_errors(overrides: Sequence[str], *, check_data: bool = False) -> list[str]:
     """Every config problem of one job (empty: it would start); its Hydra-only overrides
     (``hydra.sweep.dir=...``) are not the training config's."""
+    from fipo_trainer.data.records import DataError
     from fipo_trainer.trainer.config import ConfigError, load_config, validate_config
+    from fipo_trainer.trainer.data_source import loaded_prompts_report
 
     config_overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
     try:
         cfg = load_config(compose_config(config_overrides), build_model=False)
         validate_config(cfg, check_data=check_data)
+        if check_data:  # every row as training loads it (once per distinct data setting)
+            loaded_prompts_report(cfg)
     except ConfigError as err:
         return list(err.errors)
+    except DataError as err:
+        return [str(err)]
     except Exception as err:  # Hydra composition: report it per job
         return [" ".join(str(err).split())]
     return []

@@ -8,6 +8,7 @@ boundary.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from fipo_trainer.data.batch import Batch
@@ -95,6 +96,10 @@ def routed_graders(reward: RewardConfig, *sources: PromptSource) -> set[str]:
     return {reward.grader_for(name) for name in names}
 
 
+SPLITS = ("train_files", "val_files")
+_LOADED_REPORTS: dict[str, list[str]] = {}
+
+
 def loaded_prompts_report(cfg: TrainConfig) -> list[str]:
     """Each split's files loaded as training loads them (tokenized, length-filtered): one line
     per split, for ``fipo-train --dry-run``.
@@ -103,24 +108,29 @@ def loaded_prompts_report(cfg: TrainConfig) -> list[str]:
     ``data.truncation=error``, or a split that filtering leaves empty, otherwise fails only
     once Ray and every worker have started (minutes on the paper's layout). Raises
     `DataError` naming the file, the row and the fix. Built-in data is generated, not read;
-    a tiny model built at start is checked with its tokenizer (built in code).
+    a tiny model built at start is checked with its tokenizer (built in code). A report is
+    kept per distinct data setting (``--dry-run --multirun`` checks every job).
     """
     from fipo_trainer.data.tiny_model import build_tokenizer
     from fipo_trainer.data.tokenization import load_tokenizer
 
     data = cfg.data
     path = cfg.model.tokenizer_path or cfg.model.path
+    files = {k: [f for f in getattr(data, k) if not f.startswith(BUILTIN_PREFIX)] for k in SPLITS}
+    stamps = [(f, os.stat(f).st_mtime_ns) for k in SPLITS for f in files[k] if os.path.isfile(f)]
+    cache_key = repr((files, stamps, path, DataConfig.from_section(data)))
+    if cache_key in _LOADED_REPORTS:  # a sweep's jobs mostly share their data
+        return _LOADED_REPORTS[cache_key]
     try:
         tokenizer = load_tokenizer(path) if path else build_tokenizer()
     except Exception as err:  # training would fail on it after Ray started
         key = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path"
         raise DataError(f"{key}={path}: its tokenizer does not load: {err}") from None
     lines = []
-    for key in ("train_files", "val_files"):
-        files = [Path(f) for f in getattr(data, key) if not str(f).startswith(BUILTIN_PREFIX)]
-        if not files:
+    for key in SPLITS:
+        if not files[key]:
             continue
-        dataset = PromptDataset(files, tokenizer, DataConfig.from_section(data))
+        dataset = PromptDataset([Path(f) for f in files[key]], tokenizer, DataConfig.from_section(data))
         stats = dataset.stats
         lines.append(
             f"data.{key}: {len(dataset)} of {stats.rows_read} rows are prompts "
@@ -128,4 +138,5 @@ def loaded_prompts_report(cfg: TrainConfig) -> list[str]:
             f"data.max_prompt_length={data.max_prompt_length} tokens, {stats.skipped_bad} bad "
             "rows skipped)"
         )
+    _LOADED_REPORTS[cache_key] = lines
     return lines

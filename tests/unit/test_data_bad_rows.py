@@ -273,3 +273,16 @@ def test_a_tokenizer_that_does_not_load_fails_the_dry_run_naming_the_key(tmp_pat
     code, err = dry(capsys, *files, f"model.path={model}")
     assert code == 2 and "config OK" not in err, err
     assert f"model.path={model}: its tokenizer does not load" in err
+
+
+def test_the_multirun_dry_run_loads_every_jobs_data(tmp_path, capsys):
+    """``--dry-run --multirun`` checks each job as the dry run checks one: a job whose
+    data.max_prompt_length is too short for a row under truncation=error is the bad job."""
+    path = parquet(tmp_path / "long.parquet", [row(i) for i in range(3)] + [row(3, "1+1? " * 30)])
+    files = [f"data.train_files=[{path}]", f"data.val_files=[{path}]", "data.truncation=error"]
+    code = cli.dry_run_sweep([*files, "data.max_prompt_length=512,64"])
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    assert re.search(r"job 0: .*data.max_prompt_length=512: OK", out), out
+    assert re.search(r"job 1: .*data.max_prompt_length=64: ERROR", out), out
+    assert f"{path} row 3: prompt has" in err and "sweep: 1 of 2 jobs invalid" in err
