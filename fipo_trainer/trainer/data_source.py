@@ -118,7 +118,8 @@ def loaded_prompts_report(cfg: TrainConfig) -> list[str]:
     path = cfg.model.tokenizer_path or cfg.model.path
     files = {k: [f for f in getattr(data, k) if not f.startswith(BUILTIN_PREFIX)] for k in SPLITS}
     stamps = [(f, os.stat(f).st_mtime_ns) for k in SPLITS for f in files[k] if os.path.isfile(f)]
-    cache_key = repr((files, stamps, path, DataConfig.from_section(data)))
+    loader = DataConfig.from_section(data)
+    cache_key = repr((files, stamps, path, loader))
     if cache_key in _LOADED_REPORTS:  # a sweep's jobs mostly share their data
         return _LOADED_REPORTS[cache_key]
     try:
@@ -130,7 +131,7 @@ def loaded_prompts_report(cfg: TrainConfig) -> list[str]:
     for key in SPLITS:
         if not files[key]:
             continue
-        dataset = PromptDataset([Path(f) for f in files[key]], tokenizer, DataConfig.from_section(data))
+        dataset = PromptDataset([Path(f) for f in files[key]], tokenizer, loader)
         stats = dataset.stats
         lines.append(
             f"data.{key}: {len(dataset)} of {stats.rows_read} rows are prompts "
