@@ -58,7 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench_pipeline_report import print_table  # this directory: sys.path[0]
+from bench_pipeline_plot import plot_curves  # this directory: sys.path[0]
+from bench_pipeline_report import print_table
 from process_tree import MachineCpu, TreeMonitor, busy_by_phase
 
 from fipo_trainer.cli import quoted_override
@@ -166,6 +167,10 @@ def run_stats(rows: Mapping[int, Row], wall_s: float | None = None) -> dict[str,
     stale = [s for r in steps if (s := _num(r.metrics, "async/staleness_max")) is not None]
     out["staleness_max"] = max(stale) if stale else None
     vals = [(r, v) for r in ordered if (v := _num(r.metrics, VAL_KEY)) is not None]
+    out["val_curve"] = [[r.t, r.step, v] for r, v in vals]  # for bench_pipeline_plot
+    timed_steps = steps if len(per_step) == len(steps) else steps[1:]  # between rows
+    out["step_seconds"] = [[r.step, s, _num(r.metrics, "sampling/gen_rounds")]
+                           for r, s in zip(timed_steps, per_step, strict=True)]  # fmt: skip
     out["val_first"] = vals[0][1] if vals else None
     last = steps[-1].step if steps else None
     out["val_final"] = next((v for r, v in vals if r.step == last), None)
@@ -384,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print_table(results)
+    print(f"curves: {plot_curves({out.name: results}, out / 'curves.png')}")
     if quick_mode not in results.get("quickstart", {}):
         quick_mode = next(iter(results.get("quickstart", {})), quick_mode)
     print("SUMMARY " + json.dumps(summary(results, quick_mode)), flush=True)

@@ -68,6 +68,9 @@ def test_run_stats_numbers():
     assert s["val_first"] == 0.25 and s["val_final"] == 0.6
     assert s["time_to_0.45_s"] == 19.0 and s["time_to_0.55_s"] == 21.0
     assert s["startup_s"] == pytest.approx(14.5 - 2.0)
+    # the curves bench_pipeline_plot draws: (time, step, val) and (step, seconds)
+    assert s["val_curve"] == [[10.0, 0, 0.25], [19.0, 3, 0.5], [21.0, 4, 0.6]]
+    assert s["step_seconds"] == [[1, 2.0, None], [2, 4.0, None], [3, 2.0, None], [4, 2.0, None]]
 
 
 def test_run_stats_without_step_timer_or_rows():
@@ -76,6 +79,9 @@ def test_run_stats_without_step_timer_or_rows():
         del r.metrics["perf/step_seconds"]
     s = bp.run_stats(rows)
     assert s["s_per_step"] == 3.5  # between rows
+    assert s["step_seconds"] == [[2, 3.0, None], [3, 4.0, None]]  # the time since the last
+    rows[3].metrics["sampling/gen_rounds"] = 2.0  # dynamic sampling's rounds, when there
+    assert bp.run_stats(rows)["step_seconds"][1] == [3, 4.0, 2.0]
     assert s["val_final"] is None and s["time_to_0.45_s"] is None
     empty = bp.run_stats({}, wall_s=1.0)
     assert empty["steps"] == 0 and empty["s_per_step"] is None and empty["rollout_idle"] is None
