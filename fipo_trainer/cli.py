@@ -303,7 +303,8 @@ def _check_sweep(args: list[str]) -> list[str]:
 
 def _train_task(cfg) -> None:
     """The Hydra task: `prepare_config` (convert, validate once, build the tiny model), then
-    the loop, which takes the validated config as it is. All before Ray starts. In a sweep
+    the loop, which takes the validated config as it is. All before Ray starts (then torch
+    loads beside Ray's start: ``trainer.launch``). In a sweep
     the job's own Hydra directory is its run directory, and a bad job fails alone."""
     from fipo_trainer.trainer.config import ConfigError, prepare_config
     from fipo_trainer.trainer.sweep import multirun_job_dir
@@ -318,21 +319,17 @@ def _train_task(cfg) -> None:
         if job_dir is not None:
             raise  # Hydra marks this job failed and runs the next
         sys.exit(2)
-    from fipo_trainer.cluster.ray_init import RayUnreachable
-    from fipo_trainer.data.records import DataError
-    from fipo_trainer.fsutil import RunDirUnusable
-    from fipo_trainer.trainer.checkpoint_manifest import CheckpointInvalid
-    from fipo_trainer.trainer.loop import TrainingStopped, run_training
+    from fipo_trainer.trainer.launch import launch, one_line_errors
 
     try:
         with hold_run_dir(train_cfg.trainer.run_dir):  # train_main's hold, if it is that dir
-            run_training(train_cfg)
-    # Errors whose message is the whole story (what, where, the fix): a line, not a trace.
-    except (CheckpointInvalid, DataError, RayUnreachable, RunDirUnusable, TrainingStopped) as err:
-        if job_dir is not None:
+            launch(train_cfg)  # Ray starts while torch loads
+    except Exception as err:  # one whose message is the whole story: a line, not a trace
+        stopped, one_line = one_line_errors()
+        if job_dir is not None or not isinstance(err, one_line):
             raise
         print(f"fipo-train: {err}", file=sys.stderr)
-        sys.exit(1 if isinstance(err, TrainingStopped) else 2)
+        sys.exit(1 if isinstance(err, stopped) else 2)
 
 
 def train_main(argv: Sequence[str] | None = None) -> None:

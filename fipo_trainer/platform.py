@@ -2,7 +2,9 @@
 
 Everything platform-dependent (process-group backend, dtype, attention kernel, rollout
 engine flavour, DeepSpeed accelerator) is answered here so no other module branches on
-``torch.cuda.is_available()``.
+``torch.cuda.is_available()``. A machine without an accelerator's device files is CPU
+without importing torch, so ``fipo-train`` decides its workers' environment and starts Ray
+while torch is still loading (``fipo_trainer.startup.import_in_background``).
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import sysconfig
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from fipo_trainer.startup import HIDE_TRITON_ENV
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class Platform:
 
     device_type: str  # "cuda" or "cpu"
     dist_backend: str  # "nccl" or "gloo"
-    dtype: torch.dtype  # training / inference dtype
+    dtype_name: str  # training / inference dtype: "bfloat16" or "float32"
     attn_implementation: str  # "flash_attention_2" or "sdpa"
     deepspeed_accelerator: str  # value for DS_ACCELERATOR
 
@@ -38,7 +42,15 @@ class Platform:
     def is_cuda(self) -> bool:
         return self.device_type == "cuda"
 
+    @property
+    def dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.dtype_name)
+
     def device(self, local_rank: int = 0) -> torch.device:
+        import torch
+
         return torch.device(f"cuda:{local_rank}") if self.is_cuda else torch.device("cpu")
 
     def engine_local_rank(self, tp_rank: int) -> int:
@@ -49,6 +61,8 @@ class Platform:
     def bind_device(self, local_rank: int) -> None:
         """Make ``local_rank``'s accelerator this process's current device (CUDA only)."""
         if self.is_cuda:
+            import torch
+
             torch.cuda.set_device(local_rank)
 
     def yield_cpu_to_rollout(self) -> int:
@@ -85,6 +99,8 @@ class Platform:
         Why the file_system strategy on CPU: the default (file descriptors) only reaches
         processes started by torch's multiprocessing; Ray workers are unrelated processes.
         """
+        import torch
+
         if self.is_cuda:
             return torch.empty(nbytes, dtype=torch.uint8, device=device)
         import torch.multiprocessing as tmp
@@ -97,6 +113,8 @@ class Platform:
     def memory_in_use(self, device: torch.device) -> int:
         """Bytes this process holds on ``device`` now (CUDA: the allocator's; CPU: RSS)."""
         if self.is_cuda:
+            import torch
+
             return int(torch.cuda.memory_allocated(device))
         import psutil
 
@@ -148,22 +166,40 @@ def forwarded_env() -> dict[str, str]:
     return {FORCE_CPU_ENV: value} if value else {}
 
 
+#: Device files of the drivers through which torch can see a GPU (NVIDIA; WSL2's; ROCm's).
+ACCELERATOR_DEVICE_FILES = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
+def _cuda_usable() -> bool:
+    """``torch.cuda.is_available()``, without importing torch where no driver could serve it.
+
+    Why: importing torch takes 1.5-2 s on a small CPU machine, and ``fipo-train`` decides
+    its workers' environment (hence the platform) before it starts Ray; with no device file
+    a CUDA device cannot be visible, so the answer is known without torch.
+    """
+    if not any(os.path.exists(path) for path in ACCELERATOR_DEVICE_FILES):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @functools.lru_cache(maxsize=1)
 def current_platform() -> Platform:
     """Detect the platform once per process (``FIPO_FORCE_CPU=1`` forces CPU)."""
-    if not cpu_forced() and torch.cuda.is_available():
+    if not cpu_forced() and _cuda_usable():
         has_flash = importlib.util.find_spec("flash_attn") is not None
         return Platform(
             device_type="cuda",
             dist_backend="nccl",
-            dtype=torch.bfloat16,
+            dtype_name="bfloat16",
             attn_implementation="flash_attention_2" if has_flash else "sdpa",
             deepspeed_accelerator="cuda",
         )
     return Platform(
         device_type="cpu",
         dist_backend="gloo",
-        dtype=torch.float32,
+        dtype_name="float32",
         attn_implementation="sdpa",
         deepspeed_accelerator="cpu",
     )
@@ -209,7 +245,7 @@ def _build_key(flag_env: tuple[tuple[str, str], ...], ninja: str = "") -> str:
         ninja,
         sys.version,
         sysconfig.get_paths()["include"],
-        torch.__version__,
+        _version("torch"),
         _package_dir("torch"),
         _package_dir("deepspeed"),
         _version("deepspeed"),

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import os
 import sys
 import threading
@@ -124,3 +125,21 @@ def setup_worker_process() -> None:
     worker class."""
     pause_gc()
     hide_triton()
+
+
+def import_in_background(*modules: str) -> threading.Thread:
+    """Import ``modules`` in a daemon thread; ``join()`` the returned thread to wait for it.
+
+    Why: ``fipo-train`` starts Ray (which mostly waits on the processes it spawns) before it
+    needs torch, so on a small machine the two no longer take turns (``trainer.launch``).
+    A failed import is left for the main thread's own import to raise, with its traceback.
+    """
+
+    def load() -> None:
+        for name in modules:
+            with contextlib.suppress(BaseException):
+                importlib.import_module(name)
+
+    thread = threading.Thread(target=load, name="import-in-background", daemon=True)
+    thread.start()
+    return thread

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from fipo_trainer.algorithms.policy_loss import PolicyLossConfig, get_policy_loss
+from fipo_trainer.algorithms.options import PolicyLossConfig, check_policy_loss_name
 from fipo_trainer.plugins import import_plugins
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class ActorConfig:
     # Budget for compute_log_prob; None = the update's, which makes the first mini-batch's
     # log-probs bitwise equal to the old log-probs (ratio == 1 exactly).
     log_prob_max_token_len_per_gpu: int | None = None
-    # Policy loss: a name in fipo_trainer.algorithms.policy_loss.POLICY_LOSSES + its knobs.
+    # Policy loss: a name in fipo_trainer.algorithms.options.POLICY_LOSSES + its knobs.
     loss_name: str = "fipo"
     # Files (path/to/losses.py) or modules imported by every actor rank (and the driver)
     # before `loss_name` is looked up, so losses registered there with @register_policy_loss
@@ -122,7 +122,7 @@ class ActorConfig:
                 "actor.log_prob_max_token_len_per_gpu must be >= 1 or null (= the update's budget)"
             )
         import_plugins(self.loss_plugins, "actor.loss_plugins")
-        get_policy_loss(self.loss_name)  # raises with the registered names
+        check_policy_loss_name(self.loss_name)  # raises with the registered names
         self.policy_loss.validate()
 
     @property

@@ -10,19 +10,10 @@ from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
+from fipo_trainer.algorithms.options import ADVANTAGE_ESTIMATORS, register_advantage
+
 EPS = 1e-6
 AdvantageFn = Callable[..., torch.Tensor]
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {}
-
-
-def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-    def decorator(fn: AdvantageFn) -> AdvantageFn:
-        if name in ADVANTAGE_ESTIMATORS and ADVANTAGE_ESTIMATORS[name] is not fn:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-
-    return decorator
 
 
 def compute_advantage(

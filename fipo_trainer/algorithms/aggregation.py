@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+from fipo_trainer.algorithms.options import AGG_MODES
 
 
 def _check_mode(mode: str) -> None:

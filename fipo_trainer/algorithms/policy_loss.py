@@ -22,12 +22,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fipo_trainer.algorithms.aggregation import AGG_MODES, aggregate_loss
+from fipo_trainer.algorithms.aggregation import aggregate_loss
 from fipo_trainer.algorithms.future_kl import gamma_from_half_life
 from fipo_trainer.algorithms.loss_metrics import (
     clip_metrics,
     influence_metrics,
     ratio_tail_metrics,
+)
+from fipo_trainer.algorithms.options import (  # the torch-free half (config checks)
+    POLICY_LOSSES,
+    PolicyLossConfig,
+    check_policy_loss_name,
+    register_policy_loss,
 )
 from fipo_trainer.algorithms.sequence_shards import (
     SequenceShards,
@@ -36,62 +42,6 @@ from fipo_trainer.algorithms.sequence_shards import (
 )
 
 LOG_RATIO_CLAMP = 20.0  # §1.1: δ is clamped to ±20 before exp
-
-
-@dataclass
-class PolicyLossConfig:
-    """Hyper-parameters of the policy losses (defaults: the FIPO 32B recipe)."""
-
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.28
-    clip_ratio_c: float = 10.0
-    loss_agg_mode: str = "token-mean"
-    decay_rate: float = 32.0
-    future_kl_clip_ratio: float = 0.2
-    future_kl_clip_high_only: bool = True
-    safety_thresh: float = 10.0
-    # §1.2 participation mask (ratio <= c) of Future-KL; false = every response token
-    # participates (the paper's ablation: training collapses near step 70 without it).
-    participation_filter: bool = True
-    # Constant length for "seq-mean-token-sum-norm" (Dr. GRPO); None = the tensor's length.
-    loss_norm_length: float | None = None
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the offending key and the fix."""
-        for key in ("clip_ratio_low", "clip_ratio_high", "future_kl_clip_ratio"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"policy_loss.{key} must be >= 0, got {getattr(self, key)}")
-        if self.clip_ratio_low >= 1:
-            raise ValueError(
-                f"policy_loss.clip_ratio_low must be < 1 (ratio clip floor 1 - eps), got {self.clip_ratio_low}"
-            )
-        if not self.clip_ratio_c > 1:
-            raise ValueError(
-                f"policy_loss.clip_ratio_c (dual-clip constant c) must be > 1, got {self.clip_ratio_c}; "
-                "the recipes use 10.0"
-            )
-        if not self.decay_rate > 0:
-            raise ValueError(
-                f"policy_loss.decay_rate (Future-KL half-life in tokens) must be > 0, got {self.decay_rate}"
-            )
-        if not self.safety_thresh > 0:
-            raise ValueError(f"policy_loss.safety_thresh must be > 0, got {self.safety_thresh}")
-        if not self.future_kl_clip_high_only and self.future_kl_clip_ratio >= 1:
-            raise ValueError(
-                "policy_loss.future_kl_clip_ratio must be < 1 with future_kl_clip_high_only=false "
-                f"(the lower bound 1 - ratio would be <= 0), got {self.future_kl_clip_ratio}"
-            )
-        if self.loss_agg_mode not in AGG_MODES:
-            raise ValueError(
-                f"policy_loss.loss_agg_mode {self.loss_agg_mode!r} is unknown; choose one of {AGG_MODES}"
-            )
-        if self.loss_norm_length is not None and not self.loss_norm_length > 0:
-            raise ValueError(
-                f"policy_loss.loss_norm_length must be > 0, got {self.loss_norm_length}"
-            )
 
 
 @dataclass
@@ -108,24 +58,6 @@ class PolicyLossTerms:
 PolicyLossFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, PolicyLossConfig], PolicyLossTerms
 ]
-POLICY_LOSSES: dict[str, PolicyLossFn] = {}
-
-
-def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Decorator: make `fn(old_log_prob, log_prob, advantages, response_mask, config)` a loss."""
-
-    def decorator(fn: PolicyLossFn) -> PolicyLossFn:
-        existing = POLICY_LOSSES.get(name)
-        if existing is not None and existing is not fn:
-            raise ValueError(
-                f"policy loss {name!r} is already registered ({existing.__qualname__})"
-            )
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return decorator
-
-
 def takes_shards(fn: PolicyLossFn) -> bool:
     """Whether a registered loss handles sequence-parallel shards (a ``shards`` parameter)."""
     return "shards" in inspect.signature(fn).parameters
@@ -133,10 +65,7 @@ def takes_shards(fn: PolicyLossFn) -> bool:
 
 def get_policy_loss(name: str) -> PolicyLossFn:
     if name not in POLICY_LOSSES:
-        raise ValueError(
-            f"unknown policy loss {name!r}; registered: {sorted(POLICY_LOSSES)} "
-            "(set actor.loss_name, or register one with @register_policy_loss)"
-        )
+        check_policy_loss_name(name)  # raises, naming the losses there are
     return POLICY_LOSSES[name]
 
 

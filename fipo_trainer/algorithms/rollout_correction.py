@@ -25,6 +25,9 @@ from collections.abc import Sequence
 import torch
 
 from fipo_trainer.algorithms.kl import kl_penalty
+from fipo_trainer.algorithms.options import CORRECTION_LEVELS as LEVELS
+from fipo_trainer.algorithms.options import DEFAULT_CORRECTION_THRESHOLD as DEFAULT_THRESHOLD
+from fipo_trainer.algorithms.options import parse_threshold
 
 __all__ = [
     "LEVELS",
@@ -34,51 +37,7 @@ __all__ = [
     "rollout_mismatch_metrics",
 ]
 
-LEVELS = ("token", "sequence")
 LOG_RATIO_CLAMP = 20.0
-DEFAULT_THRESHOLD = 2.0
-
-
-def parse_threshold(threshold: float | str | Sequence[float]) -> tuple[float | None, float]:
-    """``(lower, upper)``: lower is None for truncated IS (one number), a float for IcePop.
-
-    Accepted: a number (TIS upper bound), a string holding one (``"2.0"``), a string
-    ``"lower_upper"`` (``"0.5_2.0"``) or a two-element list/tuple (IcePop). Raises
-    ValueError: the bounds must keep the on-policy ratio 1 — TIS needs upper >= 1, IcePop
-    0 <= lower < upper with lower <= 1 <= upper.
-    """
-    if isinstance(threshold, bool):
-        raise ValueError(f"threshold must be a number or 'lower_upper', got {threshold!r}")
-    if isinstance(threshold, str):
-        parts = threshold.strip().split("_")
-        if len(parts) not in (1, 2):
-            raise ValueError(f"threshold {threshold!r} must be one number or 'lower_upper'")
-        try:
-            values = [float(p) for p in parts]
-        except ValueError:
-            raise ValueError(
-                f"threshold {threshold!r} must be one number or 'lower_upper' (e.g. '0.5_2.0')"
-            ) from None
-    elif isinstance(threshold, (int, float)):
-        values = [float(threshold)]
-    else:
-        values = [float(v) for v in threshold]
-        if len(values) != 2:
-            raise ValueError(f"threshold pair must have 2 values (lower, upper), got {threshold!r}")
-    if len(values) == 1:
-        if not values[0] >= 1:  # also catches Hydra's reading of an unquoted 0.5_2 as 0.52
-            raise ValueError(
-                f"threshold (TIS upper bound) must be >= 1 (the on-policy ratio), got "
-                f"{values[0]}; IcePop bounds are written [0.5,2.0] or '0.5_2.0'"
-            )
-        return None, values[0]
-    lower, upper = values
-    if not (0 <= lower < upper and lower <= 1 <= upper):
-        raise ValueError(
-            f"threshold IcePop bounds need 0 <= lower < upper and lower <= 1 <= upper, "
-            f"got {lower}, {upper}"
-        )
-    return lower, upper
 
 
 def _raw_weights(log_ratio: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:

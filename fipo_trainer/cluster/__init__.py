@@ -1,40 +1,30 @@
-"""Ray cluster plumbing: start-up, placement, worker groups, data-parallel dispatch."""
+"""Ray cluster plumbing: start-up, placement, worker groups, data-parallel dispatch.
 
-from fipo_trainer.cluster.dispatch import balanced_partition, dp_partition, restore_order
-from fipo_trainer.cluster.ray_init import init_ray, shutdown_ray
-from fipo_trainer.cluster.resource_pool import (
-    ResourcePool,
-    RolePlacement,
-    cluster_has_gpus,
-    plan_placement,
-    release,
-)
-from fipo_trainer.cluster.waiting import (
-    WorkerCallError,
-    WorkerStartupError,
-    WorkerTimeoutError,
-    wait_labelled,
-)
-from fipo_trainer.cluster.worker import DistInfo, Worker, init_torch_distributed
-from fipo_trainer.cluster.worker_group import WorkerGroup
+The names below load on first use (``fipo_trainer.lazy_exports``), so starting Ray
+(``cluster.ray_init``) imports no torch.
+"""
 
-__all__ = [
-    "DistInfo",
-    "ResourcePool",
-    "RolePlacement",
-    "Worker",
-    "WorkerCallError",
-    "WorkerGroup",
-    "WorkerStartupError",
-    "WorkerTimeoutError",
-    "balanced_partition",
-    "cluster_has_gpus",
-    "dp_partition",
-    "init_ray",
-    "init_torch_distributed",
-    "plan_placement",
-    "release",
-    "restore_order",
-    "shutdown_ray",
-    "wait_labelled",
-]
+from fipo_trainer.lazy_exports import lazy_getattr
+
+_WHERE = {
+    "balanced_partition": "dispatch",
+    "dp_partition": "dispatch",
+    "restore_order": "dispatch",
+    "init_ray": "ray_init",
+    "shutdown_ray": "ray_init",
+    "ResourcePool": "resource_pool",
+    "RolePlacement": "resource_pool",
+    "cluster_has_gpus": "resource_pool",
+    "plan_placement": "resource_pool",
+    "release": "resource_pool",
+    "WorkerCallError": "waiting",
+    "WorkerStartupError": "waiting",
+    "WorkerTimeoutError": "waiting",
+    "wait_labelled": "waiting",
+    "DistInfo": "worker",
+    "Worker": "worker",
+    "init_torch_distributed": "worker",
+    "WorkerGroup": "worker_group",
+}
+__all__ = sorted(_WHERE)
+__getattr__ = lazy_getattr(__name__, _WHERE)

@@ -57,12 +57,12 @@ class RLTrainer:
     config again.
     """
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, *, owns_ray: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.trainer.run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.actor = self.rollout = self.reward_pool = self.weight_sync = self.placements = None
-        self._owns_ray = False
+        self._owns_ray = owns_ray  # the caller started Ray for this run (trainer.launch)
 
     @property
     def temperature(self) -> float:
@@ -73,7 +73,6 @@ class RLTrainer:
     def _start_roles(self) -> None:
         from fipo_trainer.actor.group import ActorGroup
         from fipo_trainer.cluster.cpu_split import split_cpus_for_overlap
-        from fipo_trainer.cluster.ray_init import init_ray, ray_initialized
         from fipo_trainer.cluster.resource_pool import place_roles
         from fipo_trainer.cluster.shared_weight_sync import SharedWeightSync
         from fipo_trainer.cluster.weight_sync import WeightSync
@@ -81,14 +80,12 @@ class RLTrainer:
         from fipo_trainer.rewards.pool import RewardPool
         from fipo_trainer.rollout.group import GenerationDeadline, RolloutGroup
         from fipo_trainer.startup import settle_gc
+        from fipo_trainer.trainer.launch import start_ray
 
         cfg, res = self.cfg, self.cfg.resources
         calls = Deadline(getattr(cfg.trainer, "call_timeout_s", None), "trainer.call_timeout_s")
         generation = GenerationDeadline.from_config(cfg.rollout)
-        self._owns_ray = not ray_initialized()  # then shutdown() stops it again
-        init_ray(
-            res.ray_address, res.ray_num_cpus, run_dir=self.run_dir, lean_head=res.ray_lean_head
-        )
+        self._owns_ray = start_ray(cfg) or self._owns_ray  # then shutdown() stops it again
         self.placements = place_roles(
             res, rollout_tensor_parallel_size=cfg.rollout.tensor_parallel_size
         )
@@ -234,7 +231,7 @@ class RLTrainer:
             self.batches.resume()
 
     def prepare_resume(self) -> None:
-        """Before Ray, DeepSpeed or vLLM start (a bad checkpoint fails in seconds, or under
+        """Before DeepSpeed or vLLM start (a bad checkpoint fails in seconds, or under
         ``auto`` gives way to an older valid one): clean crash leftovers; pick, verify, read and
         check (``resume_check``) the checkpoint; starting afresh or from another run's, set an
         earlier run in this run directory aside."""
@@ -383,10 +380,11 @@ class RLTrainer:
             shutdown_ray()
 
 
-def run_training(cfg: TrainConfig) -> TrainResult:
+def run_training(cfg: TrainConfig, *, owns_ray: bool = False) -> TrainResult:
     """Run a whole training job from a validated config (``prepare_config``); always tears
-    the roles down. Ctrl-C kills the workers and raises :class:`TrainingInterrupted`."""
-    trainer = RLTrainer(cfg)
+    the roles down (and Ray, if it started it or ``owns_ray``: ``trainer.launch`` did).
+    Ctrl-C kills the workers and raises :class:`TrainingInterrupted`."""
+    trainer = RLTrainer(cfg, owns_ray=owns_ray)
     try:
         result = trainer.fit()
     except KeyboardInterrupt as err:

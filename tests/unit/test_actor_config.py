@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from fipo_trainer.actor.config import ActorConfig
 from fipo_trainer.actor.engine import WarmupConstant, build_deepspeed_config
@@ -11,8 +10,8 @@ from fipo_trainer.actor.group import plan_rows, responses_per_prompt
 from fipo_trainer.actor.synthetic_batch import random_rollout_batch
 from fipo_trainer.platform import Platform
 
-CPU = Platform("cpu", "gloo", torch.float32, "sdpa", "cpu")
-GPU = Platform("cuda", "nccl", torch.bfloat16, "flash_attention_2", "cuda")
+CPU = Platform("cpu", "gloo", "float32", "sdpa", "cpu")
+GPU = Platform("cuda", "nccl", "bfloat16", "flash_attention_2", "cuda")
 
 
 def test_defaults_follow_the_recipe():

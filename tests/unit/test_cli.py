@@ -176,13 +176,13 @@ def test_eval_and_plot_entry_points_delegate(entry, prog, capsys):
 
 
 def test_train_task_validates_once_and_hands_the_config_to_the_loop(monkeypatch):
-    from fipo_trainer.trainer import loop
+    from fipo_trainer.trainer import launch
     from fipo_trainer.trainer.config import TrainConfig, rules
 
     calls, ran = [], []
     real = rules.validate_config
     monkeypatch.setattr(rules, "validate_config", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(loop, "run_training", ran.append)
+    monkeypatch.setattr(launch, "launch", ran.append)
     cli._train_task(cli.compose_config(["model.tiny.warm_start_steps=0"]))
     assert calls == [1]  # not once per conversion, and not again in the trainer
     (cfg,) = ran
@@ -197,14 +197,14 @@ def test_ctrl_c_exits_130_with_a_message_and_no_traceback(
     Once the trainer runs it raises ``TrainingInterrupted``, having said where it stopped;
     earlier (config, tiny model) a bare KeyboardInterrupt arrives, and the CLI says so."""
     from fipo_trainer import startup
-    from fipo_trainer.trainer import loop
+    from fipo_trainer.trainer import launch, loop
 
     def interrupted(cfg):
         if trainer_started:
             raise loop.TrainingInterrupted("interrupted (Ctrl-C) while waiting; workers stopped")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "run_training", interrupted)
+    monkeypatch.setattr(launch, "launch", interrupted)
     monkeypatch.setattr(startup, "pause_gc", lambda: None)  # this process keeps its GC
     args = ["model.tiny.warm_start_steps=0", f"trainer.run_dir={tmp_path / 'run'}"]
     caught: BaseException | None = None
@@ -229,7 +229,7 @@ def test_ctrl_c_exits_130_with_a_message_and_no_traceback(
 def test_errors_that_name_their_fix_are_one_line_not_a_traceback(error, code, monkeypatch, capsys):
     """(A bad data row: tests/unit/test_data_bad_rows.py.)"""
     from fipo_trainer.cluster.ray_init import RayUnreachable
-    from fipo_trainer.trainer import loop
+    from fipo_trainer.trainer import launch, loop
 
     message = f"the {error} message names what, where and the fix"
     raised = {"ray": RayUnreachable, "stopped": loop.TrainingStopped}[error]
@@ -237,7 +237,7 @@ def test_errors_that_name_their_fix_are_one_line_not_a_traceback(error, code, mo
     def fails(cfg):
         raise raised(message)
 
-    monkeypatch.setattr(loop, "run_training", fails)
+    monkeypatch.setattr(launch, "launch", fails)
     with pytest.raises(SystemExit) as exited:
         cli._train_task(cli.compose_config(["model.tiny.warm_start_steps=0"]))
     assert exited.value.code == code
@@ -251,10 +251,10 @@ def test_a_home_relative_run_dir_is_one_directory_for_hydra_and_the_trainer(
     """``fipo-train trainer.run_dir=~/run``: Hydra's ``.hydra/`` and the trainer's files go
     to ``$HOME/run``; Hydra used to write into ``./~/run`` (after a parse error unquoted)."""
     from fipo_trainer import startup
-    from fipo_trainer.trainer import loop
+    from fipo_trainer.trainer import launch
 
     seen = []
-    monkeypatch.setattr(loop, "run_training", seen.append)
+    monkeypatch.setattr(launch, "launch", seen.append)
     monkeypatch.setattr(startup, "pause_gc", lambda: None)  # this process keeps its GC
     home, cwd = tmp_path / "home", tmp_path / "cwd"
     cwd.mkdir()

@@ -286,11 +286,10 @@ def test_sequence_parallel_must_split_the_heads(tmp_path):
 @pytest.fixture
 def on_cpu(monkeypatch):
     """Platform checks as on a CPU machine (the CPU/CUDA decision is made in one place)."""
-    import torch
 
     from fipo_trainer import platform
 
-    cpu = platform.Platform("cpu", "gloo", torch.float32, "sdpa", "cpu")
+    cpu = platform.Platform("cpu", "gloo", "float32", "sdpa", "cpu")
     monkeypatch.setattr(platform, "current_platform", lambda: cpu)
     return cpu
 

@@ -182,11 +182,10 @@ def test_the_data_section_is_the_loaders_config():
 
 
 def test_cpu_check_counts_what_placement_reserves(monkeypatch):
-    import torch
 
     from fipo_trainer import platform
 
-    cpu = platform.Platform("cpu", "gloo", torch.float32, "sdpa", "cpu")
+    cpu = platform.Platform("cpu", "gloo", "float32", "sdpa", "cpu")
     monkeypatch.setattr(platform, "current_platform", lambda: cpu)
     split = compose("resources.ray_num_cpus=2", "resources.cpus_per_rollout_worker=1.0")
     validate_config(split, check_files=False)  # 2 x 0.5 + 1 x 1.0 = 2
@@ -202,18 +201,17 @@ def test_cpu_check_counts_what_placement_reserves(monkeypatch):
 
 
 def test_forked_engines_are_refused_on_cuda_and_when_colocated(monkeypatch):
-    import torch
 
     from fipo_trainer import platform
 
-    cpu = platform.Platform("cpu", "gloo", torch.float32, "sdpa", "cpu")
+    cpu = platform.Platform("cpu", "gloo", "float32", "sdpa", "cpu")
     monkeypatch.setattr(platform, "current_platform", lambda: cpu)
     split = compose("recipe=quickstart_cpu_async", "rollout.engines_per_worker=2")
     validate_config(split, check_files=False)
     colocated = compose("rollout.engines_per_worker=2", "resources.placement=colocated")
     with pytest.raises(ConfigError, match=r"rollout\.engines_per_worker=2 forks engines"):
         validate_config(colocated, check_files=False)
-    cuda = platform.Platform("cuda", "nccl", torch.bfloat16, "sdpa", "cuda")
+    cuda = platform.Platform("cuda", "nccl", "bfloat16", "sdpa", "cuda")
     monkeypatch.setattr(platform, "current_platform", lambda: cuda)
     with pytest.raises(ConfigError, match="CUDA does not survive a fork"):
         validate_config(split, check_files=False)

@@ -145,12 +145,12 @@ def test_a_training_run_checks_the_data_heads_before_anything_starts(tmp_path):
 def test_a_bad_row_found_by_training_is_a_message_not_a_traceback(monkeypatch, capsys):
     """A bad row past the checked head fails when training reads it (after Ray started):
     ``fipo-train`` then prints its file, row and column and exits 2, as for a bad config."""
-    from fipo_trainer.trainer import loop
+    from fipo_trainer.trainer import launch
 
     def bad_row(cfg):
         raise DataError("/d/train.parquet row 1234: column 'prompt' is empty")
 
-    monkeypatch.setattr(loop, "run_training", bad_row)
+    monkeypatch.setattr(launch, "launch", bad_row)
     with pytest.raises(SystemExit) as exited:
         cli._train_task(cli.compose_config(["model.tiny.warm_start_steps=0"]))
     assert exited.value.code == 2

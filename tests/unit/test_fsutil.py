@@ -66,10 +66,10 @@ def test_a_run_directory_trains_one_run_at_a_time(tmp_path, monkeypatch, capsys)
 
     from fipo_trainer import cli
     from fipo_trainer.fsutil import RunDirInUse, run_dir_lock
-    from fipo_trainer.trainer import loop
+    from fipo_trainer.trainer import launch
 
     ran = []
-    monkeypatch.setattr(loop, "run_training", ran.append)
+    monkeypatch.setattr(launch, "launch", ran.append)
     run_dir = tmp_path / "run"
     overrides = ["model.tiny.warm_start_steps=0", f"trainer.run_dir={run_dir}"]
     with run_dir_lock(run_dir):
@@ -92,10 +92,10 @@ def test_a_refused_run_leaves_the_holders_hydra_record_alone(tmp_path, monkeypat
     run's ``.hydra/overrides.yaml``. The run that holds the lock does not lock it twice."""
     from fipo_trainer import cli, startup
     from fipo_trainer.fsutil import run_dir_lock
-    from fipo_trainer.trainer import loop
+    from fipo_trainer.trainer import launch
 
     ran = []
-    monkeypatch.setattr(loop, "run_training", ran.append)
+    monkeypatch.setattr(launch, "launch", ran.append)
     monkeypatch.setattr(startup, "pause_gc", lambda: None)  # this process keeps its GC
     run_dir = tmp_path / "run"
     record = run_dir / ".hydra" / "overrides.yaml"

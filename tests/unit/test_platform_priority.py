@@ -12,7 +12,7 @@ SCRIPT = """
 import os, torch
 from fipo_trainer.platform import CPU_TRAINING_NICE_STEP, Platform
 kind = {kind!r}
-plat = Platform(kind, "gloo", torch.float32, "sdpa", kind)
+plat = Platform(kind, "gloo", "float32", "sdpa", kind)
 start = os.nice(0)
 got = plat.yield_cpu_to_rollout()
 again = plat.yield_cpu_to_rollout()  # idempotent: never lowered twice

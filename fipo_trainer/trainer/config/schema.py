@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fipo_trainer.actor.config import ActorConfig
-from fipo_trainer.algorithms.policy_loss import PolicyLossConfig
+from fipo_trainer.algorithms.options import PolicyLossConfig
 from fipo_trainer.data.config import DataConfig
 from fipo_trainer.rewards.config import RewardConfig
 from fipo_trainer.rollout.config import RolloutConfig
@@ -136,7 +136,7 @@ class TrainActorConfig(ActorConfig):
 
     def validate(self) -> None:
         """Every actor problem at once (`ActorConfig.validate` stops at the first)."""
-        from fipo_trainer.algorithms.policy_loss import POLICY_LOSSES
+        from fipo_trainer.algorithms.options import policy_loss_names
         from fipo_trainer.plugins import import_plugins
 
         errors: list[str] = []
@@ -147,10 +147,10 @@ class TrainActorConfig(ActorConfig):
         except (OSError, ImportError, ValueError) as err:
             errors.append(str(err))
             overrides["loss_plugins"] = []
-        if self.loss_name not in POLICY_LOSSES:
+        if self.loss_name not in policy_loss_names():
             errors.append(
                 f"actor.loss_name={self.loss_name!r} is not a registered policy loss; use one of "
-                f"{sorted(POLICY_LOSSES)} (or algorithm=fipo|dapo|grpo; a loss of your own is "
+                f"{policy_loss_names()} (or algorithm=fipo|dapo|grpo; a loss of your own is "
                 "registered by a file listed in actor.loss_plugins)"
             )
             overrides["loss_name"] = "vanilla"

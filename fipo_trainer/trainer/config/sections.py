@@ -149,7 +149,8 @@ class RolloutCorrectionConfig:
     bypass_mode: bool = False
 
     def validate(self) -> None:
-        from fipo_trainer.algorithms.rollout_correction import LEVELS, parse_threshold
+        from fipo_trainer.algorithms.options import CORRECTION_LEVELS as LEVELS
+        from fipo_trainer.algorithms.options import parse_threshold
 
         p = "algorithm.rollout_correction"
         errors = []
@@ -173,13 +174,13 @@ class AlgorithmConfig:
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
     def validate(self) -> None:
-        from fipo_trainer.algorithms.advantages import ADVANTAGE_ESTIMATORS
+        from fipo_trainer.algorithms.options import advantage_names
 
         errors = []
-        if self.adv_estimator not in ADVANTAGE_ESTIMATORS:
+        if self.adv_estimator not in advantage_names():
             errors.append(
                 f"algorithm.adv_estimator={self.adv_estimator!r} is unknown; use one of "
-                f"{sorted(ADVANTAGE_ESTIMATORS)}"
+                f"{advantage_names()}"
             )
         for section in (self.filter_groups, self.rollout_correction):
             try:
