@@ -7,9 +7,9 @@ validated without torch (``algorithms.options``, ``platform``), and torch loads 
 while ``ray.init`` runs in the main thread (Ray must start there). The run then goes on as
 ``run_training``, which stops the Ray started here. Nothing in this module imports torch.
 
-So Ray is up before the checkpoint checks (``RLTrainer.prepare_resume``): a bad checkpoint
-still fails before DeepSpeed or vLLM start, ≈ 3 s later than it did, and a run that has
-finished already starts and stops Ray once.
+Only a run that starts afresh does so (``trainer.resume=disable``, or ``auto`` with no
+checkpoints directory): one that may resume keeps the order it had, so its checkpoint is
+checked, and a run found finished returns, before Ray starts (``RLTrainer.prepare_resume``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,17 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fipo_trainer.trainer.config import TrainConfig
     from fipo_trainer.trainer.summary import TrainResult
+
+
+CHECKPOINTS_DIR = "checkpoints"  # trainer.checkpoint.CHECKPOINTS_DIR, whose module needs torch
+
+
+def starts_afresh(cfg: TrainConfig) -> bool:
+    """Whether the run has no checkpoint to resume: nothing to check before Ray starts."""
+    resume = str(cfg.trainer.resume)
+    if resume == "auto":
+        return not (Path(cfg.trainer.run_dir) / CHECKPOINTS_DIR).exists()
+    return resume == "disable"  # else a checkpoint path
 
 
 def start_ray(cfg: TrainConfig) -> bool:
@@ -37,14 +48,17 @@ def start_ray(cfg: TrainConfig) -> bool:
 
 
 def launch(cfg: TrainConfig) -> TrainResult:
-    """Run a whole training job from a validated config, Ray started while torch loads."""
+    """Run a whole training job from a validated config; one that starts afresh starts Ray
+    while torch loads."""
     from fipo_trainer.cluster.ray_init import shutdown_ray
     from fipo_trainer.startup import import_in_background
 
-    importing = import_in_background("torch")
-    owns_ray = start_ray(cfg)
+    owns_ray = False
     try:
-        importing.join()
+        if starts_afresh(cfg):
+            importing = import_in_background("torch")
+            owns_ray = start_ray(cfg)
+            importing.join()
         from fipo_trainer.trainer.loop import run_training
     except BaseException:
         if owns_ray:

@@ -231,7 +231,7 @@ class RLTrainer:
             self.batches.resume()
 
     def prepare_resume(self) -> None:
-        """Before DeepSpeed or vLLM start (a bad checkpoint fails in seconds, or under
+        """Before Ray, DeepSpeed or vLLM start (a bad checkpoint fails in seconds, or under
         ``auto`` gives way to an older valid one): clean crash leftovers; pick, verify, read and
         check (``resume_check``) the checkpoint; starting afresh or from another run's, set an
         earlier run in this run directory aside."""

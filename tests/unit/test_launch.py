@@ -91,6 +91,28 @@ def test_launch_starts_ray_while_torch_loads_and_hands_the_run_its_ray(quickstar
     assert seen["owns"] is False
 
 
+def test_a_run_that_may_resume_checks_its_checkpoint_before_ray_starts(tmp_path, monkeypatch):
+    """Resuming, the checkpoint's checks (and a finished run's early return) come first,
+    as before: the trainer starts Ray after them."""
+    import fipo_trainer.cluster.ray_init as ray_init
+    import fipo_trainer.trainer.loop as loop
+    from fipo_trainer.trainer.checkpoint import CHECKPOINTS_DIR
+
+    assert launch.CHECKPOINTS_DIR == CHECKPOINTS_DIR
+    started, owned = [], []
+    monkeypatch.setattr(ray_init, "ray_initialized", lambda: False)
+    monkeypatch.setattr(ray_init, "init_ray", lambda *a, **kw: started.append(True))
+    monkeypatch.setattr(loop, "run_training", lambda cfg, owns_ray: owned.append(owns_ray))
+    cfg = load_config(compose_config(["recipe=quickstart_cpu", f"trainer.run_dir={tmp_path}",
+                                      "trainer.resume=auto"]), build_model=False)  # fmt: skip
+    launch.launch(cfg)  # nothing to resume yet
+    (tmp_path / CHECKPOINTS_DIR).mkdir()
+    launch.launch(cfg)
+    cfg.trainer.resume = str(tmp_path / CHECKPOINTS_DIR / "global_step_5")
+    launch.launch(cfg)
+    assert started == [True] and owned == [True, False, False]
+
+
 def test_a_launch_that_fails_before_the_run_stops_the_ray_it_started(quickstart, monkeypatch):
     import fipo_trainer.cluster.ray_init as ray_init
 
