@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 BUILTIN_POLICY_LOSSES = ("fipo", "vanilla")
@@ -23,12 +23,16 @@ BUILTIN_ADVANTAGES = ("grpo", "reinforce_plus_plus_baseline", "rloo")
 POLICY_LOSSES: dict[str, Callable[..., Any]] = {}
 ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Any]] = {}
 
+Fn = TypeVar("Fn", bound=Callable[..., Any])
+
 CORRECTION_LEVELS = ("token", "sequence")
 DEFAULT_CORRECTION_THRESHOLD = 2.0
 
 
-def _register(registry: dict[str, Callable[..., Any]], kind: str, name: str):
-    def decorator(fn):
+def _register(
+    registry: dict[str, Callable[..., Any]], kind: str, name: str
+) -> Callable[[Fn], Fn]:
+    def decorator(fn: Fn) -> Fn:
         existing = registry.get(name)
         if existing is not None and existing is not fn:
             raise ValueError(f"{kind} {name!r} is already registered ({existing.__qualname__})")
@@ -38,12 +42,12 @@ def _register(registry: dict[str, Callable[..., Any]], kind: str, name: str):
     return decorator
 
 
-def register_policy_loss(name: str):
+def register_policy_loss(name: str) -> Callable[[Fn], Fn]:
     """Decorator: make `fn(old_log_prob, log_prob, advantages, response_mask, config)` a loss."""
     return _register(POLICY_LOSSES, "policy loss", name)
 
 
-def register_advantage(name: str):
+def register_advantage(name: str) -> Callable[[Fn], Fn]:
     """Decorator: make `fn(scores, response_mask, group_ids, **kwargs)` an estimator."""
     return _register(ADVANTAGE_ESTIMATORS, "advantage estimator", name)
 
