@@ -303,9 +303,9 @@ def _check_sweep(args: list[str]) -> list[str]:
 
 def _train_task(cfg) -> None:
     """The Hydra task: `prepare_config` (convert, validate once, build the tiny model), then
-    the loop, which takes the validated config as it is. All before Ray starts (then torch
-    loads beside Ray's start: ``trainer.launch``). In a sweep
-    the job's own Hydra directory is its run directory, and a bad job fails alone."""
+    the loop, which takes the validated config as it is. All before Ray starts, and without
+    torch, which loads beside Ray's start (``trainer.launch``). In a sweep the job's own
+    Hydra directory is its run directory, and a bad job fails alone."""
     from fipo_trainer.trainer.config import ConfigError, prepare_config
     from fipo_trainer.trainer.sweep import multirun_job_dir
 
