@@ -15,11 +15,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from fipo_trainer.data.batch import Batch
 from fipo_trainer.data.config import DataConfig
 from fipo_trainer.data.records import (
     SKIP_HINT,
@@ -33,6 +30,9 @@ from fipo_trainer.data.records import (
 )
 from fipo_trainer.data.sampler import ResumableSampler
 from fipo_trainer.data.tokenization import encode_prompts, render_prompt, resolve_chat_template
+
+if TYPE_CHECKING:  # loading and checking rows needs no torch (`fipo-train --dry-run`)
+    from fipo_trainer.data.batch import Batch
 
 __all__ = [
     "SUFFIXES",
@@ -233,6 +233,10 @@ def collate_prompts(
     is the longest prompt, or ``pad_to`` (e.g. max_prompt_length) so that batches of
     different rounds share one width and concatenate without re-padding.
     """
+    import torch
+
+    from fipo_trainer.data.batch import Batch
+
     if not items:
         raise ValueError("cannot collate an empty list of prompts")
     if pad_token_id is None:

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fipo_trainer.data.batch import Batch
 from fipo_trainer.data.config import DataConfig
 from fipo_trainer.data.dataset import PromptDataset
 from fipo_trainer.data.records import DataError
 from fipo_trainer.data.sampler import ResumableSampler
 from fipo_trainer.rewards.config import RewardConfig
 from fipo_trainer.trainer.config import BUILTIN_PREFIX, TrainConfig
+
+if TYPE_CHECKING:
+    from fipo_trainer.data.batch import Batch
 
 
 class PromptSource:
