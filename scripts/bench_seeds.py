@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_pipeline  # this directory: sys.path[0]
-from bench_pipeline_plot import TARGET_S, plot_curves
+from bench_pipeline_plot import SMOOTH_STEPS, TARGET_S, THRESHOLDS, running_median
 
 SHAPE = "quickstart"
 Results = Mapping[str, Mapping[str, Mapping[str, Any]]]  # bench_pipeline's results.json
@@ -113,6 +113,37 @@ def print_table(agg: Mapping[str, Any]) -> None:
     Console(width=160).print(table)
 
 
+def seeds_figure(per_seed: Mapping[int, Results], modes: Sequence[str]):
+    """Validation against time and seconds per step, one thin line per seed, one colour
+    per mode (``bench_pipeline_plot`` gives each run its own colour, which ten runs blur)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.8), dpi=100, layout="constrained")
+    val_ax, step_ax = fig.subplots(1, 2)
+    colours = {mode: f"C{i}" for i, mode in enumerate(modes)}
+    for mode in modes:
+        runs = [r[SHAPE][mode] for r in per_seed.values() if mode in r.get(SHAPE, {})]
+        for k, run in enumerate(run for run in runs if run.get("val_curve")):
+            curve, seconds = run["val_curve"], run.get("step_seconds") or []
+            label = f"{mode} ({len(runs)} seeds)" if k == 0 else None
+            kw = {"color": colours[mode], "linewidth": 1, "alpha": 0.8, "label": label}
+            val_ax.plot([t for t, _, _ in curve], [v for _, _, v in curve], marker=".", **kw)
+            smoothed = running_median([row[1] for row in seconds], SMOOTH_STEPS)
+            step_ax.plot([row[0] for row in seconds], smoothed, **kw)
+    for th in THRESHOLDS:
+        val_ax.axhline(th, color="grey", linestyle="--", linewidth=0.8)
+    val_ax.axvline(TARGET_S, color="grey", linestyle=":", linewidth=0.8)
+    val_ax.set(title="Validation mean@4 against time, one line per seed",
+               xlabel="seconds since fipo-train started", ylabel="val mean@4")  # fmt: skip
+    step_ax.set(title=f"Seconds per step (running median of {SMOOTH_STEPS})",
+                xlabel="step", ylabel="s/step")  # fmt: skip
+    for ax in (val_ax, step_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"bench_seeds: quickstart over seeds {sorted(per_seed)}")
+    return fig
+
+
 def load(out: Path, seeds: Sequence[int]) -> dict[int, Results]:
     """Each seed's results.json (a seed without one is left out, and said so)."""
     per_seed = {}
@@ -155,8 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_seed = load(out, seeds)
     agg = aggregate(per_seed, modes)
     print_table(agg)
-    named = {f"seed {s}": results for s, results in per_seed.items()}
-    print(f"curves: {plot_curves(named, out / 'seeds.png', title='bench_seeds: quickstart')}")
+    out.mkdir(parents=True, exist_ok=True)
+    seeds_figure(per_seed, modes).savefig(out / "seeds.png", format="png")
+    print(f"curves: {out / 'seeds.png'}")
     summary = {"steps": args.steps, "seeds": seeds, "overrides": args.overrides, "modes": agg}
     print("SUMMARY " + json.dumps(summary), flush=True)
     return 0 if all(not m["failed_seeds"] and m["seeds"] for m in agg.values()) else 1

@@ -110,3 +110,17 @@ def test_bad_arguments_are_refused_with_the_fix(argv, said, capsys):
     with pytest.raises(SystemExit) as err:
         bs.main(argv)
     assert err.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_the_figure_colours_by_mode_with_a_line_per_seed():
+    def curve(*vals):
+        return {"val_curve": [[10.0 * i, 25 * i, v] for i, v in enumerate(vals)],
+                "step_seconds": [[1, 0.6, 2], [2, 0.7, 1]]}  # fmt: skip
+
+    per_seed = {s: {"quickstart": {"one_step": curve(0.25, 0.5), "off": curve(0.25, 0.6)}}
+                for s in (0, 1, 2)}  # fmt: skip
+    val_ax, step_ax = bs.seeds_figure(per_seed, ["one_step", "off"]).axes
+    assert val_ax.get_legend_handles_labels()[1] == ["one_step (3 seeds)", "off (3 seeds)"]
+    lines = [ln for ln in val_ax.get_lines() if ln.get_color() != "grey"]  # not the targets
+    assert len(lines) == 6 and len({ln.get_color() for ln in lines}) == 2
+    assert len(step_ax.get_lines()) == 6
