@@ -61,6 +61,18 @@ def labelled_runs(results_by_name: Mapping[str, Results]) -> list[tuple[str, Map
     return out
 
 
+def label_axes(val_ax: Any, step_ax: Any, val_title: str) -> None:
+    """The two panels' targets (0.45 / 0.55, 150 s), titles, axis names and grid."""
+    for th in THRESHOLDS:
+        val_ax.axhline(th, color="grey", linestyle="--", linewidth=0.8)
+    val_ax.axvline(TARGET_S, color="grey", linestyle=":", linewidth=0.8)
+    val_ax.set(title=val_title, xlabel="seconds since fipo-train started", ylabel="val mean@4")
+    step_ax.set(title=f"Seconds per step (running median of {SMOOTH_STEPS})",
+                xlabel="step", ylabel="s/step")  # fmt: skip
+    for ax in (val_ax, step_ax):
+        ax.grid(alpha=0.3)
+
+
 def curves_figure(results_by_name: Mapping[str, Results], *, title: str = "bench_pipeline"):
     """The two-panel figure of every run in ``results_by_name`` (name -> results.json)."""
     from matplotlib.figure import Figure
@@ -82,17 +94,12 @@ def curves_figure(results_by_name: Mapping[str, Results], *, title: str = "bench
             rounds_ax = rounds_ax or step_ax.twinx()
             rounds_ax.plot(steps, running_mean(rounds, SMOOTH_STEPS), color=line.get_color(),
                            linestyle=":", linewidth=1)  # fmt: skip
-    for th in THRESHOLDS:
-        val_ax.axhline(th, color="grey", linestyle="--", linewidth=0.8)
-    val_ax.axvline(TARGET_S, color="grey", linestyle=":", linewidth=0.8)
-    val_ax.set(title="Validation mean@4 against time (dashed: 0.45, 0.55; dotted: 150 s)",
-               xlabel="seconds since fipo-train started", ylabel="val mean@4")  # fmt: skip
-    step_ax.set(title=f"Seconds per step (running median of {SMOOTH_STEPS})",
-                xlabel="step", ylabel="s/step")  # fmt: skip
+    label_axes(
+        val_ax, step_ax, "Validation mean@4 against time (dashed: 0.45, 0.55; dotted: 150 s)"
+    )
     if rounds_ax is not None:
         rounds_ax.set_ylabel(f"dotted: generation rounds per step (running mean of {SMOOTH_STEPS})")
     for ax in (val_ax, step_ax):
-        ax.grid(alpha=0.3)
         if runs:
             ax.legend(fontsize=8)
         else:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_pipeline  # this directory: sys.path[0]
-from bench_pipeline_plot import SMOOTH_STEPS, TARGET_S, THRESHOLDS, running_median
+from bench_pipeline_plot import SMOOTH_STEPS, TARGET_S, label_axes, running_median
 
 SHAPE = "quickstart"
 Results = Mapping[str, Mapping[str, Mapping[str, Any]]]  # bench_pipeline's results.json
@@ -130,16 +130,9 @@ def seeds_figure(per_seed: Mapping[int, Results], modes: Sequence[str]):
             val_ax.plot([t for t, _, _ in curve], [v for _, _, v in curve], marker=".", **kw)
             smoothed = running_median([row[1] for row in seconds], SMOOTH_STEPS)
             step_ax.plot([row[0] for row in seconds], smoothed, **kw)
-    for th in THRESHOLDS:
-        val_ax.axhline(th, color="grey", linestyle="--", linewidth=0.8)
-    val_ax.axvline(TARGET_S, color="grey", linestyle=":", linewidth=0.8)
-    val_ax.set(title="Validation mean@4 against time, one line per seed",
-               xlabel="seconds since fipo-train started", ylabel="val mean@4")  # fmt: skip
-    step_ax.set(title=f"Seconds per step (running median of {SMOOTH_STEPS})",
-                xlabel="step", ylabel="s/step")  # fmt: skip
-    for ax in (val_ax, step_ax):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    label_axes(val_ax, step_ax, "Validation mean@4 against time, one line per seed")
+    val_ax.legend(fontsize=8)
+    step_ax.legend(fontsize=8)
     fig.suptitle(f"bench_seeds: quickstart over seeds {sorted(per_seed)}")
     return fig
 
