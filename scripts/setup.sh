@@ -19,8 +19,19 @@ EXTRAS="${FIPO_EXTRAS:-$PLATFORM,dev}"
 # The stamp covers the inputs that decide what gets installed.
 STAMP_KEY="$(cat pyproject.toml scripts/setup.sh scripts/gpu_pins.sh | sha256sum | cut -c1-16)-$EXTRAS"
 STAMP="$VENV/.fipo-installed"
+
+# DeepSpeed's CPU comm op, compiled once here rather than in the first run's start-up
+# (fipo_trainer/cpu_ops.py), under the PATH quickstart.sh and test.sh run with: the build's
+# directory is keyed by the ninja found first. A failure only means the first run compiles it.
+prebuild_cpu_ops() {
+  [[ "$PLATFORM" == cpu ]] || return 0
+  PATH="$VENV/bin:$PATH" "$VENV/bin/python" -m fipo_trainer.cpu_ops \
+    || echo "[setup] DeepSpeed's comm op did not build here; the first run will compile it"
+}
+
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_KEY" ]]; then
   echo "[setup] .venv up to date ($PLATFORM, extras: $EXTRAS)"
+  prebuild_cpu_ops
   exit 0
 fi
 
@@ -52,4 +63,5 @@ fi
 
 "$VENV/bin/python" -c "import torch, fipo_trainer; print('[setup] torch', torch.__version__)"
 echo "$STAMP_KEY" > "$STAMP"
+prebuild_cpu_ops
 echo "[setup] done: $VENV"

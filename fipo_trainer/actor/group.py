@@ -9,6 +9,7 @@ the fields it reads (``data/schema.py``: ``ACTOR_LOG_PROB_READS``, ``ACTOR_UPDAT
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,12 +18,15 @@ from fipo_trainer.actor.worker import DeepSpeedActorWorker
 from fipo_trainer.cluster.dispatch import dp_partition
 from fipo_trainer.cluster.resource_pool import ResourcePool, RolePlacement
 from fipo_trainer.cluster.worker_group import WorkerGroup
+from fipo_trainer.cpu_ops import pending_build_message
 from fipo_trainer.data.batch import Batch
 from fipo_trainer.data.schema import (
     ACTOR_LOG_PROB_READS,
     ACTOR_UPDATE_OPTIONAL_READS,
     ACTOR_UPDATE_READS,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def responses_per_prompt(batch: Batch, n: int | None = None) -> int:
@@ -95,6 +99,8 @@ class ActorGroup:
             )
         self.rollout_n = rollout_n
         self.token_records: dict[int, dict[str, Any]] = {}  # of the last update's record_rows
+        if (pending := pending_build_message()) is not None:
+            logger.info(pending)  # else the start-up's wait is a silent half minute or more
         self._workers = WorkerGroup(
             DeepSpeedActorWorker,
             world_size,
