@@ -14,6 +14,7 @@ from typing import Any
 
 from fipo_trainer.trainer.config.errors import ConfigError
 from fipo_trainer.trainer.config.schema import BUILTIN_PREFIX, TrainConfig
+from fipo_trainer.trainer.config.versions import vllm_version_note
 
 #: Loggers backed by an optional package (the ``loggers`` extra).
 LOGGER_PACKAGES = {"wandb": "wandb", "swanlab": "swanlab", "tensorboard": "tensorboard"}
@@ -342,6 +343,8 @@ def check_platform(cfg: TrainConfig, r: Report) -> None:
             "rollout.engine=vllm but vLLM is not installed: pip install 'fipo-trainer[cpu]' "
             "(CPU) or '[gpu]' (CUDA), or use rollout=hf"
         )
+    elif rollout.engine == "vllm" and (note := vllm_version_note()) is not None:
+        r.warn(note)
     for name in cfg.trainer.loggers:
         package = LOGGER_PACKAGES.get(name)
         if package and importlib.util.find_spec(package) is None:
