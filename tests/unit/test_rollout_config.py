@@ -51,6 +51,19 @@ def test_bad_values_name_the_key(kwargs, message):
         RolloutConfig(**kwargs).validate()
 
 
+def test_the_sync_bucket_is_set_in_megabytes_as_in_verl():
+    """The trainer's rollout section (the driver's sync reads it; engines never see it)."""
+    from fipo_trainer.rollout.group import plain_rollout_config
+    from fipo_trainer.trainer.config.schema import TrainRolloutConfig
+
+    assert TrainRolloutConfig().update_weights_bucket_bytes == 256 * 2**20
+    small = TrainRolloutConfig(update_weights_bucket_megabytes=0.125)
+    assert small.update_weights_bucket_bytes == 2**17
+    assert not hasattr(plain_rollout_config(small), "update_weights_bucket_megabytes")
+    with pytest.raises(ValueError, match=r"rollout\.update_weights_bucket_megabytes must be > 0"):
+        TrainRolloutConfig(update_weights_bucket_megabytes=0).validate()
+
+
 def test_sampling_config_validates_alone():
     SamplingConfig(n=2, temperature=0.5).validate()
     with pytest.raises(ValueError, match=r"val\.top_p"):

@@ -183,14 +183,27 @@ class TrainRolloutConfig(RolloutConfig):
     ``max(generate_timeout_floor_s, generate_timeout_s_per_token x rows x max_tokens)``
     (``rollout.group.GenerationDeadline``), so a stalled worker is named within the floor
     on small runs and long generations of the paper recipes are not cut short.
+    ``update_weights_bucket_megabytes`` (verl's key): the weight sync packs tensors into
+    buckets of at most this size (a larger tensor alone); the sender and each engine hold
+    one bucket at a time beside the model, so a smaller one trades sync speed for memory.
     """
 
     generate_timeout_s: float | None = None
     generate_timeout_floor_s: float = 120.0
     generate_timeout_s_per_token: float = 5e-4
+    update_weights_bucket_megabytes: float = 256.0
+
+    @property
+    def update_weights_bucket_bytes(self) -> int:
+        return max(1, int(self.update_weights_bucket_megabytes * 2**20))
 
     def validate(self) -> None:
         errors: list[str] = []
+        if not self.update_weights_bucket_megabytes > 0:
+            errors.append(
+                "rollout.update_weights_bucket_megabytes must be > 0, got "
+                f"{self.update_weights_bucket_megabytes}"
+            )
         if self.generate_timeout_s is not None and not self.generate_timeout_s > 0:
             errors.append(
                 "rollout.generate_timeout_s must be > 0 seconds or null (derived from the "
