@@ -273,6 +273,7 @@ def test_sampler_rounds_until_enough_groups_then_cuts_to_the_target():
     batch, metrics = s.collect(step=1)
     assert roll.calls == ["generate", "generate"]
     assert metrics["sampling/gen_rounds"] == 2 and metrics["sampling/groups_kept"] == 2
+    assert metrics["sampling/groups_generated"] == 4 and metrics["sampling/kept_frac"] == 0.5
     assert metrics["sampling/groups_trained"] == 2 and len(batch) == 4
     assert list(batch["uid"]) == ["s1r2-0", "s1r2-0", "s1r2-1", "s1r2-1"]
     assert len(s.last_rollouts) == 8  # every response of the step, kept or not
