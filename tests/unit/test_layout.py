@@ -22,7 +22,7 @@ FLOORS = [
     {"data", "rewards"},
     {"algorithms"},
 ]
-BASE = {"platform", "plugins", "fsutil", "startup", "__init__"}  # usable from every floor
+BASE = {"platform", "cpu_ops", "plugins", "fsutil", "startup", "__init__"}  # every floor
 
 
 def floor_of(top: str) -> int | None:
@@ -37,21 +37,21 @@ def top_level(path: Path) -> str:
     return rel.parts[0].removesuffix(".py")
 
 
-def imported_packages(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
+def imported_modules(path: Path) -> set[str]:
+    """Every absolute module an import statement names, at any depth of the file."""
     out = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module]
+            out.add(node.module)
         elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        else:
-            continue
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "fipo_trainer" and len(parts) > 1:
-                out.add(parts[1])
+            out.update(a.name for a in node.names)
     return out
+
+
+def imported_packages(path: Path) -> set[str]:
+    """The fipo_trainer sub-packages (or top-level modules) a file imports."""
+    parts = (name.split(".") for name in imported_modules(path))
+    return {p[1] for p in parts if p[0] == "fipo_trainer" and len(p) > 1}
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
@@ -100,3 +100,16 @@ def test_cuda_is_asked_only_through_the_platform_module():
         if p.name != "platform.py" and pattern.search(p.read_text())
     ]
     assert not offenders, f"CPU/CUDA decided outside platform.py: {offenders}"
+
+
+def test_vllm_is_imported_by_its_engine_adapter_only():
+    """vLLM's API moves between releases (PEERS.md: version coupling); one module follows
+    it, and the factory only checks that it imports."""
+    allowed = {"rollout/vllm_engine.py", "rollout/factory.py"}
+    users = {
+        str(p.relative_to(PACKAGE))
+        for p in MODULES
+        if any(m == "vllm" or m.startswith("vllm.") for m in imported_modules(p))
+    }
+    assert users <= allowed, f"vLLM imported outside its adapter: {sorted(users - allowed)}"
+    assert "rollout/vllm_engine.py" in users
