@@ -54,7 +54,9 @@ def quickstart_engine_inputs(max_prompts: int, pool: int) -> tuple[str, Any, lis
     from fipo_trainer.trainer.data_source import resolve_file
 
     with tempfile.TemporaryDirectory() as run_dir:  # the generated rows go there
-        cfg = prepare_config(compose_config([f"trainer.run_dir={run_dir}"]))
+        # one engine in this process, not the recipe's two forked ones
+        overrides = [f"trainer.run_dir={run_dir}", "rollout.engines_per_worker=1"]
+        cfg = prepare_config(compose_config(overrides))
         with open(resolve_file(cfg.data.train_files[0], cfg, "train")) as f:
             rows = [json.loads(line) for line in f if line.strip()][:pool]
     rollout = plain_rollout_config(cfg.rollout)

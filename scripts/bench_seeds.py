@@ -10,7 +10,7 @@ shape, the modes given; the same measurement, ``trainer.seed=S`` appended) into
 overlays every run's curves in ``OUT/seeds.png`` and ends with a ``SUMMARY {json}`` line.
 
     .venv/bin/python scripts/bench_seeds.py --seeds 0,1,2 --modes one_step,off \\
-        recipe=quickstart_cpu_async rollout.engines_per_worker=2 rollout.engine_spread=all
+        recipe=quickstart_cpu_async rollout.engine_spread=all
 
 ``--no-run`` only reads the ``OUT/seed_S/results.json`` files already there (to add seeds
 later, or draw again).

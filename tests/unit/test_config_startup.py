@@ -187,12 +187,16 @@ def test_cpu_check_counts_what_placement_reserves(monkeypatch):
 
     cpu = platform.Platform("cpu", "gloo", "float32", "sdpa", "cpu")
     monkeypatch.setattr(platform, "current_platform", lambda: cpu)
-    split = compose("resources.ray_num_cpus=2", "resources.cpus_per_rollout_worker=1.0")
+    two_ranks = ("resources.actor_world_size=2", "rollout.engines_per_worker=1")
+    split = compose(
+        "resources.ray_num_cpus=2", "resources.cpus_per_rollout_worker=1.0", *two_ranks
+    )
     validate_config(split, check_files=False)  # 2 x 0.5 + 1 x 1.0 = 2
     colocated = compose(
         "resources.ray_num_cpus=2",
         "resources.cpus_per_rollout_worker=1.0",
         "resources.placement=colocated",
+        *two_ranks,
     )
     with pytest.raises(ConfigError) as info:
         validate_config(colocated, check_files=False)

@@ -26,6 +26,7 @@ def colocated(world: int, engines: int, tp: int, *more: str) -> TrainConfig:
         f"resources.actor_world_size={world}",
         f"resources.rollout_workers={engines}",
         f"rollout.tensor_parallel_size={tp}",
+        "rollout.engines_per_worker=1",  # an engine of TP > 1 is never forked
         "data.train_batch_size=16",
         "actor.ppo_mini_batch_size=4",
         *more,

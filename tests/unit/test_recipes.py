@@ -78,7 +78,10 @@ def test_quickstart_shape():
     cfg = recipe("quickstart_cpu")
     assert cfg.model.tiny.enable and cfg.model.tiny.warm_start_steps > 0
     assert cfg.data.train_files == ["builtin:arithmetic"]
-    assert cfg.resources.actor_world_size == 2 and cfg.resources.rollout_workers == 1
+    # 1 rank, 2 engines forked in 1 worker: the fastest on-policy layout on 2 cores
+    assert cfg.resources.actor_world_size == 1 and cfg.resources.rollout_workers == 1
+    assert cfg.rollout.engines_per_worker == 2 and cfg.resources.placement == "split"
+    assert cfg.trainer.async_mode == "off"
     assert cfg.resources.gpus_per_node == 0
     assert cfg.rollout.engine == "vllm"
     assert cfg.reward.grader_for("arithmetic") == "dapo"
@@ -99,16 +102,14 @@ def _flat(value: object, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def test_async_quickstart_is_the_quickstart_overlapped_on_one_rank():
-    """Same model, task, data, steps and loss; only the layout and the async knobs differ."""
+def test_async_quickstart_is_the_quickstart_overlapped():
+    """Same model, task, data, layout, steps and loss; only the async knobs differ."""
     sync, overlapped = _flat(recipe("quickstart_cpu")), _flat(recipe("quickstart_cpu_async"))
     changed = {key: overlapped[key] for key in sync if sync[key] != overlapped[key]}
     assert changed == {
         "trainer.experiment_name": "quickstart_cpu_async",
         "trainer.run_dir": "outputs/fipo/quickstart_cpu_async",
         "trainer.async_mode": "one_step",
-        "resources.actor_world_size": 1,
-        "actor.ppo_max_token_len_per_gpu": 2048,
         "algorithm.rollout_correction.enable": True,
     }
     validate_config(recipe("quickstart_cpu_async"))  # split placement: async is allowed
