@@ -60,6 +60,7 @@ from typing import Any
 
 from bench_pipeline_plot import plot_curves  # this directory: sys.path[0]
 from bench_pipeline_report import print_table
+from metrics_tail import MetricsTail
 from process_tree import MachineCpu, TreeMonitor, busy_by_phase
 
 from fipo_trainer.cli import quoted_override
@@ -277,17 +278,11 @@ def run_one(overrides: list[str], run_dir: Path, timeout_s: float) -> dict[str, 
         stderr=subprocess.STDOUT,
         start_new_session=True,  # so a timeout can stop the whole group it started
     )
-    monitor, pending, offset = TreeMonitor(proc.pid), "", 0
+    monitor, tail = TreeMonitor(proc.pid), MetricsTail(metrics)
     timed_out, startup_cpu, first_step, last_step = False, None, None, None
     while True:
         monitor.sample()
-        if metrics.exists():
-            with metrics.open(encoding="utf-8") as f:
-                f.seek(offset)
-                chunk = f.read()
-                offset = f.tell()
-            *complete, pending = (pending + chunk).split("\n")
-            parse_lines(complete, time.monotonic() - start, rows)
+        parse_lines(tail.read(), time.monotonic() - start, rows)
         trained = max((step for step in rows if step >= 1), default=0)
         if trained and startup_cpu is None:
             startup_cpu = sum(monitor.cpu.values())  # start-up CPU: what wall time hides
@@ -304,7 +299,7 @@ def run_one(overrides: list[str], run_dir: Path, timeout_s: float) -> dict[str, 
         time.sleep(POLL_S)
     wall = time.monotonic() - start
     machine_cpu = machine.seconds() if machine else None
-    parse_lines([pending], wall, rows)
+    parse_lines(tail.rest(), wall, rows)
     log.close()
     out = run_stats(rows, wall)
     out.update(

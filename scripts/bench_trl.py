@@ -184,7 +184,6 @@ def run_ours(
     bp = _bench_pipeline()
     overrides = [*OURS, f"trainer.total_training_steps={steps}", *extra]
     metrics = out_dir / "ours" / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)  # never read a previous run's steps as this one's
     r = bp.run_one(overrides, out_dir / "ours", timeout_s)
     if r.get("status") != "ok":
         raise SystemExit(f"our run {r.get('status')} ({out_dir / 'ours.log'}): {r.get('error')}")

@@ -184,6 +184,29 @@ def test_run_one_records_the_cpu_spent_before_the_first_step(tmp_path, monkeypat
     assert 0.3 < out["startup_cpu_s"] < 30
 
 
+FAKE_TRAINER_AFTER_AN_EARLIER_RUN = """#!{python}
+import json, os, sys, time
+run_dir = next(a.split("=", 1)[1].strip("'") for a in sys.argv if a.startswith("trainer.run_dir="))
+time.sleep(1.2)  # start-up; the earlier run's rows are still in place
+os.makedirs(run_dir + "/earlier_runs/1", exist_ok=True)
+os.rename(run_dir + "/metrics.jsonl", run_dir + "/earlier_runs/1/metrics.jsonl")
+with open(run_dir + "/metrics.jsonl", "w") as f:
+    f.write(json.dumps({{"step": 1, "perf/step_seconds": 0.1, "timing_s/gen": 0.05}}) + "\\n")
+time.sleep(1.0)
+"""
+
+
+def test_run_one_never_reads_an_earlier_runs_rows_as_its_own(tmp_path, monkeypatch):
+    """A reused run directory: the earlier run's 5 steps were read at once as this run's
+    (start-up -0.5 s); the run's own one step, seen after its start-up, is what counts."""
+    (tmp_path / "run").mkdir()
+    earlier = [step_row(s) for s in range(1, 6)]
+    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(earlier) + "\n")
+    out = run_fake(FAKE_TRAINER_AFTER_AN_EARLIER_RUN, tmp_path, monkeypatch)
+    assert out["status"] == "ok" and out["steps"] == 1
+    assert out["startup_s"] > 0.9
+
+
 FAKE_TRAINER_TWO_STEPS = """#!{python}
 import json, sys, time
 run_dir = next(a.split("=", 1)[1].strip("'") for a in sys.argv if a.startswith("trainer.run_dir="))
