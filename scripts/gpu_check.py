@@ -18,7 +18,7 @@ by default), so a hang costs that check, not the run. Checks:
 * ``colocated_ipc_sync`` / ``colocated_ipc_sync_hf`` — ``tests/integration/test_colocated_sync.py
   -k "gpu_check and vllm|hf"`` on 1 GPU (CUDA IPC handles) with the vLLM / HF engine; reports
   its ``sync/peak_extra_bytes``.
-* ``fipo_train_colocated_3_steps`` — ``fipo-train`` of the quickstart, colocated on 1 GPU
+* ``fipo_train_colocated_3_steps`` — ``fipo-train recipe=quickstart_gpu``: colocated on 1 GPU
   with sleep/wake, 3 steps; reports s/step (perf/step_seconds) and the worst
   rollout/actor_logprob_abs_diff, a token mean (pass < 2e-3 in bf16: rounding gives 5e-4 on
   the sync tests' 8-layer model, weights one Adam step stale 1.3e-2; tests/helpers/logprobs.py).
@@ -173,13 +173,7 @@ def _parse_in_process(output: str, rc: int, _work: Path) -> tuple[str, str]:
     return found
 
 
-COLOCATED_1GPU = (
-    "resources.gpus_per_node=1",
-    "resources.actor_world_size=1",
-    "resources.rollout_workers=1",
-    "resources.placement=colocated",
-    "rollout.free_cache_engine=true",
-)
+COLOCATED_1GPU: tuple[str, ...] = ()  # recipe quickstart_gpu's own layout
 # The paper's layout in small: one engine of TP 2 over the 2 actor ranks' GPUs, Ulysses SP 2.
 COLOCATED_TP2_SP2 = (
     "resources.gpus_per_node=2",
@@ -203,12 +197,8 @@ SPLIT_NCCL = (
 def _train_argv(work: Path, name: str = "fipo_train", layout: Sequence[str] = COLOCATED_1GPU):
     return [
         str(Path(sys.executable).parent / "fipo-train"),
-        "recipe=quickstart_cpu",
-        "rollout.engines_per_worker=1",  # the recipe forks a second engine, a CPU-only layout
+        "recipe=quickstart_gpu",  # 1 GPU, colocated; the layouts below widen it
         *layout,
-        "resources.cpus_per_actor_worker=1",
-        "resources.cpus_per_rollout_worker=1",
-        "rollout.gpu_memory_utilization=0.3",  # beside the actor on the same GPU
         f"trainer.total_training_steps={TRAIN_STEPS}",
         "trainer.test_freq=0",
         "trainer.val_before_train=false",

@@ -217,5 +217,26 @@ def test_forked_engines_are_refused_on_cuda_and_when_colocated(monkeypatch):
         validate_config(colocated, check_files=False)
     cuda = platform.Platform("cuda", "nccl", "bfloat16", "sdpa", "cuda")
     monkeypatch.setattr(platform, "current_platform", lambda: cuda)
+    on_gpus = compose(
+        "recipe=quickstart_cpu_async", "rollout.engines_per_worker=2", "resources.gpus_per_node=1"
+    )
     with pytest.raises(ConfigError, match="CUDA does not survive a fork"):
-        validate_config(split, check_files=False)
+        validate_config(on_gpus, check_files=False)
+
+
+def test_a_cpu_run_on_a_cuda_machine_names_the_gpu_quickstart(monkeypatch):
+    """The default (CPU) quickstart on a GPU box: one error naming the three ways out, not
+    the fork rule's (the fix is not one engine) nor a crash in a worker without a device."""
+    from fipo_trainer import platform
+
+    cuda = platform.Platform("cuda", "nccl", "bfloat16", "sdpa", "cuda")
+    monkeypatch.setattr(platform, "current_platform", lambda: cuda)
+    with pytest.raises(ConfigError) as info:
+        validate_config(compose(), check_files=False)
+    msg = str(info.value)
+    assert "resources.gpus_per_node=0 asks for a CPU run" in msg
+    assert "recipe=quickstart_gpu" in msg and "FIPO_FORCE_CPU=1" in msg
+    assert "fork" not in msg
+    gpu = compose("recipe=quickstart_gpu")
+    assert gpu.resources.gpus_per_node == 1
+    validate_config(gpu, check_files=False)  # what the error names passes this machine's rules

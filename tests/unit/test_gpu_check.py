@@ -248,13 +248,15 @@ def test_each_sync_row_selects_its_engines_one_device_case(tmp_path):
         "fipo_train_split_nccl_2gpu",
     ],
 )
-def test_the_training_checks_are_valid_configs(tmp_path, name):
+def test_the_training_checks_are_valid_configs(tmp_path, name, monkeypatch):
+    from fipo_trainer import platform
     from fipo_trainer.cli import compose_config
     from fipo_trainer.trainer.config import load_config, validate_config
 
     (check,) = [c for c in gc.CHECKS if c.name == name]
     argv = check.argv(tmp_path)
     assert Path(argv[0]).name == "fipo-train"
+    assert argv[1] == "recipe=quickstart_gpu"  # the recipe a GPU user is told to run
     cfg = load_config(compose_config(argv[1:]), build_model=False)
     res = cfg.resources
     assert res.gpus_per_node == check.min_gpus
@@ -267,6 +269,10 @@ def test_the_training_checks_are_valid_configs(tmp_path, name):
     else:
         assert res.actor_world_size + cfg.rollout.tensor_parallel_size == check.min_gpus
     assert validate_config(cfg, check_files=False, check_platform=False) == []
+    # and the rules a CUDA machine applies (forked engines, CPU runs) pass it
+    cuda = platform.Platform("cuda", "nccl", "bfloat16", "sdpa", "cuda")
+    monkeypatch.setattr(platform, "current_platform", lambda: cuda)
+    assert validate_config(cfg, check_files=False) == []
 
 
 def _quick(name: str, result: str = "PASS", **kwargs) -> object:

@@ -115,6 +115,26 @@ def test_async_quickstart_is_the_quickstart_overlapped():
     validate_config(recipe("quickstart_cpu_async"))  # split placement: async is allowed
 
 
+def test_gpu_quickstart_is_the_quickstart_on_one_gpu():
+    """Same model, task, algorithm and steps; only where it runs differs (1 GPU,
+    colocated, one engine that sleeps during the update)."""
+    cpu, gpu = _flat(recipe("quickstart_cpu")), _flat(recipe("quickstart_gpu"))
+    changed = {key: gpu[key] for key in cpu if cpu[key] != gpu[key]}
+    assert changed == {
+        "trainer.experiment_name": "quickstart_gpu",
+        "trainer.run_dir": "outputs/fipo/quickstart_gpu",
+        "resources.gpus_per_node": 1,
+        "resources.placement": "colocated",
+        "resources.cpus_per_actor_worker": 1.0,
+        "resources.cpus_per_rollout_worker": 1.0,
+        "rollout.engines_per_worker": 1,
+        "rollout.free_cache_engine": True,
+        "rollout.gpu_memory_utilization": 0.3,
+    }
+    with pytest.raises(ConfigError, match=r"resources\.gpus_per_node=1 but this machine has no"):
+        validate_config(recipe("quickstart_gpu"))  # this CPU machine: the rule names the fix
+
+
 @pytest.mark.parametrize("name", [FIPO_32B, DAPO_32B])
 def test_32b_recipes_with_sequence_parallel_8_are_accepted(name):
     cfg = recipe(name)

