@@ -8,8 +8,8 @@ Shapes: ``quickstart`` = the default recipe; ``plain`` = the quickstart without 
 sampling (off mode only: the like-for-like s/step against TRL's GRPOTrainer); ``heavy`` = the
 quickstart with the worked solution format (answers >= 64 tokens,
 ``data.synthetic.solution_format=worked``), a longer ``data.max_response_length``, two
-passes over each batch (generation is ~70 % of an off step, near a DAPO step on GPUs), and
-the validation's top_p with a smaller lr, so that it learns (see ``SHAPES``).
+passes over each batch (generation is ~70 % of an off step, near a DAPO step on GPUs), one
+engine (a core per role), the validation's top_p and a smaller lr, so it learns (``SHAPES``).
 
 Per run (all over the trained steps; ``wall`` = sum of ``perf/step_seconds``, validation
 excluded): median s/step; generated tokens/s = generated response tokens / wall;
@@ -83,6 +83,10 @@ SHAPES: dict[str, list[str]] = {
         # or DAPO; -> 0.38 at 5e-5); at top_p 0.7 and lr 3e-4 it falls too (-> 0.34).
         "rollout.top_p=0.7",
         "actor.lr=5e-5",
+        # One engine and one rank, a core each: the GPU analogue (a device per role). A
+        # second forked engine (the quickstart's default since run 34) takes the core
+        # the overlap fills: off 2.19 s/step, one_step 1.99 (one engine: 2.58 / 1.85, run 35).
+        "rollout.engines_per_worker=1",
     ],
 }
 DEFAULT_STEPS = {"quickstart": 200, "plain": 40, "heavy": 30}

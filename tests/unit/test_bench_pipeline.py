@@ -336,6 +336,9 @@ def test_the_heavy_shape_samples_as_its_validation_at_a_smaller_lr():
     assert heavy.rollout.top_p == heavy.rollout.val.top_p == 0.7 < quick.rollout.top_p
     assert heavy.actor.lr == pytest.approx(quick.actor.lr / 6)
     assert heavy.data.synthetic.solution_format == "worked" and heavy.actor.ppo_epochs == 2
+    # a core per role (the GPU analogue), whatever layout the default recipe takes
+    assert quick.rollout.engines_per_worker == 2
+    assert heavy.rollout.engines_per_worker == 1 and heavy.resources.actor_world_size == 1
 
 
 def test_busy_seconds_reads_the_cpu_line_of_proc_stat():
