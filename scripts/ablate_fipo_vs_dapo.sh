@@ -3,7 +3,7 @@
 # where they differ (4 optimizer steps per rollout batch: 16 prompts / mini-batch 4), then
 # the comparison picture. recipe=ablations/fipo_vs_dapo: the quickstart (tiny Qwen2,
 # arithmetic task, dynamic sampling) shortened to 100 steps, validation mean@4 every 20.
-# About 3 min per job on 2 cores, ~20 min in all.
+# About 1.3 min per job on 2 cores, ~8 min in all (2026-12-07).
 #   scripts/ablate_fipo_vs_dapo.sh [SWEEP_DIR] [extra overrides ...]
 # Writes SWEEP_DIR/<algorithm=...,trainer.seed=...>/ (one run dir per job),
 # SWEEP_DIR/sweep_summary.csv and SWEEP_DIR/compare.png.
