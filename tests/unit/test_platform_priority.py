@@ -33,7 +33,7 @@ def _run(kind: str) -> list[int]:
 def test_cpu_process_drops_its_priority_once() -> None:
     start, got, again, now, step = _run("cpu")
     assert got == again == now == min(19, start + step)
-    assert now > start
+    assert now > start or start == 19  # a suite run at niceness 19 has no lower to go
 
 
 def test_cuda_process_keeps_its_priority() -> None:
