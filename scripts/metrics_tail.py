@@ -25,9 +25,11 @@ class MetricsTail:
 
     def read(self) -> list[str]:
         """Lines completed since the last call (a partial last line waits for its end)."""
-        if not self.path.exists():
+        try:
+            f = self.path.open(encoding="utf-8")
+        except FileNotFoundError:  # not written yet, or being moved to earlier_runs/
             return []
-        with self.path.open(encoding="utf-8") as f:
+        with f:
             now = os.fstat(f.fileno())
             if now.st_ino != self._inode or now.st_size < self._offset:
                 self._inode, self._offset, self._pending = now.st_ino, 0, ""
