@@ -41,6 +41,7 @@ from fipo_trainer.trainer.sampling import Sampler, TrainingStopped
 from fipo_trainer.trainer.stages import advantages
 from fipo_trainer.trainer.step_metrics import logprob_metrics, nonfinite_update, perf_metrics, timed
 from fipo_trainer.trainer.summary import TrainResult, print_summary
+from fipo_trainer.trainer.timeline import RunTimeline
 from fipo_trainer.trainer.token_record import dump_step_tokens, record_kwargs
 from fipo_trainer.trainer.tracking import restore_checkpoint_row, sanitize_metrics
 
@@ -63,6 +64,7 @@ class RLTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.actor = self.rollout = self.reward_pool = self.weight_sync = self.placements = None
         self._owns_ray = owns_ray  # the caller started Ray for this run (trainer.launch)
+        self.timeline = RunTimeline(cfg.trainer, self.run_dir)  # trainer.timeline_json_file
 
     @property
     def temperature(self) -> float:
@@ -207,11 +209,8 @@ class RLTrainer:
             )
             metrics["val/response_length_mean"] = float(rollout["response_mask"].sum(-1).mean())
         # gen/reward time spent inside validation, kept apart from the training step's
-        stage_times = {
-            key.replace("timing_s/", "timing_s/val_"): value
-            for key, value in timings.items()
-            if key != "timing_s/validate"
-        }
+        stage_times = {k.replace("timing_s/", "timing_s/val_"): v
+                       for k, v in timings.items() if k != "timing_s/validate"}  # fmt: skip
         return {**metrics, **stage_times, "timing_s/validate": timings["timing_s/validate"]}
 
     # ----------------------------------------------------------------- checkpoints
@@ -334,9 +333,7 @@ class RLTrainer:
                     dump_rollouts(
                         self.run_dir, step, records_from_batch(self.batches.last_rollouts)
                     )
-                if cfg.trainer.save_freq > 0 and (
-                    step % cfg.trainer.save_freq == 0 or step == total
-                ):
+                if cfg.trainer.save_freq > 0 and (step % cfg.trainer.save_freq == 0 or step == total):
                     with timed(metrics, "save"):
                         result.checkpoint = self.save_checkpoint(step, metrics)
                     last_ckpt_step = step
@@ -359,12 +356,14 @@ class RLTrainer:
             from fipo_trainer.trainer.plot import plot_run as draw
 
             result.plot = draw(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
+            self.timeline.plot()
 
     def shutdown(self, *, graceful: bool = True) -> None:
         """Stop every role and the Ray this run started (a sweep's next job starts afresh);
         ``graceful=False`` (Ctrl-C, failure) kills workers unasked: one may not answer."""
         from fipo_trainer.cluster import release, shutdown_ray
 
+        self.timeline.write()  # while Ray still holds the task events
         if self.rollout is not None:
             with contextlib.suppress(Exception):
                 self.rollout.shutdown(graceful=graceful)

@@ -176,6 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "with --compare the runs' common parent/compare.png); with --tokens the .html page")
     parser.add_argument("--tokens", action="store_true", help="render RUN_DIR's token records (HTML + PNG heat map)")
     parser.add_argument("--step", type=int, default=None, help="with --tokens: this step (default: the latest)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="draw RUN_DIR/timeline.json (trainer.timeline_json_file) or the trace "
+                        "given: a few steps, one lane per worker (default: <trace dir>/timeline.png)")
+    parser.add_argument("--window", default=None, metavar="A:B",
+                        help="with --timeline: seconds from the trace's first event (default: 4 "
+                        "steps from the middle of the run)")
     args = parser.parse_args(argv)
     _check_out(parser, args.out, html=args.tokens and not args.compare, compare=bool(args.compare))
     if args.compare:
@@ -188,6 +194,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.path is None:
         parser.error("pass a run directory (or --compare RUN_DIR RUN_DIR ...)")
     path: Path = args.path
+    if args.timeline:
+        from fipo_trainer.trainer import timeline_plot
+
+        try:
+            return timeline_plot.main(path, args.out, args.window)
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(str(err))
     if args.tokens:
         from fipo_trainer.trainer import token_plot
 

@@ -31,6 +31,8 @@ from fipo_trainer.trainer.step_metrics import (
     reward_metrics,
     timed,
 )
+from fipo_trainer.trainer.timeline import STAGE_SPANS
+from fipo_trainer.trainer.timeline import now as timeline_clock
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +200,7 @@ class Sampler:
             start = time.perf_counter()
             result = self.reward_pool.grade_stream(arriving(), len(prompts) * sampling.n)
             end = time.perf_counter()
+        STAGE_SPANS.add("gen", timeline_clock() - (end - start), clock["last"] - start)
         for key, seconds in (
             ("gen", clock["last"] - start),
             ("reward", end - clock["first"]),

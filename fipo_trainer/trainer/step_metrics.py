@@ -20,17 +20,21 @@ import numpy as np
 import torch
 
 from fipo_trainer.data.batch import Batch
+from fipo_trainer.trainer.timeline import STAGE_SPANS
+from fipo_trainer.trainer.timeline import now as timeline_clock
 
 
 @contextlib.contextmanager
 def timed(timings: dict[str, float], name: str) -> Iterator[None]:
-    """Accumulate wall-clock seconds of a stage into ``timings['timing_s/<name>']``."""
-    start = time.perf_counter()
+    """Accumulate wall-clock seconds of a stage into ``timings['timing_s/<name>']`` (and
+    into the run's timeline, when one is recorded: ``trainer/timeline.py``)."""
+    wall, start = timeline_clock(), time.perf_counter()
     try:
         yield
     finally:
-        key = f"timing_s/{name}"
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+        key, seconds = f"timing_s/{name}", time.perf_counter() - start
+        timings[key] = timings.get(key, 0.0) + seconds
+        STAGE_SPANS.add(name, wall, seconds)
 
 
 def non_finite(metrics: dict[str, float], keys: tuple[str, ...]) -> list[str]:

@@ -4,6 +4,7 @@ rule in the reward pool, the tiny model."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -32,6 +33,22 @@ def assert_same_steps(a: dict, b: dict, steps) -> None:
             assert a[step][key] == b[step][key], (step, key)
         for key in CLOSE:
             assert a[step][key] == pytest.approx(b[step][key], rel=1e-4, abs=1e-6), (step, key)
+
+
+def calls(run_dir, method: str) -> list[tuple[float, float]]:
+    """(start, end) of every remote call to ``method`` in the run's timeline."""
+    events = json.loads((run_dir / "timeline.json").read_text())
+    return [(e["ts"], e["ts"] + e["dur"]) for e in events
+            if str(e.get("cat", "")).endswith("." + method)]  # fmt: skip
+
+
+def generation_during_actor_work(run_dir) -> int:
+    """How many generation calls overlapped an old-log-prob pass or an update of the actor,
+    by the run's timeline."""
+    work = calls(run_dir, "update_policy") + calls(run_dir, "compute_log_prob")
+    assert work, "the timeline holds the actor's calls"
+    return sum(any(s < e2 and s2 < e for s2, e2 in work)
+               for s, e in calls(run_dir, "generate_stream"))  # fmt: skip
 
 
 def worker_cores(worker) -> list[int]:
@@ -69,12 +86,14 @@ def test_off_equals_bounded_with_zero_staleness(tmp_path, worker_cpus):
     ranks and one engine: three processes on 2 cores; the quickstart's two engines and one
     rank are too many for a core each there, so they are pinned nowhere.)"""
     common = [*SHORT, *TWO_RANKS, "trainer.total_training_steps=3", "trainer.save_freq=0"]
-    off = read_metrics(train(tmp_path / "off", *common, "trainer.async_mode=off").run_dir)
+    timeline = "trainer.timeline_json_file=timeline.json"
+    off = read_metrics(train(tmp_path / "off", *common, timeline, "trainer.async_mode=off").run_dir)
     zero = train(
         tmp_path / "zero", *common, "trainer.async_mode=bounded", "trainer.max_staleness=0"
     )
     zero = read_metrics(zero.run_dir)
     assert_same_steps(off, zero, (1, 2, 3))
+    assert generation_during_actor_work(tmp_path / "off") == 0  # every stage waits: the timeline
     assert all(zero[s]["async/staleness_max"] == 0 for s in (1, 2, 3))
     every = sorted(os.sched_getaffinity(0))
     assert worker_cpus[0] == ([every], [every, every])
@@ -96,7 +115,8 @@ def test_one_step_trains_one_version_behind_and_resumes_exactly(tmp_path):
         "data.gen_batch_size=8",
     ]
     full_dir, part_dir = tmp_path / "full", tmp_path / "part"
-    train(full_dir, *common, "trainer.total_training_steps=4")
+    timeline = ("trainer.timeline_json_file=timeline.json", "trainer.plot=true")
+    train(full_dir, *common, *timeline, "trainer.total_training_steps=4")
     train(part_dir, *common, "trainer.total_training_steps=2")
     resumed = train(part_dir, *common, "trainer.total_training_steps=4", "trainer.resume=auto")
     assert resumed.steps == 4
@@ -105,6 +125,9 @@ def test_one_step_trains_one_version_behind_and_resumes_exactly(tmp_path):
     assert all(full[s]["async/staleness_mean"] == full[s]["async/staleness_max"] for s in full)
     assert [full[s]["async/weight_version"] for s in (1, 2, 3, 4)] == [0, 1, 2, 3]
     assert_same_steps(full, part, (3, 4))
+    # The timeline shows the overlap: batches 2-4 were generated during steps 1-3.
+    assert generation_during_actor_work(full_dir) >= 2
+    assert (full_dir / "timeline.png").is_file()
 
 
 @pytest.mark.parametrize("partial", [False, True])

@@ -89,6 +89,7 @@ def test_unknown_recipe_is_a_config_error_listing_the_recipes():
         ("actor_rollout_ref.rollout.val_kwargs.top_p=0.7", "here it is rollout.val.top_p"),
         ("actor_rollout_ref.model.path=/m", "here it is model.path"),
         ("trainer.n_gpus_per_node=8", "here it is resources.gpus_per_node"),
+        ("ray_kwargs.timeline_json_file=t.json", "here it is trainer.timeline_json_file"),
         # a verl name whose place here is deeper: the nearest key
         ("actor_rollout_ref.actor.clip_ratio_high=0.28", "did you mean actor.policy_loss.clip"),
     ],

@@ -158,6 +158,8 @@ VERL_KEYS = {
     "actor_rollout_ref.actor.loss_agg_mode": "actor.policy_loss.loss_agg_mode",
     "actor_rollout_ref.actor.policy_loss.loss_mode": "actor.loss_name",
     "data.filter_overlong_prompts": "data.truncation",
+    "ray_kwargs.timeline_json_file": "trainer.timeline_json_file",
+    "ray_init.timeline_json_file": "trainer.timeline_json_file",  # verl before 0.5
 }
 _NO_KL = (
     "this trainer has no KL-to-reference loss or entropy bonus (the FIPO/DAPO recipes use "

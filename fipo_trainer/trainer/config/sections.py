@@ -216,6 +216,9 @@ class TrainerConfig:
     max_failed_reward_frac: float = 0.5
     max_failed_reward_steps: int = 3
     plot: bool = True  # PNG of the curves at the end
+    # Ray's task events + the driver's stages as a Chrome trace, written when the run ends
+    # (relative: in run_dir), and timeline.png beside it; null: off (trainer/timeline.py).
+    timeline_json_file: str | None = None
     export_hf: bool = True  # Hugging Face export at the end
     seed: int = 0
     # Deadline of every remote call but generation (log-prob pass, update, weight sync,
