@@ -94,7 +94,11 @@ def test_write_without_ray_keeps_the_driver_stages(tmp_path):
 def test_lanes_are_the_driver_threads_then_each_worker_by_class():
     lanes = load_lanes(synthetic_trace())
     assert [lane.label for lane in lanes] == [
-        "driver: loop", "DeepSpeedActorWorker 0", "DeepSpeedActorWorker 1", "RolloutWorker 0"]
+        "driver: loop",
+        "DeepSpeedActorWorker 0",
+        "DeepSpeedActorWorker 1",
+        "RolloutWorker 0",
+    ]
     rollout = lanes[-1]
     assert rollout.spans[0] == (0.0, 0.5, "generate_stream")  # seconds from the first event
     assert len(rollout.spans) == 9 * 2 + 1  # Ray's task:execute sub-events are not calls
@@ -121,7 +125,8 @@ def test_busy_counts_nested_stages_once_and_names_what_filled_the_lane():
     assert line == "driver: loop: busy 50% (validation 25%, update 25%)"
     rollout = Lane("RolloutWorker 0", [(0.0, 3.0, "generate_stream"), (3.0, 4.0, "load_weights")])
     assert describe([rollout], (0.0, 4.0)) == [
-        "RolloutWorker 0: busy 100% (generation 75%, weight sync 25%)"]
+        "RolloutWorker 0: busy 100% (generation 75%, weight sync 25%)"
+    ]
     assert stage_group("update_weights") == "weight sync"  # a sync, not an update
     assert stage_group("compute_log_prob") == "old log-probs"
     assert stage_group("wait_batch") == "waiting for a batch"
