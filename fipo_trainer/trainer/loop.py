@@ -333,7 +333,9 @@ class RLTrainer:
                     dump_rollouts(
                         self.run_dir, step, records_from_batch(self.batches.last_rollouts)
                     )
-                if cfg.trainer.save_freq > 0 and (step % cfg.trainer.save_freq == 0 or step == total):
+                if cfg.trainer.save_freq > 0 and (
+                    step % cfg.trainer.save_freq == 0 or step == total
+                ):
                     with timed(metrics, "save"):
                         result.checkpoint = self.save_checkpoint(step, metrics)
                     last_ckpt_step = step
