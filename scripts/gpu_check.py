@@ -34,6 +34,7 @@ by default), so a hang costs that check, not the run. Checks:
 A row that imports a module this Python lacks (``vllm``, where the ``gpu`` extra could not be
 installed) fails at once, without starting its subprocess.
 
+Each train row also leaves ``<workdir>/<row>/timeline.json`` (``fipo-plot --timeline``).
 Prints a table (check | result | value | seconds), writes ``<workdir>/gpu_check.json``,
 exits 1 if any check failed or did not run, 2 at once without a CUDA device.
 ``--allow-cpu`` runs what can run on CPU (tests of this script); the rest is skipped.
@@ -204,6 +205,7 @@ def _train_argv(work: Path, name: str = "fipo_train", layout: Sequence[str] = CO
         "trainer.val_before_train=false",
         "trainer.plot=false",
         "trainer.export_hf=false",
+        "trainer.timeline_json_file=timeline.json",  # where a GPU step's time goes
         "algorithm.filter_groups.on_exhausted=proceed",
         quoted_override("trainer.run_dir", work / name),
     ]

@@ -262,6 +262,7 @@ def test_the_training_checks_are_valid_configs(tmp_path, name, monkeypatch):
     assert res.gpus_per_node == check.min_gpus
     assert res.rollout_workers == 1 and cfg.trainer.total_training_steps == gc.TRAIN_STEPS
     assert cfg.trainer.run_dir == str(tmp_path / name)
+    assert cfg.trainer.timeline_json_file == "timeline.json"  # lands in the row's run dir
     assert cfg.rollout.engine == ("hf" if "_hf_" in name else "vllm")
     if res.placement == "colocated":
         assert cfg.rollout.free_cache_engine
