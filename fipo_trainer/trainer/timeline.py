@@ -69,6 +69,14 @@ def driver_events(spans: list[tuple[str, float, float, str]]) -> list[dict[str, 
     ]  # fmt: skip
 
 
+def own_job(events: list[dict[str, Any]], job_id: str) -> list[dict[str, Any]]:
+    """The events of the workers that ran this job's calls: on a shared cluster
+    ``ray.timeline()`` lists every job's (a task id ends with its job's id)."""
+    tids = {e.get("tid") for e in events if str(e.get("cat", "")).startswith("task::")
+            and str((e.get("args") or {}).get("task_id", "")).endswith(job_id)}  # fmt: skip
+    return [e for e in events if e.get("tid") in tids]
+
+
 class RunTimeline:
     """``trainer.timeline_json_file`` for one run: records from construction, ``write()``
     while Ray is still up, ``plot()`` after."""
@@ -92,7 +100,10 @@ class RunTimeline:
         try:
             import ray
 
-            events = list(ray.timeline()) if ray.is_initialized() else []
+            events = []
+            if ray.is_initialized():
+                job = ray.get_runtime_context().get_job_id()
+                events = own_job(list(ray.timeline()), job)
             with atomic_file(self.path) as f:
                 json.dump(events + driver_events(spans), f)
         except Exception as err:  # a trace must never fail the run

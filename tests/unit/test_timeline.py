@@ -16,7 +16,7 @@ from PIL import Image
 from fipo_trainer.trainer import timeline_plot
 from fipo_trainer.trainer.plot import main as plot_main
 from fipo_trainer.trainer.step_metrics import timed
-from fipo_trainer.trainer.timeline import STAGE_SPANS, RunTimeline, driver_events
+from fipo_trainer.trainer.timeline import STAGE_SPANS, RunTimeline, driver_events, own_job
 from fipo_trainer.trainer.timeline_plot import (
     Lane,
     default_window,
@@ -89,6 +89,16 @@ def test_write_without_ray_keeps_the_driver_stages(tmp_path):
     assert line.write() == tmp_path / "timeline.json"
     (event,) = json.loads((tmp_path / "timeline.json").read_text())
     assert event["pid"] == "driver" and event["name"] == "validate" and event["ph"] == "X"
+
+
+def test_only_this_jobs_workers_are_kept():
+    """On a shared cluster ``ray.timeline()`` lists every job's workers."""
+    ours = {**ray_call("RolloutWorker", "generate_stream", "w-ours", 0, 1),
+            "args": {"task_id": "c8ef45ccd0112571ffff" + "02000000"}}  # fmt: skip
+    theirs = {**ray_call("Other", "run", "w-theirs", 0, 1), "args": {"task_id": "ab01000000"}}
+    sub = {"cat": "task:execute", "name": "task:execute", "tid": "w-ours", "ph": "X"}
+    driver = {"cat": "submit_task", "name": "submit_task", "tid": "w-driver", "ph": "X"}
+    assert own_job([ours, theirs, sub, driver], "02000000") == [ours, sub]
 
 
 def test_lanes_are_the_driver_threads_then_each_worker_by_class():
