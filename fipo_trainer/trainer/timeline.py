@@ -18,16 +18,19 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fipo_trainer.fsutil import atomic_file
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TIMELINE_PNG = "timeline.png"
 DRIVER = "driver"  # the trace's process name for the driver's stages
 STAGE_CATEGORY = "stage"
+RAY_EVENTS_TIMEOUT_S = 20.0  # ray.timeline() takes ~1 s (it waits 1 s for events in flight)
 
 
 class StageSpans:
@@ -77,6 +80,40 @@ def own_job(events: list[dict[str, Any]], job_id: str) -> list[dict[str, Any]]:
     return [e for e in events if e.get("tid") in tids]
 
 
+def call_with_deadline(fn: Callable[[], T], timeout_s: float, what: str) -> T:
+    """``fn()`` in a daemon thread: its result or its error, or TimeoutError after
+    ``timeout_s``. A call that never returns is left behind; as a daemon it never keeps the
+    process from exiting (a thread pool's workers would: they are joined at exit)."""
+    found: list[Any] = []
+
+    def call() -> None:
+        try:
+            found.append(fn())
+        except BaseException as err:  # raised in the caller's thread below
+            found.append(err)
+
+    thread = threading.Thread(target=call, name=what, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not found:
+        raise TimeoutError(f"{what}: no answer within {timeout_s:g} s")
+    if isinstance(found[0], BaseException):
+        raise found[0]
+    return found[0]
+
+
+def ray_events(timeout_s: float) -> list[dict[str, Any]]:
+    """This job's task events (none without Ray), with a deadline: a run stopped by Ctrl-C
+    or a failure writes its trace first, and an unresponsive GCS must not keep it from
+    stopping its workers."""
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    job = ray.get_runtime_context().get_job_id()
+    return own_job(list(call_with_deadline(ray.timeline, timeout_s, "ray.timeline()")), job)
+
+
 class RunTimeline:
     """``trainer.timeline_json_file`` for one run: records from construction, ``write()``
     while Ray is still up, ``plot()`` after."""
@@ -98,12 +135,7 @@ class RunTimeline:
             return None
         spans = STAGE_SPANS.stop()
         try:
-            import ray
-
-            events = []
-            if ray.is_initialized():
-                job = ray.get_runtime_context().get_job_id()
-                events = own_job(list(ray.timeline()), job)
+            events = ray_events(RAY_EVENTS_TIMEOUT_S)
             with atomic_file(self.path) as f:
                 json.dump(events + driver_events(spans), f)
         except Exception as err:  # a trace must never fail the run

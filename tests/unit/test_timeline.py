@@ -16,7 +16,13 @@ from PIL import Image
 from fipo_trainer.trainer import timeline_plot
 from fipo_trainer.trainer.plot import main as plot_main
 from fipo_trainer.trainer.step_metrics import timed
-from fipo_trainer.trainer.timeline import STAGE_SPANS, RunTimeline, driver_events, own_job
+from fipo_trainer.trainer.timeline import (
+    STAGE_SPANS,
+    RunTimeline,
+    call_with_deadline,
+    driver_events,
+    own_job,
+)
 from fipo_trainer.trainer.timeline_plot import (
     Lane,
     default_window,
@@ -89,6 +95,18 @@ def test_write_without_ray_keeps_the_driver_stages(tmp_path):
     assert line.write() == tmp_path / "timeline.json"
     (event,) = json.loads((tmp_path / "timeline.json").read_text())
     assert event["pid"] == "driver" and event["name"] == "validate" and event["ph"] == "X"
+
+
+def test_a_call_with_a_deadline_returns_raises_or_gives_up():
+    """Ctrl-C and failures write the trace before the workers are killed: a hung
+    ``ray.timeline()`` must give up at its deadline (the Ray side: test_timeline_ray.py)."""
+    assert call_with_deadline(lambda: 7, 5, "quick") == 7
+    with pytest.raises(ZeroDivisionError):
+        call_with_deadline(lambda: 1 / 0, 5, "failing")
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"hung: no answer within 0.2 s"):
+        call_with_deadline(lambda: time.sleep(30), 0.2, "hung")
+    assert time.monotonic() - start < 2
 
 
 def test_only_this_jobs_workers_are_kept():
