@@ -13,13 +13,14 @@ engine (a core per role), the validation's top_p and a smaller lr, so it learns 
 
 Per run (all over the trained steps; ``wall`` = sum of ``perf/step_seconds``, validation
 excluded): median s/step; generated tokens/s = generated response tokens / wall;
-rollout idle = 1 - sum(timing_s/gen) / wall; actor idle = 1 - sum(timing_s/old_log_prob +
-timing_s/update + timing_s/sync) / wall (both clamped to [0, 1]; overlap lowers them);
+rollout / actor idle = the share of the steps in which the role's workers ran no call, from
+the run's timeline (``bench_pipeline_report.trace_idle``; without one 1 - sum of the role's
+``timing_s`` / wall, which counts a sync waiting for a batch as the actor's work);
 val mean@4 after the last step. Start-up = first trained step's row seen (process start = 0)
 minus that step's seconds; start-up CPU-s = CPU time of the whole process tree when that
 row appeared (steadier than wall time on a shared machine: step 1 and the first validation
-included); time to 0.45 / 0.55 = when the first validation row at or above it
-appeared (metrics.jsonl is tailed every ~0.5 s, rows carry no time); peak memory = max over
+included); time to 0.45 / 0.55 = when the first validation row at or above it appeared
+(metrics.jsonl is tailed every ~0.5 s, rows carry no time); peak memory = max over
 samples of the RSS, and of the PSS, summed over the process tree (Ray's processes included;
 RSS counts shared library pages once per process, PSS splits them); busy cores =
 CPU time of every process seen in the tree (last value per process, so exited ones count)
@@ -34,7 +35,6 @@ steps, the last step row to exit): seconds and busy cores, whose time-weighted m
 run's figure — a third table and ``quickstart_phases``.
 
 Machine-wide heavy work: wrap the whole script in ``flock /tmp/heavy.lock``.
-
     flock /tmp/heavy.lock .venv/bin/python scripts/bench_pipeline.py            # ~20 min
     flock /tmp/heavy.lock .venv/bin/python scripts/bench_pipeline.py --steps 3 --modes off
 
@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_pipeline_plot import plot_curves  # this directory: sys.path[0]
-from bench_pipeline_report import print_table
+from bench_pipeline_report import print_table, trace_idle
 from metrics_tail import MetricsTail
 from process_tree import MachineCpu, TreeMonitor, busy_by_phase
 
@@ -100,6 +100,7 @@ VAL_KEY = "val/mean@4"
 THRESHOLDS = (0.45, 0.55)
 ACTOR_KEYS = ("timing_s/old_log_prob", "timing_s/update", "timing_s/sync")
 POLL_S = 0.5
+TIMELINE = "trainer.timeline_json_file=timeline.json"  # each run's timeline.json + .png
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -277,7 +278,7 @@ def run_one(overrides: list[str], run_dir: Path, timeout_s: float) -> dict[str, 
     machine = MachineCpu() if Path("/proc/stat").exists() else None
     start = time.monotonic()
     proc = subprocess.Popen(
-        [fipo_train(), *overrides, quoted_override("trainer.run_dir", run_dir)],
+        [fipo_train(), *overrides, quoted_override("trainer.run_dir", run_dir), TIMELINE],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # so a timeout can stop the whole group it started
@@ -305,7 +306,7 @@ def run_one(overrides: list[str], run_dir: Path, timeout_s: float) -> dict[str, 
     machine_cpu = machine.seconds() if machine else None
     parse_lines(tail.rest(), wall, rows)
     log.close()
-    out = run_stats(rows, wall)
+    out = run_stats(rows, wall) | trace_idle(run_dir)
     out.update(
         rc=proc.returncode,
         status="timeout" if timed_out else "ok" if proc.returncode == 0 else "failed",

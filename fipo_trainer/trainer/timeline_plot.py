@@ -107,6 +107,23 @@ def default_window(lanes: list[Lane], steps: int = STEPS_SHOWN) -> tuple[float, 
     return updates[first], updates[first + steps]
 
 
+def idle_by_role(lanes: list[Lane]) -> dict[str, float] | None:
+    """``rollout_idle`` and ``actor_idle``: the share of the steady state (the first driver
+    ``update``'s end to the last's) in which a role's worker ran no call, mean over the
+    role's workers; None without two updates."""
+    updates = sorted(e for lane in lanes if lane.label.startswith(DRIVER)
+                     for _, e, name in lane.spans if name == "update")  # fmt: skip
+    if len(updates) < 2:
+        return None
+    out = {}
+    for key, cls in (("rollout_idle", "RolloutWorker"), ("actor_idle", "DeepSpeedActorWorker")):
+        busy = [lane.busy(updates[0], updates[-1]) for lane in lanes
+                if lane.label.rsplit(" ", 1)[0] == cls]  # fmt: skip
+        if busy:
+            out[key] = 1 - sum(busy) / len(busy)
+    return out
+
+
 def nesting(spans: list[tuple[float, float, str]]) -> list[int]:
     """How many other spans of the lane hold each one (driver stages nest: ``validate``
     holds its ``gen``); a nested bar is drawn thinner, on top."""

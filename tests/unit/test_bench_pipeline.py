@@ -11,6 +11,7 @@ from tests.helpers.scripts import load_script
 
 bp = load_script("bench_pipeline")
 pt = load_script("process_tree")
+bpr = load_script("bench_pipeline_report")
 
 
 def step_row(step: int, **extra: float) -> str:
@@ -368,3 +369,30 @@ def test_the_machine_figure_counts_a_child_that_ended_between_two_samples(tmp_pa
     assert out["status"] == "ok"
     assert out["machine_cpu_s"] >= out["tree_cpu_s"] + 0.3
     assert out["machine_busy_cores"] == pytest.approx(out["machine_cpu_s"] / out["wall_s"])
+
+
+FAKE_TRAINER_WITH_A_TIMELINE = """#!{python}
+import json, os, shutil, sys, time
+arg = lambda key: next(a.split("=", 1)[1].strip("'") for a in sys.argv if a.startswith(key + "="))
+run_dir = arg("trainer.run_dir")
+row = {{"perf/step_seconds": 1.0, "timing_s/gen": 0.5, "timing_s/update": 0.9}}
+with open(run_dir + "/metrics.jsonl", "w") as f:
+    f.write("".join(json.dumps({{"step": s, **row}}) + "\\n" for s in (1, 2, 3)))
+here = os.path.dirname(sys.argv[0])
+shutil.copy(here + "/trace.json", os.path.join(run_dir, arg("trainer.timeline_json_file")))
+time.sleep(1.0)
+"""
+
+
+def test_run_one_takes_the_roles_idle_time_from_the_runs_timeline(tmp_path, monkeypatch):
+    """The driver's timers called the one_step actor 2 % idle (its sync waits for the batch);
+    its own calls on the timeline left it 43 % idle (run 36). The trace's figures win."""
+    from tests.unit.test_timeline import synthetic_trace
+
+    (tmp_path / "trace.json").write_text(json.dumps(synthetic_trace(steps=9, validate_at=4)))
+    out = run_fake(FAKE_TRAINER_WITH_A_TIMELINE, tmp_path, monkeypatch)
+    assert out["status"] == "ok" and out["steps"] == 3
+    assert out["rollout_idle"] == pytest.approx(1 - 5.1 / 8.4)  # test_timeline's numbers
+    assert out["actor_idle"] == pytest.approx(1 - 4.0 / 8.4)
+    assert (tmp_path / "run" / "timeline.json").is_file()
+    assert bpr.trace_idle(tmp_path) == {}  # no trace there: run_stats' timers stay

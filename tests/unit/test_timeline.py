@@ -27,6 +27,7 @@ from fipo_trainer.trainer.timeline_plot import (
     Lane,
     default_window,
     describe,
+    idle_by_role,
     load_lanes,
     parse_window,
     plot_timeline,
@@ -143,6 +144,16 @@ def test_the_window_is_whole_steps_from_the_middle_without_the_validation():
     assert (a, b) == pytest.approx((2.9, 6.9))  # the middle: steps 4-7
     few = load_lanes(synthetic_trace(steps=3, validate_at=99))
     assert default_window(few, steps=4) == pytest.approx((0.0, 3.0))
+
+
+def test_idle_by_role_is_measured_on_the_workers_between_the_first_and_last_update():
+    lanes = load_lanes(synthetic_trace(steps=9, validate_at=4))
+    idle = idle_by_role(lanes)
+    # update ends 0.9 .. 9.3 (8.4 s, a 0.4 s validation in it): the rollout worker runs
+    # 8 x (0.5 + 0.1) + 0.3 s of calls there, each actor rank 8 x 0.5 s
+    assert idle["rollout_idle"] == pytest.approx(1 - (8 * 0.6 + 0.3) / 8.4)
+    assert idle["actor_idle"] == pytest.approx(1 - 8 * 0.5 / 8.4)
+    assert idle_by_role(load_lanes(synthetic_trace(steps=1))) is None
 
 
 def test_busy_counts_nested_stages_once_and_names_what_filled_the_lane():
