@@ -88,13 +88,19 @@ def load_lanes(events: list[dict[str, Any]]) -> list[Lane]:
     return lanes
 
 
+def update_ends(lanes: list[Lane]) -> list[float]:
+    """When each of the driver's ``update`` stages ended: the steps' boundaries."""
+    return sorted(e for lane in lanes if lane.label.startswith(DRIVER)
+                  for _, e, name in lane.spans if name == "update")  # fmt: skip
+
+
 def default_window(lanes: list[Lane], steps: int = STEPS_SHOWN) -> tuple[float, float]:
     """``steps`` whole steps from the middle of the run, from the end of one driver
     ``update`` stage to the end of the ``steps``-th after it; the nearest such window without
     a validation or checkpoint, when there is one (the whole trace when the run had too few
     steps)."""
     driver = [span for lane in lanes if lane.label.startswith(DRIVER) for span in lane.spans]
-    updates = sorted(e for _, e, name in driver if name == "update")
+    updates = update_ends(lanes)
     if len(updates) <= steps:
         return min(s for lane in lanes for s, _, _ in lane.spans), max(
             e for lane in lanes for _, e, _ in lane.spans)  # fmt: skip
@@ -111,8 +117,7 @@ def idle_by_role(lanes: list[Lane]) -> dict[str, float] | None:
     """``rollout_idle`` and ``actor_idle``: the share of the steady state (the first driver
     ``update``'s end to the last's) in which a role's worker ran no call, mean over the
     role's workers; None without two updates."""
-    updates = sorted(e for lane in lanes if lane.label.startswith(DRIVER)
-                     for _, e, name in lane.spans if name == "update")  # fmt: skip
+    updates = update_ends(lanes)
     if len(updates) < 2:
         return None
     out = {}
