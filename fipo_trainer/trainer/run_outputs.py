@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 EARLIER_RUNS_DIR = "earlier_runs"
 # Everything a run writes at or after its first step, by name (tracking.METRICS_FILE,
 # checkpoint.CHECKPOINTS_DIR, plot.DEFAULT_PNG, token_plot.POSITIONS_PNG,
-# tracking_backends.RUN_ID_FILE, loop's HF export, the rollout dumps and tracker logs):
+# tracking_backends.RUN_ID_FILE, loop's HF export, the rollout dumps and tracker logs,
+# timeline.TIMELINE_FILE / TIMELINE_PNG):
 # tests/unit/test_run_outputs.py keeps this list in step with those modules.
 RUN_OUTPUTS = (
     "metrics.jsonl",
@@ -34,6 +35,8 @@ RUN_OUTPUTS = (
     "curves.png",
     "tokens_by_position.png",
     "tracker_run_id.txt",
+    "timeline.json",  # trainer.timeline_json_file's suggested name (another name stays)
+    "timeline.png",
 )
 # Their presence means an earlier run trained here (a plot or an export alone does not).
 _EVIDENCE = ("metrics.jsonl", "checkpoints")

@@ -27,6 +27,7 @@ from fipo_trainer.fsutil import atomic_file
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+TIMELINE_FILE = "timeline.json"  # the name the docs suggest for trainer.timeline_json_file
 TIMELINE_PNG = "timeline.png"
 DRIVER = "driver"  # the trace's process name for the driver's stages
 STAGE_CATEGORY = "stage"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fipo_trainer.fsutil import atomic_file
-from fipo_trainer.trainer.timeline import DRIVER, STAGE_CATEGORY
+from fipo_trainer.trainer.timeline import DRIVER, STAGE_CATEGORY, TIMELINE_FILE, TIMELINE_PNG
 
 TASK = "task::"  # Ray's category of a whole remote call: task::Class.method
 STEPS_SHOWN = 4
@@ -195,7 +195,7 @@ def plot_timeline(trace: Path, out: Path, window: tuple[float, float] | None = N
 
 def main(path: Path, out: Path | None, window: str | None) -> int:
     """``fipo-plot --timeline RUN_DIR_or_TRACE [--window A:B] [-o out.png]``."""
-    trace = path / "timeline.json" if path.is_dir() else path
+    trace = path / TIMELINE_FILE if path.is_dir() else path
     if not trace.is_file():
         raise FileNotFoundError(
             f"{trace} does not exist: train with trainer.timeline_json_file=timeline.json "
@@ -204,5 +204,5 @@ def main(path: Path, out: Path | None, window: str | None) -> int:
     lanes = load_lanes(json.loads(trace.read_text()))
     span = parse_window(window) if window else default_window(lanes)
     print("\n".join(describe(lanes, span)))
-    print(plot_timeline(trace, out or trace.with_name("timeline.png"), span))
+    print(plot_timeline(trace, out or trace.with_name(TIMELINE_PNG), span))
     return 0

@@ -10,7 +10,14 @@ from fipo_trainer.trainer.run_outputs import RUN_OUTPUTS, set_aside_earlier_run
 
 
 def test_the_list_names_what_the_modules_write():
-    from fipo_trainer.trainer import checkpoint, plot, token_plot, tracking, tracking_backends
+    from fipo_trainer.trainer import (
+        checkpoint,
+        plot,
+        timeline,
+        token_plot,
+        tracking,
+        tracking_backends,
+    )
 
     for name in (
         tracking.METRICS_FILE,
@@ -18,6 +25,8 @@ def test_the_list_names_what_the_modules_write():
         plot.DEFAULT_PNG,
         token_plot.POSITIONS_PNG,
         tracking_backends.RUN_ID_FILE,
+        timeline.TIMELINE_FILE,
+        timeline.TIMELINE_PNG,
     ):
         assert name in RUN_OUTPUTS
 
