@@ -343,8 +343,10 @@ def train_main(argv: Sequence[str] | None = None) -> None:
         rest = [a for a in args if a != DRY_RUN_FLAG]
         sys.exit(dry_run_sweep(rest) if multirun else dry_run(rest))
     from fipo_trainer.startup import pause_gc
+    from fipo_trainer.trainer.interrupt import report_hangs
 
     pause_gc()  # imports, config, tiny model, Ray: settled once the roles are up
+    report_hangs()
     run_dir = None
     if multirun and not any(a.startswith(_OTHER_CONFIG_FLAGS) for a in args):
         args = _check_sweep(args)

@@ -16,9 +16,11 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import random
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fipo_trainer.startup import settle_gc
@@ -82,9 +84,43 @@ def node_ip() -> str:
         return "127.0.0.1"
 
 
-def free_port(host: str = "") -> int:
-    """A TCP port that is free right now on this node (on ``host``'s address if given)."""
+#: Ports below this are Ray's worker ports (``min_worker_port`` 10002 .. ``max_worker_port``
+#: 19999 by default) and well-known services.
+PROBED_PORTS_FROM = 20000
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+def ephemeral_ports(path: str = EPHEMERAL_RANGE_FILE) -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux default)."""
+    try:
+        low, high = (int(v) for v in Path(path).read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(host: str = "", *, tries: int = 64, rng: random.Random | None = None) -> int:
+    """A TCP port free right now on this node (on ``host``'s address if given), for a
+    server another process binds a few seconds later (a rendezvous store).
+
+    Why not the kernel's pick (bind to port 0): it comes from the ephemeral range, the range
+    every outgoing connection takes its local port from, and Ray's workers open many in those
+    seconds; one that takes the port makes the store's bind fail (``Address already in
+    use``). So the port is drawn between Ray's worker ports and the ephemeral range, where
+    only an explicit bind can take it; the kernel's pick is the fallback.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    low = ephemeral_ports()[0]
+    draw = rng or random.SystemRandom()
+    for _ in range(tries if low - PROBED_PORTS_FROM >= 1000 else 0):
+        port = draw.randrange(PROBED_PORTS_FROM, low)
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store binds
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
@@ -162,7 +198,8 @@ def tcp_store(
 
     if not is_master:
         return dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
-    sock = listen_socket(host, port)
+    # A group of one needs no agreed port: any free one cannot be taken in the meantime.
+    sock = listen_socket(host, port if world_size > 1 else 0)
     bound_port = int(sock.getsockname()[1])
     fd = sock.detach()  # the store's event loop owns (and closes) the descriptor from here
     try:

@@ -46,6 +46,15 @@ def ray_cluster() -> Iterator[None]:
     yield
 
 
+def wait_for_text(path: Path, text: str, seconds: float) -> str:
+    """The file's text once it holds ``text`` after its current end (or what it has then)."""
+    start = len(path.read_text())
+    deadline = time.monotonic() + seconds
+    while text not in path.read_text()[start:] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return path.read_text()[start:]
+
+
 def alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie or a reused pid of another program does not count)."""
     try:
@@ -254,12 +263,19 @@ def test_ctrl_c_stops_fipo_train_and_its_workers_within_10s(tmp_path):
         assert len(rollout) == 1, describe(run_processes(marker))
         rollout[0].send_signal(signal.SIGSTOP)
         time.sleep(3.0)  # step 2 now waits for the stopped worker
+        # SIGUSR1 prints where the driver is and the run goes on: waiting for the engine.
+        os.kill(proc.pid, signal.SIGUSR1)
+        stacks = wait_for_text(err, "Current thread", 10.0)
+        assert "next_ready_stream" in stacks, stacks[-4000:]
+        assert proc.poll() is None
         start = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)
         try:
             proc.wait(timeout=10.0 + 5.0)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"fipo-train still running 15 s after Ctrl-C:\n{err.read_text()[-3000:]}")
+            os.kill(proc.pid, signal.SIGUSR1)  # where it hangs, for the report
+            time.sleep(2.0)
+            pytest.fail(f"fipo-train still running 15 s after Ctrl-C:\n{err.read_text()[-8000:]}")
         took = time.monotonic() - start
         stderr_text = err.read_text()
         assert took < 10.0 + 2.0, f"fipo-train took {took:.1f}s to stop"
