@@ -43,6 +43,7 @@ def interrupted(trainer: Any, err: KeyboardInterrupt) -> TrainingInterrupted:
     from fipo_trainer.cluster.waiting import interrupts_deferred
 
     start = time.monotonic()
+    print("fipo-train: Ctrl-C: stopping the workers", file=sys.stderr, flush=True)
     with interrupts_deferred("still stopping the workers (a few seconds)"):
         trainer.shutdown(graceful=False)
     where = f" {err}" if str(err) else ""

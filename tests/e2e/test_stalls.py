@@ -283,6 +283,8 @@ def test_ctrl_c_stops_fipo_train_and_its_workers_within_10s(tmp_path):
         assert "fipo-train: interrupted (Ctrl-C)" in stderr_text, stderr_text[-3000:]
         assert "Traceback" not in stderr_text, stderr_text[-3000:]
         assert "workers stopped in" in stderr_text
+        said = stderr_text.index("fipo-train: Ctrl-C: stopping the workers")  # at once
+        assert said < stderr_text.index("fipo-train: interrupted (Ctrl-C)")
         wait_until = time.monotonic() + 5.0
         while run_processes(marker) and time.monotonic() < wait_until:
             time.sleep(0.2)

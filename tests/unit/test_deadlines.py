@@ -314,6 +314,7 @@ def test_ctrl_c_kills_the_workers_without_asking_and_says_where(monkeypatch, tra
     err = capsys.readouterr().err
     assert "fipo-train: interrupted (Ctrl-C) while waiting 3s for worker group 'rollout'" in err
     assert "workers stopped in" in err and str(info.value) in err
+    assert err.index("Ctrl-C: stopping the workers") < err.index("interrupted (Ctrl-C)")
 
 
 def test_a_failed_run_kills_its_workers_and_a_finished_one_stops_them(monkeypatch, trainer_cfg):
