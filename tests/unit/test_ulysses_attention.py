@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from fipo_trainer.actor import ulysses
+from fipo_trainer.cluster.worker import free_port
 
 SP = 2
 LENGTHS = (
@@ -99,12 +99,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _states(tmp_path: Path) -> dict[int, dict[str, torch.Tensor]]:
     states = {}
     for num_kv in sorted({c[0] for c in CASES.values()}):
@@ -120,7 +114,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_two_ranks_match_single_process(tmp_path: Path) -> None:
     states = _states(tmp_path)
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=SP, join=True)
+    mp.spawn(_worker, args=(free_port("127.0.0.1"), str(tmp_path)), nprocs=SP, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(SP)]
     for name, (num_kv, _, _) in CASES.items():
         ref_logits, ref_grads = _reference(num_kv, states[num_kv])
