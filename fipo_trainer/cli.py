@@ -343,10 +343,8 @@ def train_main(argv: Sequence[str] | None = None) -> None:
         rest = [a for a in args if a != DRY_RUN_FLAG]
         sys.exit(dry_run_sweep(rest) if multirun else dry_run(rest))
     from fipo_trainer.startup import pause_gc
-    from fipo_trainer.trainer.interrupt import report_hangs
 
     pause_gc()  # imports, config, tiny model, Ray: settled once the roles are up
-    report_hangs()
     run_dir = None
     if multirun and not any(a.startswith(_OTHER_CONFIG_FLAGS) for a in args):
         args = _check_sweep(args)
@@ -357,11 +355,12 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     import fipo_trainer.trainer.config  # registers the schema
     import fipo_trainer.trainer.sweep  # noqa: F401 - the ${fipo_job_dir:}, ... resolvers
     from fipo_trainer.fsutil import RunDirUnusable
+    from fipo_trainer.trainer.interrupt import reporting_hangs
 
     sys.argv = [sys.argv[0] if sys.argv else "fipo-train", *args]
     main = hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base=None)
     try:
-        with hold_run_dir(run_dir):
+        with hold_run_dir(run_dir), reporting_hangs():
             main(_train_task)()
     except RunDirUnusable as err:  # the single run's, before Hydra wrote into the directory
         print(f"fipo-train: {err}", file=sys.stderr)

@@ -4,10 +4,13 @@ that looks hung, or a Ctrl-C that does not stop it: where every driver thread is
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 #: ``kill -USR1 <pid of fipo-train>``: every thread's stack on stderr; the run goes on.
@@ -17,20 +20,45 @@ STACKS_SIGNAL = signal.SIGUSR1
 STOP_WITHIN_S = 10.0
 
 
-def report_hangs(stop_within_s: float = STOP_WITHIN_S) -> None:
-    """SIGUSR1 prints every thread's stack (no py-spy needed; the workers have ``ray stack``),
-    and so does a Ctrl-C that has not stopped the process within ``stop_within_s``.
+@contextlib.contextmanager
+def reporting_hangs(stop_within_s: float = STOP_WITHIN_S) -> Iterator[None]:
+    """While the block runs, SIGUSR1 prints every thread's stack (no py-spy needed; the
+    workers have ``ray stack``), and so does a Ctrl-C that has not stopped the process within
+    ``stop_within_s``. The previous handlers come back afterwards (a caller in the same
+    process, pytest included, keeps its own); a report already due is left to fire, since
+    the process may be stuck in its exit.
 
     Why faulthandler: it writes from its own C thread or the signal itself, so it answers
     even while the main thread is stuck in native code that never returns to Python.
     """
-    faulthandler.register(STACKS_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
+    out = stderr_with_fd()
+    if out is None or threading.current_thread() is not threading.main_thread():
+        yield  # nowhere faulthandler could write, or no signal handlers to set from here
+        return
 
     def on_ctrl_c(signum: int, frame: Any) -> None:
-        faulthandler.dump_traceback_later(stop_within_s, repeat=False, file=sys.stderr)
+        faulthandler.dump_traceback_later(stop_within_s, repeat=False, file=out)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, on_ctrl_c)
+    faulthandler.register(STACKS_SIGNAL, file=out, all_threads=True, chain=False)
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+        faulthandler.unregister(STACKS_SIGNAL)
+
+
+def stderr_with_fd() -> Any:
+    """``sys.stderr``, or the process's own when it was replaced by one without a file
+    descriptor (pytest's capture): faulthandler writes to the descriptor."""
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            continue
+        return stream
+    return None
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -9,22 +9,25 @@ import sys
 import textwrap
 import time
 
+from fipo_trainer.trainer.interrupt import reporting_hangs, stderr_with_fd
+
 PROGRAM = textwrap.dedent(
     """
     import sys, time
-    from fipo_trainer.trainer.interrupt import report_hangs
+    from fipo_trainer.trainer.interrupt import reporting_hangs
 
     def waiting_for_a_stalled_worker():
         time.sleep(60)
 
-    report_hangs(stop_within_s=1.0)
-    print("ready", flush=True)
-    try:
-        waiting_for_a_stalled_worker()
-    except KeyboardInterrupt:
-        def stuck_in_cleanup():
-            time.sleep(float(sys.argv[1]))
-        stuck_in_cleanup()
+    def stuck_in_cleanup():
+        time.sleep(float(sys.argv[1]))
+
+    with reporting_hangs(stop_within_s=1.0):
+        print("ready", flush=True)
+        try:
+            waiting_for_a_stalled_worker()
+        except KeyboardInterrupt:
+            stuck_in_cleanup()
     """
 )
 
@@ -61,3 +64,13 @@ def test_a_ctrl_c_that_does_not_stop_the_process_reports_where_it_is_stuck():
         proc.kill()
     assert "stuck_in_cleanup" in err, err
     assert proc.returncode == 0
+
+
+def test_the_handlers_are_the_callers_again_after_the_block(capsys):
+    """In-process callers (pytest, a script calling ``train_main``) keep their own Ctrl-C
+    handler, and pytest's captured stderr (no file descriptor) is no obstacle."""
+    before = signal.getsignal(signal.SIGINT)
+    with reporting_hangs():
+        assert signal.getsignal(signal.SIGINT) is not before
+    assert signal.getsignal(signal.SIGINT) is before
+    assert stderr_with_fd() is sys.__stderr__  # capsys's stream has no descriptor
