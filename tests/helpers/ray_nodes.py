@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+from fipo_trainer.cluster.worker import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "ray_cluster.sh"
@@ -38,21 +39,15 @@ def free_ports(n: int, avoid: set[int] | frozenset[int] = frozenset()) -> list[i
 
     A port handed out earlier but not yet bound (a worker port, the dashboard's) looks free
     to the kernel and can come back: CI once gave the dashboard's port to a worker, and
-    ``ray start`` refused the clash. ``avoid`` holds what the cluster already assigned.
+    ``ray start`` refused the clash. ``avoid`` holds what the cluster already assigned. The
+    ports come from ``free_port``, outside the range outgoing connections take theirs from.
     """
-    socks = []
     ports: list[int] = []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            if s.getsockname()[1] not in avoid:
-                ports.append(s.getsockname()[1])
-        return ports
-    finally:
-        for s in socks:
-            s.close()
+    while len(ports) < n:
+        port = free_port("127.0.0.1")
+        if port not in avoid and port not in ports:
+            ports.append(port)
+    return ports
 
 
 @dataclass

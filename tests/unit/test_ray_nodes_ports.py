@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 
+from fipo_trainer.cluster.worker import PROBED_PORTS_FROM, ephemeral_ports
 from tests.helpers.ray_nodes import RayNodes, free_ports
 
 
@@ -17,6 +18,8 @@ def test_free_ports_skips_the_ports_it_is_told_to_avoid() -> None:
     again = free_ports(50, avoid=set(first))
     assert len(set(again)) == 50
     assert not set(first) & set(again)
+    # bound later by ``ray start``: none where an outgoing connection could take it first
+    assert all(PROBED_PORTS_FROM <= p < ephemeral_ports()[0] for p in first + again)
 
 
 def test_a_cluster_hands_out_every_port_once() -> None:
