@@ -32,9 +32,11 @@ their no-triton paths.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import gc
 import importlib
 import os
+import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -125,6 +127,10 @@ def setup_worker_process() -> None:
     worker class."""
     pause_gc()
     hide_triton()
+    # SIGUSR1 prints this worker's stacks to its Ray log (cluster/stacks.py reads them when a
+    # call misses its deadline; `kill -USR1 <pid>` by hand).
+    with contextlib.suppress(Exception):  # a stderr without a descriptor: no stacks, still a worker
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
 
 
 def import_in_background(*modules: str) -> threading.Thread:

@@ -28,6 +28,7 @@ import ray
 from fipo_trainer.cluster.dispatch import restore_order
 from fipo_trainer.cluster.reap import LocalProcess, reap
 from fipo_trainer.cluster.resource_pool import ResourcePool, RolePlacement, cluster_has_gpus
+from fipo_trainer.cluster.stacks import add_stacks
 from fipo_trainer.cluster.waiting import (
     CallTimeoutError,
     Deadline,
@@ -94,7 +95,7 @@ class WorkerGroup:
         placement = self._resolve_placement(pool, num_cpus_per_worker, num_gpus_per_worker)
         self.placement = placement
         self._actors: list[Any] = []
-        self._local: list[LocalProcess] = []  # worker processes on this machine
+        self._local: dict[int, LocalProcess] = {}  # worker processes on this machine, by rank
         self._startup_timeout_s = startup_timeout_s
         self._ready = False
         try:
@@ -119,12 +120,8 @@ class WorkerGroup:
         self._ready = True
 
     # ----------------------------------------------------------------- start-up
-    def _resolve_placement(
-        self,
-        pool: ResourcePool | RolePlacement | None,
-        num_cpus: float | None,
-        num_gpus: float | None,
-    ) -> RolePlacement:
+    def _resolve_placement(self, pool: ResourcePool | RolePlacement | None,
+                           num_cpus: float | None, num_gpus: float | None) -> RolePlacement:  # fmt: skip
         if pool is None:
             gpus = num_gpus if num_gpus is not None else (1.0 if cluster_has_gpus() else 0.0)
             self._owned_pool = ResourcePool.create(
@@ -220,8 +217,8 @@ class WorkerGroup:
             error=WorkerStartupError,
             on_timeout=timed_out,
         )
-        local = [LocalProcess.of(info, self.worker_cls) for info in self.worker_info]
-        self._local = [p for p in local if p is not None]
+        found = (LocalProcess.of(info, self.worker_cls) for info in self.worker_info)
+        self._local = {r: p for r, p in enumerate(found) if p is not None}
         logger.info(
             "worker group %s: %d x %s ready in %.1fs",
             self.name,
@@ -323,9 +320,16 @@ class WorkerGroup:
         deadline: Deadline | None = None,
     ) -> list[Any]:
         d = deadline or self.deadline
-        return wait_labelled(
-            refs, what=fn.__name__, timeout_s=d.seconds, timeout_key=d.key, timeout_note=d.note
-        )
+        try:
+            return wait_labelled(refs, what=fn.__name__, timeout_s=d.seconds, timeout_key=d.key,
+                                 timeout_note=d.note)  # fmt: skip
+        except CallTimeoutError as err:
+            raise self.with_stacks(err) from None
+
+    def with_stacks(self, err: CallTimeoutError) -> CallTimeoutError:
+        """``err`` with its stalled ranks' stacks, those on this machine (cluster/stacks.py)."""
+        pids = {r: p.pid for r, p in self._local.items()} if err.role == self.name else {}
+        return add_stacks(err, pids, f"worker group {self.name!r}")
 
     def dispatch_dp(
         self,
@@ -376,8 +380,8 @@ class WorkerGroup:
             except Exception as err:  # pragma: no cover - already dead
                 logger.debug("kill %s: %s", self.name, err)
         self._actors = []
-        reap(self._local)
-        self._local = []
+        reap(list(self._local.values()))
+        self._local = {}
         if self._owned_pool is not None:
             self._owned_pool.remove()
             self._owned_pool = None

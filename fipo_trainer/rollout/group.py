@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fipo_trainer.cluster.resource_pool import ResourcePool, RolePlacement
-from fipo_trainer.cluster.waiting import next_ready_stream, wait_labelled
+from fipo_trainer.cluster.waiting import CallTimeoutError, next_ready_stream, wait_labelled
 from fipo_trainer.cluster.worker_group import Deadline, WorkerGroup
 from fipo_trainer.data.batch import Batch
 from fipo_trainer.rollout.assemble import expand_prompt_fields, generate_inputs, prompt_token_lists
@@ -295,7 +295,10 @@ class RolloutGroup:
         start = time.monotonic()
         while streams:
             labels = {gen: self._workers.label(e * k) for gen, e in streams.items()}
-            gen = next_ready_stream(labels, others, start, deadline)
+            try:
+                gen = next_ready_stream(labels, others, start, deadline)
+            except CallTimeoutError as err:
+                raise self._workers.with_stacks(err) from None
             e = streams[gen]
             try:
                 ref = next(gen)

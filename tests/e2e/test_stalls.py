@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,6 +107,9 @@ def test_a_slow_call_fails_at_its_deadline_naming_rank_call_and_key(ray_cluster)
         assert err.key == "trainer.call_timeout_s" and err.elapsed_s >= 3.0
         assert str(err).startswith("worker group 'nappers': rank 0 did not finish nap within 3s")
         assert "raise trainer.call_timeout_s" in str(err)
+        # where the stalled rank is: its stacks, printed on SIGUSR1 into its Ray log
+        assert f"worker group 'nappers' rank 0 (pid {group.worker_info[0]['pid']}) is here:" in str(err)
+        assert re.search(r'File ".*test_stalls\.py", line \d+ in nap', str(err)), str(err)
         # a call of its own deadline
         with pytest.raises(CallTimeoutError, match=r"raise my\.key"):
             group.call_all(NapWorker.nap, 0.0, deadline=Deadline(1.0, "my.key"))

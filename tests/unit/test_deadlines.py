@@ -239,7 +239,7 @@ def fake_group(deadline: Deadline | None = None) -> WorkerGroup:
     """A WorkerGroup of one fake actor (no Ray): only the call/wait path is exercised."""
     group = WorkerGroup.__new__(WorkerGroup)
     group.name, group.world_size, group.worker_cls = "rollout", 1, NapWorker
-    group._actors = [_Actor()]
+    group._actors, group._local = [_Actor()], {}  # no worker process on this machine
     group.deadline = deadline or Deadline()
     return group
 
