@@ -23,10 +23,10 @@ STOP_WITHIN_S = 10.0
 @contextlib.contextmanager
 def reporting_hangs(stop_within_s: float = STOP_WITHIN_S) -> Iterator[None]:
     """While the block runs, SIGUSR1 prints every thread's stack (no py-spy needed; a Ray
-    worker of the run does the same, ``startup.setup_worker_process``), and so does a Ctrl-C that has not stopped the process within
-    ``stop_within_s``. The previous handlers come back afterwards (a caller in the same
-    process, pytest included, keeps its own); a report already due is left to fire, since
-    the process may be stuck in its exit.
+    worker of the run does the same, ``startup.setup_worker_process``), and so does a Ctrl-C
+    that has not stopped the process within ``stop_within_s``. The previous handlers come
+    back afterwards (a caller in the same process, pytest included, keeps its own); a report
+    already due is left to fire, since the process may be stuck in its exit.
 
     Why faulthandler: it writes from its own C thread or the signal itself, so it answers
     even while the main thread is stuck in native code that never returns to Python.
