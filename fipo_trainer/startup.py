@@ -42,6 +42,9 @@ import threading
 from collections.abc import Iterator
 
 SETUP_HOOK = f"{__name__}.setup_worker_process"
+#: ``kill -USR1 <pid>`` prints every thread's stack (faulthandler) and the process goes on: set
+#: in every Ray worker of a run here, in ``fipo-train``'s driver by ``trainer.interrupt``.
+STACKS_SIGNAL = signal.SIGUSR1
 HIDE_TRITON_ENV = "FIPO_HIDE_TRITON"
 SETTLE_AFTER_S = 600.0  # longer than any start-up; only the saving is lost if one runs over
 
@@ -130,7 +133,7 @@ def setup_worker_process() -> None:
     # SIGUSR1 prints this worker's stacks to its Ray log (cluster/stacks.py reads them when a
     # call misses its deadline; `kill -USR1 <pid>` by hand).
     with contextlib.suppress(Exception):  # a stderr without a descriptor: no stacks, still a worker
-        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+        faulthandler.register(STACKS_SIGNAL, all_threads=True, chain=False)
 
 
 def import_in_background(*modules: str) -> threading.Thread:

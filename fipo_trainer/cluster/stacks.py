@@ -14,17 +14,17 @@ or one on another node has nothing to add; one without the handler is never sign
 from __future__ import annotations
 
 import os
-import signal
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from fipo_trainer.startup import STACKS_SIGNAL
+
 E = TypeVar("E", bound=BaseException)
 
-STACKS_SIGNAL = signal.SIGUSR1
 END_OF_DUMP = "most recent call first"
-MAX_LINES = 40  # per rank: the signalled thread and the first few others
+MAX_LINES = 40  # per rank: the main thread and the first few others
 
 
 def catches(pid: int, signum: int = STACKS_SIGNAL) -> bool:
@@ -72,16 +72,19 @@ def stacks_of(pids: Sequence[int], logs_dir: Path, wait_s: float = 2.0) -> dict[
                 f.seek(start)
                 text = f.read()
             if END_OF_DUMP in text and text == seen.get(pid):  # written and no longer growing
-                out[pid] = current_thread_first(text)
+                out[pid] = main_thread_first(text)
             seen[pid] = text
     return out
 
 
-def current_thread_first(dump: str, max_lines: int = MAX_LINES) -> str:
-    """A faulthandler dump with the thread that ran the call (the signalled one) first."""
+def main_thread_first(dump: str, max_lines: int = MAX_LINES) -> str:
+    """A faulthandler dump with the main thread first: it runs a (synchronous) actor's calls.
+
+    faulthandler lists the newest thread first, so the main thread comes last; its "Current
+    thread" only marks the thread the signal happened to land on (often one of Ray's).
+    """
     blocks = [b.strip() for b in dump.strip().split("\n\n") if b.strip()]
-    blocks.sort(key=lambda b: not b.startswith("Current thread"))
-    lines = "\n\n".join(blocks).splitlines()
+    lines = "\n\n".join(blocks[-1:] + blocks[:-1]).splitlines()
     return "\n".join(lines[:max_lines] + (["  ..."] if len(lines) > max_lines else []))
 
 

@@ -13,8 +13,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-#: ``kill -USR1 <pid of fipo-train>``: every thread's stack on stderr; the run goes on.
-STACKS_SIGNAL = signal.SIGUSR1
+from fipo_trainer.startup import STACKS_SIGNAL  # stdlib only
+
 #: A Ctrl-C'd run is gone in a few seconds (the workers are killed unasked); one still
 #: running after this long prints every thread's stack once, to show where it is stuck.
 STOP_WITHIN_S = 10.0

@@ -47,13 +47,27 @@ def ray_cluster() -> Iterator[None]:
     yield
 
 
-def wait_for_text(path: Path, text: str, seconds: float) -> str:
-    """The file's text once it holds ``text`` after its current end (or what it has then)."""
-    start = len(path.read_text())
+def text_after(path: Path, offset: int, text: str, seconds: float) -> str:
+    """What ``path`` holds past byte ``offset`` once that holds ``text`` (or after ``seconds``).
+    Take ``offset`` before the signal: the driver may answer before the file is read again."""
     deadline = time.monotonic() + seconds
-    while text not in path.read_text()[start:] and time.monotonic() < deadline:
+    while text not in (new := path.read_bytes()[offset:].decode(errors="replace")):
+        if time.monotonic() > deadline:
+            break
         time.sleep(0.2)
-    return path.read_text()[start:]
+    return new
+
+
+def threads_of(pid: int) -> str:
+    """Each thread's state and kernel wait channel: where a process that answers no signal is
+    (stopped, ``T``; in uninterruptible sleep, ``D``)."""
+    lines = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        with contextlib.suppress(OSError):
+            name = (task / "comm").read_text().strip()
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            lines.append(f"  {task.name} {name}: {state} {(task / 'wchan').read_text()}")
+    return f"pid {pid} threads:\n" + "\n".join(lines)
 
 
 def alive(pid: int) -> bool:
@@ -107,9 +121,12 @@ def test_a_slow_call_fails_at_its_deadline_naming_rank_call_and_key(ray_cluster)
         assert err.key == "trainer.call_timeout_s" and err.elapsed_s >= 3.0
         assert str(err).startswith("worker group 'nappers': rank 0 did not finish nap within 3s")
         assert "raise trainer.call_timeout_s" in str(err)
-        # where the stalled rank is: its stacks, printed on SIGUSR1 into its Ray log
-        assert f"worker group 'nappers' rank 0 (pid {group.worker_info[0]['pid']}) is here:" in str(err)
-        assert re.search(r'File ".*test_stalls\.py", line \d+ in nap', str(err)), str(err)
+        # where the stalled rank is: its stacks, printed on SIGUSR1 into its Ray log, the main
+        # thread (which runs the call) first, wherever the signal landed
+        here = f"worker group 'nappers' rank 0 (pid {group.worker_info[0]['pid']}) is here:\n"
+        assert here in str(err), str(err)
+        first_thread = str(err).split(here, 1)[1].split("\n\n", 1)[0]
+        assert re.search(r'File ".*test_stalls\.py", line \d+ in nap', first_thread), str(err)
         # a call of its own deadline
         with pytest.raises(CallTimeoutError, match=r"raise my\.key"):
             group.call_all(NapWorker.nap, 0.0, deadline=Deadline(1.0, "my.key"))
@@ -268,10 +285,11 @@ def test_ctrl_c_stops_fipo_train_and_its_workers_within_10s(tmp_path):
         rollout[0].send_signal(signal.SIGSTOP)
         time.sleep(3.0)  # step 2 now waits for the stopped worker
         # SIGUSR1 prints where the driver is and the run goes on: waiting for the engine.
+        offset = err.stat().st_size
         os.kill(proc.pid, signal.SIGUSR1)
-        stacks = wait_for_text(err, "Current thread", 10.0)
-        assert "next_ready_stream" in stacks, stacks[-4000:]
-        assert proc.poll() is None
+        stacks = text_after(err, offset, "next_ready_stream", 10.0)
+        assert proc.poll() is None, f"exit {proc.returncode}:\n{err.read_text()[-4000:]}"
+        assert "next_ready_stream" in stacks, f"{threads_of(proc.pid)}\n{stacks[-4000:]}"
         start = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -279,7 +297,10 @@ def test_ctrl_c_stops_fipo_train_and_its_workers_within_10s(tmp_path):
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGUSR1)  # where it hangs, for the report
             time.sleep(2.0)
-            pytest.fail(f"fipo-train still running 15 s after Ctrl-C:\n{err.read_text()[-8000:]}")
+            pytest.fail(
+                f"fipo-train still running 15 s after Ctrl-C:\n{err.read_text()[-8000:]}\n"
+                f"{threads_of(proc.pid)}\nrun processes: {describe(run_processes(marker))}"
+            )
         took = time.monotonic() - start
         stderr_text = err.read_text()
         assert took < 10.0 + 2.0, f"fipo-train took {took:.1f}s to stop"

@@ -17,13 +17,13 @@ PROGRAM = textwrap.dedent(
     from fipo_trainer.trainer.interrupt import reporting_hangs
 
     def waiting_for_a_stalled_worker():
+        print("ready", flush=True)  # inside the try: a Ctrl-C right after it is still caught
         time.sleep(60)
 
     def stuck_in_cleanup():
         time.sleep(float(sys.argv[1]))
 
     with reporting_hangs(stop_within_s=1.0):
-        print("ready", flush=True)
         try:
             waiting_for_a_stalled_worker()
         except KeyboardInterrupt:
