@@ -64,24 +64,43 @@ class LocalProcess:
         except psutil.Error:
             return False
 
+    def stopped(self) -> bool:
+        """Whether it is stopped (SIGSTOP, a debugger): it will not exit until killed."""
+        try:
+            status = psutil.Process(self.pid).status()
+        except psutil.Error:
+            return False
+        return self.running() and status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+
 
 def reap(procs: Sequence[LocalProcess], grace_s: float = GRACE_S) -> list[int]:
-    """Wait up to ``grace_s`` for ``procs`` to exit, then SIGKILL the rest (a stopped
-    process dies of SIGKILL too). Returns the pids killed here."""
+    """Wait up to ``grace_s`` for ``procs`` to exit, then SIGKILL the rest. A stopped process
+    (SIGSTOP) cannot exit on its own, so it gets no grace: it dies of SIGKILL at once (Ctrl-C
+    of a run with a stopped worker ends seconds sooner). Returns the pids killed here."""
     deadline = time.monotonic() + grace_s
     left = [p for p in procs if p.running()]
+    killed = _kill([p for p in left if p.stopped()])
+    left = [p for p in left if p.pid not in killed]
     while left and time.monotonic() < deadline:
         time.sleep(0.1)
         left = [p for p in left if p.running()]
+    killed += _kill(left)
+    if killed:
+        logger.warning(
+            "worker process(es) %s did not exit %.0fs after ray.kill (or were stopped); "
+            "killed them",
+            killed,
+            grace_s,
+        )
+    return killed
+
+
+def _kill(procs: Sequence[LocalProcess]) -> list[int]:
     killed = []
-    for p in left:
+    for p in procs:
         try:
             os.kill(p.pid, signal.SIGKILL)
             killed.append(p.pid)
         except (ProcessLookupError, PermissionError):
             continue
-    if killed:
-        logger.warning(
-            "worker process(es) %s did not exit %.0fs after ray.kill; killed them", killed, grace_s
-        )
     return killed

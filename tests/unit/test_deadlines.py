@@ -342,7 +342,7 @@ def test_a_failed_run_kills_its_workers_and_a_finished_one_stops_them(monkeypatc
 # --------------------------------------------------------------------------- reaping
 
 
-def test_reap_kills_a_stopped_worker_process_but_only_that_process():
+def test_reap_kills_a_stopped_worker_at_once_a_running_one_after_its_grace_and_no_other():
     import subprocess
     import sys
 
@@ -361,9 +361,23 @@ def test_reap_kills_a_stopped_worker_process_but_only_that_process():
         # a reused pid (other start time) or another program (other title) is left alone
         assert not LocalProcess(other.pid, started - 100, title).running()
         assert not LocalProcess(other.pid, psutil_create_time(other.pid), "ray::X").running()
-        assert reap([LocalProcess(child.pid, started, title)], grace_s=0.3) == [child.pid]
+        waited = time.monotonic() + 10.0  # the stop takes effect once the child runs
+        while not LocalProcess(child.pid, started, title).stopped():
+            assert time.monotonic() < waited, "SIGSTOP did not stop the child"
+            time.sleep(0.05)
+        assert not LocalProcess(other.pid, psutil_create_time(other.pid), title).stopped()
+        # stopped, it cannot exit on its own: killed at once, not after the grace
+        begin = time.monotonic()
+        assert reap([LocalProcess(child.pid, started, title)], grace_s=30.0) == [child.pid]
+        assert time.monotonic() - begin < 5.0
         assert child.wait(timeout=5) == -signal.SIGKILL
         assert other.poll() is None
+        # a running one gets its grace, then SIGKILL
+        begin = time.monotonic()
+        other_proc = LocalProcess(other.pid, psutil_create_time(other.pid), title)
+        assert reap([other_proc], grace_s=0.5) == [other.pid]
+        assert time.monotonic() - begin >= 0.5
+        assert other.wait(timeout=5) == -signal.SIGKILL
         assert reap([LocalProcess(child.pid, started, title)], grace_s=0.3) == []
     finally:
         for proc in (child, other):
