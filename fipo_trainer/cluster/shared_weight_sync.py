@@ -13,7 +13,9 @@ Same interface as ``cluster.weight_sync.WeightSync``: ``connect()`` once, ``sync
 from __future__ import annotations
 
 import abc
+import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fipo_trainer.cluster.waiting import wait_labelled
@@ -47,8 +49,9 @@ class SharedWeightsSink(abc.ABC):
         """Wait for the colocated actor rank to connect."""
 
     @abc.abstractmethod
-    def receive_shared_weights(self) -> dict[str, float]:
-        """Wake the engine, load one stream; ``sync/*`` metrics of what arrived."""
+    def receive_shared_weights(self, version: int | None = None) -> dict[str, float]:
+        """Wake the engine, load one stream (weights ``version``; None: one more than
+        before); ``sync/*`` metrics of what arrived."""
 
 
 class SharedWeightSync:
@@ -94,15 +97,26 @@ class SharedWeightSync:
         wait_labelled(refs, what="pairing actor ranks with engine ranks", timeout_s=timeout + 30)
         self.connected = True
 
-    def sync(self, bucket_bytes: int | None = None) -> dict[str, float]:
+    def sync(
+        self, bucket_bytes: int | None = None, *, version: int | None = None
+    ) -> dict[str, float]:
         """Every engine rank loads the actor's current weights; ``sync/*`` metrics (the
         largest ``sync/peak_extra_bytes`` of any actor rank)."""
+        return self.start(bucket_bytes, version=version)()
+
+    def start(
+        self, bucket_bytes: int | None = None, *, version: int | None = None
+    ) -> Callable[[], dict[str, float]]:
+        """Submit the sync; returns its wait (as ``WeightSync.start``)."""
         self.connect()
         start = time.perf_counter()
         senders = self._sender.submit(
             SharedWeightsSource.send_shared_weights, bucket_bytes or self.bucket_bytes
         )
-        receivers = self._receivers.submit(SharedWeightsSink.receive_shared_weights)
+        receivers = self._receivers.submit(SharedWeightsSink.receive_shared_weights, version)
+        return functools.partial(self._finish, senders, receivers, start)
+
+    def _finish(self, senders: list, receivers: list, start: float) -> dict[str, float]:
         results = wait_labelled(senders + receivers, what="weight sync", timeout_s=self.timeout_s)
         sent: list[dict[str, float]] = [r for r in results[: len(senders)] if r]
         received: list[dict[str, float]] = results[len(senders) :]

@@ -13,7 +13,9 @@ a worker missing a method fails when it starts, not in the middle of a sync).
 from __future__ import annotations
 
 import abc
+import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fipo_trainer.cluster.waiting import wait_labelled
@@ -87,8 +89,9 @@ class WeightReceiver(abc.ABC):
         """Join the group as ``rank`` (blocks until every rank joined)."""
 
     @abc.abstractmethod
-    def receive_weights(self) -> dict[str, float]:
-        """Receive one stream and load it; ``sync/*`` metrics of what arrived."""
+    def receive_weights(self, version: int | None = None) -> dict[str, float]:
+        """Receive one stream and load it; the engines then hold weights ``version`` (None:
+        one more than before). ``sync/*`` metrics of what arrived."""
 
 
 def worker_group_of(role: Any) -> WorkerGroup:
@@ -161,12 +164,28 @@ class WeightSync:
         self.address = (host, port)
         return self.address
 
-    def sync(self, bucket_bytes: int | None = None) -> dict[str, float]:
+    def sync(
+        self, bucket_bytes: int | None = None, *, version: int | None = None
+    ) -> dict[str, float]:
         """Push the actor's current weights to every rollout engine; ``sync/*`` metrics."""
+        return self.start(bucket_bytes, version=version)()
+
+    def start(
+        self, bucket_bytes: int | None = None, *, version: int | None = None
+    ) -> Callable[[], dict[str, float]]:
+        """Submit the sync; returns the wait (``sync/*`` metrics, or the first failure).
+
+        The engines then hold weights ``version`` (None: one more than before). A rollout
+        worker runs the driver's calls in the order they were submitted, so a generation
+        submitted after this one runs on the new weights without the driver waiting for the
+        load in between (the async producer's next round; ``RLTrainer._engines_at``)."""
         self.connect()
         start = time.perf_counter()
         senders = self._sender.submit(WeightSender.sync_weights, bucket_bytes or self.bucket_bytes)
-        receivers = self._receivers.submit(WeightReceiver.receive_weights)
+        receivers = self._receivers.submit(WeightReceiver.receive_weights, version)
+        return functools.partial(self._finish, senders, receivers, start)
+
+    def _finish(self, senders: list, receivers: list, start: float) -> dict[str, float]:
         results = wait_labelled(senders + receivers, what="weight sync", timeout_s=self.timeout_s)
         sent: dict[str, float] = results[0]
         received: list[dict[str, float]] = results[len(senders) :]

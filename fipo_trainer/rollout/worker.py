@@ -246,6 +246,10 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
         """The trainer's number for the weights now loaded (updates applied to the actor)."""
         self.weights_version = int(version)
 
+    def _loaded(self, version: int | None) -> None:
+        """After a sync: the trainer's number, given with the sync (no call of its own)."""
+        self.weights_version = self.weights_version + 1 if version is None else int(version)
+
     def update_weights(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> dict[str, float]:
         """Load tensors handed over directly (colocated / through the Ray object store)."""
         start = time.perf_counter()
@@ -276,7 +280,7 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
         )
         return rank
 
-    def receive_weights(self) -> dict[str, float]:
+    def receive_weights(self, version: int | None = None) -> dict[str, float]:
         """Receive one broadcast from actor rank 0 and load it into the engine."""
         if self._receiver is None:
             raise RuntimeError(
@@ -294,7 +298,7 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
             raise RuntimeError(
                 f"the rollout engine stopped after {count} tensors; {leftover} were not loaded"
             )
-        self.weights_version += 1
+        self._loaded(version)
         stats = self._receiver.last_stats
         return {
             **stats.metrics(),
@@ -314,7 +318,7 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
             raise RuntimeError("accept_shared_weights() before listen_shared_weights()")
         self._shared.accept()
 
-    def receive_shared_weights(self) -> dict[str, float]:
+    def receive_shared_weights(self, version: int | None = None) -> dict[str, float]:
         """Wake the engine, then load the colocated actor rank's buffers (its TP slice)."""
         if self._shared is None:
             raise RuntimeError("receive_shared_weights() before listen_shared_weights()")
@@ -329,7 +333,7 @@ class RolloutWorker(Worker, WeightReceiver, SharedWeightsSink):
             raise RuntimeError(
                 f"the rollout engine stopped after {count} tensors; {leftover} were not loaded"
             )
-        self.weights_version += 1
+        self._loaded(version)
         return {
             **self._shared.last_stats.metrics(),
             "sync/seconds": time.perf_counter() - start,

@@ -7,7 +7,8 @@ while the actor updates; a thread that calls ``Sampler.collect`` does that, and 
 the loop stays the plain sequence of verbs.
 
 Weight versions. Version v = the actor after v updates; the engines hold version v once the
-sync after update v is loaded (``RolloutGroup.set_weights_version``), and every generated
+sync after update v is loaded (it numbers them: ``WeightSync.start(version=v)``; the
+producer may queue its next round behind the load), and every generated
 token carries the version that produced it (``rollout_weight_version``). Update k trains
 with the actor at version k-1, so a sample started at version s is ``k-1-s`` versions stale.
 
@@ -84,7 +85,9 @@ class EngineTurn:
             self._cond.notify_all()
 
     @contextlib.contextmanager
-    def _holding(self, free: Any, trainer: bool = False, keep_place: bool = False) -> Iterator[None]:
+    def _holding(
+        self, free: Any, trainer: bool = False, keep_place: bool = False
+    ) -> Iterator[None]:
         with self._cond:
             kept = trainer and self._kept > 0  # already counted as waiting
             self._kept -= kept

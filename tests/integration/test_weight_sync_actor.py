@@ -197,3 +197,26 @@ def test_update_then_sync_rollout_equals_actor(roles):
     torch.testing.assert_close(
         restored["rollout_log_probs"], before["rollout_log_probs"], atol=1e-5, rtol=0
     )
+
+
+def test_a_generation_asked_for_before_the_sync_is_awaited_runs_on_the_new_weights(roles):
+    """``WeightSync.start`` returns once the calls are submitted. A rollout worker runs the
+    driver's calls in submission order, so a generation asked for before the driver waits
+    runs after the load, on the new weights, numbered with the sync's version: what lets
+    the async producer queue its next round behind the load (``RLTrainer._engines_at``)."""
+    model, _, rollout, weight_sync = roles
+    prompts = _prompt_batch(model)
+    greedy = SamplingConfig(temperature=0.0, max_tokens=MAX_TOKENS)
+    finish = weight_sync.start(version=7)
+    early, _ = rollout.generate(prompts, greedy)  # submitted behind the sync, before its wait
+    assert finish()["sync/bytes"] > 0
+    late, _ = rollout.generate(prompts, greedy)
+    assert torch.equal(early["responses"], late["responses"])
+    assert torch.equal(early["rollout_log_probs"], late["rollout_log_probs"])
+
+    def versions(out: Batch) -> set[int]:
+        return set(out["rollout_weight_version"][out["response_mask"].bool()].tolist())
+
+    assert versions(early) == versions(late) == {7}
+    weight_sync.sync()  # no version given: one more than the engines held
+    assert versions(rollout.generate(prompts, greedy)[0]) == {8}

@@ -224,12 +224,14 @@ class FakeActor:
 
 
 class FakeSync:
+    """Logs the sync's submission (with the version the engines then hold) and its wait."""
+
     def __init__(self, log):
         self.log = log
 
-    def sync(self):
-        self.log.append(("sync",))
-        return {"sync/seconds": 0.0}
+    def start(self, *, version):
+        self.log.append(("sync", version))
+        return lambda: self.log.append(("sync_wait",)) or {"sync/seconds": 0.0}
 
 
 def cfg(
@@ -302,8 +304,9 @@ def trainer_with_fakes(tmp_path, config, accs):
 def test_train_step_runs_the_verbs_in_order_with_typed_settings(tmp_path):
     t, log = trainer_with_fakes(tmp_path, cfg(), [[True, False, False, True]])
     metrics = t.train_step(3)
-    assert t.rollout.calls == ["generate", "sleep", "version 3"]
-    assert [entry[0] for entry in log] == ["compute_log_prob", "update", "sync"]
+    assert t.rollout.calls == ["generate", "sleep"]  # the sync numbers the weights
+    assert [entry[0] for entry in log] == ["compute_log_prob", "update", "sync", "sync_wait"]
+    assert log[2] == ("sync", 3)
     assert log[0][1] == 0.6 and log[1][1:3] == (0.6, 3)  # training temperature, 1-based step
     assert set(ACTOR_LOG_PROB_READS) <= set(log[0][2])
     assert set(ACTOR_UPDATE_READS) <= set(log[1][3])
@@ -382,7 +385,7 @@ def test_train_step_in_bypass_mode_trains_on_the_engines_log_probs(tmp_path):
     mismatch to log (the fake actor's pass would have added 0.1 to every log-prob)."""
     t, log = trainer_with_fakes(tmp_path, cfg(bypass=True), [[True, False, False, True]])
     metrics = t.train_step(2)
-    assert [entry[0] for entry in log] == ["update", "sync"]
+    assert [entry[0] for entry in log] == ["update", "sync", "sync_wait"]
     updated = t.actor.updated
     assert updated["old_log_probs"] is updated["rollout_log_probs"]
     keys = set(updated.keys())
@@ -396,7 +399,20 @@ def test_train_step_non_finite_update_stops_or_is_counted(tmp_path):
     with pytest.raises(TrainingStopped, match=r"non-finite actor/grad_norm.*nan_policy"):
         t.train_step(9)
     t, log = trainer_with_fakes(tmp_path, cfg(nan_policy="skip"), [[True, False, False, True]])
-    assert t.train_step(9)["actor/nan_skipped"] == 1.0 and log[-1] == ("sync",)
+    assert t.train_step(9)["actor/nan_skipped"] == 1.0 and log[-2:] == [("sync", 9), ("sync_wait",)]
+
+
+def test_the_producer_is_told_of_new_weights_before_the_driver_waits_for_their_load(tmp_path):
+    """Its next round is then submitted while the load runs and waits on the rollout worker,
+    which runs calls in submission order (tests/integration/test_weight_sync_actor.py)."""
+    t, log = trainer_with_fakes(tmp_path, cfg(), [[True, False, False, True]])
+    told = t.batches.weights_synced
+    t.batches.weights_synced = lambda version: log.append(("told", version)) or told(version)
+    t.train_step(3)
+    assert log[-3:] == [("sync", 3), ("told", 3), ("sync_wait",)]
+    assert t.batches.version == 3 and t.rollout.calls == ["generate", "sleep"]
+    t._engines_at(4)  # no new weights (a skipped update): the rollout numbers them itself
+    assert t.rollout.calls[-1] == "version 4" and log[-1] == ("told", 4)
 
 
 def test_advantages_stage_adds_only_its_field():
