@@ -22,7 +22,7 @@ import subprocess
 import time
 import weakref
 from collections import defaultdict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -57,9 +57,7 @@ class RewardPool:
         per worker that a run routing everything to the DAPO rule never uses."""
         self.config = config if config is not None else RewardConfig()
         self.config.validate()
-        self.expected_graders = frozenset(
-            self.config.used_graders if graders is None else graders
-        )
+        self.expected_graders = frozenset(self.config.used_graders if graders is None else graders)
         if self.config.custom_function is not None:
             # Only the grader processes import the module: its top-level code (model loads,
             # servers, side effects) must not run in the trainer. A missing file fails here;
@@ -151,10 +149,18 @@ class RewardPool:
                           extra_infos)  # fmt: skip
         return self.grade_stream([part], n)
 
-    def grade_stream(self, parts: Iterable[GradeItems], total: int) -> RewardResult:
+    def grade_stream(
+        self,
+        parts: Iterable[GradeItems],
+        total: int,
+        on_progress: Callable[[list[int], Sequence[bool]], None] | None = None,
+    ) -> RewardResult:
         """Grade ``total`` items that arrive in parts (e.g. as the engine finishes them):
         each part's items go to the workers as soon as it arrives, so grading overlaps
-        whatever produces the next part. The result is in item order, as ``grade``'s."""
+        whatever produces the next part. The result is in item order, as ``grade``'s.
+        ``on_progress(indices, acc)``: the items just given their final verdict and every
+        item's ``acc`` so far, so the caller may decide before the last verdict (dynamic
+        sampling knows a batch needs no more rounds)."""
         self._check_open()
         cfg = self.config
         cfg.validate()  # fields may have been edited since the pool was built
@@ -163,6 +169,21 @@ class RewardPool:
         queue: deque[list[tuple]] = deque()
         out = Outcome(total)
         restarts_before = self.totals["worker_restarts"]
+        rejected = 0
+
+        def grader_of(i: int) -> str:
+            return items.route[str(items.data_sources[i])]
+
+        def verdicts_in(block: bool = True) -> None:
+            nonlocal rejected
+            self._wait_and_collect(out, queue, block=block)
+            fresh = out.take_fresh()
+            rejected += check_scores(
+                out, cfg, fresh, grader_of, items.responses, items.data_sources
+            )
+            if on_progress is not None and fresh:
+                on_progress(fresh, out.acc)
+
         self._fill()
         try:
             for part in parts:
@@ -171,12 +192,12 @@ class RewardPool:
                 items.add(part)
                 queue += self._chunks(part.indices, items)
                 self._dispatch(queue)
-                self._wait_and_collect(out, queue, block=False)
+                verdicts_in(block=False)
             if items.missing:
                 raise ValueError(f"grade_stream(): {items.missing} of {total} items never came")
             while out.remaining:
                 self._dispatch(queue)
-                self._wait_and_collect(out, queue)
+                verdicts_in()
         except BaseException:
             # Interrupted (Ctrl-C, start-up failure): workers may still hold this batch's
             # items, so start the next batch from fresh workers.
@@ -184,9 +205,7 @@ class RewardPool:
             raise
 
         graders = [items.route[str(ds)] for ds in items.data_sources]
-        self.totals["errors"] += check_scores(
-            out, cfg, graders, items.responses, items.data_sources
-        )
+        self.totals["errors"] += rejected
         self.totals["items"] += total
         elapsed = time.perf_counter() - t0
         lengths = items.response_lengths if cfg.overlong_buffer_enable else None

@@ -11,7 +11,7 @@ import itertools
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,7 +85,8 @@ class StreamedItems:
 
 
 class Outcome:
-    """Per-item results being filled in; ``remaining`` counts items without a verdict."""
+    """Per-item results being filled in; ``remaining`` counts items without a verdict,
+    ``fresh`` the items given one since ``take_fresh`` last ran."""
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -95,17 +96,24 @@ class Outcome:
         self.preds: list[str] = [""] * n
         self.status: list[str | None] = [None] * n
         self.errors: dict[int, str] = {}
+        self.fresh: list[int] = []
 
     def ok(self, i: int, score: float, acc: bool, pred: str) -> None:
         self.scores[i], self.acc[i], self.preds[i], self.status[i] = score, acc, pred, "ok"
         self.remaining -= 1
+        self.fresh.append(i)
 
     def fail(self, i: int, status: str, message: str) -> None:
         pred = TIMEOUT_PRED if status == "timeout" else ERROR_PRED
         if self.status[i] is None:
             self.remaining -= 1
+            self.fresh.append(i)
         self.acc[i], self.preds[i], self.status[i] = False, pred, status
         self.errors[i] = message
+
+    def take_fresh(self) -> list[int]:
+        fresh, self.fresh = self.fresh, []
+        return fresh
 
 
 def describe_grader(cfg: RewardConfig, grader: str) -> str:
@@ -118,18 +126,21 @@ def describe_grader(cfg: RewardConfig, grader: str) -> str:
 def check_scores(
     out: Outcome,
     cfg: RewardConfig,
-    graders: Sequence[str],
+    indices: Iterable[int],
+    grader_of: Callable[[int], str],
     responses: Sequence[str],
     data_sources: Sequence[str],
 ) -> int:
-    """Fail every graded item whose score is not finite in `SCORE_DTYPE` or beyond
-    ``reward.max_abs_score``; returns how many. Why here: 1e39 is a fine float64 but inf in
-    the float32 advantages, and the run would later stop blaming the learning rate. Such an
-    item is an error, like a non-finite custom score, so it counts towards
-    ``trainer.max_failed_reward_frac``."""
+    """Fail each graded item of ``indices`` whose score is not finite in `SCORE_DTYPE` or
+    beyond ``reward.max_abs_score``; returns how many. Why here: 1e39 is a fine float64 but
+    inf in the float32 advantages, and the run would later stop blaming the learning rate.
+    Such an item is an error, like a non-finite custom score, so it counts towards
+    ``trainer.max_failed_reward_frac``. Run on each verdict as it arrives, so a verdict the
+    caller sees (``grade_stream``'s ``on_progress``) is final."""
     bound = cfg.max_abs_score
     rejected = 0
-    for i, (status, score) in enumerate(zip(out.status, out.scores)):
+    for i in indices:
+        status, score = out.status[i], out.scores[i]
         if status != "ok":
             continue
         with np.errstate(over="ignore"):
@@ -144,7 +155,7 @@ def check_scores(
         out.fail(
             i,
             "error",
-            f"{describe_grader(cfg, graders[i])} returned score {score:g} for sample {i} "
+            f"{describe_grader(cfg, grader_of(i))} returned score {score:g} for sample {i} "
             f"(data_source {str(data_sources[i])!r}, response "
             f"{responses[i][:_RESPONSE_PREFIX_CHARS]!r}...): it {why}; fix the reward function "
             "or raise reward.max_abs_score",

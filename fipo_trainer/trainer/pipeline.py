@@ -61,21 +61,30 @@ class MadeBatch:
 
 class EngineTurn:
     """Who drives the engines and the grader now: the producer between its calls, or the
-    trainer (sync, validation), which goes first whenever it waits."""
+    trainer (sync, validation), which goes first whenever it waits. A producer whose batch
+    is settled (``settle``: every call it still needs is submitted) lets a sync in beside
+    it: a rollout worker runs the sync's load after those calls."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._busy = False
+        self._producer = self._trainer = self._settled = False
         self._trainer_waiting = 0
         self._kept = 0  # places kept by ``trainer(keep_place=True)``, counted as waiting
 
-    def trainer(self, keep_place: bool = False) -> contextlib.AbstractContextManager[None]:
+    def trainer(self, keep_place: bool = False, *, sync: bool = False) -> Any:
         """The trainer's turn; ``keep_place``: its next turn, too, comes before the producer's
-        (a validation right after a sync)."""
-        return self._holding(lambda: not self._busy, trainer=True, keep_place=keep_place)
+        (a validation right after a sync); ``sync``: a sync, which a settled producer lets in."""
+        free = lambda: not self._producer or (sync and self._settled)  # noqa: E731
+        return self._holding(free, trainer=True, keep_place=keep_place)
 
     def producer(self) -> contextlib.AbstractContextManager[None]:
-        return self._holding(lambda: not self._busy and not self._trainer_waiting)
+        return self._holding(lambda: not self._producer and not self._trainer_waiting)
+
+    def settle(self) -> None:
+        """The producer's batch needs no more engine calls than those it submitted."""
+        with self._cond:
+            self._settled = self._producer
+            self._cond.notify_all()
 
     def give_up_kept_places(self) -> None:
         """The run ends (or failed) between a kept place and its turn: let the producer go."""
@@ -92,14 +101,18 @@ class EngineTurn:
             kept = trainer and self._kept > 0  # already counted as waiting
             self._kept -= kept
             self._trainer_waiting += trainer and not kept
-            self._cond.wait_for(free)
+            self._cond.wait_for(lambda: not self._trainer and free())
             self._trainer_waiting -= trainer
-            self._busy = True
+            self._trainer |= trainer
+            self._producer |= not trainer
         try:
             yield
         finally:
             with self._cond:
-                self._busy = False
+                if trainer:
+                    self._trainer = False
+                else:
+                    self._producer = self._settled = False
                 self._kept += keep_place
                 self._trainer_waiting += keep_place
                 self._cond.notify_all()
@@ -161,6 +174,8 @@ class BatchSource:
         if self.mode == "bounded":  # the sampler gives the engines up between its calls
             self.sampler.turn = self.turn.producer
             self.sampler.partial_rollout_tokens = self.partial_rollout_tokens
+        if self.mode == "one_step":  # a settled batch lets the sync in (queued behind it)
+            self.sampler.on_settled = self.turn.settle
 
     # ----------------------------------------------------------------- trainer side
     def start(self, first_step: int) -> None:
@@ -203,10 +218,11 @@ class BatchSource:
         return made.batch, metrics
 
     @contextlib.contextmanager
-    def engines(self, keep_place: bool = False) -> Iterator[None]:
+    def engines(self, keep_place: bool = False, *, sync: bool = False) -> Iterator[None]:
         """Hold the engines and the grader (weight sync, validation) between producer calls;
-        ``keep_place``: the trainer's next hold comes first too (see the module docstring)."""
-        with self.turn.trainer(keep_place):
+        ``keep_place``: the trainer's next hold comes first too (see the module docstring);
+        ``sync``: only to submit calls the rollout workers may run after the producer's."""
+        with self.turn.trainer(keep_place, sync=sync):
             yield
 
     def weights_synced(self, version: int) -> None:

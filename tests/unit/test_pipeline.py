@@ -48,6 +48,8 @@ class VersionSampler:
 
     def collect(self, step, timings):
         version = self.source_ref[0].version
+        if getattr(self, "settle_first", False):
+            self.on_settled()
         time.sleep(self.gen_s)
         self.made.append((step, version))
         return versions_batch([[version, version]]), {"sampling/step": float(step)}
@@ -138,6 +140,73 @@ def test_a_sync_that_keeps_its_place_lets_the_validation_after_it_go_before_the_
     turn.give_up_kept_places()
     producer.join(2)
     assert order[2:] == ["producer"]
+
+
+def test_a_sync_goes_in_beside_a_settled_producer_and_a_validation_waits_for_it():
+    """A settled producer has submitted every call its batch needs; the sync's calls queue
+    behind them on the rollout workers. Anything else (a validation, which grades too, or
+    the producer's next batch) waits for the producer, and for the sync."""
+    turn, order = EngineTurn(), []
+    done = threading.Event()
+
+    def producer():
+        with turn.producer():
+            order.append("producer")
+            done.wait(2)
+            order.append("producer ends")
+
+    def hold(name, **kwargs):
+        with turn.trainer(**kwargs):
+            order.append(name)
+
+    threads = [threading.Thread(target=producer)]
+    threads[0].start()
+    time.sleep(0.05)
+    threads.append(threading.Thread(target=hold, args=("sync",), kwargs={"sync": True}))
+    threads[1].start()
+    time.sleep(0.05)
+    assert order == ["producer"]  # not settled yet
+    turn.settle()
+    threads[1].join(2)
+    assert order == ["producer", "sync"]
+    threads.append(threading.Thread(target=hold, args=("validation",)))
+    threads[2].start()
+    time.sleep(0.05)
+    assert order == ["producer", "sync"]
+    done.set()
+    for t in threads:
+        t.join(2)
+    assert order == ["producer", "sync", "producer ends", "validation"]
+    turn.settle()  # outside a producer's turn: nothing to let in
+    with turn.producer():
+        blocked = threading.Thread(target=hold, args=("late sync",), kwargs={"sync": True})
+        blocked.start()
+        time.sleep(0.05)
+        assert order[-1] == "validation"
+    blocked.join(2)
+    assert order[-1] == "late sync"
+
+
+def test_one_step_lets_the_sync_in_once_the_sampler_settles_its_batch():
+    ref: list = []
+    sampler = VersionSampler(ref, gen_s=0.3)
+    sampler.on_settled = None
+    source = BatchSource(sampler, mode="one_step")
+    ref.append(source)
+    assert sampler.on_settled == source.turn.settle
+    sampler.settle_first = True
+    source.start(1)
+    try:
+        source.next(1, {})  # the producer goes on to batch 2 (one_step) and settles it at once
+        time.sleep(0.05)
+        start = time.monotonic()
+        with source.engines(sync=True):
+            synced_after = time.monotonic() - start
+        assert synced_after < 0.2 and [step for step, _ in sampler.made] == [1]
+        with source.engines():
+            assert [step for step, _ in sampler.made] == [1, 2]
+    finally:
+        source.close()
 
 
 @pytest.mark.parametrize(("mode", "staleness", "made"), [("one_step", 0, 5), ("bounded", 2, 6)])

@@ -14,6 +14,7 @@ import torch
 
 from fipo_trainer.data.batch import Batch, to_object_array
 from fipo_trainer.rewards import RewardConfig, RewardPool
+from fipo_trainer.rewards.result import GradeItems
 from fipo_trainer.rollout.config import SamplingConfig
 from fipo_trainer.trainer.sampling import Sampler, TrainingStopped
 
@@ -86,6 +87,28 @@ def test_scores_are_checked_in_float32_and_against_the_bound(reward_file: Path) 
     with make_pool(reward_file, max_abs_score=None) as pool:
         result = pool.grade(["huge", "big"], ["1", "1"], ["s", "s"])
     assert result.status == ["error", "ok"] and result.scores == [0.0, 5e4]
+
+
+def test_grade_stream_reports_each_final_verdict_once_as_it_comes(reward_file: Path) -> None:
+    """Dynamic sampling settles a batch on these verdicts before the last one arrives
+    (trainer/sampling.py), so a verdict reported is the result's: a score the check fails
+    is reported as failed (acc False), never first as the grader's acc."""
+    seen: dict[int, bool] = {}
+    calls: list[list[int]] = []
+
+    def progress(indices: list[int], acc) -> None:
+        calls.append(indices)
+        for i in indices:
+            assert i not in seen, f"item {i} reported twice"
+            seen[i] = acc[i]
+
+    parts = [GradeItems([2], ["huge"], ["1"], ["s"]),
+             GradeItems([0, 1, 3], ["1", "0", "raise"], ["1"] * 3, ["s"] * 3)]  # fmt: skip
+    with make_pool(reward_file) as pool:
+        result = pool.grade_stream(parts, 4, on_progress=progress)
+    assert result.status == ["ok", "ok", "error", "error"]
+    assert seen == {0: True, 1: False, 2: False, 3: False} == dict(enumerate(result.acc))
+    assert all(calls)  # only called with verdicts
 
 
 @pytest.mark.parametrize(

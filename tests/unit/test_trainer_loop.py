@@ -19,6 +19,7 @@ from fipo_trainer.rollout.config import SamplingConfig
 from fipo_trainer.trainer.loop import RLTrainer, TrainingStopped, advantages
 from fipo_trainer.trainer.pipeline import BatchSource
 from fipo_trainer.trainer.sampling import (
+    KeptGroupTally,
     Sampler,
     concat_rollouts,
     filter_groups,
@@ -183,11 +184,20 @@ class FakeRollout:
 
 
 class FakeGrader:
-    def __init__(self, rollout_role):
-        self.rollout = rollout_role
+    """Reports each part's verdicts as it arrives (``reported``: other acc than the result's,
+    a grader that breaks its contract)."""
 
-    def grade_stream(self, parts, total):
-        rows = [i for part in parts for i in part.indices]
+    def __init__(self, rollout_role, reported=None):
+        self.rollout, self.reported = rollout_role, reported
+        self.log: list = []
+
+    def grade_stream(self, parts, total, on_progress=None):
+        rows = []
+        for part in parts:
+            rows += list(part.indices)
+            self.log.append(("part", len(self.rollout.calls), len(rows)))
+            if on_progress is not None:
+                on_progress(list(part.indices), self.reported or self.rollout._next)
         assert sorted(rows) == list(range(total))
         return graded(self.rollout._next)
 
@@ -279,6 +289,61 @@ def test_sampler_rounds_until_enough_groups_then_cuts_to_the_target():
     assert metrics["sampling/groups_trained"] == 2 and len(batch) == 4
     assert list(batch["uid"]) == ["s1r2-0", "s1r2-0", "s1r2-1", "s1r2-1"]
     assert len(s.last_rollouts) == 8  # every response of the step, kept or not
+
+
+def settling_sampler(config, accs):
+    """A sampler whose ``on_settled`` logs (round, responses of that round reported)."""
+    s, roll = sampler(config, accs)
+    s.on_settled = lambda: s.reward_pool.log.append(("settled",) + s.reward_pool.log[-1][1:])
+    return s, s.reward_pool.log
+
+
+@pytest.mark.parametrize(
+    ("accs", "settled_at"),
+    [  # n = 2, 2 prompts a round, 2 groups wanted; parts: the 2nd prompt's rows, then the 1st's
+        ([[True, True, False, False], [True, False, False, True]], (2, 4)),  # both groups needed
+        ([[True, False, False, False], [True, True, False, True]], (2, 2)),  # the 2nd one will do
+        ([[True, False, True, False], [False] * 4], None),  # one round is enough: no proof sooner
+    ],
+)
+def test_a_batch_settles_at_the_first_verdicts_that_prove_it_needs_no_more_rounds(
+    accs, settled_at
+):
+    """One_step lets the weight sync in there (trainer/pipeline.py): the rollout worker runs
+    it after the round's stream, already submitted, and before the producer's next batch."""
+    s, log = settling_sampler(cfg(), accs)
+    s.collect(step=1)
+    settled = [e[1:] for e in log if e[0] == "settled"]
+    assert settled == ([settled_at] if settled_at else [(1, 4)])
+
+
+@pytest.mark.parametrize("config", [cfg(enable=False), cfg(max_rounds=1)])
+def test_a_last_round_settles_at_its_first_verdicts(config):
+    s, log = settling_sampler(config, [[True, True, False, False]])
+    s.collect(step=1)
+    assert log == [("part", 1, 2), ("settled", 1, 2), ("part", 1, 4)]
+
+
+def test_a_round_after_a_settled_batch_is_an_error_not_a_silent_mix_of_weights():
+    """A grader whose reported verdicts differ from its result's would settle a batch that
+    then needs another round, which the engines would run on the next weights."""
+    s, log = settling_sampler(cfg(), [[True] * 4, [True] * 4])
+    s.reward_pool.reported = [True, False, True, False]
+    with pytest.raises(RuntimeError, match="a round after the batch was settled"):
+        s.collect(step=1)
+    assert [e for e in log if e[0] == "settled"] == [("settled", 1, 4)]
+
+
+def test_kept_group_tally_counts_what_filter_groups_keeps():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n, groups = int(rng.integers(1, 5)), int(rng.integers(1, 6))
+        accs = [bool(a) for a in rng.integers(0, 2, n * groups)]
+        tally = KeptGroupTally(n)
+        for i in rng.permutation(n * groups):
+            tally.add([int(i)], accs)
+        uids = [f"g{i // n}" for i in range(n * groups)]
+        assert tally.kept == filter_groups(rollout(uids, accs), "acc")[1]
 
 
 def test_sampler_exhausted_proceeds_or_stops():
