@@ -257,16 +257,22 @@ def wait_labelled(
 
 
 def next_ready_stream(
-    streams: dict[Any, str], others: list[tuple[str, Any]], start: float, deadline: Deadline
+    streams: dict[Any, str],
+    others: list[tuple[str, Any]],
+    start: float,
+    deadline: Deadline,
+    wait_s: float | None = None,
 ) -> Any:
     """The first of ``streams`` ({generator: label}) with a part (or its end) ready; polled,
     so Ctrl-C and the deadline are seen within a second; both name the engines still
     generating. ``others`` (label, ref) are the TP ranks > 0 of those engines: one that
     fails is raised at once, naming it (rank 0 would wait in the engine's collectives until
-    the deadline, then be blamed); one that ends is dropped from the list."""
+    the deadline, then be blamed); one that ends is dropped from the list. ``wait_s``: None
+    once that long passed with none ready (the caller has something else to look at)."""
     import ray
 
     names = list(streams.values())
+    until = None if wait_s is None else time.monotonic() + wait_s
     try:
         while True:
             if others:  # before each part too: rank 0 may go on streaming for a while
@@ -275,9 +281,12 @@ def next_ready_stream(
                 ended = [pair for pair in others if pair[1] in done]
                 wait_labelled(ended, what="generate_batch")  # raises if one of them failed
                 others[:] = [pair for pair in others if pair[1] not in done]
-            ready, _ = ray.wait(list(streams), num_returns=1, timeout=POLL_S)
+            poll_s = POLL_S if until is None else max(0.0, min(POLL_S, until - time.monotonic()))
+            ready, _ = ray.wait(list(streams), num_returns=1, timeout=poll_s)
             if ready:
                 return ready[0]
+            if until is not None and time.monotonic() >= until:
+                return None
             elapsed = time.monotonic() - start
             if deadline.seconds is not None and elapsed >= deadline.seconds:
                 raise timeout_error(names, "generate_stream", elapsed_s=elapsed,

@@ -16,6 +16,10 @@ never every interface; each receiver's gloo pairs bind to its own node's address
 
 Use: all ranks construct their end concurrently (the constructors rendezvous), then for each
 sync the sender calls ``send(named_tensors)`` while every receiver iterates ``receive()``.
+The sender enters the group's collectives only once every receiver has said (through the
+store) that its ``receive()`` began: a receive may queue on a rollout worker behind a
+generation that runs for minutes (``one_step`` submits the sync as soon as the producer's
+batch is settled, ``trainer/settling.py``), longer than a collective may wait.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ from fipo_trainer.platform import current_platform
 logger = logging.getLogger(__name__)
 
 _STORE_PREFIX = "fipo_weight_sync"
+#: How long the sender waits for the receivers to begin a sync. Long: they may be finishing
+#: a generation round, which its own deadline bounds (and the driver's wait names the sync).
+READY_WAIT = datetime.timedelta(hours=24)
 
 
 class _Endpoint:
@@ -77,6 +84,8 @@ class _Endpoint:
             store = tcp_store(host, port, world_size, is_master=False, timeout=timeout)
         self.port = store.port
         self._store = store
+        self._ready = dist.PrefixStore(f"{_STORE_PREFIX}/{group_name}/ready", store)
+        self._syncs = 0  # every sync has all ranks, so the ranks count them alike
         prefixed = dist.PrefixStore(f"{_STORE_PREFIX}/{group_name}", store)
         start = time.perf_counter()
         try:
@@ -193,6 +202,11 @@ class WeightSyncSender(_Endpoint):
         """Broadcast the stream in buckets; returns what was sent (and how long it took)."""
         if not self._connected:
             raise RuntimeError("WeightSyncSender.send() before connect(); join the group first")
+        self._syncs += 1
+        ready = [f"{self._syncs}/{rank}" for rank in range(1, self.world_size)]
+        self._ready.wait(ready, READY_WAIT)
+        for key in ready:
+            self._ready.delete_key(key)
         stats = SyncStats()
         start = time.perf_counter()
         for bucket in plan_buckets(named_tensors, bucket_bytes):
@@ -243,6 +257,8 @@ class WeightSyncReceiver(_Endpoint):
 
     def receive(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) as buckets arrive; ``last_stats`` is final once exhausted."""
+        self._syncs += 1
+        self._ready.set(f"{self._syncs}/{self.rank}", "1")
         stats = SyncStats()
         start = time.perf_counter()
         while True:

@@ -151,16 +151,17 @@ class RewardPool:
 
     def grade_stream(
         self,
-        parts: Iterable[GradeItems],
+        parts: Iterable[GradeItems | None],
         total: int,
         on_progress: Callable[[list[int], Sequence[bool]], None] | None = None,
     ) -> RewardResult:
         """Grade ``total`` items that arrive in parts (e.g. as the engine finishes them):
         each part's items go to the workers as soon as it arrives, so grading overlaps
         whatever produces the next part. The result is in item order, as ``grade``'s.
-        ``on_progress(indices, acc)``: the items just given their final verdict and every
-        item's ``acc`` so far, so the caller may decide before the last verdict (dynamic
-        sampling knows a batch needs no more rounds)."""
+        A None part: nothing new yet, the verdicts in so far are collected.
+        ``on_progress(indices, acc)`` after each part and each wait: the items given their
+        final verdict since (maybe none) and every item's ``acc`` so far, so the caller may
+        decide before the last verdict (dynamic sampling: a batch needs no more rounds)."""
         self._check_open()
         cfg = self.config
         cfg.validate()  # fields may have been edited since the pool was built
@@ -181,17 +182,18 @@ class RewardPool:
             rejected += check_scores(
                 out, cfg, fresh, grader_of, items.responses, items.data_sources
             )
-            if on_progress is not None and fresh:
+            if on_progress is not None:
                 on_progress(fresh, out.acc)
 
         self._fill()
         try:
             for part in parts:
-                self._validate(part.responses, part.ground_truths, part.data_sources,
-                               part.response_lengths, part.extra_infos)  # fmt: skip
-                items.add(part)
-                queue += self._chunks(part.indices, items)
-                self._dispatch(queue)
+                if part is not None:
+                    self._validate(part.responses, part.ground_truths, part.data_sources,
+                                   part.response_lengths, part.extra_infos)  # fmt: skip
+                    items.add(part)
+                    queue += self._chunks(part.indices, items)
+                    self._dispatch(queue)
                 verdicts_in(block=False)
             if items.missing:
                 raise ValueError(f"grade_stream(): {items.missing} of {total} items never came")

@@ -271,12 +271,15 @@ class RolloutGroup:
         *,
         validate: bool = False,
         parts_per_engine: int = STREAM_PARTS,
-    ) -> Iterator[tuple[np.ndarray, Batch, dict[str, float]]]:
+        ticks: Callable[[], Sequence[float]] | None = None,
+    ) -> Iterator[tuple[np.ndarray, Batch, dict[str, float]] | None]:
         """:meth:`generate` handed out as the engines finish prompts: parts of
         (the rows these responses take in :meth:`generate`'s output, their batch with the
         prompt fields, ``rollout/*`` metrics so far). A part holds whole prompts (n rows
         each); the parts of all engines cover every row once. Bounded by the call's
-        generation deadline."""
+        generation deadline. With ``ticks``: also None once every call is submitted, and
+        after each part at each of the waits ``ticks()`` then gives (seconds) with no next
+        part: the caller looks at what it does with the parts (e.g. their verdicts)."""
         split = self._split(prompts, sampling, validate, "generate_stream")
         n, k = split.n, self.tp
         deadline = self.generation.for_call(split.rows_per_engine, split.max_tokens)
@@ -293,12 +296,19 @@ class RolloutGroup:
             others += self._workers.submit(RolloutWorker.generate_batch, shard, mine,
                                            ranks=range(e * k + 1, e * k + k), **kwargs)  # fmt: skip
         start = time.monotonic()
+        if ticks is not None:
+            yield None
+        waits = list(ticks()) if ticks else []
         while streams:
             labels = {gen: self._workers.label(e * k) for gen, e in streams.items()}
             try:
-                gen = next_ready_stream(labels, others, start, deadline)
+                wait_s = waits.pop(0) if waits else None
+                gen = next_ready_stream(labels, others, start, deadline, wait_s)
             except CallTimeoutError as err:
                 raise self._workers.with_stacks(err) from None
+            if gen is None:
+                yield None
+                continue
             e = streams[gen]
             try:
                 ref = next(gen)
@@ -310,11 +320,10 @@ class RolloutGroup:
             prompt_rows = split.first_rows[e] + np.asarray(rows, dtype=np.int64)
             part |= expand_prompt_fields(prompts[prompt_rows], n)
             yield (prompt_rows[:, None] * n + np.arange(n)).reshape(-1), part, metrics
+            waits = list(ticks()) if ticks else []
         if others:
             wait_labelled(others, what="generate_batch", timeout_s=deadline.seconds,
                           timeout_key=deadline.key)  # fmt: skip
-
-
 
     def generate_partial(
         self,

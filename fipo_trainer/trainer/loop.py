@@ -166,10 +166,10 @@ class RLTrainer:
         return {**metrics, **timings}
 
     def _engines_at(self, version: int, sync: Any = None, keep: bool = False) -> dict[str, float]:
-        """The engines hold ``version`` (after ``sync``, between producer calls). The producer
-        is told once the sync is submitted: a rollout worker runs calls in submission order,
-        so its next round queues behind the load (~5 ms less idle engines a step)."""
-        with self.batches.engines(keep_place=keep, sync=True):
+        """The engines hold ``version`` (after ``sync``, between producer calls; a sync goes
+        in once the producer's batch is settled). The producer is told at once: a rollout
+        worker runs calls in submission order, so its next round queues behind the load."""
+        with self.batches.engines(keep_place=keep, sync=sync is not None):
             finish = sync.start(version=version) if sync else None
             if finish is None:
                 self.rollout.set_weights_version(version)

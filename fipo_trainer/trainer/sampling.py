@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -25,6 +25,7 @@ from fipo_trainer.rollout.config import SEED_MODULUS
 from fipo_trainer.rollout.engine_spread import EngineSpread
 from fipo_trainer.rollout.group import merge_rollout_metrics
 from fipo_trainer.trainer.reward_health import RewardFailuresExceeded, RewardHealth
+from fipo_trainer.trainer.settling import BatchSettling, RoundWatch, group_varies
 from fipo_trainer.trainer.step_metrics import (
     response_metrics,
     reward_counters,
@@ -82,11 +83,6 @@ def grade_inputs(batch: Batch) -> tuple[list, list, list, list[int], list | None
     )
 
 
-def group_varies(values: Sequence[Any]) -> bool:
-    """Whether dynamic sampling keeps a group with these metric values (non-zero std)."""
-    return len(values) > 1 and float(np.asarray([float(v) for v in values]).std()) > 0
-
-
 def filter_groups(batch: Batch, metric: str) -> tuple[Batch, int, int]:
     """Keep groups whose ``metric`` has non-zero std: (kept rows, groups kept, groups seen).
 
@@ -101,23 +97,6 @@ def filter_groups(batch: Batch, metric: str) -> tuple[Batch, int, int]:
             keep.extend(rows)
             kept += 1
     return batch[np.asarray(keep, dtype=np.int64)], kept, len(groups)
-
-
-class KeptGroupTally:
-    """The groups of a round that dynamic sampling (metric ``acc``) keeps, counted as their
-    items' final verdicts arrive (item i of a round belongs to group ``i // n``)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.kept = 0
-        self._acc: dict[int, list[bool]] = {}
-
-    def add(self, indices: Iterable[int], acc: Sequence[bool]) -> None:
-        for i in indices:
-            group = self._acc.setdefault(i // self.n, [])
-            group.append(acc[i])
-            if len(group) == self.n and group_varies(group):
-                self.kept += 1
 
 
 def take_groups(batch: Batch, n_groups: int) -> Batch:
@@ -139,28 +118,6 @@ def concat_rollouts(batches: list[Batch], pad_token_id: int) -> Batch:
 
 def _nothing() -> None:
     pass
-
-
-class _Settling:
-    """Calls ``on_settled`` once, at the first verdicts that prove a batch needs no more
-    rounds: its last allowed round, or a round whose whole groups already give ``needed``
-    kept ones (metric ``acc``; a score's overlong shaping is only known at the end). A
-    weight sync the trainer then submits waits on the rollout workers behind the round."""
-
-    def __init__(self, on_settled: Callable[[], None]) -> None:
-        self.on_settled, self.done = on_settled, False
-
-    def watch(
-        self, last: bool, tally: KeptGroupTally | None, needed: int
-    ) -> Callable[[list[int], Sequence[bool]], None]:
-        def progress(indices: list[int], acc: Sequence[bool]) -> None:
-            if tally is not None:
-                tally.add(indices, acc)
-            if not self.done and (last or (tally is not None and tally.kept >= needed)):
-                self.done = True
-                self.on_settled()
-
-        return progress
 
 
 class Sampler:
@@ -219,7 +176,7 @@ class Sampler:
         timings: dict[str, float],
         turn: Callable[[], AbstractContextManager] = contextlib.nullcontext,
         partial_rollout_tokens: int | None = None,
-        on_progress: Callable[[list[int], Sequence[bool]], None] | None = None,
+        watch: RoundWatch | None = None,
     ) -> tuple[Batch, dict[str, float]]:
         """Generate n responses per prompt and grade them; the batch in prompt order.
 
@@ -227,7 +184,8 @@ class Sampler:
         into ``RewardPool.grade_stream``), so grading hides behind generation: timing_s/gen
         ends when the last response arrived, timing_s/reward runs from the first response
         to the last verdict, timing_s/reward_exposed is the part after generation ended.
-        ``on_progress``: ``RewardPool.grade_stream``'s (the stream is submitted by then).
+        ``watch`` (one_step): sees the verdicts as they come, to settle the batch early
+        (``trainer/settling.py``).
         """
         if partial_rollout_tokens:  # cut into segments: graded once whole
             with timed(timings, "gen"):
@@ -240,8 +198,15 @@ class Sampler:
         parts: list[tuple[np.ndarray, Batch, dict[str, float]]] = []
         clock: dict[str, float] = {}
 
-        def arriving() -> Iterator[GradeItems]:
-            for rows, part, metrics in self.rollout.generate_stream(prompts, sampling):
+        def arriving() -> Iterator[GradeItems | None]:
+            ticks = watch.ticks if watch is not None else None
+            for got in self.rollout.generate_stream(prompts, sampling, ticks=ticks):
+                if got is None:
+                    yield None
+                    continue
+                rows, part, metrics = got
+                if watch is not None:
+                    watch.arrived(len(rows))
                 clock.setdefault("first", time.perf_counter())
                 parts.append((rows, part, metrics))
                 yield GradeItems(rows, *grade_inputs(part))
@@ -249,9 +214,8 @@ class Sampler:
 
         with turn():
             start = time.perf_counter()
-            result = self.reward_pool.grade_stream(
-                arriving(), len(prompts) * sampling.n, on_progress
-            )
+            progress = watch.progress if watch is not None else None
+            result = self.reward_pool.grade_stream(arriving(), len(prompts) * sampling.n, progress)
             end = time.perf_counter()
         STAGE_SPANS.add("gen", timeline_clock() - (end - start), clock["last"] - start)
         for key, seconds in (
@@ -288,9 +252,9 @@ class Sampler:
         stats: list[dict[str, float]] = []
         kept_groups = generated_groups = rounds = 0
         engines = self._engines_for_batch()
-        settle = _Settling(self.on_settled)
+        settling = BatchSettling(self.on_settled, n) if self.on_settled is not _nothing else None
         while True:
-            if settle.done:  # it would run on whatever the engines were given since
+            if settling and settling.done:  # it would run on the weights given since
                 raise RuntimeError(f"step {step}: a round after the batch was settled (a bug)")
             rounds += 1
             prompts = self.prompts.next_batch(
@@ -305,11 +269,10 @@ class Sampler:
             )
             sampling = dataclasses.replace(cfg.rollout.sampling(), seed=seed)
             last = not fg.enable or 0 < fg.max_num_gen_batches <= rounds
-            tally = KeptGroupTally(n) if fg.enable and fg.metric == "acc" else None
+            watch = settling.round(last, target - kept_groups, fg.metric) if settling else None
             batch, round_stats = self.generate_and_grade(
-                prompts, sampling, timings, self.turn, self.partial_rollout_tokens,
-                settle.watch(last, tally, target - kept_groups),
-            )  # fmt: skip
+                prompts, sampling, timings, self.turn, self.partial_rollout_tokens, watch
+            )
             try:  # validation grades through generate_and_grade too; only training counts
                 round_stats |= self.reward_health.record(step, self.last_reward_result)
             except RewardFailuresExceeded as err:

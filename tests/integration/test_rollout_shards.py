@@ -42,6 +42,7 @@ def test_two_engines_sample_what_one_engine_samples():
             ((row, resp) for rows, part, _ in groups[1].generate_stream(prompts, sampling)
              for row, resp in zip(rows.tolist(), _responses(part))),
         )  # fmt: skip
+        ticked = list(groups[1].generate_stream(prompts, sampling, ticks=lambda: (0.0005, 0.001)))
     finally:
         for group in groups:
             group.shutdown()
@@ -49,3 +50,7 @@ def test_two_engines_sample_what_one_engine_samples():
     assert len({tuple(r) for r in _responses(one)}) > len(PAIRS)  # really sampled
     assert _responses(two) == _responses(one)
     assert [resp for _, resp in streamed] == _responses(one)
+    assert ticked[0] is None  # every call submitted; then the same parts, Nones between
+    parts = [got for got in ticked if got is not None]
+    pairs = [(r, x) for rows, part, _ in parts for r, x in zip(rows.tolist(), _responses(part))]
+    assert sorted(pairs) == streamed

@@ -70,3 +70,17 @@ def test_ranks_that_end_before_the_stream_are_dropped_and_the_parts_all_arrive(l
     others = [("rollout rank 1", _rank.remote(None)), ("rollout rank 2", _rank.remote(None, 30))]
     assert _drain(stream, others) == [0, 1, 2, 3]
     assert [label for label, _ in others] == ["rollout rank 2"]  # still running: awaited later
+
+
+def test_a_wait_with_a_limit_gives_none_when_no_part_comes_in_time(local_ray):
+    """The driver looks at the verdicts of what arrived between parts (``wait_s``, the
+    sampler's ticks) instead of sitting in one wait until the next part."""
+    stream = _parts.options(num_returns="streaming").remote(1, 0.5)
+    streams, start = {stream: "rollout rank 0"}, time.monotonic()
+    deadline = Deadline(60.0, "rollout.generate_timeout_s")
+    t = time.monotonic()
+    assert next_ready_stream(streams, [], start, deadline, wait_s=0.05) is None
+    assert 0.04 <= time.monotonic() - t < 0.4
+    assert next_ready_stream(streams, [], start, deadline, wait_s=5.0) is stream
+    assert time.monotonic() - t < 2.0
+    assert ray.get(next(stream)) == 0

@@ -19,7 +19,6 @@ from fipo_trainer.rollout.config import SamplingConfig
 from fipo_trainer.trainer.loop import RLTrainer, TrainingStopped, advantages
 from fipo_trainer.trainer.pipeline import BatchSource
 from fipo_trainer.trainer.sampling import (
-    KeptGroupTally,
     Sampler,
     concat_rollouts,
     filter_groups,
@@ -27,6 +26,7 @@ from fipo_trainer.trainer.sampling import (
     step_seed,
     take_groups,
 )
+from fipo_trainer.trainer.settling import SETTLE_TICKS_S, BatchSettling, KeptGroupTally
 from fipo_trainer.trainer.step_metrics import logprob_metrics, non_finite
 from fipo_trainer.trainer.summary import validation_summary
 
@@ -164,12 +164,15 @@ class FakeRollout:
         self.n, self.accs = n, list(accs_per_call)
         self.calls: list[str] = []
 
-    def generate_stream(self, prompts, sampling):
-        """Two parts, the second prompt's rows first (engines finish out of order)."""
+    def generate_stream(self, prompts, sampling, ticks=None):
+        """Two parts, the second prompt's rows first (engines finish out of order); with
+        ``ticks``, None first (every call submitted), as RolloutGroup's."""
         self.calls.append("generate")
         uids = [u for u in prompts["uid"] for _ in range(self.n)]
         b = rollout(uids)
         self._next = self.accs.pop(0)
+        if ticks is not None:
+            yield None
         rows = np.arange(len(b))
         cut = np.concatenate([rows[self.n : 2 * self.n], rows[: self.n], rows[2 * self.n :]])
         for part in (cut[: self.n], cut[self.n :]):
@@ -194,10 +197,14 @@ class FakeGrader:
     def grade_stream(self, parts, total, on_progress=None):
         rows = []
         for part in parts:
-            rows += list(part.indices)
-            self.log.append(("part", len(self.rollout.calls), len(rows)))
+            if part is None:
+                self.log.append(("submitted", len(self.rollout.calls), len(rows)))
+            else:
+                rows += list(part.indices)
+                self.log.append(("part", len(self.rollout.calls), len(rows)))
             if on_progress is not None:
-                on_progress(list(part.indices), self.reported or self.rollout._next)
+                fresh = [] if part is None else list(part.indices)
+                on_progress(fresh, self.reported or self.rollout._next)
         assert sorted(rows) == list(range(total))
         return graded(self.rollout._next)
 
@@ -293,8 +300,8 @@ def test_sampler_rounds_until_enough_groups_then_cuts_to_the_target():
 
 def settling_sampler(config, accs):
     """A sampler whose ``on_settled`` logs (round, responses of that round reported)."""
-    s, roll = sampler(config, accs)
-    s.on_settled = lambda: s.reward_pool.log.append(("settled",) + s.reward_pool.log[-1][1:])
+    s, _ = sampler(config, accs)
+    s.on_settled = lambda: s.reward_pool.log.append(("settled", *s.reward_pool.log[-1][1:]))
     return s, s.reward_pool.log
 
 
@@ -306,9 +313,7 @@ def settling_sampler(config, accs):
         ([[True, False, True, False], [False] * 4], None),  # one round is enough: no proof sooner
     ],
 )
-def test_a_batch_settles_at_the_first_verdicts_that_prove_it_needs_no_more_rounds(
-    accs, settled_at
-):
+def test_a_batch_settles_at_the_first_verdicts_that_prove_it_needs_no_more_rounds(accs, settled_at):
     """One_step lets the weight sync in there (trainer/pipeline.py): the rollout worker runs
     it after the round's stream, already submitted, and before the producer's next batch."""
     s, log = settling_sampler(cfg(), accs)
@@ -319,9 +324,10 @@ def test_a_batch_settles_at_the_first_verdicts_that_prove_it_needs_no_more_round
 
 @pytest.mark.parametrize("config", [cfg(enable=False), cfg(max_rounds=1)])
 def test_a_last_round_settles_at_its_first_verdicts(config):
+    """Right after its calls are submitted: no verdict can change that no round follows."""
     s, log = settling_sampler(config, [[True, True, False, False]])
     s.collect(step=1)
-    assert log == [("part", 1, 2), ("settled", 1, 2), ("part", 1, 4)]
+    assert log == [("submitted", 1, 0), ("settled", 1, 0), ("part", 1, 2), ("part", 1, 4)]
 
 
 def test_a_round_after_a_settled_batch_is_an_error_not_a_silent_mix_of_weights():
@@ -332,6 +338,36 @@ def test_a_round_after_a_settled_batch_is_an_error_not_a_silent_mix_of_weights()
     with pytest.raises(RuntimeError, match="a round after the batch was settled"):
         s.collect(step=1)
     assert [e for e in log if e[0] == "settled"] == [("settled", 1, 4)]
+
+
+def test_the_stream_looks_at_verdicts_between_parts_only_while_they_could_settle_it():
+    """Each look is a Ray wait and a grader poll on the driver, beside two busy engines."""
+    settled: list[int] = []
+    batch = BatchSettling(lambda: settled.append(1), n=2)
+    watch = batch.round(last=False, needed=2, metric="acc")
+    acc = [True, False, False, False, True, False]
+    assert watch.ticks() == ()  # nothing generated yet
+    watch.arrived(2)
+    assert watch.ticks() == ()  # one group could not give 2
+    watch.arrived(2)
+    assert watch.ticks() == SETTLE_TICKS_S
+    watch.progress([0, 1], acc)  # kept
+    assert watch.ticks() == SETTLE_TICKS_S and not settled
+    watch.progress([2, 3], acc)  # not kept: the groups generated can no longer give 2
+    assert watch.ticks() == () and not settled
+    watch.arrived(2)
+    watch.progress([4], acc)
+    assert watch.ticks() == SETTLE_TICKS_S and not settled
+    watch.progress([5], acc)
+    assert settled == [1] and watch.ticks() == ()
+    watch.progress([], acc)
+    assert settled == [1]  # once a batch
+    for metric, last in (("score", False), ("acc", True)):
+        settled.clear()
+        watch = BatchSettling(lambda: settled.append(1), n=2).round(last, 1, metric)
+        watch.arrived(6)
+        watch.progress([0, 1], acc)
+        assert watch.ticks() == () and settled == ([1] if last else [])
 
 
 def test_kept_group_tally_counts_what_filter_groups_keeps():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -60,17 +61,26 @@ def test_pack_unpack_roundtrip_all_dtypes():
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
-def _run_sync(world: int, bucket_bytes: int, rounds: int = 2):
-    sender = WeightSyncSender(world, host="127.0.0.1", port=0, timeout_s=30, connect=False)
+def _run_sync(
+    world: int,
+    bucket_bytes: int,
+    rounds: int = 2,
+    timeout_s: float = 30,
+    late_s: float = 0.0,
+    weights=_weights,
+):
+    """``late_s``: each receiver begins each receive that long after the sender's send."""
+    sender = WeightSyncSender(world, host="127.0.0.1", port=0, timeout_s=timeout_s, connect=False)
     received: dict[int, list] = {r: [] for r in range(1, world)}
     receivers: dict[int, WeightSyncReceiver] = {}
     errors: list[BaseException] = []
 
     def receiver_main(rank: int):
         try:
-            rcv = WeightSyncReceiver("127.0.0.1", sender.port, world, rank, timeout_s=30)
+            rcv = WeightSyncReceiver("127.0.0.1", sender.port, world, rank, timeout_s=timeout_s)
             receivers[rank] = rcv
             for _ in range(rounds):
+                time.sleep(late_s)
                 # clone: views die with their bucket buffer only when the consumer drops them
                 received[rank].append([(n, t.clone()) for n, t in rcv.receive()])
         except BaseException as exc:
@@ -80,7 +90,7 @@ def _run_sync(world: int, bucket_bytes: int, rounds: int = 2):
     for t in threads:
         t.start()
     sender.connect()
-    stats = [sender.send(_weights(), bucket_bytes=bucket_bytes) for _ in range(rounds)]
+    stats = [sender.send(weights(), bucket_bytes=bucket_bytes) for _ in range(rounds)]
     for t in threads:
         t.join(timeout=60)
     assert not errors, errors
@@ -110,6 +120,20 @@ def test_single_bucket_when_budget_is_large():
     _, _, received, stats = _run_sync(world=2, bucket_bytes=1 << 20, rounds=1)
     assert stats[0].buckets == 1
     assert len(received[1][0]) == len(_weights())
+
+
+def test_the_sender_waits_for_receivers_that_begin_later_than_a_collective_may_wait():
+    """one_step submits a sync while the rollout workers still finish a round: the send
+    must not enter a collective (gloo's timeout: 1 s here) before every receiver begins."""
+    big = [("w", torch.ones(64 << 20, dtype=torch.uint8))]  # more than a socket buffers
+    start = time.monotonic()
+    _, _, received, stats = _run_sync(
+        world=2, bucket_bytes=1 << 30, timeout_s=1.0, late_s=1.5, weights=lambda: big
+    )
+    assert time.monotonic() - start >= 3.0
+    assert all(len(r) == 2 and torch.equal(r[1][0][1], big[0][1])
+               for r in received.values())  # fmt: skip
+    assert all(s.seconds < 1.0 for s in stats)  # the transfer, not the wait
 
 
 def test_receiver_without_sender_fails_with_clear_message():
