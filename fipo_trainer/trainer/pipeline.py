@@ -15,7 +15,9 @@ with the actor at version k-1, so a sample started at version s is ``k-1-s`` ver
 The producer may start the batch of step j once the engines hold version >= j-1-S:
 - ``off``: no thread; S = 0, the batch of step k is made at version k-1.
 - ``one_step``: S = 1 and the producer holds the engines for a whole batch, so the sync
-  after update k waits for batch k+1 to finish: batch k+1 is made entirely at version k-1.
+  after update k waits for batch k+1's last round: batch k+1 is made entirely at version
+  k-1. The sync goes in once that round is known to be the last (``trainer/settling.py``),
+  and queues behind it on the rollout workers while the driver assembles the batch.
 - ``bounded``: S = ``trainer.max_staleness``; the producer gives the engines up between
   calls (a generation round, or with ``partial_rollout`` a segment of
   ``partial_rollout_tokens`` tokens), so a sync lands while a batch is being made; in-flight
